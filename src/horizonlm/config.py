@@ -1,0 +1,181 @@
+"""Typed, validated model configurations and their presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+def _require(condition: bool, name: str, message: str, value: Any) -> None:
+    if not condition:
+        raise ValueError(f"{name} {message}, got {value!r}")
+
+
+@dataclass
+class HorizonConfig:
+    """Shape and switches of a :class:`horizonlm.HorizonLM`. Field names follow DESIGN.md."""
+
+    vocab_size: int = 256
+    """V: tokens in the vocabulary (256 for bytes)."""
+    d_model: int = 256
+    """D: width of the residual stream."""
+    n_layers: int = 4
+    """Number of blocks (S4D + multi-resolution conv + GLU MLP each)."""
+    mlp_hidden: int = 704
+    """Hidden width of the GLU MLP in each block."""
+    ssm_state: int = 64
+    """N: complex state size per channel, stored as N/2 conjugate pairs (must be even)."""
+    ssm_fft_chunk: int = 1024
+    """Tokens per FFT window inside the S4D scan; bounds its memory at O(D*N*chunk)."""
+    ssm_dt_min: float = 1e-3
+    """Lower bound of the log-uniform initialisation of the S4D step size dt."""
+    ssm_dt_max: float = 1e-1
+    """Upper bound of the log-uniform initialisation of the S4D step size dt."""
+    conv_kernel: int = 3
+    """k: kernel size of every dilated convolution (3 or 4)."""
+    conv_levels: int = 4
+    """R: number of resolutions; dilations are 1, 2, ..., 2**(R-1)."""
+    chunk_size: int = 64
+    """C: tokens per chunk for the supervisor and the memory, counted from the stream start."""
+    supervisor_dim: int = 256
+    """Width of the GRU state s_c of the recurrent supervisor."""
+    memory_dim: int = 64
+    """Width of the memory keys, queries and values."""
+    memory_topk: int = 8
+    """K: entries read per token."""
+    memory_capacity: int = 4096
+    """M: entries the memory holds before FIFO eviction."""
+    memory_tau: float = 10.0
+    """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
+    memory_query_block: int = 1024
+    """Queries searched at once; bounds the score matrix at B*block*M."""
+    global_layer: int | None = None
+    """Blocks before the supervisor and memory; None means the middle (n_layers // 2)."""
+    use_ssm: bool = True
+    """Switch for the S4D sublayer of every block."""
+    use_conv: bool = True
+    """Switch for the multi-resolution convolution sublayer of every block."""
+    use_supervisor: bool = True
+    """Switch for the recurrent supervisor."""
+    use_memory: bool = True
+    """Switch for the retrieval memory."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output head."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    init_std: float = 0.02
+    """Standard deviation of linear and embedding weights at initialisation."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size", "d_model", "n_layers", "mlp_hidden", "ssm_state", "ssm_fft_chunk",
+            "conv_kernel", "conv_levels", "chunk_size", "supervisor_dim", "memory_dim",
+            "memory_topk", "memory_capacity", "memory_query_block",
+        ):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                     "must be a positive integer", value)
+        _require(self.ssm_state % 2 == 0, "ssm_state", "must be even (conjugate pairs)", self.ssm_state)
+        _require(0 < self.ssm_dt_min <= self.ssm_dt_max, "ssm_dt_min", "must be in (0, ssm_dt_max]", self.ssm_dt_min)
+        _require(self.memory_topk <= self.memory_capacity, "memory_topk",
+                 f"must not exceed memory_capacity={self.memory_capacity}", self.memory_topk)
+        _require(self.memory_tau > 0, "memory_tau", "must be positive", self.memory_tau)
+        _require(self.norm_eps > 0, "norm_eps", "must be positive", self.norm_eps)
+        _require(self.init_std > 0, "init_std", "must be positive", self.init_std)
+        if self.global_layer is not None:
+            _require(isinstance(self.global_layer, int) and 0 <= self.global_layer <= self.n_layers,
+                     "global_layer", f"must be in [0, n_layers={self.n_layers}]", self.global_layer)
+
+    @property
+    def global_at(self) -> int:
+        """Index of the block before which the supervisor and memory run."""
+        return self.n_layers // 2 if self.global_layer is None else self.global_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "HorizonConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown HorizonConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "HorizonConfig":
+        if name not in HORIZON_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(HORIZON_PRESETS)}, got {name!r}")
+        return cls(**{**HORIZON_PRESETS[name], **overrides})
+
+
+HORIZON_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=32, n_layers=2, mlp_hidden=64, ssm_state=8, ssm_fft_chunk=16, conv_levels=3,
+                 chunk_size=8, supervisor_dim=16, memory_dim=8, memory_topk=4, memory_capacity=6),
+    "small": dict(d_model=256, n_layers=4, mlp_hidden=704, ssm_state=32, chunk_size=64,
+                  supervisor_dim=256, memory_dim=64, memory_topk=8, memory_capacity=1024),
+    "base": dict(d_model=768, n_layers=16, mlp_hidden=2048, ssm_state=64, ssm_fft_chunk=2048,
+                 chunk_size=128, supervisor_dim=768, memory_dim=128, memory_topk=8, memory_capacity=65536),
+}
+
+
+@dataclass
+class TransformerConfig:
+    """Shape of the :class:`horizonlm.TransformerLM` baseline (same embedding, norms and MLP)."""
+
+    vocab_size: int = 256
+    """V: tokens in the vocabulary."""
+    d_model: int = 256
+    """D: width of the residual stream."""
+    n_layers: int = 4
+    """Number of attention + GLU MLP blocks."""
+    n_heads: int = 4
+    """Attention heads; d_model must divide evenly."""
+    mlp_hidden: int = 704
+    """Hidden width of the GLU MLP."""
+    rope_base: float = 10000.0
+    """Base of the rotary position frequencies."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output head."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    init_std: float = 0.02
+    """Standard deviation of linear and embedding weights at initialisation."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                     "must be a positive integer", value)
+        _require(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}", self.n_heads)
+        _require((self.d_model // self.n_heads) % 2 == 0, "n_heads", "must leave an even head width for rotary",
+                 self.n_heads)
+        _require(self.rope_base > 1, "rope_base", "must exceed 1", self.rope_base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def matching(cls, horizon: HorizonConfig, head_dim: int = 64) -> "TransformerConfig":
+        """The baseline with the same width, depth, MLP and vocabulary as ``horizon``."""
+        n_heads = max(1, horizon.d_model // head_dim)
+        return cls(vocab_size=horizon.vocab_size, d_model=horizon.d_model, n_layers=horizon.n_layers,
+                   n_heads=n_heads, mlp_hidden=horizon.mlp_hidden, tie_embeddings=horizon.tie_embeddings,
+                   norm_eps=horizon.norm_eps, init_std=horizon.init_std)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TransformerConfig":
+        base = cls.matching(HorizonConfig.preset(name))
+        return cls(**{**base.to_dict(), **overrides})
+
+
+__all__ = ["HorizonConfig", "TransformerConfig", "HORIZON_PRESETS"]

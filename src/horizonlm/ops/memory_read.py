@@ -1,0 +1,56 @@
+"""Exact top-K memory read, searched in blocks of queries so the score matrix stays bounded.
+
+Visibility follows the stream: a token that has seen ``n`` completed chunks may read entries of
+chunks ``n - capacity <= id < n``, exactly what a FIFO memory of ``capacity`` entries would hold
+if the stream were fed one token at a time. This is what makes a long call equal to many short
+ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def visible_mask(entry_ids: Tensor, completed_before: Tensor, capacity: int) -> Tensor:
+    """(L, M) bool: entry m is visible to token t."""
+    ids = entry_ids.unsqueeze(0)  # (1, M)
+    seen = completed_before.unsqueeze(1)  # (L, 1)
+    return (ids < seen) & (ids >= seen - capacity)  # (L, M)
+
+
+def memory_read(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    entry_ids: Tensor,
+    completed_before: Tensor,
+    capacity: int,
+    top_k: int,
+    tau: float,
+    block: int = 1024,
+) -> Tensor:
+    """``r_t = sum_{j in topK} softmax(tau * q_t . k_j) v_j`` over the visible entries.
+
+    queries: (B, L, Dk), keys: (B, M, Dk), values: (B, M, Dv), entry_ids: (M,),
+    completed_before: (L,). A token with no visible entry reads zeros. Returns (B, L, Dv).
+    """
+    batch, length, _ = queries.shape
+    n_entries = keys.shape[1]
+    if n_entries == 0:
+        return queries.new_zeros(batch, length, values.shape[-1])  # (B, L, Dv)
+    k = min(top_k, n_entries)
+    batch_index = torch.arange(batch, device=queries.device).view(batch, 1, 1)  # (B, 1, 1)
+    reads = []
+    for start in range(0, length, block):
+        q = queries[:, start : start + block]  # (B, Lb, Dk)
+        scores = torch.einsum("bld,bmd->blm", q, keys)  # (B, Lb, M)
+        mask = visible_mask(entry_ids, completed_before[start : start + block], capacity)  # (Lb, M)
+        scores = scores.masked_fill(~mask, float("-inf"))  # (B, Lb, M)
+        top_scores, top_index = scores.topk(k, dim=-1)  # (B, Lb, K)
+        valid = torch.isfinite(top_scores)  # (B, Lb, K)
+        logits = (tau * top_scores).masked_fill(~valid, -1e4)  # (B, Lb, K); finite, so no NaN anywhere
+        weights = torch.softmax(logits, dim=-1) * valid  # (B, Lb, K); all zero where nothing is visible
+        picked = values[batch_index, top_index]  # (B, Lb, K, Dv)
+        reads.append(torch.einsum("blk,blkd->bld", weights, picked))  # (B, Lb, Dv)
+    return torch.cat(reads, dim=1)  # (B, L, Dv)

@@ -1,0 +1,68 @@
+"""Slow, obviously-correct twins of the fast operators, written as explicit loops.
+
+Tests run them in float64 and compare outputs, final states and gradients with the fast paths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def s4d_recurrence_ref(
+    u: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor, x0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``x_t = Abar*x_{t-1} + Bbar*u_t``, ``y_t = 2*Re(C . x_t)``, one token at a time.
+
+    u: (B, H, L) real, x0: (B, H, N) complex. Returns y (B, H, L), final state (B, H, N).
+    """
+    x = x0
+    ys = []
+    for t in range(u.shape[-1]):
+        x = a_bar * x + b_bar * u[..., t].unsqueeze(-1)  # (B, H, N)
+        ys.append(2 * (c * x).sum(-1).real)  # (B, H)
+    return torch.stack(ys, dim=-1), x  # (B, H, L)
+
+
+def causal_conv_ref(x: Tensor, buffer: Tensor, weight: Tensor, mix: Tensor) -> tuple[Tensor, Tensor]:
+    """Explicit sum ``y[t] = sum_r mix[r] sum_j w[r, :, j] * x[t - (k-1-j)*2**r]`` over past inputs.
+
+    x: (B, L, D), buffer: (B, P, D), weight: (R, D, k), mix: (R,).
+    """
+    levels, _, kernel_size = weight.shape
+    pad = buffer.shape[1]
+    full = torch.cat([buffer, x], dim=1)  # (B, P+L, D)
+    y = torch.zeros_like(x)  # (B, L, D)
+    for t in range(x.shape[1]):
+        for r in range(levels):
+            for j in range(kernel_size):
+                src = pad + t - (kernel_size - 1 - j) * 2**r
+                y[:, t] = y[:, t] + mix[r] * weight[r, :, j] * full[:, src]
+    return y, full[:, full.shape[1] - pad :]  # (B, P, D)
+
+
+def memory_read_ref(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    entry_ids: Tensor,
+    completed_before: Tensor,
+    capacity: int,
+    top_k: int,
+    tau: float,
+) -> Tensor:
+    """Brute force: for every token, score every visible entry, sort, softmax over the best K."""
+    batch, length, _ = queries.shape
+    out = queries.new_zeros(batch, length, values.shape[-1])  # (B, L, Dv)
+    for b in range(batch):
+        for t in range(length):
+            seen = int(completed_before[t])
+            visible = [m for m in range(keys.shape[1]) if seen - capacity <= int(entry_ids[m]) < seen]
+            if not visible:
+                continue
+            scores = torch.stack([queries[b, t] @ keys[b, m] for m in visible])  # (V,)
+            order = torch.argsort(scores, descending=True)[:top_k]  # (K,)
+            weights = torch.softmax(tau * scores[order], dim=0)  # (K,)
+            picked = torch.stack([values[b, visible[i]] for i in order.tolist()])  # (K, Dv)
+            out[b, t] = weights @ picked
+    return out

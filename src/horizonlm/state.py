@@ -1,0 +1,106 @@
+"""State objects of the one contract ``forward(x, state=None) -> (y, new_state)``.
+
+States are immutable: a forward pass returns a new one and never changes the one it was given,
+so a caller can branch a stream (for example, try two continuations) by reusing a state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _to(t: Tensor | None, device: torch.device | str) -> Tensor | None:
+    return None if t is None else t.to(device)
+
+
+@dataclass(frozen=True)
+class BlockState:
+    """One block's recurrent state."""
+
+    ssm: Tensor | None
+    """S4D state x, complex. (B, D, N/2)"""
+    conv: Tensor | None
+    """Last P inputs of the multi-resolution convolution. (B, P, D)"""
+
+
+@dataclass(frozen=True)
+class SupervisorState:
+    """Recurrent supervisor state after every chunk completed so far."""
+
+    s: Tensor
+    """GRU state s_c. (B, S)"""
+    pos: int
+    """Tokens of the stream seen so far."""
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """The retrieval memory: the most recent ``capacity`` chunk entries, oldest first."""
+
+    keys: Tensor
+    """Unit-norm keys k_c. (B, M, Dk)"""
+    values: Tensor
+    """Values v_c. (B, M, Dv)"""
+    chunk_ids: Tensor
+    """Stream-wide chunk index of each entry (its position in the stream). (M,) int64"""
+    pos: int
+    """Tokens of the stream seen so far."""
+
+
+@dataclass(frozen=True)
+class HorizonState:
+    """Everything HorizonLM carries from one call to the next."""
+
+    pos: int
+    """Tokens of the stream seen so far; chunk boundaries are counted from 0."""
+    blocks: tuple[BlockState, ...]
+    """Per-block S4D state and convolution buffer."""
+    supervisor: SupervisorState | None
+    """None when the supervisor is switched off."""
+    memory: MemoryState | None
+    """None when the memory is switched off."""
+    batch_size: int
+    """B: streams carried side by side."""
+
+    def detach(self) -> "HorizonState":
+        """Cut the autograd graph (truncated backprop through time between windows)."""
+        blocks = tuple(BlockState(_detach(b.ssm), _detach(b.conv)) for b in self.blocks)
+        sup = None if self.supervisor is None else replace(self.supervisor, s=self.supervisor.s.detach())
+        mem = None if self.memory is None else replace(
+            self.memory, keys=self.memory.keys.detach(), values=self.memory.values.detach())
+        return replace(self, blocks=blocks, supervisor=sup, memory=mem)
+
+    def to(self, device: torch.device | str) -> "HorizonState":
+        blocks = tuple(BlockState(_to(b.ssm, device), _to(b.conv, device)) for b in self.blocks)
+        sup = None if self.supervisor is None else replace(self.supervisor, s=self.supervisor.s.to(device))
+        mem = None if self.memory is None else replace(
+            self.memory, keys=self.memory.keys.to(device), values=self.memory.values.to(device),
+            chunk_ids=self.memory.chunk_ids.to(device))
+        return replace(self, blocks=blocks, supervisor=sup, memory=mem)
+
+
+@dataclass(frozen=True)
+class KVState:
+    """The transformer baseline's key/value cache."""
+
+    keys: tuple[Tensor, ...]
+    """Per layer, rotated keys of every past token. (B, H, T, Dh)"""
+    values: tuple[Tensor, ...]
+    """Per layer, values of every past token. (B, H, T, Dh)"""
+    pos: int
+    """Tokens of the stream seen so far (T)."""
+    batch_size: int
+    """B: streams carried side by side."""
+
+    def detach(self) -> "KVState":
+        return replace(self, keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values))
+
+    def to(self, device: torch.device | str) -> "KVState":
+        return replace(self, keys=tuple(k.to(device) for k in self.keys), values=tuple(v.to(device) for v in self.values))
