@@ -1,0 +1,89 @@
+"""The golden property: any split of a stream, fed with the carried state, equals one call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from horizonlm import HorizonConfig, HorizonLM
+
+from .conftest import make_horizon, make_transformer
+
+LENGTH = 61  # ~7.6 chunks of C=8, memory capacity 6 so FIFO eviction happens
+
+
+def _random_splits(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(set(torch.randint(1, length, (4,), generator=g).tolist()))
+    return [b - a for a, b in zip([0] + cuts, cuts + [length])]
+
+
+def _stream(model, tokens, sizes):
+    state, outs, start = None, [], 0
+    for size in sizes:
+        logits, state = model(tokens[:, start : start + size], state)
+        outs.append(logits)
+        start += size
+    return torch.cat(outs, dim=1), state
+
+
+def _assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel < 1e-5, f"relative difference {rel}"
+    assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_horizon_random_splits_equal_one_call(seed: int) -> None:
+    model = make_horizon(dtype=torch.float32, seed=seed)
+    tokens = torch.randint(0, 256, (2, LENGTH), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        full, full_state = model(tokens)
+        pieces, piece_state = _stream(model, tokens, _random_splits(LENGTH, seed))
+    _assert_same(pieces, full)
+    assert piece_state.pos == full_state.pos == LENGTH
+    torch.testing.assert_close(piece_state.memory.keys, full_state.memory.keys, rtol=1e-4, atol=1e-5)
+    assert full_state.memory.keys.shape[1] == model.config.memory_capacity  # evicted down to M
+
+
+def test_horizon_one_token_at_a_time_equals_one_call() -> None:
+    model = make_horizon(dtype=torch.float32)
+    tokens = torch.randint(0, 256, (2, LENGTH), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        steps, _ = _stream(model, tokens, [1] * LENGTH)
+    _assert_same(steps, full)
+
+
+def test_horizon_long_ssm_windows_equal_one_call() -> None:
+    """Calls longer than the FFT window (chunked scan) against token-by-token stepping."""
+    torch.manual_seed(0)
+    model = HorizonLM(HorizonConfig.preset("tiny", ssm_fft_chunk=5))
+    tokens = torch.randint(0, 256, (1, 37))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        steps, _ = _stream(model, tokens, [1] * 37)
+    _assert_same(steps, full)
+
+
+def test_state_is_not_mutated() -> None:
+    model = make_horizon(dtype=torch.float32)
+    tokens = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        _, state = model(tokens[:, :10])
+        first, _ = model(tokens[:, 10:], state)
+        second, _ = model(tokens[:, 10:], state)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_transformer_kv_cache_equals_one_call(seed: int) -> None:
+    model = make_transformer(dtype=torch.float32, seed=seed)
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        pieces, _ = _stream(model, tokens, _random_splits(40, seed))
+        steps, state = _stream(model, tokens, [1] * 40)
+    _assert_same(pieces, full)
+    _assert_same(steps, full)
+    assert state.keys[0].shape[2] == 40
