@@ -1,0 +1,158 @@
+"""Checkpoints: weights in safetensors, config and bookkeeping in JSON, every file checksummed.
+
+A checkpoint is a folder ``step-NNNNNNNN`` written under a temporary name and renamed into
+place in one step; the ``latest`` file, replaced atomically afterwards, names the newest one. A
+crash or a full disk during a save leaves the previous checkpoint as ``latest``, intact.
+Loading never unpickles: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from horizonlm.baseline import TransformerLM
+from horizonlm.config import HorizonConfig, TransformerConfig
+from horizonlm.errors import HorizonError
+from horizonlm.fileio import atomic_write_bytes, fsync_dir, sha256_file
+from horizonlm.model import HorizonLM
+
+CHECKPOINT_FORMAT = 1
+MODEL_KINDS = {"horizon": (HorizonLM, HorizonConfig), "transformer": (TransformerLM, TransformerConfig)}
+
+
+def model_kind(model: nn.Module) -> str:
+    return "horizon" if isinstance(model, HorizonLM) else "transformer"
+
+
+def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
+    if kind not in MODEL_KINDS:
+        raise HorizonError(f"model kind must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
+    model_cls, config_cls = MODEL_KINDS[kind]
+    try:
+        return model_cls(config_cls.from_dict(config))
+    except ValueError as err:
+        raise HorizonError(f"invalid {kind} config: {err}") from err
+
+
+def _weights(model: nn.Module) -> dict[str, Tensor]:
+    """State dict without the tied head (safetensors refuses shared storage)."""
+    sd = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        sd.pop("head.weight", None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns."""
+
+    path: Path
+    model: nn.Module
+    info: dict[str, Any]
+    """The contents of checkpoint.json (kind, config, tokenizer, step, ...)."""
+    train_tensors: dict[str, Tensor] | None
+
+
+def save_checkpoint(root: str | Path, step: int, model: nn.Module, info: dict[str, Any],
+                    train_tensors: dict[str, Tensor] | None = None, keep: int = 2) -> Path:
+    """Write ``root/step-{step}`` atomically and point ``root/latest`` at it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        save_file(_weights(model), str(tmp / "model.safetensors"))
+        files = {"model.safetensors": sha256_file(tmp / "model.safetensors")}
+        if train_tensors is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in train_tensors.items()}, str(tmp / "train.safetensors"))
+            files["train.safetensors"] = sha256_file(tmp / "train.safetensors")
+        meta = {"format": CHECKPOINT_FORMAT, "kind": model_kind(model), "config": model.config.to_dict(),
+                "step": step, "files": files, **info}
+        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        final = root / name
+        if final.exists():
+            stale = root / f".{name}.replaced"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
+            os.rename(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(root / "latest", (name + "\n").encode())
+    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run/checkpoints folder whose ``latest`` names one."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        latest = root / "latest"
+        if latest.is_file():
+            return root / latest.read_text().strip()
+    return path
+
+
+def load_checkpoint(path: str | Path, expect_kind: str | None = None, expect_config: dict[str, Any] | None = None,
+                    with_train_state: bool = False, map_location: str = "cpu") -> Checkpoint:
+    """Load and verify a checkpoint. Every failure is a :class:`HorizonError` saying what is wrong."""
+    folder = resolve_checkpoint(path)
+    meta_path = folder / "checkpoint.json"
+    if not meta_path.is_file():
+        raise HorizonError(f"no checkpoint at {path} ({meta_path} not found)")
+    try:
+        info = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HorizonError(f"corrupt checkpoint {folder}: checkpoint.json is not valid JSON ({err})") from err
+    if info.get("format") != CHECKPOINT_FORMAT:
+        raise HorizonError(f"checkpoint {folder} has format {info.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    kind, config = info.get("kind"), info.get("config")
+    if expect_kind is not None and kind != expect_kind:
+        raise HorizonError(f"checkpoint {folder} holds a {kind} model, not the requested {expect_kind}")
+    if expect_config is not None and config != expect_config:
+        differ = sorted(k for k in set(config) | set(expect_config) if config.get(k) != expect_config.get(k))
+        detail = ", ".join(f"{k}: checkpoint {config.get(k)!r} vs requested {expect_config.get(k)!r}" for k in differ)
+        raise HorizonError(f"checkpoint {folder} does not match the requested model ({detail})")
+    for name, digest in info.get("files", {}).items():
+        file = folder / name
+        if not file.is_file():
+            raise HorizonError(f"corrupt checkpoint {folder}: {name} is missing")
+        if sha256_file(file) != digest:
+            raise HorizonError(f"corrupt checkpoint {folder}: {name} does not match its sha256 (truncated or damaged)")
+    model = build_model(kind, config)
+    try:
+        weights = load_file(str(folder / "model.safetensors"), device=map_location)
+    except (SafetensorError, OSError) as err:
+        raise HorizonError(f"corrupt checkpoint {folder}: cannot read model.safetensors ({err})") from err
+    if getattr(model.config, "tie_embeddings", False):
+        weights["head.weight"] = weights.get("embed.weight")
+    missing, unexpected = model.load_state_dict(weights, strict=False)[:2]
+    if missing or unexpected:
+        raise HorizonError(f"checkpoint {folder} weights do not fit its config (missing {missing}, unexpected {unexpected})")
+    train_tensors = None
+    if with_train_state:
+        file = folder / "train.safetensors"
+        if not file.is_file():
+            raise HorizonError(f"checkpoint {folder} has no training state to resume from")
+        train_tensors = load_file(str(file), device=map_location)
+    return Checkpoint(path=folder, model=model, info=info, train_tensors=train_tensors)

@@ -1,0 +1,119 @@
+"""``horizon generate``: streaming sampling at constant memory per step.
+
+The prompt is fed in windows with the state carried (a prompt of any length never becomes one
+tensor of its full length), then one token at a time is sampled and fed back.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from horizonlm.data.tokenizers import ByteTokenizer, Tokenizer
+from horizonlm.errors import HorizonError
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of ``horizon generate``."""
+
+    checkpoint: str = "runs/shakespeare"
+    """Checkpoint folder, or a run folder whose checkpoints/latest names one."""
+    prompt: str = ""
+    """Prompt text (ignored when ``prompt_file`` is given)."""
+    prompt_file: str = ""
+    """Read the prompt from this file, of any length, in windows."""
+    tokens: int = 400
+    """Tokens to sample."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p."""
+    seed: int = 0
+    """Seed of the sampler."""
+    window: int = 4096
+    """Prompt tokens fed per call."""
+    device: str = "auto"
+    """``auto``, ``cpu`` or ``cuda``."""
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {self.tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> Tensor:
+    """One token per row of ``logits`` (B, V) -> (B,)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    scores = logits.float() / temperature  # (B, V)
+    if top_k > 0:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))  # (B, V)
+    if top_p < 1:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_scores.softmax(dim=-1)  # (B, V)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # (B, V): mass before this token already reaches p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))  # (B, V)
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)  # (B, V)
+    probs = scores.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)  # (B,)
+
+
+def prompt_windows(tokenizer: Tokenizer, text: str | None, path: str | None, window: int) -> Iterator[list[int]]:
+    """Prompt token ids in windows; a byte-level prompt file is read block by block."""
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise HorizonError(f"prompt file {file} not found")
+        if isinstance(tokenizer, ByteTokenizer):
+            with open(file, "rb") as f:
+                while block := f.read(window):
+                    yield list(block)
+            return
+        text = file.read_text(encoding="utf-8", errors="strict")
+    ids = tokenizer.encode(text or "")
+    for start in range(0, len(ids), window):
+        yield ids[start : start + window]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: Tokenizer, cfg: GenerateConfig, device: torch.device,
+             emit: Callable[[str], None] = lambda s: None) -> list[int]:
+    """Feed the prompt, then sample ``cfg.tokens`` tokens, calling ``emit`` with text as it comes."""
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    state, last_logits = None, None
+    for ids in prompt_windows(tokenizer, cfg.prompt, cfg.prompt_file or None, cfg.window):
+        x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+        logits, state = model(x, state)  # (1, T, V)
+        last_logits = logits[:, -1]  # (1, V)
+    if last_logits is None:  # empty prompt: start from a newline
+        start = tokenizer.encode("\n") or [0]
+        logits, state = model(torch.tensor([start[-1:]], device=device), state)  # (1, 1, V)
+        last_logits = logits[:, -1]  # (1, V)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if isinstance(tokenizer, ByteTokenizer) else None
+    out: list[int] = []
+    for _ in range(cfg.tokens):
+        token = sample_next(last_logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)  # (1,)
+        out.append(int(token))
+        emit(decoder.decode(bytes([int(token)])) if decoder else tokenizer.decode([int(token)]) + " ")
+        logits, state = model(token.view(1, 1), state)  # (1, 1, V)
+        last_logits = logits[:, -1]  # (1, V)
+    if decoder:
+        emit(decoder.decode(b"", final=True))
+    return out

@@ -1,0 +1,58 @@
+"""Model states to and from flat tensor dictionaries (for safetensors) plus a JSON header.
+
+Complex S4D states are stored as their real view (..., 2); nothing is pickled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from horizonlm.errors import HorizonError
+from horizonlm.state import BlockState, HorizonState, KVState, MemoryState, SupervisorState
+
+
+def state_to_tensors(state: HorizonState | KVState, prefix: str = "state.") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors: dict[str, Tensor] = {}
+    if isinstance(state, KVState):
+        for i, (k, v) in enumerate(zip(state.keys, state.values)):
+            tensors[f"{prefix}kv{i}.k"] = k.contiguous()
+            tensors[f"{prefix}kv{i}.v"] = v.contiguous()
+        return tensors, {"kind": "kv", "pos": state.pos, "batch_size": state.batch_size, "layers": len(state.keys)}
+    for i, block in enumerate(state.blocks):
+        if block.ssm is not None:
+            tensors[f"{prefix}block{i}.ssm"] = torch.view_as_real(block.ssm).contiguous()
+        if block.conv is not None:
+            tensors[f"{prefix}block{i}.conv"] = block.conv.contiguous()
+    if state.supervisor is not None:
+        tensors[f"{prefix}supervisor.s"] = state.supervisor.s.contiguous()
+    if state.memory is not None:
+        tensors[f"{prefix}memory.keys"] = state.memory.keys.contiguous()
+        tensors[f"{prefix}memory.values"] = state.memory.values.contiguous()
+        tensors[f"{prefix}memory.chunk_ids"] = state.memory.chunk_ids.contiguous()
+    header = {"kind": "horizon", "pos": state.pos, "batch_size": state.batch_size, "layers": len(state.blocks),
+              "supervisor": state.supervisor is not None, "memory": state.memory is not None}
+    return tensors, header
+
+
+def state_from_tensors(tensors: dict[str, Tensor], header: dict[str, Any], prefix: str = "state.") -> HorizonState | KVState:
+    try:
+        pos, batch = int(header["pos"]), int(header["batch_size"])
+        if header["kind"] == "kv":
+            n = int(header["layers"])
+            keys = tuple(tensors[f"{prefix}kv{i}.k"] for i in range(n))
+            values = tuple(tensors[f"{prefix}kv{i}.v"] for i in range(n))
+            return KVState(keys=keys, values=values, pos=pos, batch_size=batch)
+        blocks = []
+        for i in range(int(header["layers"])):
+            ssm = tensors.get(f"{prefix}block{i}.ssm")
+            blocks.append(BlockState(ssm=None if ssm is None else torch.view_as_complex(ssm.contiguous()),
+                                     conv=tensors.get(f"{prefix}block{i}.conv")))
+        sup = SupervisorState(s=tensors[f"{prefix}supervisor.s"], pos=pos) if header["supervisor"] else None
+        mem = (MemoryState(keys=tensors[f"{prefix}memory.keys"], values=tensors[f"{prefix}memory.values"],
+                           chunk_ids=tensors[f"{prefix}memory.chunk_ids"], pos=pos) if header["memory"] else None)
+    except KeyError as err:
+        raise HorizonError(f"saved model state is incomplete: missing {err}") from err
+    return HorizonState(pos=pos, blocks=tuple(blocks), supervisor=sup, memory=mem, batch_size=batch)

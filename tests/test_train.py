@@ -1,0 +1,103 @@
+"""Training: checkpoints, exact resume, NaN stop, config mismatch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from horizonlm import train as train_module
+from horizonlm.checkpoint import load_checkpoint
+from horizonlm.data.prepare import prepare
+from horizonlm.errors import HorizonError
+from horizonlm.train import TrainConfig, lr_factor, make_optimizer, train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data")
+    prepare("shakespeare", path)
+    return path
+
+
+def _cfg(data_dir: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data_dir), out=str(out), preset="tiny", batch_size=4, seq_len=24, steps=8, warmup=2,
+                eval_every=0, eval_tokens=200, eval_window=64, save_every=4, progress=False, lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("model", ["horizon", "transformer"])
+def test_resume_matches_uninterrupted_run(data_dir: Path, tmp_path: Path, model: str) -> None:
+    straight = train(_cfg(data_dir, tmp_path / "a", model=model))
+    train(_cfg(data_dir, tmp_path / "b", model=model, stop_after=4))
+    # A fresh process would see the same: nothing but the checkpoint carries over.
+    train(_cfg(data_dir, tmp_path / "b", model=model, resume=True))
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(a) == len(b) == 8
+    assert a[0] > a[-1]  # it learns
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+    wa = load_checkpoint(tmp_path / "a").model.state_dict()
+    wb = load_checkpoint(tmp_path / "b").model.state_dict()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+    assert straight["step"] == 8 and straight["valid"]
+
+
+def test_state_is_carried_between_windows(data_dir: Path, tmp_path: Path) -> None:
+    """Checkpointed training state holds the carried model state at the stream position."""
+    train(_cfg(data_dir, tmp_path / "run", steps=3, save_every=3))
+    ckpt = load_checkpoint(tmp_path / "run", with_train_state=True)
+    header = ckpt.info["carried_states"][0]
+    assert header["pos"] == 3 * 24 and header["batch_size"] == 4
+    assert "state0.memory.keys" in ckpt.train_tensors
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    real = train_module.lm_loss
+    calls = {"n": 0}
+
+    def flaky(logits, targets):
+        calls["n"] += 1
+        loss = real(logits, targets)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(train_module, "lm_loss", flaky)
+    with pytest.raises(HorizonError, match="at step 5.*step-00000004"):
+        train(_cfg(data_dir, tmp_path / "run", save_every=2))
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.info["step"] == 4
+    assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())
+
+
+def test_resume_with_other_model_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    train(_cfg(data_dir, tmp_path / "run", steps=2, save_every=2))
+    with pytest.raises(HorizonError, match="d_model"):
+        train(_cfg(data_dir, tmp_path / "run", steps=4, resume=True, model_overrides={"d_model": 48}))
+    with pytest.raises(HorizonError, match="transformer"):
+        train(_cfg(data_dir, tmp_path / "run", steps=4, resume=True, model="transformer"))
+
+
+def test_schedule_and_param_groups() -> None:
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    from horizonlm import HorizonConfig, HorizonLM
+
+    model = HorizonLM(HorizonConfig.preset("tiny"))
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, ssm_lr=1e-3), fused=False)
+    ssm_group = [g for g in opt.param_groups if g["base_lr"] == 1e-3][0]
+    assert ssm_group["weight_decay"] == 0 and any(p is model.blocks[0].ssm.log_dt for p in ssm_group["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_bad_train_config() -> None:
+    with pytest.raises(ValueError, match="seq_len"):
+        TrainConfig(seq_len=0)
+    with pytest.raises(ValueError, match="model"):
+        TrainConfig(model="rnn")
