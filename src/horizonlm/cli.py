@@ -207,7 +207,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from horizonlm.bench.speed import SpeedConfig, run_speed
+
+    cfg = build_config(SpeedConfig, args)
+    run_speed(cfg)
+    print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from horizonlm.bench.speed import SpeedConfig
     from horizonlm.generate import GenerateConfig
     from horizonlm.train import TrainConfig
 
@@ -246,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     add_dataclass_args(p, GenerateConfig)
     p.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks (GPU for speed)").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("speed", help="HorizonLM vs the transformer baseline: train, prefill, decode, search")
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    add_dataclass_args(p, SpeedConfig)
+    p.set_defaults(func=cmd_bench_speed)
     return parser
 
 

@@ -118,7 +118,7 @@ HORIZON_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(d_model=256, n_layers=4, mlp_hidden=704, ssm_state=32, chunk_size=64,
                   supervisor_dim=256, memory_dim=64, memory_topk=8, memory_capacity=1024),
     "base": dict(d_model=768, n_layers=16, mlp_hidden=2048, ssm_state=64, ssm_fft_chunk=2048,
-                 chunk_size=128, supervisor_dim=768, memory_dim=128, memory_topk=8, memory_capacity=65536),
+                 chunk_size=128, supervisor_dim=768, memory_dim=128, memory_topk=8, memory_capacity=8192),
 }
 
 

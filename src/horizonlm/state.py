@@ -77,6 +77,20 @@ class HorizonState:
             self.memory, keys=self.memory.keys.detach(), values=self.memory.values.detach())
         return replace(self, blocks=blocks, supervisor=sup, memory=mem)
 
+    def expand(self, batch_size: int) -> "HorizonState":
+        """A batch-1 state repeated ``batch_size`` times (many continuations of one context)."""
+        if self.batch_size != 1:
+            raise ValueError(f"expand needs a state of batch_size=1, got {self.batch_size}")
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.expand(batch_size, *t.shape[1:]).contiguous()
+
+        blocks = tuple(BlockState(rep(b.ssm), rep(b.conv)) for b in self.blocks)
+        sup = None if self.supervisor is None else replace(self.supervisor, s=rep(self.supervisor.s))
+        mem = None if self.memory is None else replace(self.memory, keys=rep(self.memory.keys),
+                                                        values=rep(self.memory.values))
+        return replace(self, blocks=blocks, supervisor=sup, memory=mem, batch_size=batch_size)
+
     def to(self, device: torch.device | str) -> "HorizonState":
         blocks = tuple(BlockState(_to(b.ssm, device), _to(b.conv, device)) for b in self.blocks)
         sup = None if self.supervisor is None else replace(self.supervisor, s=self.supervisor.s.to(device))
@@ -101,6 +115,14 @@ class KVState:
 
     def detach(self) -> "KVState":
         return replace(self, keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values))
+
+    def expand(self, batch_size: int) -> "KVState":
+        """A batch-1 cache repeated ``batch_size`` times."""
+        if self.batch_size != 1:
+            raise ValueError(f"expand needs a state of batch_size=1, got {self.batch_size}")
+        keys = tuple(k.expand(batch_size, *k.shape[1:]).contiguous() for k in self.keys)
+        values = tuple(v.expand(batch_size, *v.shape[1:]).contiguous() for v in self.values)
+        return replace(self, keys=keys, values=values, batch_size=batch_size)
 
     def to(self, device: torch.device | str) -> "KVState":
         return replace(self, keys=tuple(k.to(device) for k in self.keys), values=tuple(v.to(device) for v in self.values))

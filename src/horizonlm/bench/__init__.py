@@ -1,0 +1,1 @@
+"""Benchmarks: they measure and write what they measured, with the machine and the command."""

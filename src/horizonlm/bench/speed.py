@@ -1,0 +1,378 @@
+"""``horizon bench speed``: HorizonLM and the transformer baseline side by side on one GPU.
+
+Training throughput (forward + backward + AdamW step) at several lengths with a fixed number of
+tokens per step, long prefill with the state carried, per-token decode latency after long
+contexts, and exact memory search. Timings are CUDA-event medians after warm-up; every row
+records peak memory. Failures (out of memory) are rows too.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from horizonlm.baseline import TransformerLM
+from horizonlm.bench.common import environment, median, time_cuda
+from horizonlm.config import HorizonConfig, TransformerConfig
+from horizonlm.fileio import atomic_write_json
+from horizonlm.model import HorizonLM
+
+PEAK_BF16_FLOPS = 790e12
+"""The bf16 dense matrix rate MFU is quoted against (the issue's figure for this H200)."""
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@dataclass
+class SpeedConfig:
+    """Settings of ``horizon bench speed``."""
+
+    out: str = "bench/results/speed.json"
+    """Where the JSON goes (the PNG lands beside it)."""
+    preset: str = "base"
+    """Preset of both models (same width, depth and MLP)."""
+    parts: str = "ceilings,checks,train,prefill,decode,memory"
+    """Comma-separated parts to run."""
+    tokens_per_step: int = 131072
+    """Tokens per training step at every length (batch = tokens / length)."""
+    train_lengths: str = "2048,8192,32768,131072"
+    """Training sequence lengths."""
+    prefill_lengths: str = "131072,1048576,10485760"
+    """Prefill lengths (batch 1)."""
+    prefill_window: int = 131072
+    """Tokens per call when prefilling (state carried between calls)."""
+    transformer_prefill_max: int = 262144
+    """Longest transformer prefill attempted; longer ones are reported as not run."""
+    decode_contexts: str = "1024,65536,1048576"
+    """Context lengths before decoding."""
+    decode_batches: str = "1,64"
+    """Decode batch sizes."""
+    decode_steps: int = 30
+    """Timed decode steps per row."""
+    memory_sizes: str = "10000,100000,1000000,10000000"
+    """Entries in the exact-search benchmark."""
+    memory_queries: str = "1,1024"
+    """Query batch sizes in the exact-search benchmark."""
+    repeat: int = 5
+    """Timed repetitions per training row."""
+    warmup: int = 2
+    """Untimed repetitions first."""
+    compile: bool = False
+    """torch.compile the models' blocks."""
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters that take part in a matrix product per token (every Linear, the head once)."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += module.weight.numel()
+    return total
+
+
+def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """6 N per token for the matrix products; the baseline adds causal attention, 6 * n_layers * D * L."""
+    flops = 6.0 * matmul_params(model)
+    if isinstance(model, TransformerLM):
+        flops += 6.0 * model.config.n_layers * model.config.d_model * seq_len
+    return flops
+
+
+def _build(kind: str, preset: str, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    model = HorizonLM(HorizonConfig.preset(preset)) if kind == "horizon" else TransformerLM(TransformerConfig.preset(preset))
+    return model.to(device)
+
+
+def _oom_guard(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError as err:
+        return {"status": "OOM", "error": str(err).split("\n")[0][:200]}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def measure_ceilings(device: torch.device) -> dict[str, Any]:
+    """Copy bandwidth (read + write) and bf16 matmul rate, measured on this card."""
+    n = 1 << 30
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    t = median(time_cuda(lambda: dst.copy_(src), 3, 10))
+    bandwidth = 2 * src.numel() * 4 / t
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    t_mm = median(time_cuda(lambda: a @ b, 3, 10))
+    del src, dst, a, b
+    return {"copy_bandwidth_bytes_per_s": bandwidth, "bf16_matmul_flops": 2 * 8192**3 / t_mm}
+
+
+def run_checks(device: torch.device) -> dict[str, Any]:
+    """On the GPU: fast paths against their references, streaming against one call."""
+    from horizonlm.ops.reference import s4d_recurrence_ref
+    from horizonlm.ops.s4d import discretize, s4d_scan
+    from horizonlm.ops.topk_search import exact_topk, exact_topk_ref
+
+    out: dict[str, Any] = {}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h, n, length = 8, 16, 300
+    a_log_re = (torch.rand(h, n, generator=g, dtype=torch.float64) - 1.5).to(device)
+    a_im = (torch.rand(h, n, generator=g, dtype=torch.float64) * 6).to(device)
+    log_dt = (torch.rand(h, generator=g, dtype=torch.float64) * 4.6 - 6.9).to(device)
+    c = torch.randn(h, n, 2, generator=g, dtype=torch.float64).to(device)
+    u = torch.randn(2, h, length, generator=g, dtype=torch.float64).to(device)
+    x0 = torch.randn(2, h, n, 2, generator=g, dtype=torch.float64).to(device)
+    dt_a, a_bar, b_bar = discretize(a_log_re, a_im, log_dt)
+    cc, xx = torch.view_as_complex(c), torch.view_as_complex(x0)
+    y_fast, s_fast = s4d_scan(u, dt_a, a_bar, b_bar, cc, xx, 64)
+    y_ref, s_ref = s4d_recurrence_ref(u, a_bar, b_bar, cc, xx)
+    out["s4d_scan_vs_recurrence_float64_rel_err"] = ((y_fast - y_ref).norm() / y_ref.norm()).item()
+    out["s4d_state_float64_rel_err"] = ((s_fast - s_ref).norm() / s_ref.norm()).item()
+    keys = F.normalize(torch.randn(50000, 128, device=device), dim=-1)
+    queries = F.normalize(torch.randn(64, 128, device=device), dim=-1)
+    _, idx = exact_topk(queries, keys, 8, key_block=7000)
+    _, idx_ref = exact_topk_ref(queries, keys, 8)
+    out["exact_topk_matches_bruteforce"] = bool((idx.sort(-1).values == idx_ref.sort(-1).values).all())
+    torch.manual_seed(0)
+    model = HorizonLM(HorizonConfig.preset("small")).to(device)
+    tokens = torch.randint(0, 256, (2, 3000), device=device)
+    with torch.no_grad():
+        full, _ = model(tokens)
+        a, state = model(tokens[:, :1234])
+        b, _ = model(tokens[:, 1234:], state)
+        out["streaming_vs_one_call_float32_rel_err"] = ((torch.cat([a, b], 1) - full).norm() / full.norm()).item()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low, _ = model(tokens)
+        out["bf16_autocast_vs_float32_logits_rel_err"] = ((low.float() - full).norm() / full.norm()).item()
+    return out
+
+
+def bench_train(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    model = _build(kind, cfg.preset, device)
+    if cfg.compile:
+        model = torch.compile(model)
+    base = model._orig_mod if cfg.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    for length in _ints(cfg.train_lengths):
+        batch = max(1, cfg.tokens_per_step // length)
+
+        def run() -> dict[str, Any]:
+            torch.cuda.reset_peak_memory_stats()
+            tokens = torch.randint(0, 256, (batch, length + 1), device=device)
+            carried = {"state": None}
+
+            def step() -> None:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits, new_state = model(tokens[:, :-1], carried["state"])
+                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                carried["state"] = new_state.detach() if kind == "horizon" else None
+
+            times = time_cuda(step, cfg.warmup, cfg.repeat)
+            t = median(times)
+            tokens_per_s = batch * length / t
+            return {"status": "ok", "seconds_per_step": t, "tokens_per_s": tokens_per_s,
+                    "mfu": tokens_per_s * train_flops_per_token(base, length) / PEAK_BF16_FLOPS,
+                    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "all_seconds": times}
+
+        row = {"part": "train", "model": kind, "seq_len": length, "batch": batch, **_oom_guard(run)}
+        print(json.dumps({k: v for k, v in row.items() if k != "all_seconds"}), flush=True)
+        rows.append(row)
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+@torch.no_grad()
+def _prefill(model: nn.Module, length: int, window: int, device: torch.device, state=None):
+    gen = torch.Generator(device=device).manual_seed(length)
+    for start in range(0, length, window):
+        n = min(window, length - start)
+        tokens = torch.randint(0, 256, (1, n), device=device, generator=gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, state = model(tokens, state)
+    return state
+
+
+def bench_prefill(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    model = _build(kind, cfg.preset, device).eval()
+    _prefill(model, min(cfg.prefill_window, 8192) * 2, min(cfg.prefill_window, 8192), device)  # warm-up
+    for length in _ints(cfg.prefill_lengths):
+        if kind == "transformer" and length > cfg.transformer_prefill_max:
+            rows.append({"part": "prefill", "model": kind, "seq_len": length, "batch": 1, "status": "not run",
+                         "reason": f"beyond transformer_prefill_max={cfg.transformer_prefill_max}: quadratic time"})
+            continue
+        window = length if kind == "transformer" else cfg.prefill_window
+
+        def run() -> dict[str, Any]:
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            _prefill(model, length, window, device)
+            torch.cuda.synchronize()
+            t = time.perf_counter() - t0
+            return {"status": "ok", "seconds": t, "tokens_per_s": length / t, "window": window,
+                    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+        row = {"part": "prefill", "model": kind, "seq_len": length, "batch": 1, **_oom_guard(run)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    del model
+    return rows
+
+
+def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    model = _build(kind, cfg.preset, device).eval()
+    for context in _ints(cfg.decode_contexts):
+        if kind == "transformer" and context > cfg.transformer_prefill_max:
+            for batch in _ints(cfg.decode_batches):
+                rows.append({"part": "decode", "model": kind, "context": context, "batch": batch, "status": "not run",
+                             "reason": f"building the cache needs a prefill beyond transformer_prefill_max"})
+            continue
+        window = context if kind == "transformer" else cfg.prefill_window
+        try:
+            base_state = _prefill(model, context, window, device)
+        except torch.cuda.OutOfMemoryError as err:
+            rows.append({"part": "decode", "model": kind, "context": context, "status": "OOM", "error": str(err)[:200]})
+            continue
+        for batch in _ints(cfg.decode_batches):
+
+            def run() -> dict[str, Any]:
+                state = {"s": base_state.expand(batch) if batch > 1 else base_state}
+                token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+                torch.cuda.reset_peak_memory_stats()
+
+                @torch.no_grad()
+                def step() -> None:
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        logits, state["s"] = model(token, state["s"])
+
+                times = time_cuda(step, 3, cfg.decode_steps)
+                return {"status": "ok", "ms_per_token_step": 1000 * median(times),
+                        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+            row = {"part": "decode", "model": kind, "context": context, "batch": batch, **_oom_guard(run)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del base_state
+        gc.collect()
+        torch.cuda.empty_cache()
+    del model
+    return rows
+
+
+def bench_memory_search(cfg: SpeedConfig, device: torch.device, bandwidth: float | None) -> list[dict[str, Any]]:
+    from horizonlm.ops.topk_search import exact_topk
+
+    rows = []
+    dim = HorizonConfig.preset(cfg.preset).memory_dim
+    for size in _ints(cfg.memory_sizes):
+        def run_size() -> list[dict[str, Any]]:
+            keys = F.normalize(torch.randn(size, dim, device=device), dim=-1).to(torch.bfloat16)
+            out = []
+            for q in _ints(cfg.memory_queries):
+                queries = F.normalize(torch.randn(q, dim, device=device), dim=-1).to(torch.bfloat16)
+                block = max(1, min(size, (1 << 31) // (4 * q)))  # score block at most 2 GiB
+                t = median(time_cuda(lambda: exact_topk(queries, keys, 8, key_block=block), 2, 10))
+                floor = size * dim * 2 / bandwidth if bandwidth else None
+                out.append({"part": "memory_search", "entries": size, "queries": q, "top_k": 8, "status": "ok",
+                            "ms": 1000 * t, "ms_per_query": 1000 * t / q,
+                            "bandwidth_floor_ms": None if floor is None else 1000 * floor})
+            return out
+
+        try:
+            result = run_size()
+        except torch.cuda.OutOfMemoryError as err:
+            result = [{"part": "memory_search", "entries": size, "status": "OOM", "error": str(err)[:200]}]
+        gc.collect()
+        torch.cuda.empty_cache()
+        for row in result:
+            print(json.dumps(row), flush=True)
+        rows.extend(result)
+    return rows
+
+
+def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        raise RuntimeError("horizon bench speed needs a CUDA GPU")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    parts = set(cfg.parts.split(","))
+    results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "rows": []}
+    with torch.device("meta"):
+        results["parameters"] = {
+            "horizon": sum(p.numel() for p in HorizonLM(HorizonConfig.preset(cfg.preset)).parameters()),
+            "transformer": sum(p.numel() for p in TransformerLM(TransformerConfig.preset(cfg.preset)).parameters()),
+        }
+    out = Path(cfg.out)
+
+    def save() -> None:
+        atomic_write_json(out, results)
+
+    if "ceilings" in parts:
+        results["ceilings"] = measure_ceilings(device)
+        print(json.dumps(results["ceilings"]), flush=True)
+    if "checks" in parts:
+        results["checks"] = run_checks(device)
+        print(json.dumps(results["checks"]), flush=True)
+        save()
+    for part, fn in (("train", bench_train), ("prefill", bench_prefill), ("decode", bench_decode)):
+        if part in parts:
+            for kind in ("horizon", "transformer"):
+                results["rows"].extend(fn(kind, cfg, device))
+                save()
+    if "memory" in parts:
+        bandwidth = results.get("ceilings", {}).get("copy_bandwidth_bytes_per_s")
+        results["rows"].extend(bench_memory_search(cfg, device, bandwidth))
+    save()
+    plot_speed(results, out.with_suffix(".png"))
+    return results
+
+
+def plot_speed(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r.get("status") == "ok"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = (("train", "seq_len", "tokens_per_s", "training tokens/s"),
+              ("train", "seq_len", "peak_memory_gib", "training peak memory (GiB)"),
+              ("prefill", "seq_len", "seconds", "prefill seconds (batch 1)"))
+    for ax, (part, x, y, title) in zip(axes, panels):
+        for kind, marker in (("horizon", "o-"), ("transformer", "s--")):
+            pts = sorted((r[x], r[y]) for r in rows if r["part"] == part and r["model"] == kind)
+            if pts:
+                ax.plot(*zip(*pts), marker, label=kind)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    env = results["environment"]
+    fig.suptitle(f"{env.get('device')} | torch {env.get('torch')} | {results['config']['preset']} preset")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
