@@ -28,6 +28,9 @@ class HorizonConfig:
     """N: complex state size per channel, stored as N/2 conjugate pairs (must be even)."""
     ssm_fft_chunk: int = 1024
     """Tokens per FFT window inside the S4D scan; bounds its memory at O(D*N*chunk)."""
+    ssm_recompute: bool = True
+    """Recompute the S4D scan in the backward pass instead of storing its FFT spectra and window
+    intermediates (several times the layer's input in memory) for a little extra compute."""
     ssm_dt_min: float = 1e-3
     """Lower bound of the log-uniform initialisation of the S4D step size dt."""
     ssm_dt_max: float = 1e-1

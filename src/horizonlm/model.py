@@ -45,8 +45,8 @@ class HorizonBlock(nn.Module):
         super().__init__()
         d = config.d_model
         self.ssm_norm = nn.RMSNorm(d, eps=config.norm_eps) if config.use_ssm else None
-        self.ssm = (S4DLayer(d, config.ssm_state, config.ssm_fft_chunk, config.ssm_dt_min, config.ssm_dt_max)
-                    if config.use_ssm else None)
+        self.ssm = (S4DLayer(d, config.ssm_state, config.ssm_fft_chunk, config.ssm_dt_min, config.ssm_dt_max,
+                             config.ssm_recompute) if config.use_ssm else None)
         self.conv_norm = nn.RMSNorm(d, eps=config.norm_eps) if config.use_conv else None
         self.conv = MultiResConv(d, config.conv_kernel, config.conv_levels) if config.use_conv else None
         self.mlp_norm = nn.RMSNorm(d, eps=config.norm_eps)

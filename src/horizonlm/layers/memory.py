@@ -50,12 +50,15 @@ class RetrievalMemory(nn.Module):
             state = self.init_state(h.shape[0], h.device)
         layout = chunk_layout(state.pos, h.shape[1], self.chunk_size, h.device)
         hn = self.norm(h)  # (B, L, D)
-        summaries = hn[:, layout.ends]  # (B, m, D)
-        new_keys = F.normalize(self.key(summaries), dim=-1)  # (B, m, Dk)
-        new_values = self.value(summaries)  # (B, m, Dv)
-        keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
-        values = torch.cat([state.values.to(new_values.dtype), new_values], dim=1)  # (B, M+m, Dv)
-        ids = torch.cat([state.chunk_ids, layout.chunk_ids])  # (M+m,)
+        if layout.ends.numel() > 0:
+            summaries = hn[:, layout.ends]  # (B, m, D)
+            new_keys = F.normalize(self.key(summaries), dim=-1)  # (B, m, Dk)
+            new_values = self.value(summaries)  # (B, m, Dv)
+            keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
+            values = torch.cat([state.values.to(new_values.dtype), new_values], dim=1)  # (B, M+m, Dv)
+            ids = torch.cat([state.chunk_ids, layout.chunk_ids])  # (M+m,)
+        else:  # no chunk ends here (most decode steps): the memory is read as it is, not copied
+            keys, values, ids = state.keys, state.values, state.chunk_ids
         queries = F.normalize(self.query(hn), dim=-1)  # (B, L, Dk)
         read = memory_read(queries, keys, values, ids, layout.completed_before, self.capacity, self.top_k,
                            self.tau, self.query_block)  # (B, L, Dv)

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from horizonlm.ops.s4d import discretize, s4d_scan
 
@@ -22,10 +23,12 @@ class S4DLayer(nn.Module):
     ``2*Re`` of the output.
     """
 
-    def __init__(self, d_model: int, state_size: int, fft_chunk: int, dt_min: float, dt_max: float) -> None:
+    def __init__(self, d_model: int, state_size: int, fft_chunk: int, dt_min: float, dt_max: float,
+                 recompute: bool = False) -> None:
         super().__init__()
         half = state_size // 2
         self.fft_chunk = fft_chunk
+        self.recompute = recompute
         log_dt = torch.rand(d_model) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (D,)
         self.log_dt = nn.Parameter(log_dt)
         self.a_log_re = nn.Parameter(torch.full((d_model, half), math.log(0.5)))  # (D, N/2)
@@ -50,10 +53,18 @@ class S4DLayer(nn.Module):
             state = self.init_state(x.shape[0], x.device)
         compute = torch.float64 if self.d.dtype == torch.float64 else torch.float32
         u = x.to(compute).transpose(1, 2)  # (B, D, L)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        if self.recompute and torch.is_grad_enabled() and u.shape[-1] > 1:
+            y, new_state = checkpoint(self._ssm, u, state, use_reentrant=False)  # (B, D, L)
+        else:
+            y, new_state = self._ssm(u, state)  # (B, D, L)
+        y = F.gelu(y.transpose(1, 2)).to(x.dtype)  # (B, L, D)
+        return self.out(y), new_state  # (B, L, D)
+
+    def _ssm(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """``y = SSM(u) + D*u`` in float32 (or float64), outside autocast."""
+        compute = u.dtype
+        with torch.autocast(device_type=u.device.type, enabled=False):
             dt_a, a_bar, b_bar = discretize(self.a_log_re.to(compute), self.a_im.to(compute), self.log_dt.to(compute))
             c = torch.view_as_complex(self.c.to(compute).contiguous())  # (D, N/2)
             y, new_state = s4d_scan(u, dt_a, a_bar, b_bar, c, state, self.fft_chunk)  # (B, D, L)
-            y = y + self.d.to(compute).unsqueeze(-1) * u  # (B, D, L)
-        y = F.gelu(y.transpose(1, 2)).to(x.dtype)  # (B, L, D)
-        return self.out(y), new_state  # (B, L, D)
+            return y + self.d.to(compute).unsqueeze(-1) * u, new_state  # (B, D, L)

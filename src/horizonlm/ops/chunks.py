@@ -28,13 +28,13 @@ class ChunkLayout:
 
 
 def chunk_layout(pos: int, length: int, chunk_size: int, device: torch.device | None = None) -> ChunkLayout:
-    positions = torch.arange(pos, pos + length, device=device)  # (L,)
-    is_end = (positions + 1) % chunk_size == 0  # (L,)
-    ends = torch.nonzero(is_end).flatten()  # (m,)
-    completed_before = positions // chunk_size  # (L,)
+    """Computed from Python integers, so it never waits on the device."""
+    first_end = (chunk_size - 1 - pos % chunk_size) % chunk_size
+    ends = torch.arange(first_end, max(first_end, length), chunk_size, device=device)  # (m,)
+    completed_before = torch.arange(pos, pos + length, device=device) // chunk_size  # (L,)
     return ChunkLayout(
         ends=ends,
-        chunk_ids=(positions[ends] + 1) // chunk_size - 1,  # (m,)
+        chunk_ids=(pos + ends + 1) // chunk_size - 1,  # (m,)
         completed_before=completed_before,
         completed_in_call_before=completed_before - pos // chunk_size,  # (L,)
     )

@@ -44,13 +44,49 @@ def s4d_kernel(dt_a: Tensor, b_bar: Tensor, c: Tensor, length: int) -> Tensor:
 def fft_causal_conv(u: Tensor, kernel: Tensor) -> Tensor:
     """Causal convolution ``y[l] = sum_{s<=l} kernel[l-s] u[s]`` by an FFT of length 2L.
 
-    u: (..., H, L), kernel: (H, L) -> (..., H, L).
+    u: (..., L), kernel: (..., L) broadcastable against u -> (..., L).
     """
     length = u.shape[-1]
     n_fft = 2 * length
-    u_f = torch.fft.rfft(u, n=n_fft)  # (..., H, L+1)
-    k_f = torch.fft.rfft(kernel, n=n_fft)  # (H, L+1)
-    return torch.fft.irfft(u_f * k_f, n=n_fft)[..., :length]  # (..., H, L)
+    u_f = torch.fft.rfft(u, n=n_fft)  # (..., L+1)
+    k_f = torch.fft.rfft(kernel, n=n_fft)  # (..., L+1)
+    return torch.fft.irfft(u_f * k_f, n=n_fft)[..., :length]  # (..., L)
+
+
+def _windows(
+    u: Tensor, dt_a: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor, x0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """W consecutive windows of T tokens each, state in and out, without the skip term.
+
+    u: (B, H, W, T) real, x0: (B, H, N) complex. The FFT convolution handles each window from a
+    zero state; the state entering window w adds ``2*Re(C . Abar**(t+1) x_w)``. The two
+    state-sized contractions are written as real matrix products over stacked (Re, Im) parts,
+    so they run on real GEMMs and never materialise a complex copy of u.
+    Returns y (B, H, W, T) and the state after the last window (B, H, N).
+    """
+    windows, length = u.shape[2], u.shape[3]
+    n = dt_a.shape[-1]
+    powers = _powers(dt_a, 0, length)  # (H, N, T)
+    kernel = 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers).real  # (H, T)
+    y = fft_causal_conv(u, kernel.unsqueeze(1))  # (B, H, W, T)
+    # z_w = sum_s Abar**(T-1-s) Bbar u_s: each window's contribution to the state at its end.
+    decay = (b_bar.unsqueeze(-1) * powers).flip(-1)  # (H, N, T)
+    decay_ri = torch.cat([decay.real, decay.imag], dim=1)  # (H, 2N, T)
+    z_ri = torch.einsum("bhwl,hnl->bhwn", u, decay_ri)  # (B, H, W, 2N)
+    z = torch.complex(z_ri[..., :n], z_ri[..., n:])  # (B, H, W, N)
+    a_window = a_bar.pow(length)  # (H, N)
+    entering = []
+    x = x0
+    for w in range(windows):
+        entering.append(x)
+        x = a_window * x + z[:, :, w]  # (B, H, N)
+    x_in = torch.stack(entering, dim=2)  # (B, H, W, N)
+    # 2*Re(x . Q) = [Re x, Im x] . [2 Re Q; -2 Im Q] with Q = C * Abar**(t+1).
+    q = (c * a_bar).unsqueeze(-1) * powers  # (H, N, T)
+    q_ri = torch.cat([2 * q.real, -2 * q.imag], dim=1)  # (H, 2N, T)
+    x_ri = torch.cat([x_in.real, x_in.imag], dim=-1)  # (B, H, W, 2N)
+    y = y + torch.einsum("bhwn,hnl->bhwl", x_ri, q_ri)  # (B, H, W, T)
+    return y, x
 
 
 def s4d_window(
@@ -60,16 +96,8 @@ def s4d_window(
 
     u: (B, H, T) real, x0: (B, H, N) complex. Returns y (B, H, T) and the final state (B, H, N).
     """
-    length = u.shape[-1]
-    powers = _powers(dt_a, 0, length)  # (H, N, T)
-    kernel = 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers).real  # (H, T)
-    y = fft_causal_conv(u, kernel)  # (B, H, T)
-    # Incoming state: y_t += 2*Re(C . Abar**(t+1) x0).
-    y = y + 2 * torch.einsum("bhn,hnl->bhl", x0, (c * a_bar).unsqueeze(-1) * powers).real  # (B, H, T)
-    # Final state: Abar**T x0 + sum_s Abar**(T-1-s) Bbar u_s.
-    decay = (b_bar.unsqueeze(-1) * powers).flip(-1)  # (H, N, T)
-    x_end = a_bar.pow(length) * x0 + torch.einsum("bhl,hnl->bhn", u.to(decay.dtype), decay)  # (B, H, N)
-    return y, x_end
+    y, x_end = _windows(u.unsqueeze(2), dt_a, a_bar, b_bar, c, x0)  # (B, H, 1, T)
+    return y.squeeze(2), x_end  # (B, H, T)
 
 
 def s4d_step(u: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,20 +131,8 @@ def s4d_scan(
         return s4d_window(u, dt_a, a_bar, b_bar, c, x0)
     n_full = length // chunk
     main = u[..., : n_full * chunk].reshape(batch, channels, n_full, chunk)  # (B, H, W, T)
-    powers = _powers(dt_a, 0, chunk)  # (H, N, T)
-    kernel = 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers).real  # (H, T)
-    y_local = fft_causal_conv(main.transpose(1, 2), kernel).transpose(1, 2)  # (B, H, W, T)
-    decay = (b_bar.unsqueeze(-1) * powers).flip(-1)  # (H, N, T)
-    z = torch.einsum("bhwl,hnl->bwhn", main.to(decay.dtype), decay)  # (B, W, H, N)
-    a_chunk = a_bar.pow(chunk)  # (H, N)
-    entering = []
-    x = x0
-    for w in range(n_full):
-        entering.append(x)
-        x = a_chunk * x + z[:, w]  # (B, H, N)
-    x_in = torch.stack(entering, dim=2)  # (B, H, W, N)
-    y_state = 2 * torch.einsum("bhwn,hnl->bhwl", x_in, (c * a_bar).unsqueeze(-1) * powers).real  # (B, H, W, T)
-    y = (y_local + y_state).reshape(batch, channels, n_full * chunk)  # (B, H, W*T)
+    y, x = _windows(main, dt_a, a_bar, b_bar, c, x0)  # (B, H, W, T)
+    y = y.reshape(batch, channels, n_full * chunk)  # (B, H, W*T)
     rest = length - n_full * chunk
     if rest == 0:
         return y, x
