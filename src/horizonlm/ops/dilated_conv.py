@@ -17,22 +17,30 @@ def buffer_length(kernel_size: int, levels: int) -> int:
     return (kernel_size - 1) * 2 ** (levels - 1)
 
 
+def effective_kernel(weight: Tensor, mix: Tensor) -> Tensor:
+    """The R dilated kernels folded into one dense causal kernel of ``P + 1`` taps.
+
+    Tap ``P - (k-1-j)*2**r`` gets ``mix[r] * weight[r, :, j]`` (taps shared between resolutions
+    add up), so one depthwise convolution computes the whole mixture. weight: (R, D, k) -> (D, P+1).
+    """
+    levels, channels, kernel_size = weight.shape
+    pad = buffer_length(kernel_size, levels)
+    taps = torch.tensor([pad - (kernel_size - 1 - j) * 2**r for r in range(levels) for j in range(kernel_size)],
+                        device=weight.device)  # (R*k,)
+    values = (mix.view(levels, 1, 1) * weight).permute(1, 0, 2).reshape(channels, levels * kernel_size)  # (D, R*k)
+    return weight.new_zeros(channels, pad + 1).index_add(1, taps, values)  # (D, P+1)
+
+
 def multires_causal_conv(x: Tensor, buffer: Tensor, weight: Tensor, mix: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum over resolutions r of ``mix[r] * depthwise_conv(x, weight[r], dilation=2**r)``.
+    """Sum over resolutions r of ``mix[r] * depthwise_conv(x, weight[r], dilation=2**r)``, computed
+    as one depthwise convolution with the folded kernel.
 
     x: (B, L, D), buffer: (B, P, D) (the inputs before x, zeros at the stream start),
     weight: (R, D, k), mix: (R,). Returns y (B, L, D) and the new buffer (B, P, D).
     """
-    levels, channels, kernel_size = weight.shape
     pad = buffer.shape[1]
-    length = x.shape[1]
-    full = torch.cat([buffer, x], dim=1).transpose(1, 2)  # (B, D, P+L)
-    y = None
-    for r in range(levels):
-        dilation = 2**r
-        span = (kernel_size - 1) * dilation
-        out = F.conv1d(full[..., pad - span :], weight[r].unsqueeze(1), groups=channels, dilation=dilation)  # (B, D, L)
-        y = mix[r] * out if y is None else y + mix[r] * out  # (B, D, L)
-    new_buffer = full[..., full.shape[-1] - pad :].transpose(1, 2)  # (B, P, D)
-    assert y.shape[-1] == length
+    full = torch.cat([buffer, x], dim=1)  # (B, P+L, D)
+    kernel = effective_kernel(weight, mix)  # (D, P+1)
+    y = F.conv1d(full.transpose(1, 2), kernel.unsqueeze(1), groups=kernel.shape[0])  # (B, D, L)
+    new_buffer = full[:, full.shape[1] - pad :]  # (B, P, D)
     return y.transpose(1, 2), new_buffer  # (B, L, D)
