@@ -59,13 +59,13 @@ class TrainConfig:
     stop_after: int = 0
     """Stop this invocation after this many steps (0: run to ``steps``); resume later with ``--resume``.
     The schedule still spans ``steps``, so a run split into jobs equals one uninterrupted run."""
-    lr: float = 3e-3
+    lr: float = 6e-3
     """Peak learning rate of the weights."""
     ssm_lr: float = 1e-3
     """Learning rate of the S4D parameters (A, dt, C, D), which take no weight decay."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak (cosine decay)."""
-    warmup: int = 50
+    warmup: int = 30
     """Linear warm-up steps."""
     weight_decay: float = 0.1
     """AdamW weight decay of matrices (biases, norms and S4D parameters take none)."""
