@@ -22,6 +22,7 @@ from torch import nn
 from horizonlm.baseline import TransformerLM
 from horizonlm.bench.common import environment, median, time_cuda
 from horizonlm.config import HorizonConfig, TransformerConfig
+from horizonlm.decode import GraphedDecoder
 from horizonlm.fileio import atomic_write_json
 from horizonlm.model import HorizonLM
 
@@ -57,18 +58,25 @@ class SpeedConfig:
     """Context lengths before decoding."""
     decode_batches: str = "1,64"
     """Decode batch sizes."""
-    decode_steps: int = 30
-    """Timed decode steps per row."""
+    decode_steps: int = 300
+    """Timed HorizonLM decode steps per row (over two chunk ends, so graph captures and the eager
+    chunk-end steps are inside the mean)."""
+    transformer_decode_steps: int = 20
+    """Timed transformer decode steps per row (eager, KV cache grows)."""
     memory_sizes: str = "10000,100000,1000000,10000000"
     """Entries in the exact-search benchmark."""
     memory_queries: str = "1,1024"
     """Query batch sizes in the exact-search benchmark."""
+    memory_large_sizes: str = "100000000"
+    """Larger stores searched with ``memory_large_queries`` queries only."""
+    memory_large_queries: int = 64
+    """Query batch for the larger stores."""
     repeat: int = 5
     """Timed repetitions per training row."""
     warmup: int = 2
     """Untimed repetitions first."""
-    compile: bool = False
-    """torch.compile the models' blocks."""
+    compile: bool = True
+    """Also time training with every block torch.compile'd (rows labelled ``+compile``)."""
 
 
 def matmul_params(model: nn.Module) -> int:
@@ -96,10 +104,13 @@ def _build(kind: str, preset: str, device: torch.device) -> nn.Module:
 
 
 def _oom_guard(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one measurement; out-of-memory and other failures become rows, not crashes."""
     try:
         return fn()
     except torch.cuda.OutOfMemoryError as err:
         return {"status": "OOM", "error": str(err).split("\n")[0][:200]}
+    except Exception as err:
+        return {"status": "error", "error": f"{type(err).__name__}: {str(err)[:300]}"}
     finally:
         gc.collect()
         torch.cuda.empty_cache()
@@ -156,15 +167,34 @@ def run_checks(device: torch.device) -> dict[str, Any]:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             low, _ = model(tokens)
         out["bf16_autocast_vs_float32_logits_rel_err"] = ((low.float() - full).norm() / full.norm()).item()
+    out["graphed_decode_vs_eager_max_rel_err"] = _check_graphed_decode(device)
     return out
 
 
+def _check_graphed_decode(device: torch.device) -> float:
+    """300 graphed steps (two chunk ends) against eager steps, float32, no autocast."""
+    torch.manual_seed(0)
+    model = HorizonLM(HorizonConfig.preset("small")).to(device).eval()
+    tokens = torch.randint(0, 256, (2, 400), device=device)
+    with torch.no_grad():
+        _, state = model(tokens[:, :100])
+        decoder = GraphedDecoder(model, state, bf16=False)
+        worst = 0.0
+        for t in range(100, 400):
+            got = decoder.step(tokens[:, t : t + 1])
+            want, state = model(tokens[:, t : t + 1], state)
+            worst = max(worst, ((got - want[:, -1]).norm() / want.norm()).item())
+    return worst
+
+
 def bench_train(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
+    """Training rows for ``kind`` (``horizon`` or ``transformer``, optionally ``+compile``)."""
     rows = []
-    model = _build(kind, cfg.preset, device)
-    if cfg.compile:
-        model = torch.compile(model)
-    base = model._orig_mod if cfg.compile else model
+    model = _build(kind.split("+")[0], cfg.preset, device)
+    if kind.endswith("+compile"):
+        for block in model.blocks:
+            block.compile()
+    base = model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     for length in _ints(cfg.train_lengths):
         batch = max(1, cfg.tokens_per_step // length)
@@ -181,7 +211,7 @@ def bench_train(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                carried["state"] = new_state.detach() if kind == "horizon" else None
+                carried["state"] = new_state.detach() if isinstance(model, HorizonLM) else None
 
             times = time_cuda(step, cfg.warmup, cfg.repeat)
             t = median(times)
@@ -256,17 +286,25 @@ def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict
         for batch in _ints(cfg.decode_batches):
 
             def run() -> dict[str, Any]:
-                state = {"s": base_state.expand(batch) if batch > 1 else base_state}
+                state = base_state.expand(batch) if batch > 1 else base_state
                 token = torch.zeros(batch, 1, dtype=torch.long, device=device)
                 torch.cuda.reset_peak_memory_stats()
+                if kind == "horizon":
+                    decoder = GraphedDecoder(model, state)
+                    times = time_cuda(lambda: decoder.step(token), 0, cfg.decode_steps)
+                    mode = "CUDA graph per chunk; chunk-end steps eager"
+                else:
+                    holder = {"s": state}
 
-                @torch.no_grad()
-                def step() -> None:
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        logits, state["s"] = model(token, state["s"])
+                    @torch.no_grad()
+                    def step() -> None:
+                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                            _, holder["s"] = model(token, holder["s"])
 
-                times = time_cuda(step, 3, cfg.decode_steps)
+                    times = time_cuda(step, 3, cfg.transformer_decode_steps)
+                    mode = "eager, KV cache concatenated"
                 return {"status": "ok", "ms_per_token_step": 1000 * median(times),
+                        "mean_ms_per_token_step": 1000 * sum(times) / len(times), "steps": len(times), "mode": mode,
                         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
 
             row = {"part": "decode", "model": kind, "context": context, "batch": batch, **_oom_guard(run)}
@@ -284,11 +322,16 @@ def bench_memory_search(cfg: SpeedConfig, device: torch.device, bandwidth: float
 
     rows = []
     dim = HorizonConfig.preset(cfg.preset).memory_dim
-    for size in _ints(cfg.memory_sizes):
+    plan = [(size, _ints(cfg.memory_queries)) for size in _ints(cfg.memory_sizes)]
+    plan += [(size, [cfg.memory_large_queries]) for size in _ints(cfg.memory_large_sizes)]
+    for size, query_counts in plan:
         def run_size() -> list[dict[str, Any]]:
-            keys = F.normalize(torch.randn(size, dim, device=device), dim=-1).to(torch.bfloat16)
+            keys = torch.empty(size, dim, device=device, dtype=torch.bfloat16)  # (M, Dk)
+            for start in range(0, size, 1 << 24):
+                n = min(1 << 24, size - start)
+                keys[start : start + n] = F.normalize(torch.randn(n, dim, device=device), dim=-1)
             out = []
-            for q in _ints(cfg.memory_queries):
+            for q in query_counts:
                 queries = F.normalize(torch.randn(q, dim, device=device), dim=-1).to(torch.bfloat16)
                 block = max(1, min(size, (1 << 31) // (4 * q)))  # score block at most 2 GiB
                 t = median(time_cuda(lambda: exact_topk(queries, keys, 8, key_block=block), 2, 10))
@@ -331,12 +374,20 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
         results["ceilings"] = measure_ceilings(device)
         print(json.dumps(results["ceilings"]), flush=True)
     if "checks" in parts:
-        results["checks"] = run_checks(device)
+        torch.backends.cuda.matmul.allow_tf32 = False  # the checks compare float32 paths without TF32
+        try:
+            results["checks"] = run_checks(device)
+        except Exception as err:
+            results["checks"] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+        torch.backends.cuda.matmul.allow_tf32 = True
         print(json.dumps(results["checks"]), flush=True)
         save()
     for part, fn in (("train", bench_train), ("prefill", bench_prefill), ("decode", bench_decode)):
         if part in parts:
-            for kind in ("horizon", "transformer"):
+            kinds = ["horizon", "transformer"]
+            if part == "train" and cfg.compile:
+                kinds += ["horizon+compile", "transformer+compile"]
+            for kind in kinds:
                 results["rows"].extend(fn(kind, cfg, device))
                 save()
     if "memory" in parts:
@@ -359,7 +410,8 @@ def plot_speed(results: dict[str, Any], path: Path) -> None:
               ("train", "seq_len", "peak_memory_gib", "training peak memory (GiB)"),
               ("prefill", "seq_len", "seconds", "prefill seconds (batch 1)"))
     for ax, (part, x, y, title) in zip(axes, panels):
-        for kind, marker in (("horizon", "o-"), ("transformer", "s--")):
+        for kind, marker in (("horizon", "o-"), ("transformer", "s--"), ("horizon+compile", "o:"),
+                             ("transformer+compile", "s:")):
             pts = sorted((r[x], r[y]) for r in rows if r["part"] == part and r["model"] == kind)
             if pts:
                 ax.plot(*zip(*pts), marker, label=kind)

@@ -60,8 +60,10 @@ class S4DLayer(nn.Module):
         y = F.gelu(y.transpose(1, 2)).to(x.dtype)  # (B, L, D)
         return self.out(y), new_state  # (B, L, D)
 
+    @torch.compiler.disable
     def _ssm(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """``y = SSM(u) + D*u`` in float32 (or float64), outside autocast."""
+        """``y = SSM(u) + D*u`` in float32 (or float64), outside autocast (and outside
+        torch.compile, which does not handle its complex arithmetic)."""
         compute = u.dtype
         with torch.autocast(device_type=u.device.type, enabled=False):
             dt_a, a_bar, b_bar = discretize(self.a_log_re.to(compute), self.a_im.to(compute), self.log_dt.to(compute))
