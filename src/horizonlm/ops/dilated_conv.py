@@ -25,8 +25,9 @@ def effective_kernel(weight: Tensor, mix: Tensor) -> Tensor:
     """
     levels, channels, kernel_size = weight.shape
     pad = buffer_length(kernel_size, levels)
-    taps = torch.tensor([pad - (kernel_size - 1 - j) * 2**r for r in range(levels) for j in range(kernel_size)],
-                        device=weight.device)  # (R*k,)
+    back = kernel_size - 1 - torch.arange(kernel_size, device=weight.device)  # (k,): steps back of tap j
+    dilation = torch.pow(2, torch.arange(levels, device=weight.device))  # (R,)
+    taps = (pad - dilation.unsqueeze(1) * back).flatten()  # (R*k,); built on the device (CUDA-graph safe)
     values = (mix.view(levels, 1, 1) * weight).permute(1, 0, 2).reshape(channels, levels * kernel_size)  # (D, R*k)
     return weight.new_zeros(channels, pad + 1).index_add(1, taps, values)  # (D, P+1)
 
