@@ -117,11 +117,12 @@ HORIZON_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=32, n_layers=2, mlp_hidden=64, ssm_state=8, ssm_fft_chunk=16, conv_levels=3,
                  chunk_size=8, supervisor_dim=16, memory_dim=8, memory_topk=4, memory_capacity=6),
     "cpu": dict(d_model=128, n_layers=3, mlp_hidden=384, ssm_state=16, ssm_fft_chunk=512, chunk_size=64,
-                supervisor_dim=128, memory_dim=32, memory_topk=8, memory_capacity=1024),
+                supervisor_dim=128, memory_dim=32, memory_topk=8, memory_capacity=1024, ssm_recompute=False),
     "small": dict(d_model=256, n_layers=4, mlp_hidden=704, ssm_state=32, chunk_size=64,
                   supervisor_dim=256, memory_dim=64, memory_topk=8, memory_capacity=1024),
     "base": dict(d_model=768, n_layers=16, mlp_hidden=2048, ssm_state=64, ssm_fft_chunk=2048,
-                 chunk_size=128, supervisor_dim=768, memory_dim=128, memory_topk=8, memory_capacity=8192),
+                 chunk_size=128, supervisor_dim=768, memory_dim=128, memory_topk=8, memory_capacity=8192,
+                 memory_query_block=4096),
 }
 
 

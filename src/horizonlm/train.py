@@ -52,7 +52,7 @@ class TrainConfig:
     """B: streams per step, summed over all DDP ranks."""
     seq_len: int = 256
     """L: tokens per window."""
-    steps: int = 400
+    steps: int = 500
     """Optimizer steps; with ``max_minutes`` whichever ends first."""
     max_minutes: float = 4.5
     """Stop after this much training time (0: no limit). The cosine schedule still spans ``steps``."""
@@ -73,13 +73,13 @@ class TrainConfig:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0: off)."""
-    eval_every: int = 200
+    eval_every: int = 250
     """Validate every this many steps (0: only at the end)."""
     eval_tokens: int = 0
     """Validate on at most this many tokens of the valid split (0: all of it)."""
     eval_window: int = 2048
     """Window length when streaming an evaluation split."""
-    save_every: int = 200
+    save_every: int = 250
     """Checkpoint every this many steps (and always at the end)."""
     seed: int = 0
     """Seed of the initialisation (data order is fixed by the step)."""
