@@ -1,0 +1,1 @@
+"""Memory stores for the retrieval memory at scale (exact torch, FAISS) and their persistence."""
