@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from horizonlm.model import HorizonLM
-from horizonlm.state import BlockState, HorizonState, MemoryState, SupervisorState
+from horizonlm.state import BlockState, HorizonState, MemoryState, StoreMemoryState, SupervisorState
 
 
 def state_tensors(state: HorizonState) -> list[Tensor]:
@@ -29,7 +29,7 @@ def state_tensors(state: HorizonState) -> list[Tensor]:
         out.extend(t for t in (block.ssm, block.conv) if t is not None)
     if state.supervisor is not None:
         out.append(state.supervisor.s)
-    if state.memory is not None:
+    if isinstance(state.memory, MemoryState):
         out.extend([state.memory.keys, state.memory.values, state.memory.chunk_ids])
     return out
 
@@ -40,8 +40,9 @@ def clone_state(state: HorizonState) -> HorizonState:
 
     blocks = tuple(BlockState(c(b.ssm), c(b.conv)) for b in state.blocks)
     sup = None if state.supervisor is None else SupervisorState(c(state.supervisor.s), state.supervisor.pos)
-    mem = None if state.memory is None else MemoryState(c(state.memory.keys), c(state.memory.values),
-                                                        c(state.memory.chunk_ids), state.memory.pos)
+    mem = state.memory
+    if isinstance(mem, MemoryState):
+        mem = MemoryState(c(mem.keys), c(mem.values), c(mem.chunk_ids), mem.pos)
     return replace(state, blocks=blocks, supervisor=sup, memory=mem)
 
 
@@ -59,7 +60,8 @@ class GraphedDecoder:
             raise ValueError("GraphedDecoder needs a HorizonLM (the baseline's cache grows every step)")
         self.model = model
         self.state = clone_state(state)
-        self.use_graphs = state_tensors(state)[0].is_cuda
+        # A store-backed memory is searched on the host side: such states decode eagerly.
+        self.use_graphs = state_tensors(state)[0].is_cuda and not isinstance(state.memory, StoreMemoryState)
         self.bf16 = bf16 and self.use_graphs
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_chunk = -1

@@ -12,7 +12,8 @@ from horizonlm.layers.mlp import GLUMLP
 from horizonlm.layers.multires_conv import MultiResConv
 from horizonlm.layers.ssm import S4DLayer
 from horizonlm.layers.supervisor import RecurrentSupervisor
-from horizonlm.state import BlockState, HorizonState
+from horizonlm.memory.store import MemoryStore, StoreConfig
+from horizonlm.state import BlockState, HorizonState, StoreMemoryState
 
 
 def check_tokens(tokens: Tensor, vocab_size: int) -> None:
@@ -97,15 +98,27 @@ class HorizonLM(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> HorizonState:
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   store_config: StoreConfig | None = None) -> HorizonState:
+        """The state at the stream start. With ``store_config``, the memory lives in a
+        :class:`MemoryStore` of that backend (batch 1), for memories of millions of entries."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = torch.device(device) if device is not None else self.embed.weight.device
+        memory = None
+        if self.memory is not None:
+            if store_config is None:
+                memory = self.memory.init_state(batch_size, device)
+            elif batch_size != 1:
+                raise ValueError(f"a store-backed memory serves batch_size=1, got {batch_size}")
+            else:
+                store = MemoryStore(self.config.memory_dim, self.config.memory_dim, store_config, device)
+                memory = StoreMemoryState(store=store, entries=0, pos=0)
         return HorizonState(
             pos=0,
             blocks=tuple(block.init_state(batch_size, device) for block in self.blocks),
             supervisor=None if self.supervisor is None else self.supervisor.init_state(batch_size, device),
-            memory=None if self.memory is None else self.memory.init_state(batch_size, device),
+            memory=memory,
             batch_size=batch_size,
         )
 

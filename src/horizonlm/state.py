@@ -7,6 +7,7 @@ so a caller can branch a stream (for example, try two continuations) by reusing 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,6 +56,22 @@ class MemoryState:
 
 
 @dataclass(frozen=True)
+class StoreMemoryState:
+    """The retrieval memory kept in a :class:`horizonlm.memory.store.MemoryStore` (batch 1).
+
+    A store can hold tens of millions of entries, so it is appended to in place rather than
+    copied: a state made before the store grew is stale and is refused (``entries`` checks it).
+    """
+
+    store: Any
+    """The MemoryStore (append-only)."""
+    entries: int
+    """Entries ever added to the store when this state was made."""
+    pos: int
+    """Tokens of the stream seen so far."""
+
+
+@dataclass(frozen=True)
 class HorizonState:
     """Everything HorizonLM carries from one call to the next."""
 
@@ -64,7 +81,7 @@ class HorizonState:
     """Per-block S4D state and convolution buffer."""
     supervisor: SupervisorState | None
     """None when the supervisor is switched off."""
-    memory: MemoryState | None
+    memory: MemoryState | StoreMemoryState | None
     """None when the memory is switched off."""
     batch_size: int
     """B: streams carried side by side."""
@@ -73,14 +90,17 @@ class HorizonState:
         """Cut the autograd graph (truncated backprop through time between windows)."""
         blocks = tuple(BlockState(_detach(b.ssm), _detach(b.conv)) for b in self.blocks)
         sup = None if self.supervisor is None else replace(self.supervisor, s=self.supervisor.s.detach())
-        mem = None if self.memory is None else replace(
-            self.memory, keys=self.memory.keys.detach(), values=self.memory.values.detach())
+        mem = self.memory
+        if isinstance(mem, MemoryState):
+            mem = replace(mem, keys=mem.keys.detach(), values=mem.values.detach())
         return replace(self, blocks=blocks, supervisor=sup, memory=mem)
 
     def expand(self, batch_size: int) -> "HorizonState":
         """A batch-1 state repeated ``batch_size`` times (many continuations of one context)."""
         if self.batch_size != 1:
             raise ValueError(f"expand needs a state of batch_size=1, got {self.batch_size}")
+        if isinstance(self.memory, StoreMemoryState):
+            raise ValueError("a state whose memory lives in a store cannot be expanded to a batch")
 
         def rep(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.expand(batch_size, *t.shape[1:]).contiguous()
@@ -94,9 +114,9 @@ class HorizonState:
     def to(self, device: torch.device | str) -> "HorizonState":
         blocks = tuple(BlockState(_to(b.ssm, device), _to(b.conv, device)) for b in self.blocks)
         sup = None if self.supervisor is None else replace(self.supervisor, s=self.supervisor.s.to(device))
-        mem = None if self.memory is None else replace(
-            self.memory, keys=self.memory.keys.to(device), values=self.memory.values.to(device),
-            chunk_ids=self.memory.chunk_ids.to(device))
+        mem = self.memory
+        if isinstance(mem, MemoryState):
+            mem = replace(mem, keys=mem.keys.to(device), values=mem.values.to(device), chunk_ids=mem.chunk_ids.to(device))
         return replace(self, blocks=blocks, supervisor=sup, memory=mem)
 
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from horizonlm.ops.chunks import chunk_layout
-from horizonlm.ops.memory_read import memory_read
-from horizonlm.state import MemoryState
+from horizonlm.ops.memory_read import memory_read, visible_mask
+from horizonlm.state import MemoryState, StoreMemoryState
 
 
 class RetrievalMemory(nn.Module):
@@ -45,9 +45,11 @@ class RetrievalMemory(nn.Module):
         ids = torch.zeros(0, dtype=torch.long, device=device)  # (0,)
         return MemoryState(keys=empty, values=empty.clone(), chunk_ids=ids, pos=0)
 
-    def forward(self, h: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+    def forward(self, h: Tensor, state: MemoryState | StoreMemoryState | None = None) -> tuple[Tensor, MemoryState]:
         if state is None:
             state = self.init_state(h.shape[0], h.device)
+        if isinstance(state, StoreMemoryState):
+            return self._forward_store(h, state)
         layout = chunk_layout(state.pos, h.shape[1], self.chunk_size, h.device)
         hn = self.norm(h)  # (B, L, D)
         if layout.ends.numel() > 0:
@@ -67,3 +69,46 @@ class RetrievalMemory(nn.Module):
         new_state = MemoryState(keys=keys[:, keep:].detach(), values=values[:, keep:].detach(),
                                 chunk_ids=ids[keep:], pos=state.pos + h.shape[1])
         return h + update, new_state
+
+    def _forward_store(self, h: Tensor, state: StoreMemoryState) -> tuple[Tensor, StoreMemoryState]:
+        """The same read over a :class:`MemoryStore`: the store is searched for ``K + m``
+        candidates per token (m = chunks ending in this call, the most FIFO can evict meanwhile),
+        candidates outside the token's window are masked, this call's own entries are scored
+        exactly, and the best K of the union are read. With an exact store this equals the
+        in-state path."""
+        store = state.store
+        if h.shape[0] != 1:
+            raise ValueError(f"a store-backed memory serves batch_size=1, got {h.shape[0]}")
+        if state.entries != store.first_id + len(store):
+            raise ValueError("stale memory state: the store has grown since this state was made")
+        layout = chunk_layout(state.pos, h.shape[1], self.chunk_size, h.device)
+        hn = self.norm(h)  # (1, L, D)
+        summaries = hn[0, layout.ends]  # (m, D)
+        new_keys = F.normalize(self.key(summaries), dim=-1).float()  # (m, Dk)
+        new_values = self.value(summaries).float()  # (m, Dv)
+        queries = F.normalize(self.query(hn[0]), dim=-1).float()  # (L, Dk)
+        m = new_keys.shape[0]
+        seen = layout.completed_before.unsqueeze(1)  # (L, 1)
+        if len(store) > 0:
+            scores_s, rows = store.search(queries, self.top_k + m)  # (L, K+m)
+            scores_s, rows = scores_s.to(h.device), rows.to(h.device)
+            safe = rows.clamp(min=0)  # (L, K+m)
+            ids_s = store.positions.to(h.device)[safe]  # (L, K+m)
+            vis_s = (rows >= 0) & (ids_s < seen) & (ids_s >= seen - self.capacity)  # (L, K+m)
+            scores_s = scores_s.masked_fill(~vis_s, float("-inf"))  # (L, K+m)
+            values_s = store.values.to(h.device)[safe]  # (L, K+m, Dv)
+        else:
+            scores_s = queries.new_zeros(queries.shape[0], 0)  # (L, 0)
+            values_s = queries.new_zeros(queries.shape[0], 0, new_values.shape[-1])  # (L, 0, Dv)
+        scores_n = (queries @ new_keys.T).masked_fill(
+            ~visible_mask(layout.chunk_ids, layout.completed_before, self.capacity), float("-inf"))  # (L, m)
+        values_n = new_values.unsqueeze(0).expand(queries.shape[0], m, -1)  # (L, m, Dv)
+        scores = torch.cat([scores_s, scores_n], dim=1)  # (L, K+2m)
+        values = torch.cat([values_s, values_n], dim=1)  # (L, K+2m, Dv)
+        top, pick = scores.topk(min(self.top_k, scores.shape[1]), dim=-1)  # (L, K)
+        valid = torch.isfinite(top)  # (L, K)
+        weights = torch.softmax((self.tau * top).masked_fill(~valid, -1e4), dim=-1) * valid  # (L, K)
+        read = torch.einsum("lk,lkd->ld", weights, values.gather(1, pick.unsqueeze(-1).expand(-1, -1, values.shape[-1])))
+        update = torch.sigmoid(self.gate(hn)) * self.out(read.unsqueeze(0).to(hn.dtype))  # (1, L, D)
+        store.add(new_keys, new_values, layout.chunk_ids)
+        return h + update, StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos + h.shape[1])
