@@ -172,8 +172,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    model = ckpt.model.to(device)
+    state = None
+    if cfg.context:
+        from horizonlm.context import load_context
+
+        state, _ = load_context(cfg.context, model, device)
     emit(cfg.prompt if not cfg.prompt_file else "")
-    generate(ckpt.model.to(device), tokenizer, cfg, device, emit)
+    generate(model, tokenizer, cfg, device, emit, state)
     emit("\n")
     return 0
 
@@ -204,6 +210,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"test split: {test['bits_per_byte']:.4f} bits/byte over {test['tokens']:,} bytes "
           f"(trained {summary['step']} steps, {summary['tokens_seen']:,} tokens, {summary['train_seconds']:.0f} s)")
     print(f"checkpoint: {ckpt.path}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from horizonlm.ingest import IngestConfig, ingest
+
+    result = ingest(args.files, build_config(IngestConfig, args))
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -256,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     add_dataclass_args(p, GenerateConfig)
     p.set_defaults(func=cmd_generate)
+
+    from horizonlm.ingest import IngestConfig
+
+    p = sub.add_parser("ingest", help="stream files through a model into a saved context (resumable)")
+    p.add_argument("files", nargs="+", help="files to read, in order")
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    add_dataclass_args(p, IngestConfig)
+    p.set_defaults(func=cmd_ingest)
 
     bench = sub.add_parser("bench", help="benchmarks (GPU for speed)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("speed", help="HorizonLM vs the transformer baseline: train, prefill, decode, search")

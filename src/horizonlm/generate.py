@@ -40,6 +40,8 @@ class GenerateConfig:
     """Seed of the sampler."""
     window: int = 4096
     """Prompt tokens fed per call."""
+    context: str = ""
+    """Continue from this saved context (``horizon ingest``) instead of an empty stream."""
     device: str = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
 
@@ -93,11 +95,12 @@ def prompt_windows(tokenizer: Tokenizer, text: str | None, path: str | None, win
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Tokenizer, cfg: GenerateConfig, device: torch.device,
-             emit: Callable[[str], None] = lambda s: None) -> list[int]:
-    """Feed the prompt, then sample ``cfg.tokens`` tokens, calling ``emit`` with text as it comes."""
+             emit: Callable[[str], None] = lambda s: None, state=None) -> list[int]:
+    """Feed the prompt (after ``state``, if given), then sample ``cfg.tokens`` tokens, calling
+    ``emit`` with text as it comes."""
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed)
-    state, last_logits = None, None
+    last_logits = None
     for ids in prompt_windows(tokenizer, cfg.prompt, cfg.prompt_file or None, cfg.window):
         x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
         logits, state = model(x, state)  # (1, T, V)

@@ -28,12 +28,12 @@ def state_to_tensors(state: HorizonState | KVState, prefix: str = "state.") -> t
             tensors[f"{prefix}block{i}.conv"] = block.conv.contiguous()
     if state.supervisor is not None:
         tensors[f"{prefix}supervisor.s"] = state.supervisor.s.contiguous()
-    if state.memory is not None:
+    if isinstance(state.memory, MemoryState):
         tensors[f"{prefix}memory.keys"] = state.memory.keys.contiguous()
         tensors[f"{prefix}memory.values"] = state.memory.values.contiguous()
         tensors[f"{prefix}memory.chunk_ids"] = state.memory.chunk_ids.contiguous()
     header = {"kind": "horizon", "pos": state.pos, "batch_size": state.batch_size, "layers": len(state.blocks),
-              "supervisor": state.supervisor is not None, "memory": state.memory is not None}
+              "supervisor": state.supervisor is not None, "memory": isinstance(state.memory, MemoryState)}
     return tensors, header
 
 

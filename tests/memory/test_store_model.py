@@ -17,14 +17,17 @@ def test_store_backends_match_in_state_memory(backend: str) -> None:
     tokens = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, _ = model(tokens)
-        state = model.init_state(1, store_config=StoreConfig(backend=backend))
+        store = StoreConfig(backend=backend, capacity=model.config.memory_capacity)
+        state = model.init_state(1, store_config=store)
         pieces = []
         for start, size in ((0, 17), (17, 40), (57, 33)):
             out, state = model(tokens[:, start : start + size], state)
             pieces.append(out)
     got = torch.cat(pieces, dim=1)
     assert ((got - want).norm() / want.norm()).item() < 1e-5
-    assert state.memory.store.positions.tolist() == list(range(90 // model.config.chunk_size))
+    n = 90 // model.config.chunk_size
+    assert n > model.config.memory_capacity  # FIFO eviction happened
+    assert state.memory.store.positions.tolist() == list(range(n))[-model.config.memory_capacity :]
 
 
 def test_stale_store_state_is_refused() -> None:
@@ -53,3 +56,16 @@ def test_faiss_returns_exact_entries_where_exhaustive(backend: str) -> None:
     _, got = approx.search(queries, 8)
     assert approx.positions[0].item() == 1000 and len(approx) == 2000
     assert (got.sort(-1).values == want.sort(-1).values).all()
+
+
+def test_unlimited_store_keeps_every_entry_visible() -> None:
+    """A keep-all store equals the in-state memory of a model whose capacity holds everything."""
+    model = make_horizon(dtype=torch.float32, memory_capacity=1000).eval()
+    tokens = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, _ = model(tokens)
+        state = model.init_state(1, store_config=StoreConfig(policy="keep_all"))
+        a, state = model(tokens[:, :70], state)
+        b, _ = model(tokens[:, 70:], state)
+    got = torch.cat([a, b], dim=1)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5

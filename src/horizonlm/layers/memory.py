@@ -74,8 +74,9 @@ class RetrievalMemory(nn.Module):
         """The same read over a :class:`MemoryStore`: the store is searched for ``K + m``
         candidates per token (m = chunks ending in this call, the most FIFO can evict meanwhile),
         candidates outside the token's window are masked, this call's own entries are scored
-        exactly, and the best K of the union are read. With an exact store this equals the
-        in-state path."""
+        exactly, and the best K of the union are read. The window is the store's capacity (an
+        unlimited store keeps every entry visible: a saved context); with an exact FIFO store
+        of the model's ``memory_capacity`` this equals the in-state path."""
         store = state.store
         if h.shape[0] != 1:
             raise ValueError(f"a store-backed memory serves batch_size=1, got {h.shape[0]}")
@@ -88,20 +89,21 @@ class RetrievalMemory(nn.Module):
         new_values = self.value(summaries).float()  # (m, Dv)
         queries = F.normalize(self.query(hn[0]), dim=-1).float()  # (L, Dk)
         m = new_keys.shape[0]
+        window = store.config.capacity or 1 << 62
         seen = layout.completed_before.unsqueeze(1)  # (L, 1)
         if len(store) > 0:
             scores_s, rows = store.search(queries, self.top_k + m)  # (L, K+m)
             scores_s, rows = scores_s.to(h.device), rows.to(h.device)
             safe = rows.clamp(min=0)  # (L, K+m)
             ids_s = store.positions.to(h.device)[safe]  # (L, K+m)
-            vis_s = (rows >= 0) & (ids_s < seen) & (ids_s >= seen - self.capacity)  # (L, K+m)
+            vis_s = (rows >= 0) & (ids_s < seen) & (ids_s >= seen - window)  # (L, K+m)
             scores_s = scores_s.masked_fill(~vis_s, float("-inf"))  # (L, K+m)
             values_s = store.values.to(h.device)[safe]  # (L, K+m, Dv)
         else:
             scores_s = queries.new_zeros(queries.shape[0], 0)  # (L, 0)
             values_s = queries.new_zeros(queries.shape[0], 0, new_values.shape[-1])  # (L, 0, Dv)
         scores_n = (queries @ new_keys.T).masked_fill(
-            ~visible_mask(layout.chunk_ids, layout.completed_before, self.capacity), float("-inf"))  # (L, m)
+            ~visible_mask(layout.chunk_ids, layout.completed_before, window), float("-inf"))  # (L, m)
         values_n = new_values.unsqueeze(0).expand(queries.shape[0], m, -1)  # (L, m, Dv)
         scores = torch.cat([scores_s, scores_n], dim=1)  # (L, K+2m)
         values = torch.cat([values_s, values_n], dim=1)  # (L, K+2m, Dv)

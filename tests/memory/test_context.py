@@ -1,0 +1,122 @@
+"""Saved contexts: ingest, resume, append, continue; refusals; a kill during a save."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from horizonlm import HorizonConfig, HorizonLM
+from horizonlm import ingest as ingest_module
+from horizonlm.checkpoint import load_checkpoint, save_checkpoint
+from horizonlm.cli import main
+from horizonlm.context import load_context
+from horizonlm.errors import HorizonError
+from horizonlm.ingest import IngestConfig, ingest
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    torch.manual_seed(0)
+    model = HorizonLM(HorizonConfig.preset("tiny", memory_capacity=4096))
+    save_checkpoint(tmp_path / "ckpt", 1, model, {"tokenizer": {"kind": "byte"}})
+    files = []
+    for i, text in enumerate(["The pass key is 48213. " * 7, "Remember it well. " * 11, "Third file here. " * 5]):
+        path = tmp_path / f"f{i}.txt"
+        path.write_text(text)
+        files.append(path)
+    return tmp_path, files
+
+
+def _cfg(root: Path, **kw) -> IngestConfig:
+    return IngestConfig(**{**dict(checkpoint=str(root / "ckpt"), context=str(root / "ctx"), window=50,
+                                  save_every=60, device="cpu", progress=False), **kw})
+
+
+def test_ingest_equals_one_stream_and_appends(setup) -> None:
+    root, files = setup
+    result = ingest([str(f) for f in files[:2]], _cfg(root))
+    model = load_checkpoint(root / "ckpt").model.eval()
+    data = b"".join(f.read_bytes() for f in files[:2])
+    assert result["tokens"] == len(data)
+    state, manifest = load_context(root / "ctx", model)
+    assert state.pos == manifest["position"] == len(data)
+    probe = torch.tensor([list(b"What is the pass key?")])
+    with torch.no_grad():
+        want, _ = model(torch.cat([torch.tensor([list(data)]), probe], dim=1))
+        got, _ = model(probe, state)
+    torch.testing.assert_close(got, want[:, -probe.shape[1] :], rtol=1e-4, atol=1e-5)
+    ingest([str(files[2])], _cfg(root))  # append later
+    appended, _ = load_context(root / "ctx", model)
+    assert appended.pos == len(data) + files[2].stat().st_size
+
+
+def test_interrupted_ingest_resumes(setup, monkeypatch) -> None:
+    root, files = setup
+    whole = ingest([str(f) for f in files], _cfg(root, context=str(root / "whole")))
+    calls = {"n": 0}
+    real_save = ingest_module._save
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_module, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ingest([str(f) for f in files], _cfg(root))
+    monkeypatch.setattr(ingest_module, "_save", real_save)
+    ingest([str(f) for f in files], _cfg(root))
+    model = load_checkpoint(root / "ckpt").model
+    a, _ = load_context(root / "ctx", model)
+    b, _ = load_context(root / "whole", model)
+    assert a.pos == b.pos == whole["position"]
+    torch.testing.assert_close(a.blocks[0].ssm, b.blocks[0].ssm)
+    torch.testing.assert_close(a.memory.store.keys, b.memory.store.keys)
+
+
+def test_refuses_other_model_and_damage(setup) -> None:
+    root, files = setup
+    ingest([str(files[0])], _cfg(root))
+    torch.manual_seed(1)
+    other = HorizonLM(HorizonConfig.preset("tiny", memory_capacity=4096))
+    with pytest.raises(HorizonError, match="another model"):
+        load_context(root / "ctx", other)
+    store_file = root / "ctx" / "memory.safetensors"
+    store_file.write_bytes(store_file.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(HorizonError, match="damaged"):
+        load_context(root / "ctx", load_checkpoint(root / "ckpt").model)
+
+
+def test_generate_continues_from_context(setup, capsys) -> None:
+    root, files = setup
+    ingest([str(files[0])], _cfg(root))
+    assert main(["generate", "--checkpoint", str(root / "ckpt"), "--context", str(root / "ctx"), "--prompt",
+                 "The pass key is", "--tokens", "8", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("The pass key is")
+
+
+def test_kill_during_save_keeps_previous(setup) -> None:
+    root, files = setup
+    ingest([str(files[0])], _cfg(root))
+    script = textwrap.dedent(f"""
+        import os
+        from horizonlm import context, ingest
+        real = context.sha256_file
+        def dying(path):
+            if str(path).endswith("memory.safetensors"):
+                os._exit(137)  # killed with the new state written and the memory half done
+            return real(path)
+        context.sha256_file = dying
+        ingest.ingest([{str(files[1])!r}], ingest.IngestConfig(checkpoint={str(root / 'ckpt')!r},
+                      context={str(root / 'ctx')!r}, window=50, save_every=10**9, device="cpu", progress=False))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 137, result.stderr
+    state, manifest = load_context(root / "ctx", load_checkpoint(root / "ckpt").model)
+    assert state.pos == files[0].stat().st_size
