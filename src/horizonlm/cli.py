@@ -230,7 +230,17 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from horizonlm.bench.memory import MemoryBenchConfig, run_memory_bench
+
+    cfg = build_config(MemoryBenchConfig, args)
+    run_memory_bench(cfg)
+    print(f"wrote {cfg.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from horizonlm.bench.memory import MemoryBenchConfig
     from horizonlm.bench.speed import SpeedConfig
     from horizonlm.generate import GenerateConfig
     from horizonlm.train import TrainConfig
@@ -284,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     add_dataclass_args(p, SpeedConfig)
     p.set_defaults(func=cmd_bench_speed)
+    p = bench.add_parser("memory", help="memory stores: recall, latency, bytes per entry, build time")
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    add_dataclass_args(p, MemoryBenchConfig)
+    p.set_defaults(func=cmd_bench_memory)
     return parser
 
 

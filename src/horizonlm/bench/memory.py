@@ -1,0 +1,213 @@
+"""``horizon bench memory``: recall, latency, size and build time of every memory-store backend.
+
+Keys are random unit vectors of the model's key width: with no cluster structure this is the
+hard case for approximate search (keys a trained model writes are likely easier). Recall@k is
+measured against the exact torch search on the same keys and queries.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from horizonlm.bench.common import environment, median, time_cuda
+from horizonlm.fileio import atomic_write_json
+from horizonlm.memory.store import MemoryStore, StoreConfig
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@dataclass
+class MemoryBenchConfig:
+    """Settings of ``horizon bench memory``."""
+
+    out: str = "bench/results/memory.json"
+    """Where the JSON goes (the PNG lands beside it)."""
+    dim: int = 128
+    """Key width (the base preset's memory_dim)."""
+    sizes: str = "10000,100000,1000000,10000000"
+    """Store sizes (entries)."""
+    backends: str = "torch,faiss_flat,faiss_ivf_flat,faiss_ivf_pq,faiss_hnsw"
+    """Backends to measure."""
+    hnsw_max: int = 100000
+    """Largest store HNSW is built for (its build time grows fastest on two cores)."""
+    flat_max: int = 10000000
+    """Largest store the flat (exact) backends are measured at."""
+    queries: int = 1024
+    """Batch size of the batched-latency and recall measurement."""
+    top_k: int = 8
+    """k of recall@k."""
+    gpu_sizes: str = "1000000,10000000,100000000"
+    """With --gpu: exact torch search sizes on the GPU (bf16 keys)."""
+    gpu_queries: int = 64
+    """With --gpu: query batch."""
+    gpu: bool = False
+    """Run the GPU part (exact search, ingest throughput) instead of the CPU part."""
+    ingest_tokens: int = 10_000_000
+    """With --gpu: tokens streamed into a saved context to measure ingest throughput."""
+
+
+def _store_config(backend: str, size: int) -> StoreConfig:
+    nlist = 256 if size <= 100_000 else (1024 if size <= 1_000_000 else 4096)
+    return StoreConfig(backend=backend, nlist=nlist, nprobe=max(16, nlist // 16), pq_m=32, hnsw_m=32,
+                       hnsw_ef_search=128, key_block=1 << 16)
+
+
+def _random_keys(n: int, dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, dim)
+    for start in range(0, n, 1 << 20):
+        m = min(1 << 20, n - start)
+        out[start : start + m] = F.normalize(torch.randn(m, dim, generator=g), dim=-1)
+    return out
+
+
+def bench_cpu(cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
+    import faiss
+
+    rows = []
+    for size in _ints(cfg.sizes):
+        keys = _random_keys(size, cfg.dim, seed=size)
+        queries = _random_keys(cfg.queries, cfg.dim, seed=size + 1)
+        truth = None
+        for backend in cfg.backends.split(","):
+            row: dict[str, Any] = {"entries": size, "backend": backend, "dim": cfg.dim}
+            if backend == "faiss_hnsw" and size > cfg.hnsw_max:
+                rows.append({**row, "status": "not run", "reason": f"HNSW build above hnsw_max={cfg.hnsw_max} "
+                             "takes too long on this CPU"})
+                continue
+            if backend in ("torch", "faiss_flat") and size > cfg.flat_max:
+                rows.append({**row, "status": "not run", "reason": f"above flat_max={cfg.flat_max}"})
+                continue
+            store_cfg = _store_config(backend, size)
+            store = MemoryStore(cfg.dim, 1, store_cfg)
+            t0 = time.perf_counter()
+            if backend in ("faiss_ivf_flat", "faiss_ivf_pq"):
+                # train the coarse cells (and codebooks) on a sample, then add everything
+                sample = keys[torch.randperm(size, generator=torch.Generator().manual_seed(0))[: 64 * store_cfg.nlist]]
+                store.index.train(sample.numpy())
+            store.add(keys, torch.zeros(size, 1), torch.arange(size))
+            build = time.perf_counter() - t0
+            _, got = store.search(queries, cfg.top_k)
+            if backend == "torch":
+                truth = got
+            one = median([_timed(lambda: store.search(queries[i : i + 1], cfg.top_k)) for i in range(20)])
+            batch = median([_timed(lambda: store.search(queries, cfg.top_k)) for _ in range(3)])
+            recall = None
+            if truth is not None:
+                hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, truth))
+                recall = hits / truth.numel()
+            size_bytes = (len(faiss.serialize_index(store.index)) if store.index is not None
+                          else keys.numel() * keys.element_size())
+            row.update(status="ok", build_seconds=build, recall_at_k=recall, top_k=cfg.top_k,
+                       ms_one_query=1000 * one, ms_batch=1000 * batch, queries_in_batch=cfg.queries,
+                       ms_per_query_batched=1000 * batch / cfg.queries, bytes_per_entry=size_bytes / size,
+                       config={k: v for k, v in asdict(store_cfg).items() if k != "key_block"})
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            del store
+            gc.collect()
+        del keys
+        gc.collect()
+    return rows
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_gpu(cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
+    """Exact search on the GPU at large sizes (bf16 keys), and ingest throughput."""
+    from horizonlm.ops.topk_search import exact_topk
+
+    device = torch.device("cuda")
+    rows = []
+    for size in _ints(cfg.gpu_sizes):
+        keys = torch.empty(size, cfg.dim, device=device, dtype=torch.bfloat16)  # (M, Dk)
+        for start in range(0, size, 1 << 24):
+            n = min(1 << 24, size - start)
+            keys[start : start + n] = F.normalize(torch.randn(n, cfg.dim, device=device), dim=-1)
+        queries = F.normalize(torch.randn(cfg.gpu_queries, cfg.dim, device=device), dim=-1).to(torch.bfloat16)
+        block = min(size, (1 << 31) // (4 * cfg.gpu_queries))
+        t = median(time_cuda(lambda: exact_topk(queries, keys, cfg.top_k, key_block=block), 2, 10))
+        row = {"part": "gpu_exact_search", "entries": size, "queries": cfg.gpu_queries, "ms": 1000 * t,
+               "key_bytes": keys.numel() * 2}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del keys
+        torch.cuda.empty_cache()
+    rows.append(_gpu_ingest(cfg))
+    return rows
+
+
+def _gpu_ingest(cfg: MemoryBenchConfig) -> dict[str, Any]:
+    from horizonlm import HorizonConfig, HorizonLM
+    from horizonlm.checkpoint import save_checkpoint
+    from horizonlm.ingest import IngestConfig, ingest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        torch.manual_seed(0)
+        save_checkpoint(root / "ckpt", 0, HorizonLM(HorizonConfig.preset("base")), {"tokenizer": {"kind": "byte"}})
+        data = root / "stream.bin"
+        g = torch.Generator().manual_seed(0)
+        data.write_bytes(torch.randint(32, 127, (cfg.ingest_tokens,), generator=g, dtype=torch.uint8).numpy().tobytes())
+        result = ingest([str(data)], IngestConfig(checkpoint=str(root / "ckpt"), context=str(root / "ctx"),
+                                                  window=131072, save_every=cfg.ingest_tokens, device="cuda",
+                                                  progress=False))
+    row = {"part": "gpu_ingest", "model": "base (untrained weights; speed does not depend on them)", **result}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_memory_bench(cfg: MemoryBenchConfig) -> dict[str, Any]:
+    out = Path(cfg.out)
+    results: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    key = "gpu" if cfg.gpu else "cpu"
+    results[key] = {"environment": environment(), "config": asdict(cfg),
+                    "rows": bench_gpu(cfg) if cfg.gpu else bench_cpu(cfg)}
+    atomic_write_json(out, results)
+    if "cpu" in results:
+        plot_memory(results, out.with_suffix(".png"))
+    return results
+
+
+def plot_memory(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["cpu"]["rows"] if r.get("status") == "ok"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for backend in sorted({r["backend"] for r in rows}):
+        pts = sorted((r["entries"], r) for r in rows if r["backend"] == backend)
+        xs = [p[0] for p in pts]
+        axes[0].plot(xs, [p[1]["ms_per_query_batched"] for p in pts], "o-", label=backend)
+        axes[1].plot(xs, [p[1]["recall_at_k"] for p in pts], "o-", label=backend)
+        axes[2].plot(xs, [p[1]["bytes_per_entry"] for p in pts], "o-", label=backend)
+    for ax, title in zip(axes, ("ms per query (batch of 1024), CPU", "recall@8 vs exact", "bytes per entry")):
+        ax.set_xscale("log")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    axes[0].set_yscale("log")
+    env = results["cpu"]["environment"]
+    fig.suptitle(f"memory stores on {env.get('cpu_count')} CPU cores, key width {results['cpu']['config']['dim']}")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
