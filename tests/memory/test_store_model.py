@@ -13,7 +13,7 @@ from ..conftest import make_horizon
 
 @pytest.mark.parametrize("backend", ["torch", "faiss_flat"])
 def test_store_backends_match_in_state_memory(backend: str) -> None:
-    model = make_horizon(dtype=torch.float32).eval()
+    model = make_horizon(dtype=torch.float32, memory_query_block=7).eval()  # several query blocks per call
     tokens = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, _ = model(tokens)

@@ -88,29 +88,44 @@ class RetrievalMemory(nn.Module):
         new_keys = F.normalize(self.key(summaries), dim=-1).float()  # (m, Dk)
         new_values = self.value(summaries).float()  # (m, Dv)
         queries = F.normalize(self.query(hn[0]), dim=-1).float()  # (L, Dk)
-        m = new_keys.shape[0]
         window = store.config.capacity or 1 << 62
-        seen = layout.completed_before.unsqueeze(1)  # (L, 1)
-        if len(store) > 0:
-            scores_s, rows = store.search(queries, self.top_k + m)  # (L, K+m)
-            scores_s, rows = scores_s.to(h.device), rows.to(h.device)
-            safe = rows.clamp(min=0)  # (L, K+m)
-            ids_s = store.positions.to(h.device)[safe]  # (L, K+m)
-            vis_s = (rows >= 0) & (ids_s < seen) & (ids_s >= seen - window)  # (L, K+m)
-            scores_s = scores_s.masked_fill(~vis_s, float("-inf"))  # (L, K+m)
-            values_s = store.values.to(h.device)[safe]  # (L, K+m, Dv)
-        else:
-            scores_s = queries.new_zeros(queries.shape[0], 0)  # (L, 0)
-            values_s = queries.new_zeros(queries.shape[0], 0, new_values.shape[-1])  # (L, 0, Dv)
-        scores_n = (queries @ new_keys.T).masked_fill(
-            ~visible_mask(layout.chunk_ids, layout.completed_before, window), float("-inf"))  # (L, m)
-        values_n = new_values.unsqueeze(0).expand(queries.shape[0], m, -1)  # (L, m, Dv)
-        scores = torch.cat([scores_s, scores_n], dim=1)  # (L, K+2m)
-        values = torch.cat([values_s, values_n], dim=1)  # (L, K+2m, Dv)
-        top, pick = scores.topk(min(self.top_k, scores.shape[1]), dim=-1)  # (L, K)
-        valid = torch.isfinite(top)  # (L, K)
-        weights = torch.softmax((self.tau * top).masked_fill(~valid, -1e4), dim=-1) * valid  # (L, K)
-        read = torch.einsum("lk,lkd->ld", weights, values.gather(1, pick.unsqueeze(-1).expand(-1, -1, values.shape[-1])))
+        reads = []
+        for start in range(0, queries.shape[0], self.query_block):
+            q = queries[start : start + self.query_block]  # (Lb, Dk)
+            seen = layout.completed_before[start : start + self.query_block]  # (Lb,)
+            reads.append(self._read_store_block(store, q, seen, layout.chunk_ids, new_keys, new_values, window))
+        read = torch.cat(reads, dim=0)  # (L, Dv)
         update = torch.sigmoid(self.gate(hn)) * self.out(read.unsqueeze(0).to(hn.dtype))  # (1, L, D)
         store.add(new_keys, new_values, layout.chunk_ids)
         return h + update, StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos + h.shape[1])
+
+    def _read_store_block(self, store, q: Tensor, seen: Tensor, new_ids: Tensor, new_keys: Tensor,
+                          new_values: Tensor, window: int) -> Tensor:
+        """Top-K read for a block of queries over store candidates and this call's entries."""
+        m = new_keys.shape[0]
+        stored = len(store)
+        if stored > 0:
+            scores_s, rows = store.search(q, self.top_k + m)  # (Lb, S)
+            scores_s, rows = scores_s.to(q.device), rows.to(q.device)
+            safe = rows.clamp(min=0)  # (Lb, S)
+            ids_s = store.positions.to(q.device)[safe]  # (Lb, S)
+            vis_s = (rows >= 0) & (ids_s < seen.unsqueeze(1)) & (ids_s >= seen.unsqueeze(1) - window)  # (Lb, S)
+            scores_s = scores_s.masked_fill(~vis_s, float("-inf"))  # (Lb, S)
+        else:
+            scores_s = q.new_zeros(q.shape[0], 0)  # (Lb, 0)
+            safe = torch.zeros(q.shape[0], 0, dtype=torch.long, device=q.device)  # (Lb, 0)
+        n_store = scores_s.shape[1]
+        scores_n = (q @ new_keys.T).masked_fill(~visible_mask(new_ids, seen, window), float("-inf"))  # (Lb, m)
+        scores = torch.cat([scores_s, scores_n], dim=1)  # (Lb, S+m)
+        top, pick = scores.topk(min(self.top_k, scores.shape[1]), dim=-1)  # (Lb, K)
+        valid = torch.isfinite(top)  # (Lb, K)
+        weights = torch.softmax((self.tau * top).masked_fill(~valid, -1e4), dim=-1) * valid  # (Lb, K)
+        from_store = pick < n_store  # (Lb, K)
+        new_part = new_values[(pick - n_store).clamp(min=0, max=max(m - 1, 0))] if m else None  # (Lb, K, Dv)
+        if n_store:
+            rows_picked = safe.gather(1, pick.clamp(max=n_store - 1))  # (Lb, K)
+            store_part = store.values.to(q.device)[rows_picked]  # (Lb, K, Dv)
+            picked = store_part if new_part is None else torch.where(from_store.unsqueeze(-1), store_part, new_part)
+        else:
+            picked = new_part if new_part is not None else q.new_zeros(q.shape[0], top.shape[1], new_values.shape[-1])
+        return torch.einsum("lk,lkd->ld", weights, picked)  # (Lb, Dv)
