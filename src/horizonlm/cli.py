@@ -192,6 +192,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from horizonlm.data.tokenizers import tokenizer_from_spec
     from horizonlm.evaluate import evaluate_tokens
     from horizonlm.generate import GenerateConfig, generate
+    from horizonlm.bench.common import environment
+    from horizonlm.fileio import atomic_write_json
     from horizonlm.train import TrainConfig, train
 
     cfg = build_config(TrainConfig, args)
@@ -207,9 +209,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     generate(ckpt.model, tokenizer_from_spec(meta["tokenizer"]), gen, device,
              lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     print("\n--------------")
-    print(f"test split: {test['bits_per_byte']:.4f} bits/byte over {test['tokens']:,} bytes "
-          f"(trained {summary['step']} steps, {summary['tokens_seen']:,} tokens, {summary['train_seconds']:.0f} s)")
+    valid = summary["valid"][-1]["valid_bits_per_byte"] if summary["valid"] else None
+    print(f"valid split: {valid:.4f} bits/byte; test split: {test['bits_per_byte']:.4f} bits/byte over "
+          f"{test['tokens']:,} bytes (trained {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
+          f"{summary['train_seconds']:.0f} s)")
     print(f"checkpoint: {ckpt.path}")
+    report = {"environment": environment(), "steps": summary["step"], "tokens_seen": summary["tokens_seen"],
+              "train_seconds": summary["train_seconds"], "parameters": summary["parameters"],
+              "valid_bits_per_byte": valid, "test_bits_per_byte": test["bits_per_byte"],
+              "train_config": dataclasses.asdict(cfg)}
+    atomic_write_json(Path(cfg.out) / "demo.json", report)
     return 0
 
 

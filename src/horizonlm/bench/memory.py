@@ -115,9 +115,9 @@ def bench_cpu(cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
                        config={k: v for k, v in asdict(store_cfg).items() if k != "key_block"})
             print(json.dumps(row), flush=True)
             rows.append(row)
-            del store
+            store = None  # free this backend's copy before the next is built
             gc.collect()
-        del keys
+        keys = None
         gc.collect()
     return rows
 
@@ -146,7 +146,7 @@ def bench_gpu(cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
                "key_bytes": keys.numel() * 2}
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del keys
+        keys = None
         torch.cuda.empty_cache()
     rows.append(_gpu_ingest(cfg))
     return rows

@@ -126,7 +126,6 @@ def measure_ceilings(device: torch.device) -> dict[str, Any]:
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     t_mm = median(time_cuda(lambda: a @ b, 3, 10))
-    del src, dst, a, b
     return {"copy_bandwidth_bytes_per_s": bandwidth, "bf16_matmul_flops": 2 * 8192**3 / t_mm}
 
 
@@ -226,9 +225,6 @@ def bench_train(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[
         row = {"part": "train", "model": kind, "seq_len": length, "batch": batch, **_oom_guard(run)}
         print(json.dumps({k: v for k, v in row.items() if k != "all_seconds"}), flush=True)
         rows.append(row)
-    del model, opt
-    gc.collect()
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -267,7 +263,6 @@ def bench_prefill(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dic
         row = {"part": "prefill", "model": kind, "seq_len": length, "batch": 1, **_oom_guard(run)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    del model
     return rows
 
 
@@ -278,7 +273,7 @@ def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict
         if kind == "transformer" and context > cfg.transformer_prefill_max:
             for batch in _ints(cfg.decode_batches):
                 rows.append({"part": "decode", "model": kind, "context": context, "batch": batch, "status": "not run",
-                             "reason": f"building the cache needs a prefill beyond transformer_prefill_max"})
+                             "reason": "building the cache needs a prefill beyond transformer_prefill_max"})
             continue
         window = context if kind == "transformer" else cfg.prefill_window
         try:
@@ -313,10 +308,9 @@ def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict
             row = {"part": "decode", "model": kind, "context": context, "batch": batch, **_oom_guard(run)}
             print(json.dumps(row), flush=True)
             rows.append(row)
-        del base_state
+        base_state = None  # free the context's state before the next one is built
         gc.collect()
         torch.cuda.empty_cache()
-    del model
     return rows
 
 
