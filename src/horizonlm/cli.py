@@ -230,6 +230,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_passkey(args: argparse.Namespace) -> int:
+    from horizonlm.bench.common import environment
+    from horizonlm.checkpoint import load_checkpoint
+    from horizonlm.passkey import PasskeyConfig, load_haystack, run_passkey, save_results
+
+    cfg = build_config(PasskeyConfig, args)
+    device = _device(cfg.device)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    if ckpt.info.get("tokenizer", {}).get("kind", "byte") != "byte":
+        raise HorizonError("passkey prompts are byte level: it needs a byte-level checkpoint")
+    label = cfg.label or ckpt.info["kind"]
+    entry = run_passkey(ckpt.model.to(device), load_haystack(cfg), cfg, device, label)
+    save_results(cfg.out, label, entry, environment())
+    print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
+    return 0
+
+
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     from horizonlm.bench.speed import SpeedConfig, run_speed
 
@@ -291,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from horizonlm.ingest import IngestConfig
+    from horizonlm.passkey import PasskeyConfig
+
+    p = sub.add_parser("passkey", help="find a key stated once in a long haystack of prose")
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    add_dataclass_args(p, PasskeyConfig)
+    p.set_defaults(func=cmd_passkey)
 
     p = sub.add_parser("ingest", help="stream files through a model into a saved context (resumable)")
     p.add_argument("files", nargs="+", help="files to read, in order")

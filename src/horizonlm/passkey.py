@@ -1,0 +1,226 @@
+"""``horizon passkey``: find a fact stated once, far back in real prose.
+
+A random 5-digit key is stated once ("The pass key is 48213. Remember it. 48213 is the pass
+key.") at a given depth of a haystack of real text; the prompt ends with a question; the model
+decodes greedily and scores when all five digits match. With ``keys > 1``, several labelled keys
+are hidden and the question names one. Prompts are byte-level and fed in windows with the
+state carried, so a HorizonLM reads a million-token prompt at constant memory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from horizonlm.errors import HorizonError
+from horizonlm.fileio import atomic_write_json
+
+DOORS = ("blue", "red", "green", "yellow", "white", "black", "grey", "brown")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@dataclass
+class PasskeyConfig:
+    """Settings of ``horizon passkey``."""
+
+    checkpoint: str = "runs/passkey"
+    """Checkpoint folder, or a run folder whose checkpoints/latest names one."""
+    haystack: str = ""
+    """Text file for the haystack (default: the novels test split from ``source``)."""
+    source: str = "../shared/data/novels"
+    """Folder of the novels corpus (used when ``haystack`` is empty)."""
+    lengths: str = "1024,4096,16384,65536,262144,1048576"
+    """Prompt lengths in tokens (bytes)."""
+    depths: str = "0,25,50,75,100"
+    """Depths of the (asked) key, percent of the haystack."""
+    trials: int = 10
+    """Trials per cell, each with its own key and haystack offset."""
+    keys: int = 1
+    """Keys hidden per prompt; the question names one."""
+    seed: int = 0
+    """Seed of keys, offsets and the other keys' depths."""
+    window: int = 65536
+    """Prompt tokens fed per call."""
+    max_length: int = 0
+    """Skip cells longer than this (0: none); reported as not run."""
+    label: str = ""
+    """Name of the model in the results (default: the checkpoint's kind)."""
+    out: str = "bench/results/passkey.json"
+    """Results file; entries for other labels in it are kept."""
+    device: str = "auto"
+    """``auto``, ``cpu`` or ``cuda``."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.keys <= len(DOORS):
+            raise ValueError(f"keys must be in [1, {len(DOORS)}], got {self.keys}")
+        if self.trials < 1 or self.window < 1:
+            raise ValueError("trials and window must be >= 1")
+        if any(not 0 <= d <= 100 for d in _ints(self.depths)):
+            raise ValueError(f"depths must lie in [0, 100], got {self.depths}")
+
+
+def needle(key: int, door: str | None) -> str:
+    if door is None:
+        return f" The pass key is {key}. Remember it. {key} is the pass key. "
+    return f" The pass key for the {door} door is {key}. Remember it. {key} is the pass key for the {door} door. "
+
+
+def question(door: str | None) -> str:
+    if door is None:
+        return " What is the pass key? The pass key is"
+    return f" What is the pass key for the {door} door? The pass key for the {door} door is"
+
+
+def build_prompt(haystack: bytes, length: int, depth: float, n_keys: int, rng: random.Random) -> tuple[bytes, int]:
+    """A prompt of exactly ``length`` bytes and the key it asks for.
+
+    The haystack slice starts at a random offset (wrapping around); the asked key sits at
+    ``depth`` percent of the haystack (snapped to a space), other keys at random depths.
+    """
+    doors = rng.sample(DOORS, n_keys) if n_keys > 1 else [None]
+    keys = [rng.randint(10000, 99999) for _ in doors]
+    asked = 0
+    needles = [needle(k, d).encode() for k, d in zip(keys, doors)]
+    tail = question(doors[asked]).encode()
+    filler = length - sum(map(len, needles)) - len(tail)
+    if filler < 0:
+        raise HorizonError(f"length {length} is too short for {n_keys} key(s) and the question")
+    start = rng.randrange(len(haystack))
+    body = (haystack[start:] + b" " + haystack) * (1 + filler // max(1, len(haystack)))
+    body = body[:filler]
+    depths = [depth] + [rng.uniform(0, 100) for _ in needles[1:]]
+    cuts = []
+    for d in depths:
+        at = int(len(body) * d / 100)
+        space = body.rfind(b" ", 0, at) if 0 < at < len(body) else at
+        cuts.append(space if space > 0 else at)
+    order = sorted(range(len(needles)), key=lambda i: cuts[i])
+    parts, prev = [], 0
+    for i in order:
+        parts += [body[prev : cuts[i]], needles[i]]
+        prev = cuts[i]
+    prompt = b"".join(parts) + body[prev:] + tail
+    assert len(prompt) == length
+    return prompt, keys[asked]
+
+
+@torch.no_grad()
+def answer(model: nn.Module, prompt: bytes, window: int, device: torch.device, new_tokens: int = 8) -> str:
+    """Feed the prompt in windows with the state carried, then decode greedily."""
+    state, logits = None, None
+    data = np.frombuffer(prompt, dtype=np.uint8)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        for start in range(0, len(data), window):
+            x = torch.from_numpy(data[start : start + window].astype(np.int64)).unsqueeze(0).to(device)  # (1, T)
+            logits, state = model(x, state)
+        out = []
+        for _ in range(new_tokens):
+            token = logits[:, -1].float().argmax(-1, keepdim=True)  # (1, 1)
+            out.append(int(token))
+            logits, state = model(token, state)
+    return bytes(out).decode("utf-8", errors="replace")
+
+
+def score(reply: str, key: int) -> bool:
+    """Exact match of all five digits: the first 5-digit number in the reply."""
+    found = re.search(r"\d{5}", reply)
+    return found is not None and int(found.group()) == key
+
+
+def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: torch.device,
+                label: str) -> dict[str, Any]:
+    """Every (length, depth) cell; returns the results entry for ``label``."""
+    model.eval()
+    cells = []
+    for length in _ints(cfg.lengths):
+        for depth in _ints(cfg.depths):
+            if cfg.max_length and length > cfg.max_length:
+                cells.append({"length": length, "depth": depth, "status": "not run",
+                              "reason": f"longer than max_length={cfg.max_length}"})
+                continue
+            rng = random.Random(f"{cfg.seed}-{length}-{depth}-{cfg.keys}")
+            correct, seconds = 0, []
+            for _ in range(cfg.trials):
+                prompt, key = build_prompt(haystack, length, depth, cfg.keys, rng)
+                t0 = time.perf_counter()
+                try:
+                    reply = answer(model, prompt, cfg.window, device)
+                except torch.cuda.OutOfMemoryError:
+                    cells.append({"length": length, "depth": depth, "status": "OOM"})
+                    break
+                seconds.append(time.perf_counter() - t0)
+                correct += score(reply, key)
+            else:
+                cells.append({"length": length, "depth": depth, "status": "ok", "trials": cfg.trials,
+                              "accuracy": correct / cfg.trials, "seconds_per_trial": sum(seconds) / len(seconds)})
+                print(json.dumps({"model": label, **cells[-1]}), flush=True)
+    return {"keys": cfg.keys, "cells": cells, "config": asdict(cfg)}
+
+
+def load_haystack(cfg: PasskeyConfig) -> bytes:
+    if cfg.haystack:
+        path = Path(cfg.haystack)
+        if not path.is_file():
+            raise HorizonError(f"haystack file {path} not found")
+        data = path.read_bytes()
+    else:
+        from horizonlm.data.sources import novels
+
+        data = novels(cfg.source).splits["test"]
+    data = b" ".join(data.split())  # one line of prose: the needle is the only structure
+    if len(data) < 1000:
+        raise HorizonError("the haystack needs at least 1,000 bytes of text")
+    return data
+
+
+def save_results(path: str | Path, label: str, entry: dict[str, Any], environment: dict[str, Any]) -> None:
+    path = Path(path)
+    results = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    results["models"][f"{label} ({entry['keys']} key{'s' if entry['keys'] > 1 else ''})"] = {
+        **entry, "environment": environment}
+    atomic_write_json(path, results)
+    plot_passkey(results, path.with_suffix(".png"))
+
+
+def plot_passkey(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
+    for ax, (name, entry) in zip(axes[0], models.items()):
+        lengths = sorted({c["length"] for c in entry["cells"]})
+        depths = sorted({c["depth"] for c in entry["cells"]})
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for c in entry["cells"]:
+            if c["status"] == "ok":
+                grid[depths.index(c["depth"]), lengths.index(c["length"])] = c["accuracy"]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("depth")
+        ax.set_title(name, fontsize=9)
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                ax.text(j, i, "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

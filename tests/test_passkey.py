@@ -1,0 +1,80 @@
+"""The passkey pipeline end to end: prompts, windows, greedy decoding and scoring."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from horizonlm import HorizonConfig, HorizonLM
+from horizonlm.checkpoint import save_checkpoint
+from horizonlm.cli import main
+from horizonlm.data.sources import shakespeare
+from horizonlm.passkey import PasskeyConfig, build_prompt, run_passkey, score
+
+HAYSTACK = b" ".join(shakespeare().splits["test"].split())
+
+
+class Oracle(nn.Module):
+    """Reads the prompt as it streams (state = bytes so far) and, once asked, emits the right
+    key's digits (or a fixed wrong answer): a stand-in whose score we know in advance."""
+
+    def __init__(self, wrong: bool = False) -> None:
+        super().__init__()
+        self.wrong = wrong
+
+    def forward(self, tokens: torch.Tensor, state=None):
+        seen = (state or b"") + bytes(tokens[0].tolist())
+        text = seen.decode("utf-8", errors="replace")
+        asked = re.search(r"What is the pass key(?: for the (\w+) door)?\? The pass key(?: for the \w+ door)? is(.*)$", text)
+        nxt = ord(" ")
+        if asked:
+            door, answered = asked.group(1), asked.group(2)
+            pattern = rf"pass key for the {door} door is (\d{{5}})" if door else r"pass key is (\d{5})"
+            key = "00000" if self.wrong else re.search(pattern, text).group(1)
+            reply = " " + key + "."
+            nxt = ord(reply[len(answered)]) if len(answered) < len(reply) else ord(".")
+        logits = torch.full((1, tokens.shape[1], 256), -1e9)
+        logits[0, -1, nxt] = 0
+        return logits, seen
+
+
+@pytest.mark.parametrize("keys", [1, 4])
+def test_prompt_has_exact_length_and_one_asked_key(keys: int) -> None:
+    rng = random.Random(0)
+    for depth in (0, 50, 100):
+        prompt, key = build_prompt(HAYSTACK, 3000, depth, keys, rng)
+        assert len(prompt) == 3000
+        assert prompt.count(str(key).encode()) == 2
+        assert prompt.count(b"Remember it.") == keys
+
+
+def test_oracle_scores_100_and_wrong_model_0() -> None:
+    cfg = PasskeyConfig(lengths="1024,4096", depths="0,50,100", trials=3, window=1000, keys=4)
+    right = run_passkey(Oracle(), HAYSTACK, cfg, torch.device("cpu"), "oracle")
+    wrong = run_passkey(Oracle(wrong=True), HAYSTACK, cfg, torch.device("cpu"), "wrong")
+    assert {c["accuracy"] for c in right["cells"]} == {1.0}
+    assert {c["accuracy"] for c in wrong["cells"]} == {0.0}
+
+
+def test_scoring() -> None:
+    assert score(" 48213. ", 48213) and not score(" 4821", 48213) and not score(" 48214", 48213)
+
+
+def test_cli_runs_a_real_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", 1, HorizonLM(HorizonConfig.preset("tiny")), {"tokenizer": {"kind": "byte"}})
+    hay = tmp_path / "hay.txt"
+    hay.write_bytes(HAYSTACK[:20000])
+    out = tmp_path / "passkey.json"
+    assert main(["passkey", "--checkpoint", str(tmp_path / "ckpt"), "--haystack", str(hay), "--lengths", "512,2048",
+                 "--depths", "0,100", "--trials", "2", "--max-length", "1024", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    cells = json.loads(out.read_text())["models"]["horizon (1 key)"]["cells"]
+    assert [c["status"] for c in cells] == ["ok", "ok", "not run", "not run"]
+    assert out.with_suffix(".png").is_file()
