@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from horizonlm.checkpoint import build_model, load_checkpoint, save_checkpoint
 from horizonlm.config import HorizonConfig, TransformerConfig
-from horizonlm.data.stream import LongStreamBatcher, load_meta, open_split
+from horizonlm.data.stream import LongStreamBatcher, RetrievalMix, load_meta, open_split
 from horizonlm.errors import HorizonError
 from horizonlm.evaluate import evaluate_tokens
 from horizonlm.fileio import atomic_write_bytes
@@ -56,6 +56,13 @@ class TrainConfig:
     """Optimizer steps; with ``max_minutes`` whichever ends first."""
     max_minutes: float = 4.5
     """Stop after this much training time (0: no limit). The cosine schedule still spans ``steps``."""
+    retrieval_every: int = 0
+    """Mix in passkey episodes of this many windows (key in the first, question in the last);
+    0: plain language modelling."""
+    retrieval_rate: float = 0.5
+    """Fraction of (stream, episode) pairs that carry a passkey episode."""
+    retrieval_weight: float = 1.0
+    """Loss weight of the answer's target tokens (the rest weigh 1)."""
     stop_after: int = 0
     """Stop this invocation after this many steps (0: run to ``steps``); resume later with ``--resume``.
     The schedule still spans ``steps``, so a run split into jobs equals one uninterrupted run."""
@@ -105,6 +112,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.ssm_lr <= 0:
             raise ValueError(f"lr and ssm_lr must be positive, got {self.lr}, {self.ssm_lr}")
+        if self.retrieval_every < 0 or not 0 <= self.retrieval_rate <= 1 or self.retrieval_weight <= 0:
+            raise ValueError("retrieval_every must be >= 0, retrieval_rate in [0, 1], retrieval_weight > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -205,6 +214,13 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def weighted_loss(logits: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
+    """Cross-entropy with per-target weights, normalised by the token count (not the weights),
+    so a weight of 1 everywhere equals :func:`lm_loss`."""
+    per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (per_token * weight.reshape(-1)).mean()
+
+
 class _Log:
     """Append-only JSONL log; on resume, entries after the resumed step are dropped first."""
 
@@ -246,8 +262,10 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     local_batch = cfg.batch_size // dd.world
+    mix = (RetrievalMix(cfg.retrieval_every, cfg.retrieval_rate, cfg.seed, cfg.retrieval_weight)
+           if cfg.retrieval_every else None)
     batcher = LongStreamBatcher(train_tokens, cfg.batch_size, cfg.seq_len, first_stream=dd.rank * local_batch,
-                                local_batch=local_batch)
+                                local_batch=local_batch, retrieval=mix)
 
     torch.manual_seed(cfg.seed)
     start_step, carried, tokens_seen = 0, None, 0
@@ -315,7 +333,7 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
         t0 = time.perf_counter()
         if batcher.starts_epoch(step):
             carried = None
-        x, y = batcher.batch(step)
+        x, y, weight = batcher.batch(step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         factor = lr_factor(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
         for group in opt.param_groups:
@@ -323,7 +341,8 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
         with autocast:
             logits, new_state = net(x, carried if carry_state else None)
         loss = lm_loss(logits, y)
-        loss.backward()
+        objective = loss if weight is None else weighted_loss(logits, y, weight.to(device))
+        objective.backward()
         loss_sum = loss.detach().clone()
         if dd.world > 1:
             dist.all_reduce(loss_sum)

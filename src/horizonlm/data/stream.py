@@ -51,6 +51,43 @@ def open_split(data_dir: str | Path, split: str, verify: bool = False) -> np.mem
 
 
 @dataclass
+class RetrievalMix:
+    """Passkey episodes written into the training stream, so retrieval must cross windows.
+
+    Each stream's windows are grouped in episodes of ``every`` windows. With probability
+    ``rate`` an episode states a random 5-digit key once in its first window and asks for it
+    at the end of its last window, with the answer as the target; the key can only travel
+    through the carried state (supervisor, memory, S4D). Everything is a pure function of
+    (seed, stream, episode), so resumed runs see the same data.
+    """
+
+    every: int
+    rate: float
+    seed: int = 0
+    answer_weight: float = 1.0
+
+    def apply(self, window: np.ndarray, stream: int, index: int) -> np.ndarray | None:
+        """Edit ``window`` (L+1 tokens) in place; returns per-target loss weights (L,) or None."""
+        episode, step = divmod(index, self.every)
+        rng = np.random.default_rng([self.seed, stream, episode])
+        if rng.random() >= self.rate:
+            return None
+        key = int(rng.integers(10000, 100000))
+        fact = f" The pass key is {key}. Remember it. {key} is the pass key. ".encode()
+        ask = f" What is the pass key? The pass key is {key}.".encode()
+        length = len(window)
+        at = int(rng.integers(0, max(1, length - len(fact) - len(ask))))
+        weights = None
+        if step == 0:
+            window[at : at + len(fact)] = np.frombuffer(fact, dtype=np.uint8)
+        if step == self.every - 1:
+            window[length - len(ask) :] = np.frombuffer(ask, dtype=np.uint8)
+            weights = np.ones(length - 1, dtype=np.float32)
+            weights[length - 1 - 7 : length - 1] = self.answer_weight  # targets " 48213." after "is"
+        return weights
+
+
+@dataclass
 class LongStreamBatcher:
     """Windows of ``seq_len`` tokens from ``batch_size`` contiguous streams over ``tokens``.
 
@@ -64,6 +101,7 @@ class LongStreamBatcher:
     seq_len: int
     first_stream: int = 0
     local_batch: int | None = None
+    retrieval: RetrievalMix | None = None
 
     def __post_init__(self) -> None:
         if self.local_batch is None:
@@ -78,12 +116,17 @@ class LongStreamBatcher:
     def starts_epoch(self, step: int) -> bool:
         return step % self.windows == 0
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets for ``step``: two (local_batch, seq_len) int64 tensors."""
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs, targets and per-target loss weights (None when uniform) for ``step``:
+        (local_batch, seq_len) tensors."""
         w = step % self.windows
-        rows = []
+        rows, weights = [], []
         for b in range(self.first_stream, self.first_stream + self.local_batch):
             start = b * self.stream_len + w * self.seq_len
-            rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+            row = np.array(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)  # (L+1,)
+            weight = self.retrieval.apply(row, b, w) if self.retrieval is not None else None
+            rows.append(row)
+            weights.append(np.ones(self.seq_len, dtype=np.float32) if weight is None else weight)
         window = torch.from_numpy(np.stack(rows))  # (B, L+1)
-        return window[:, :-1], window[:, 1:]  # (B, L), (B, L)
+        weight = torch.from_numpy(np.stack(weights)) if self.retrieval is not None else None  # (B, L)
+        return window[:, :-1], window[:, 1:], weight  # (B, L), (B, L), (B, L) | None
