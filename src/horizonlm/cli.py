@@ -241,8 +241,9 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     if ckpt.info.get("tokenizer", {}).get("kind", "byte") != "byte":
         raise HorizonError("passkey prompts are byte level: it needs a byte-level checkpoint")
     label = cfg.label or ckpt.info["kind"]
-    entry = run_passkey(ckpt.model.to(device), load_haystack(cfg), cfg, device, label)
-    save_results(cfg.out, label, entry, environment())
+    env = environment()
+    run_passkey(ckpt.model.to(device), load_haystack(cfg), cfg, device, label,
+                on_cell=lambda entry: save_results(cfg.out, label, entry, env))
     print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
     return 0
 

@@ -141,8 +141,9 @@ def score(reply: str, key: int) -> bool:
 
 
 def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: torch.device,
-                label: str) -> dict[str, Any]:
-    """Every (length, depth) cell; returns the results entry for ``label``."""
+                label: str, on_cell=None) -> dict[str, Any]:
+    """Every (length, depth) cell; returns the results entry for ``label``. ``on_cell(entry)``
+    is called after each cell (to save partial results)."""
     model.eval()
     cells = []
     for length in _ints(cfg.lengths):
@@ -167,6 +168,8 @@ def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: t
                 cells.append({"length": length, "depth": depth, "status": "ok", "trials": cfg.trials,
                               "accuracy": correct / cfg.trials, "seconds_per_trial": sum(seconds) / len(seconds)})
                 print(json.dumps({"model": label, **cells[-1]}), flush=True)
+            if on_cell is not None:
+                on_cell({"keys": cfg.keys, "cells": cells, "config": asdict(cfg)})
     return {"keys": cfg.keys, "cells": cells, "config": asdict(cfg)}
 
 
