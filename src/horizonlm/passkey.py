@@ -170,7 +170,10 @@ def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: t
                 print(json.dumps({"model": label, **cells[-1]}), flush=True)
             if on_cell is not None:
                 on_cell({"keys": cfg.keys, "cells": cells, "config": asdict(cfg)})
-    return {"keys": cfg.keys, "cells": cells, "config": asdict(cfg)}
+    entry = {"keys": cfg.keys, "cells": cells, "config": asdict(cfg)}
+    if on_cell is not None:
+        on_cell(entry)
+    return entry
 
 
 def load_haystack(cfg: PasskeyConfig) -> bytes:
