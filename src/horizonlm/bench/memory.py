@@ -73,8 +73,6 @@ def _random_keys(n: int, dim: int, seed: int) -> torch.Tensor:
 
 
 def bench_cpu(cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
-    import faiss
-
     rows = []
     for size in _ints(cfg.sizes):
         keys = _random_keys(size, cfg.dim, seed=size)
@@ -101,14 +99,18 @@ def bench_cpu(cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
             _, got = store.search(queries, cfg.top_k)
             if backend == "torch":
                 truth = got
-            one = median([_timed(lambda: store.search(queries[i : i + 1], cfg.top_k)) for i in range(20)])
-            batch = median([_timed(lambda: store.search(queries, cfg.top_k)) for _ in range(3)])
+            big = size >= 1_000_000
+            one = median([_timed(lambda: store.search(queries[i : i + 1], cfg.top_k)) for i in range(5 if big else 20)])
+            batch = median([_timed(lambda: store.search(queries, cfg.top_k)) for _ in range(1 if big else 3)])
             recall = None
             if truth is not None:
                 hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, truth))
                 recall = hits / truth.numel()
-            size_bytes = (len(faiss.serialize_index(store.index)) if store.index is not None
-                          else keys.numel() * keys.element_size())
+            size_bytes = store.bytes_per_entry() * size
+            if backend in ("faiss_ivf_flat", "faiss_ivf_pq"):
+                size_bytes += store_cfg.nlist * cfg.dim * 4  # coarse centroids
+            if backend == "faiss_ivf_pq":
+                size_bytes += 256 * cfg.dim * 4  # PQ codebooks: 256 centroids per sub-vector
             row.update(status="ok", build_seconds=build, recall_at_k=recall, top_k=cfg.top_k,
                        ms_one_query=1000 * one, ms_batch=1000 * batch, queries_in_batch=cfg.queries,
                        ms_per_query_batched=1000 * batch / cfg.queries, bytes_per_entry=size_bytes / size,

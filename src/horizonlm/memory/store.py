@@ -61,8 +61,8 @@ class StoreConfig:
 class MemoryStore:
     """Append-only entries (keys, values, positions) with top-k search.
 
-    Entries live in float32 torch tensors on ``device`` (values and positions always; keys too,
-    and the FAISS index keeps its own copy or compressed codes). ``first_id`` counts entries
+    Entries live in float32 torch tensors on ``device``: values and positions always, keys too
+    except for IVF indexes, which hold their own (compressed) copy and remove entries by id. ``first_id`` counts entries
     dropped by FIFO eviction, so an index returned by :meth:`search` is a stable entry id.
     """
 
@@ -80,7 +80,12 @@ class MemoryStore:
         self.index = None if self.config.backend == "torch" else self._new_index()
 
     def __len__(self) -> int:
-        return self.keys.shape[0]
+        return self.positions.shape[0]
+
+    @property
+    def keeps_keys(self) -> bool:
+        """IVF indexes keep (compressed) keys themselves and remove by id: no second copy."""
+        return self.config.backend not in ("faiss_ivf_flat", "faiss_ivf_pq")
 
     # -- FAISS ---------------------------------------------------------------------------
     def _new_index(self):
@@ -129,14 +134,17 @@ class MemoryStore:
         if cap and self.config.policy == "keep_all" and len(self) + keys.shape[0] > cap:
             raise HorizonError(f"memory store is full ({len(self)} of capacity {cap}, policy keep_all)")
         new_first = self.first_id + len(self)
-        self.keys = torch.cat([self.keys, keys.detach().float().to(self.device)])  # (M+n, Dk)
+        if self.keeps_keys:
+            self.keys = torch.cat([self.keys, keys.detach().float().to(self.device)])  # (M+n, Dk)
         self.values = torch.cat([self.values, values.detach().float().to(self.device)])  # (M+n, Dv)
         self.positions = torch.cat([self.positions, positions.to(self.device, torch.long)])  # (M+n,)
         if self.index is not None:
             self._index_add(keys, new_first)
         if cap and len(self) > cap:
             drop = len(self) - cap
-            self.keys, self.values, self.positions = self.keys[drop:], self.values[drop:], self.positions[drop:]
+            self.values, self.positions = self.values[drop:], self.positions[drop:]
+            if self.keeps_keys:
+                self.keys = self.keys[drop:]
             self.first_id += drop
             if self.index is not None:
                 self._evict_from_index(drop)
@@ -176,7 +184,8 @@ class MemoryStore:
         return scores, rows
 
     def bytes_per_entry(self) -> float:
-        """Bytes the search structure itself spends per entry (values and positions aside)."""
+        """Bytes the search structure spends per entry: the index (FAISS) or the key matrix
+        (torch). Values (4 * Dv bytes) and positions (8 bytes) are stored beside it."""
         if self.index is None:
             return float(self.keys.element_size() * self.key_dim)
         if self.config.backend == "faiss_ivf_pq":
@@ -206,7 +215,7 @@ class MemoryStore:
     def load(cls, folder: Path, config: StoreConfig, device: torch.device | str = "cpu") -> "MemoryStore":
         tensors = load_file(str(folder / "memory.safetensors"))
         store = cls(tensors["keys"].shape[1], tensors["values"].shape[1], config, device)
-        store.keys = tensors["keys"].to(store.device)
+        store.keys = tensors["keys"].to(store.device) if store.keeps_keys else store.keys
         store.values = tensors["values"].to(store.device)
         store.positions = tensors["positions"].to(store.device)
         store.first_id, store.index_base = (int(x) for x in tensors["ids"].tolist())
