@@ -266,8 +266,18 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from horizonlm.bench.quality import QualityConfig, run_quality
+
+    cfg = build_config(QualityConfig, args)
+    run_quality(cfg)
+    print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from horizonlm.bench.memory import MemoryBenchConfig
+    from horizonlm.bench.quality import QualityConfig
     from horizonlm.bench.speed import SpeedConfig
     from horizonlm.generate import GenerateConfig
     from horizonlm.train import TrainConfig
@@ -331,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     add_dataclass_args(p, MemoryBenchConfig)
     p.set_defaults(func=cmd_bench_memory)
+    p = bench.add_parser("quality", help="quality at equal training time: HorizonLM, the transformer, ablations")
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    add_dataclass_args(p, QualityConfig)
+    p.set_defaults(func=cmd_bench_quality)
     return parser
 
 

@@ -23,21 +23,23 @@ from horizonlm.model import HorizonLM
 @torch.no_grad()
 def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: torch.device | str,
                     bytes_per_token: float = 1.0, max_tokens: int | None = None, reset_every: int | None = None,
-                    bf16: bool = True, progress: bool = True, position_bins: int = 0) -> dict[str, Any]:
+                    bf16: bool = True, progress: bool = True, keep_per_token: bool = False) -> dict[str, Any]:
     """Next-token loss over ``tokens`` as one stream, fed in windows of ``window`` tokens.
 
     HorizonLM carries its state across windows (reset every ``reset_every`` tokens if given);
-    the transformer restarts every window (its context is the window). With ``position_bins``,
-    also returns the loss in bits per token for each of that many equal parts of the stream.
+    the transformer restarts every window (its context is the window). With ``keep_per_token``,
+    also returns every prediction's loss in nats (``per_token_nats``, a float32 array).
     """
     device = torch.device(device)
+    if reset_every is not None and reset_every % window != 0:
+        raise ValueError(f"reset_every={reset_every} must be a multiple of window={window}")
     was_training = model.training
     model.eval()
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
     carry = isinstance(model, HorizonLM)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
     total, count, state = 0.0, 0, None
-    per_token = np.zeros(max(0, n - 1), dtype=np.float32) if position_bins else None
+    per_token = np.zeros(max(0, n - 1), dtype=np.float32) if keep_per_token else None
     starts = range(0, n - 1, window)
     for start in tqdm(starts, disable=not progress, unit="win", desc="eval"):
         if reset_every is not None and start % reset_every == 0:
@@ -63,8 +65,7 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: t
         "bits_per_byte": total / math.log(2) / (count * bytes_per_token),
     }
     if per_token is not None:
-        bins = np.array_split(per_token, position_bins)
-        result["bits_per_token_by_position"] = [float(b.mean() / math.log(2)) for b in bins if b.size]
+        result["per_token_nats"] = per_token
     return result
 
 
