@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,5 +31,12 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     single = load_checkpoint(tmp_path / "single").model.state_dict()
     ddp = load_checkpoint(tmp_path / "ddp")
     assert ddp.info["world"] == 2
+    # The all-reduced loss equals the single-process loss at every step...
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()
+               if "loss" in json.loads(x)] for run in ("single", "ddp")]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-6)
+    # ...and the weights agree to a small fraction of what 4 AdamW steps of lr 6e-3 move them
+    # (Adam divides by sqrt(v), so where a gradient is near zero, the summation order of the
+    # all-reduce shows up at the 1e-5 level).
     for name, value in ddp.model.state_dict().items():
-        torch.testing.assert_close(value, single[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(value, single[name], rtol=1e-3, atol=1e-4)

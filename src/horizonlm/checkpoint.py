@@ -9,7 +9,6 @@ Loading never unpickles: safetensors and JSON only.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 from horizonlm.baseline import TransformerLM
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import atomic_write_bytes, fsync_dir, sha256_file
+from horizonlm.fileio import atomic_write_bytes, replace_dir, sha256_file
 from horizonlm.model import HorizonLM
 
 CHECKPOINT_FORMAT = 1
@@ -79,19 +78,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, info: dict[st
         meta = {"format": CHECKPOINT_FORMAT, "kind": model_kind(model), "config": model.config.to_dict(),
                 "step": step, "files": files, **info}
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        final = root / name
-        if final.exists():
-            stale = root / f".{name}.replaced"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.rename(final, stale)
-            os.rename(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_dir(root)
+        replace_dir(tmp, root / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -99,7 +86,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, info: dict[st
     old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
-    return final
+    return root / name
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

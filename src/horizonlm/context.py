@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, replace
@@ -24,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import fsync_dir, sha256_file
+from horizonlm.fileio import replace_dir, sha256_file
 from horizonlm.memory.store import MemoryStore, StoreConfig
 from horizonlm.model import HorizonLM
 from horizonlm.state import HorizonState, StoreMemoryState
@@ -66,18 +65,7 @@ def save_context(folder: str | Path, model: HorizonLM, state: HorizonState, extr
             **(extra or {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(folder, old)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-        fsync_dir(folder.parent)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,14 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from horizonlm.bench.common import parse_ints, save_figure
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json
 
 DOORS = ("blue", "red", "green", "yellow", "white", "black", "grey", "brown")
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 @dataclass
@@ -67,7 +64,7 @@ class PasskeyConfig:
             raise ValueError(f"keys must be in [1, {len(DOORS)}], got {self.keys}")
         if self.trials < 1 or self.window < 1:
             raise ValueError("trials and window must be >= 1")
-        if any(not 0 <= d <= 100 for d in _ints(self.depths)):
+        if any(not 0 <= d <= 100 for d in parse_ints(self.depths)):
             raise ValueError(f"depths must lie in [0, 100], got {self.depths}")
 
 
@@ -146,8 +143,8 @@ def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: t
     is called after each cell (to save partial results)."""
     model.eval()
     cells = []
-    for length in _ints(cfg.lengths):
-        for depth in _ints(cfg.depths):
+    for length in parse_ints(cfg.lengths):
+        for depth in parse_ints(cfg.depths):
             if cfg.max_length and length > cfg.max_length:
                 cells.append({"length": length, "depth": depth, "status": "not run",
                               "reason": f"longer than max_length={cfg.max_length}"})
@@ -226,7 +223,4 @@ def plot_passkey(results: dict[str, Any], path: Path) -> None:
             for j in range(len(lengths)):
                 ax.text(j, i, "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -62,3 +63,18 @@ def time_cuda(fn: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"1024,4096"`` -> ``[1024, 4096]`` (the list-valued benchmark settings)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure to ``path`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

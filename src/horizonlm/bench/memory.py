@@ -18,13 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from horizonlm.bench.common import environment, median, time_cuda
+from horizonlm.bench.common import environment, median, parse_ints, save_figure, time_cuda
 from horizonlm.fileio import atomic_write_json
 from horizonlm.memory.store import MemoryStore, StoreConfig
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 @dataclass
@@ -74,7 +70,7 @@ def _random_keys(n: int, dim: int, seed: int) -> torch.Tensor:
 
 def bench_cpu(cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
     rows = []
-    for size in _ints(cfg.sizes):
+    for size in parse_ints(cfg.sizes):
         keys = _random_keys(size, cfg.dim, seed=size)
         queries = _random_keys(cfg.queries, cfg.dim, seed=size + 1)
         truth = None
@@ -136,7 +132,7 @@ def bench_gpu(cfg: MemoryBenchConfig) -> list[dict[str, Any]]:
 
     device = torch.device("cuda")
     rows = []
-    for size in _ints(cfg.gpu_sizes):
+    for size in parse_ints(cfg.gpu_sizes):
         keys = torch.empty(size, cfg.dim, device=device, dtype=torch.bfloat16)  # (M, Dk)
         for start in range(0, size, 1 << 24):
             n = min(1 << 24, size - start)
@@ -209,7 +205,4 @@ def plot_memory(results: dict[str, Any], path: Path) -> None:
     env = results["cpu"]["environment"]
     fig.suptitle(f"memory stores on {env.get('cpu_count')} CPU cores, key width {results['cpu']['config']['dim']}")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from horizonlm.bench.common import environment
+from horizonlm.bench.common import environment, save_figure
 from horizonlm.checkpoint import load_checkpoint
 from horizonlm.data.stream import load_meta, open_split
 from horizonlm.evaluate import evaluate_tokens, wikitext_word_count, word_perplexity
@@ -197,7 +197,4 @@ def plot_quality(results: dict[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

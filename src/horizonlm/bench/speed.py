@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from horizonlm.baseline import TransformerLM
-from horizonlm.bench.common import environment, median, time_cuda
+from horizonlm.bench.common import environment, median, parse_ints, save_figure, time_cuda
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.decode import GraphedDecoder
 from horizonlm.fileio import atomic_write_json
@@ -28,10 +28,6 @@ from horizonlm.model import HorizonLM
 
 PEAK_BF16_FLOPS = 790e12
 """The bf16 dense matrix rate MFU is quoted against (the issue's figure for this H200)."""
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 @dataclass
@@ -198,7 +194,7 @@ def bench_train(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[
             block.compile()
     base = model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    for length in _ints(cfg.train_lengths):
+    for length in parse_ints(cfg.train_lengths):
         batch = max(1, cfg.tokens_per_step // length)
 
         def run() -> dict[str, Any]:
@@ -243,7 +239,7 @@ def bench_prefill(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dic
     rows = []
     model = _build(kind, cfg.preset, device).eval()
     _prefill(model, min(cfg.prefill_window, 8192) * 2, min(cfg.prefill_window, 8192), device)  # warm-up
-    for length in _ints(cfg.prefill_lengths):
+    for length in parse_ints(cfg.prefill_lengths):
         if kind == "transformer" and length > cfg.transformer_prefill_max:
             rows.append({"part": "prefill", "model": kind, "seq_len": length, "batch": 1, "status": "not run",
                          "reason": f"beyond transformer_prefill_max={cfg.transformer_prefill_max}: quadratic time"})
@@ -269,9 +265,9 @@ def bench_prefill(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dic
 def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
     rows = []
     model = _build(kind, cfg.preset, device).eval()
-    for context in _ints(cfg.decode_contexts):
+    for context in parse_ints(cfg.decode_contexts):
         if kind == "transformer" and context > cfg.transformer_prefill_max:
-            for batch in _ints(cfg.decode_batches):
+            for batch in parse_ints(cfg.decode_batches):
                 rows.append({"part": "decode", "model": kind, "context": context, "batch": batch, "status": "not run",
                              "reason": "building the cache needs a prefill beyond transformer_prefill_max"})
             continue
@@ -281,7 +277,7 @@ def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict
         except torch.cuda.OutOfMemoryError as err:
             rows.append({"part": "decode", "model": kind, "context": context, "status": "OOM", "error": str(err)[:200]})
             continue
-        for batch in _ints(cfg.decode_batches):
+        for batch in parse_ints(cfg.decode_batches):
 
             def run() -> dict[str, Any]:
                 state = base_state.expand(batch) if batch > 1 else base_state
@@ -319,8 +315,8 @@ def bench_memory_search(cfg: SpeedConfig, device: torch.device, bandwidth: float
 
     rows = []
     dim = HorizonConfig.preset(cfg.preset).memory_dim
-    plan = [(size, _ints(cfg.memory_queries)) for size in _ints(cfg.memory_sizes)]
-    plan += [(size, [cfg.memory_large_queries]) for size in _ints(cfg.memory_large_sizes)]
+    plan = [(size, parse_ints(cfg.memory_queries)) for size in parse_ints(cfg.memory_sizes)]
+    plan += [(size, [cfg.memory_large_queries]) for size in parse_ints(cfg.memory_large_sizes)]
     for size, query_counts in plan:
         def run_size() -> list[dict[str, Any]]:
             keys = torch.empty(size, dim, device=device, dtype=torch.bfloat16)  # (M, Dk)
@@ -421,7 +417,4 @@ def plot_speed(results: dict[str, Any], path: Path) -> None:
     env = results["environment"]
     fig.suptitle(f"{env.get('device')} | torch {env.get('torch')} | {results['config']['preset']} preset")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
