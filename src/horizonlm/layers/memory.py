@@ -45,7 +45,8 @@ class RetrievalMemory(nn.Module):
         ids = torch.zeros(0, dtype=torch.long, device=device)  # (0,)
         return MemoryState(keys=empty, values=empty.clone(), chunk_ids=ids, pos=0)
 
-    def forward(self, h: Tensor, state: MemoryState | StoreMemoryState | None = None) -> tuple[Tensor, MemoryState]:
+    def forward(self, h: Tensor, state: MemoryState | StoreMemoryState | None = None
+                ) -> tuple[Tensor, MemoryState | StoreMemoryState]:
         if state is None:
             state = self.init_state(h.shape[0], h.device)
         if isinstance(state, StoreMemoryState):
