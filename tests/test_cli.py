@@ -71,9 +71,10 @@ def test_bad_input_exits_non_zero(argv, message, capsys) -> None:
 
 def test_every_subcommand_has_help() -> None:
     parser = build_parser()
-    for name in ("prepare", "train", "eval", "generate", "demo"):
+    for name in ("prepare", "train", "eval", "generate", "demo", "ingest", "passkey", "bench speed", "bench memory",
+                 "bench quality"):
         with pytest.raises(SystemExit) as exit_info:
-            parser.parse_args([name, "--help"])
+            parser.parse_args([*name.split(), "--help"])
         assert exit_info.value.code == 0
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from horizonlm.baseline import TransformerLM
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import atomic_write_bytes, replace_dir, sha256_file
+from horizonlm.fileio import atomic_write_bytes, check_files, replace_dir, sha256_file
 from horizonlm.model import HorizonLM
 
 CHECKPOINT_FORMAT = 1
@@ -119,12 +119,7 @@ def load_checkpoint(path: str | Path, expect_kind: str | None = None, expect_con
         differ = sorted(k for k in set(config) | set(expect_config) if config.get(k) != expect_config.get(k))
         detail = ", ".join(f"{k}: checkpoint {config.get(k)!r} vs requested {expect_config.get(k)!r}" for k in differ)
         raise HorizonError(f"checkpoint {folder} does not match the requested model ({detail})")
-    for name, digest in info.get("files", {}).items():
-        file = folder / name
-        if not file.is_file():
-            raise HorizonError(f"corrupt checkpoint {folder}: {name} is missing")
-        if sha256_file(file) != digest:
-            raise HorizonError(f"corrupt checkpoint {folder}: {name} does not match its sha256 (truncated or damaged)")
+    check_files(folder, info.get("files", {}), f"corrupt checkpoint {folder}")
     model = build_model(kind, config)
     try:
         weights = load_file(str(folder / "model.safetensors"), device=map_location)

@@ -275,11 +275,22 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(sub, name: str, help_text: str, cls: type, func) -> argparse.ArgumentParser:
+    """A subcommand whose flags are the fields of ``cls``, plus ``--config FILE.yaml``."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    add_dataclass_args(p, cls)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from horizonlm.bench.memory import MemoryBenchConfig
     from horizonlm.bench.quality import QualityConfig
     from horizonlm.bench.speed import SpeedConfig
     from horizonlm.generate import GenerateConfig
+    from horizonlm.ingest import IngestConfig
+    from horizonlm.passkey import PasskeyConfig
     from horizonlm.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="horizon", description="HorizonLM: attention-free long-context language models")
@@ -294,12 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size (default 4096)")
     p.set_defaults(func=cmd_prepare)
 
-    for name, func, text in (("train", cmd_train, "train a model on prepared data"),
-                             ("demo", cmd_demo, "prepare Shakespeare, train, score the test split and sample")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--config", help="YAML file of settings (flags override it)")
-        add_dataclass_args(p, TrainConfig)
-        p.set_defaults(func=func)
+    _config_command(sub, "train", "train a model on prepared data", TrainConfig, cmd_train)
+    _config_command(sub, "demo", "prepare Shakespeare, train, score the test split and sample", TrainConfig, cmd_demo)
 
     p = sub.add_parser("eval", help="stream a split or a text file through a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
@@ -313,38 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample from a checkpoint, streaming")
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
-    add_dataclass_args(p, GenerateConfig)
-    p.set_defaults(func=cmd_generate)
-
-    from horizonlm.ingest import IngestConfig
-    from horizonlm.passkey import PasskeyConfig
-
-    p = sub.add_parser("passkey", help="find a key stated once in a long haystack of prose")
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
-    add_dataclass_args(p, PasskeyConfig)
-    p.set_defaults(func=cmd_passkey)
-
-    p = sub.add_parser("ingest", help="stream files through a model into a saved context (resumable)")
+    _config_command(sub, "generate", "sample from a checkpoint, streaming", GenerateConfig, cmd_generate)
+    _config_command(sub, "passkey", "find a key stated once in a long haystack of prose", PasskeyConfig, cmd_passkey)
+    p = _config_command(sub, "ingest", "stream files through a model into a saved context (resumable)",
+                        IngestConfig, cmd_ingest)
     p.add_argument("files", nargs="+", help="files to read, in order")
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
-    add_dataclass_args(p, IngestConfig)
-    p.set_defaults(func=cmd_ingest)
 
     bench = sub.add_parser("bench", help="benchmarks (GPU for speed)").add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("speed", help="HorizonLM vs the transformer baseline: train, prefill, decode, search")
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
-    add_dataclass_args(p, SpeedConfig)
-    p.set_defaults(func=cmd_bench_speed)
-    p = bench.add_parser("memory", help="memory stores: recall, latency, bytes per entry, build time")
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
-    add_dataclass_args(p, MemoryBenchConfig)
-    p.set_defaults(func=cmd_bench_memory)
-    p = bench.add_parser("quality", help="quality at equal training time: HorizonLM, the transformer, ablations")
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
-    add_dataclass_args(p, QualityConfig)
-    p.set_defaults(func=cmd_bench_quality)
+    _config_command(bench, "speed", "HorizonLM vs the transformer baseline: train, prefill, decode, search",
+                    SpeedConfig, cmd_bench_speed)
+    _config_command(bench, "memory", "memory stores: recall, latency, bytes per entry, build time",
+                    MemoryBenchConfig, cmd_bench_memory)
+    _config_command(bench, "quality", "quality at equal training time: HorizonLM, the transformer, ablations",
+                    QualityConfig, cmd_bench_quality)
     return parser
 
 

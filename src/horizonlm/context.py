@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import replace_dir, sha256_file
+from horizonlm.fileio import check_files, replace_dir, sha256_file
 from horizonlm.memory.store import MemoryStore, StoreConfig
 from horizonlm.model import HorizonLM
 from horizonlm.state import HorizonState, StoreMemoryState
@@ -93,12 +93,7 @@ def load_context(folder: str | Path, model: HorizonLM, device: torch.device | st
     manifest = read_manifest(folder)
     if manifest["model_fingerprint"] != (fingerprint or model_fingerprint(model)):
         raise HorizonError(f"saved context {folder} was made by another model (config or weights differ)")
-    for name, digest in manifest["files"].items():
-        file = folder / name
-        if not file.is_file():
-            raise HorizonError(f"saved context {folder}: {name} is missing")
-        if sha256_file(file) != digest:
-            raise HorizonError(f"saved context {folder}: {name} is damaged (sha256 mismatch)")
+    check_files(folder, manifest["files"], f"saved context {folder}")
     try:
         tensors = load_file(str(folder / "state.safetensors"), device=str(device))
         store = MemoryStore.load(folder, StoreConfig(**manifest["store_config"]), device)

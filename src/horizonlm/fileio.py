@@ -80,3 +80,17 @@ def replace_dir(tmp: Path, final: Path) -> None:
     else:
         os.rename(tmp, final)
     fsync_dir(final.parent)
+
+
+def check_files(folder: Path, files: dict[str, str], what: str) -> None:
+    """Every file named in ``files`` exists under ``folder`` with its recorded sha256.
+
+    ``what`` starts the error message ("corrupt checkpoint ...", "saved context ...")."""
+    from horizonlm.errors import HorizonError
+
+    for name, digest in files.items():
+        file = folder / name
+        if not file.is_file():
+            raise HorizonError(f"{what}: {name} is missing")
+        if sha256_file(file) != digest:
+            raise HorizonError(f"{what}: {name} is damaged (sha256 mismatch: truncated or changed)")
