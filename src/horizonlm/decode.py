@@ -61,7 +61,7 @@ class GraphedDecoder:
         self.model = model
         self.state = clone_state(state)
         # A store-backed memory is searched on the host side: such states decode eagerly.
-        self.use_graphs = state_tensors(state)[0].is_cuda and not isinstance(state.memory, StoreMemoryState)
+        self.use_graphs = model.embed.weight.is_cuda and not isinstance(state.memory, StoreMemoryState)
         self.bf16 = bf16 and self.use_graphs
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_chunk = -1

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from horizonlm.data.tokenizers import ByteTokenizer, Tokenizer
+from horizonlm.decode import GraphedDecoder
 from horizonlm.errors import HorizonError
+from horizonlm.model import HorizonLM
 
 
 @dataclass
@@ -109,14 +111,20 @@ def generate(model: nn.Module, tokenizer: Tokenizer, cfg: GenerateConfig, device
         start = tokenizer.encode("\n") or [0]
         logits, state = model(torch.tensor([start[-1:]], device=device), state)  # (1, 1, V)
         last_logits = logits[:, -1]  # (1, V)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if isinstance(tokenizer, ByteTokenizer) else None
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace") if isinstance(tokenizer, ByteTokenizer) else None
+    # HorizonLM steps through a CUDA graph per chunk on a GPU (eagerly elsewhere); the baseline's
+    # cache grows every step, so it steps eagerly.
+    stepper = GraphedDecoder(model, state, bf16=False) if isinstance(model, HorizonLM) else None
     out: list[int] = []
     for _ in range(cfg.tokens):
         token = sample_next(last_logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)  # (1,)
         out.append(int(token))
-        emit(decoder.decode(bytes([int(token)])) if decoder else tokenizer.decode([int(token)]) + " ")
-        logits, state = model(token.view(1, 1), state)  # (1, 1, V)
-        last_logits = logits[:, -1]  # (1, V)
-    if decoder:
-        emit(decoder.decode(b"", final=True))
+        emit(text.decode(bytes([int(token)])) if text else tokenizer.decode([int(token)]) + " ")
+        if stepper is not None:
+            last_logits = stepper.step(token.view(1, 1))  # (1, V)
+        else:
+            logits, state = model(token.view(1, 1), state)  # (1, 1, V)
+            last_logits = logits[:, -1]  # (1, V)
+    if text:
+        emit(text.decode(b"", final=True))
     return out
