@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
 
 
@@ -85,16 +86,6 @@ def build_config(cls: type, args: argparse.Namespace) -> Any:
         raise HorizonError(str(err)) from err
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HorizonError("device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
 def cmd_prepare(args: argparse.Namespace) -> int:
     from horizonlm.data.prepare import prepare
 
@@ -124,7 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from horizonlm.data.tokenizers import tokenizer_from_spec
     from horizonlm.evaluate import evaluate_tokens, wikitext_word_count, word_perplexity
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     model = ckpt.model.to(device)
     report: dict[str, Any] = {"checkpoint": str(ckpt.path)}
@@ -164,7 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from horizonlm.generate import GenerateConfig, generate
 
     cfg = build_config(GenerateConfig, args)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     ckpt = load_checkpoint(cfg.checkpoint)
     tokenizer = tokenizer_from_spec(ckpt.info["tokenizer"])
 
@@ -200,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prepare("shakespeare", cfg.data)
     summary = train(cfg)
     ckpt = load_checkpoint(Path(cfg.out) / "checkpoints")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     meta = load_meta(cfg.data)
     test = evaluate_tokens(ckpt.model.to(device), open_split(cfg.data, "test"), cfg.eval_window, device, progress=False)
     print("\n--- sample ---")
@@ -236,7 +227,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     from horizonlm.passkey import PasskeyConfig, load_haystack, run_passkey, save_results
 
     cfg = build_config(PasskeyConfig, args)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     ckpt = load_checkpoint(cfg.checkpoint)
     if ckpt.info.get("tokenizer", {}).get("kind", "byte") != "byte":
         raise HorizonError("passkey prompts are byte level: it needs a byte-level checkpoint")

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from horizonlm.checkpoint import load_checkpoint
+from horizonlm.devices import resolve_device
 from horizonlm.context import load_context, model_fingerprint, read_manifest, save_context
 from horizonlm.errors import HorizonError
 from horizonlm.memory.store import StoreConfig
@@ -57,8 +58,7 @@ class IngestConfig:
 
 def ingest(files: list[str], cfg: IngestConfig) -> dict[str, Any]:
     """Read ``files`` into the context; returns tokens read, seconds and tokens per second."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     ckpt = load_checkpoint(cfg.checkpoint)
     model = ckpt.model.to(device).eval()
     if not isinstance(model, HorizonLM):

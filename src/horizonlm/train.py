@@ -26,6 +26,7 @@ from tqdm import tqdm
 from horizonlm.checkpoint import build_model, load_checkpoint, save_checkpoint
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.data.stream import LongStreamBatcher, RetrievalMix, load_meta, open_split
+from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
 from horizonlm.evaluate import evaluate_tokens
 from horizonlm.fileio import atomic_write_bytes
@@ -200,15 +201,6 @@ def setup_distributed(device_kind: str) -> Distributed:
     return Distributed(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
 
 
-def _device(cfg: TrainConfig, dd: Distributed) -> torch.device:
-    kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise HorizonError("device cuda was asked for, but no CUDA device is available")
-        return torch.device("cuda", dd.local_rank)
-    return torch.device("cpu")
-
-
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy in nats."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -242,8 +234,7 @@ class _Log:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns a summary (final step, losses, validation bits per byte)."""
-    kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dd = setup_distributed(kind)
+    dd = setup_distributed(resolve_device(cfg.device).type)
     try:
         return _train(cfg, dd)
     finally:
@@ -252,7 +243,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
-    device = _device(cfg, dd)
+    device = resolve_device(cfg.device, dd.local_rank)
     if cfg.batch_size % dd.world != 0:
         raise HorizonError(f"batch_size={cfg.batch_size} must divide evenly over {dd.world} processes")
     meta = load_meta(cfg.data)

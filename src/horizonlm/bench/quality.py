@@ -21,6 +21,7 @@ import torch
 
 from horizonlm.bench.common import environment, save_figure
 from horizonlm.checkpoint import load_checkpoint
+from horizonlm.devices import resolve_device
 from horizonlm.data.stream import load_meta, open_split
 from horizonlm.evaluate import evaluate_tokens, wikitext_word_count, word_perplexity
 from horizonlm.fileio import atomic_write_json
@@ -144,8 +145,7 @@ def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, r
 
 
 def run_quality(cfg: QualityConfig) -> dict[str, Any]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "models": {}}
     lrs = [float(x) for x in cfg.lrs.split(",")]
