@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from horizonlm.bench.quality import QualityConfig, run_quality
 from horizonlm.cli import main
 from horizonlm.data.prepare import prepare
 
@@ -32,3 +35,33 @@ def test_quality_bench_end_to_end(tmp_path: Path) -> None:
     assert horizon["scores"]["novels_test_carried"]["tokens"] == 1999
     assert horizon["scores"]["wikitext103_test_word_ppl_out_of_domain"]["words"] == 40 * (3 + 1 + 5 + 1)
     assert out.with_suffix(".png").is_file()
+
+
+def test_quality_runs_in_worker_processes_and_adds_to_earlier_results(tmp_path: Path) -> None:
+    """Two worker processes; ablations borrow the full model's swept rate; a second call keeps
+    the first call's models and adds its own at the rate the first call chose."""
+    prepare("shakespeare", tmp_path / "data")
+    out = tmp_path / "quality.json"
+    common = ["--data", str(tmp_path / "data"), "--wikitext-raw", "", "--wikitext-tokens", "", "--preset", "tiny",
+              "--minutes", "0.005", "--sweep-minutes", "0.005", "--batch-size", "2", "--seq-len", "32",
+              "--eval-window", "64", "--max-eval-tokens", "500", "--runs", str(tmp_path / "runs"), "--out", str(out),
+              "--device", "cpu", "--ablation-lr-from-horizon"]
+    assert main(["bench", "quality", *common, "--models", "horizon,horizon_no_conv", "--lrs", "0.003,0.01",
+                 "--workers", "2"]) == 0
+    first = json.loads(out.read_text())["models"]
+    assert [s["lr"] for s in first["horizon"]["sweep"]] == [0.003, 0.01]
+    assert first["horizon_no_conv"]["sweep"] == [] and first["horizon_no_conv"]["lr_from"] == "horizon's sweep"
+    assert first["horizon_no_conv"]["lr"] == first["horizon"]["lr"]
+    assert main(["bench", "quality", *common, "--models", "horizon_no_memory", "--lrs", "0.003,0.01"]) == 0
+    second = json.loads(out.read_text())["models"]
+    assert set(second) == {"horizon", "horizon_no_conv", "horizon_no_memory"}
+    assert second["horizon"] == first["horizon"]
+    assert second["horizon_no_memory"]["lr"] == first["horizon"]["lr"]
+
+
+def test_quality_rejects_borrowing_without_the_full_model(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ablation_lr_from_horizon"):
+        run_quality(QualityConfig(models="horizon_no_ssm", ablation_lr_from_horizon=True, lrs="0.001,0.002",
+                                  out=str(tmp_path / "q.json"), runs=str(tmp_path / "runs")))
+    with pytest.raises(ValueError, match="workers"):
+        QualityConfig(workers=0)

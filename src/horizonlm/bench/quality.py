@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
+import os
+import queue
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ import torch
 from horizonlm.bench.common import environment, save_figure
 from horizonlm.checkpoint import load_checkpoint
 from horizonlm.devices import resolve_device
+from horizonlm.errors import HorizonError
 from horizonlm.data.stream import load_meta, open_split
 from horizonlm.evaluate import evaluate_tokens, wikitext_word_count, word_perplexity
 from horizonlm.fileio import atomic_write_json
@@ -73,6 +78,18 @@ class QualityConfig:
     """Results file (PNG beside it)."""
     device: str = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
+    workers: int = 1
+    """Runs at once, each in its own process that sees one GPU (slot i: CUDA_VISIBLE_DEVICES=i);
+    1 runs everything in this process. Each run still trains alone on its GPU, so budgets stay equal."""
+    ablation_lr_from_horizon: bool = False
+    """Ablations (horizon_no_*) train at the full model's swept learning rate instead of their own
+    sweep: three fewer sweep runs each, at the price of a rate tuned for a different model."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.minutes <= 0 or self.sweep_minutes <= 0:
+            raise ValueError(f"minutes and sweep_minutes must be > 0, got {self.minutes}, {self.sweep_minutes}")
 
 
 def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) -> dict[str, Any]:
@@ -144,32 +161,118 @@ def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, r
     return scores
 
 
-def run_quality(cfg: QualityConfig) -> dict[str, Any]:
+def _run_task(cfg: QualityConfig, name: str, lr: float, final: bool) -> dict[str, Any]:
+    """One sweep candidate (scored on the valid split) or one final run (trained, then scored)."""
+    if not final:
+        run = _train(cfg, name, lr, cfg.sweep_minutes, Path(cfg.runs) / f"{name}-lr{lr:g}")
+        valid = run["summary"]["valid"][-1]["valid_bits_per_byte"] if run["summary"]["valid"] else float("inf")
+        return {"lr": lr, "valid_bits_per_byte": valid}
+    run = _train(cfg, name, lr, cfg.minutes, Path(cfg.runs) / name)
+    summary = run["summary"]
     device = resolve_device(cfg.device)
+    return {"lr": lr, "parameters": summary["parameters"], "tokens_seen": summary["tokens_seen"],
+            "train_seconds": summary["train_seconds"], "train_loss": summary["train_loss"], "steps": summary["step"],
+            "first_step_seconds_incl_warmup": run["log"][0]["time"] if run["log"] else None,
+            "loss_curve": [[r["time"], r["loss"]] for r in run["log"]],
+            "scores": evaluate_model(cfg, Path(cfg.runs) / name / "checkpoints", device, cfg.seq_len),
+            "environment": environment()}
+
+
+def _task_in_child(slot: int, cfg: dict[str, Any], name: str, lr: float, final: bool, result: str) -> None:
+    """Entry point of a worker process: sees one GPU only, writes its result as JSON."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(slot)  # before the first CUDA call of this process
+    atomic_write_json(Path(result), _run_task(QualityConfig(**cfg), name, lr, final))
+
+
+class _Workers:
+    """Runs tasks one per GPU slot, each in a fresh process (``workers`` > 1), or in this process."""
+
+    def __init__(self, cfg: QualityConfig) -> None:
+        self.cfg = cfg
+        self.pool = ThreadPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else None
+        self.slots: queue.Queue[int] = queue.Queue()
+        for slot in range(cfg.workers):
+            self.slots.put(slot)
+
+    def submit(self, name: str, lr: float, final: bool) -> Future:
+        if self.pool is None:
+            done: Future = Future()
+            done.set_result(_run_task(self.cfg, name, lr, final))
+            return done
+        return self.pool.submit(self._in_process, name, lr, final)
+
+    def _in_process(self, name: str, lr: float, final: bool) -> dict[str, Any]:
+        slot = self.slots.get()
+        try:
+            result = Path(self.cfg.runs) / f"{name}-lr{lr:g}-{'final' if final else 'sweep'}.json"
+            process = mp.get_context("spawn").Process(target=_task_in_child,
+                                                      args=(slot, asdict(self.cfg), name, lr, final, str(result)))
+            process.start()
+            process.join()
+            if process.exitcode != 0:
+                raise HorizonError(f"quality run {name} (lr {lr:g}, {'final' if final else 'sweep'}) failed "
+                                   f"with exit code {process.exitcode}; its log is under {self.cfg.runs}")
+            return json.loads(result.read_text())
+        finally:
+            self.slots.put(slot)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _chosen_lr(name: str, borrow: list[str], sweeps: dict[str, list[Future]], kept: dict[str, Any],
+               lrs: list[float]) -> float | None:
+    """The rate ``name`` trains at, or None while the sweep that decides it is still running."""
+    source = "horizon" if name in borrow else name
+    if source in sweeps:
+        if not all(f.done() for f in sweeps[source]):
+            return None
+        return min((f.result() for f in sweeps[source]), key=lambda r: r["valid_bits_per_byte"])["lr"]
+    if name in borrow and "horizon" in kept:  # the full model was swept by an earlier call
+        return kept["horizon"]["lr"]
+    return lrs[0]
+
+
+def run_quality(cfg: QualityConfig) -> dict[str, Any]:
+    """Sweeps, then final runs as soon as each model's learning rate is known, spread over
+    ``workers`` GPUs. Models already in ``out`` are kept (a later call can add the rest)."""
     out = Path(cfg.out)
-    results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "models": {}}
-    lrs = [float(x) for x in cfg.lrs.split(",")]
-    for name in cfg.models.split(","):
+    names = cfg.models.split(",")
+    for name in names:
         if name not in ABLATIONS:
             raise ValueError(f"unknown model {name!r}; choose from {', '.join(ABLATIONS)}")
-        sweep = []
-        if len(lrs) > 1:
-            for lr in lrs:
-                run = _train(cfg, name, lr, cfg.sweep_minutes, Path(cfg.runs) / f"{name}-lr{lr:g}")
-                valid = run["summary"]["valid"][-1]["valid_bits_per_byte"] if run["summary"]["valid"] else float("inf")
-                sweep.append({"lr": lr, "valid_bits_per_byte": valid})
-        best = min(sweep, key=lambda r: r["valid_bits_per_byte"])["lr"] if sweep else lrs[0]
-        run = _train(cfg, name, best, cfg.minutes, Path(cfg.runs) / name)
-        summary = run["summary"]
-        entry = {"lr": best, "sweep": sweep, "parameters": summary["parameters"], "tokens_seen": summary["tokens_seen"],
-                 "train_seconds": summary["train_seconds"], "train_loss": summary["train_loss"], "steps": summary["step"],
-                 "first_step_seconds_incl_warmup": run["log"][0]["time"] if run["log"] else None,
-                 "loss_curve": [[r["time"], r["loss"]] for r in run["log"]],
-                 "scores": evaluate_model(cfg, Path(cfg.runs) / name / "checkpoints", device, cfg.seq_len)}
-        results["models"][name] = entry
-        print(json.dumps({"model": name, "lr": best, **{k: v.get("bits_per_byte", v.get("word_perplexity"))
-                                                       for k, v in entry["scores"].items()}}), flush=True)
-        atomic_write_json(out, results)
+    results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "models": {}}
+    if out.is_file():
+        kept = json.loads(out.read_text()).get("models", {})
+        results["models"] = {k: v for k, v in kept.items() if k not in names}
+    lrs = [float(x) for x in cfg.lrs.split(",")]
+    borrow = [n for n in names if cfg.ablation_lr_from_horizon and n.startswith("horizon_no_")]
+    if borrow and "horizon" not in names and "horizon" not in results["models"]:
+        raise ValueError("ablation_lr_from_horizon needs 'horizon' among the models or already in the results file")
+    swept = [n for n in names if len(lrs) > 1 and n not in borrow]
+    workers = _Workers(cfg)
+    try:
+        sweeps = {name: [workers.submit(name, lr, final=False) for lr in lrs] for name in swept}
+        finals: dict[str, Future] = {}
+        while len(finals) < len(names):
+            for name in names:
+                lr = _chosen_lr(name, borrow, sweeps, results["models"], lrs)
+                if name not in finals and lr is not None:
+                    finals[name] = workers.submit(name, lr, final=True)
+            pending = [f for runs in sweeps.values() for f in runs if not f.done()]
+            if len(finals) < len(names) and pending:
+                wait(pending, return_when=FIRST_COMPLETED)
+        for name in names:
+            entry = finals[name].result()
+            entry["sweep"] = [f.result() for f in sweeps.get(name, [])]
+            entry["lr_from"] = "horizon's sweep" if name in borrow else ("own sweep" if name in sweeps else "given")
+            results["models"][name] = entry
+            print(json.dumps({"model": name, "lr": entry["lr"], **{k: v.get("bits_per_byte", v.get("word_perplexity"))
+                                                                   for k, v in entry["scores"].items()}}), flush=True)
+            atomic_write_json(out, results)
+    finally:
+        workers.close()
     plot_quality(results, out.with_suffix(".png"))
     return results
 
