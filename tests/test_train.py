@@ -58,6 +58,15 @@ def test_state_is_carried_between_windows(data_dir: Path, tmp_path: Path) -> Non
     assert "state0.memory.keys" in ckpt.train_tensors
 
 
+def test_reset_every_starts_each_episode_fresh(data_dir: Path, tmp_path: Path) -> None:
+    """reset_every=2: steps 0 and 2 start from an empty state, so after 3 steps the carried
+    state has seen one window, not three; the passkey mix trains alongside."""
+    train(_cfg(data_dir, tmp_path / "run", steps=3, save_every=3, reset_every=2, seq_len=300, batch_size=2,
+               retrieval_every=2, retrieval_rate=1.0, retrieval_same_window=0.5, retrieval_weight=5.0))
+    header = load_checkpoint(tmp_path / "run", with_train_state=True).info["carried_states"][0]
+    assert header["pos"] == 300
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     real = train_module.lm_loss
     calls = {"n": 0}
@@ -101,3 +110,7 @@ def test_bad_train_config() -> None:
         TrainConfig(seq_len=0)
     with pytest.raises(ValueError, match="model"):
         TrainConfig(model="rnn")
+    with pytest.raises(ValueError, match="retrieval_keys"):
+        TrainConfig(retrieval_keys=9)
+    with pytest.raises(ValueError, match="reset_every"):
+        TrainConfig(reset_every=-1)

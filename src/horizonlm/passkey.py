@@ -22,11 +22,9 @@ import torch
 from torch import nn
 
 from horizonlm.bench.common import parse_ints, save_figure
+from horizonlm.data.needles import DOORS, needle, question
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json
-
-DOORS = ("blue", "red", "green", "yellow", "white", "black", "grey", "brown")
-
 
 @dataclass
 class PasskeyConfig:
@@ -66,18 +64,6 @@ class PasskeyConfig:
             raise ValueError("trials and window must be >= 1")
         if any(not 0 <= d <= 100 for d in parse_ints(self.depths)):
             raise ValueError(f"depths must lie in [0, 100], got {self.depths}")
-
-
-def needle(key: int, door: str | None) -> str:
-    if door is None:
-        return f" The pass key is {key}. Remember it. {key} is the pass key. "
-    return f" The pass key for the {door} door is {key}. Remember it. {key} is the pass key for the {door} door. "
-
-
-def question(door: str | None) -> str:
-    if door is None:
-        return " What is the pass key? The pass key is"
-    return f" What is the pass key for the {door} door? The pass key for the {door} door is"
 
 
 def build_prompt(haystack: bytes, length: int, depth: float, n_keys: int, rng: random.Random) -> tuple[bytes, int]:

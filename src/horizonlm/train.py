@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from horizonlm.checkpoint import build_model, load_checkpoint, save_checkpoint
 from horizonlm.config import HorizonConfig, TransformerConfig
+from horizonlm.data.needles import DOORS
 from horizonlm.data.stream import LongStreamBatcher, RetrievalMix, load_meta, open_split
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
@@ -58,12 +59,21 @@ class TrainConfig:
     max_minutes: float = 4.5
     """Stop after this much training time (0: no limit). The cosine schedule still spans ``steps``."""
     retrieval_every: int = 0
-    """Mix in passkey episodes of this many windows (key in the first, question in the last);
-    0: plain language modelling."""
+    """Mix in passkey episodes of this many windows (question at the end of the last);
+    0: plain language modelling. Needs a byte-level tokenizer."""
     retrieval_rate: float = 0.5
     """Fraction of (stream, episode) pairs that carry a passkey episode."""
     retrieval_weight: float = 1.0
     """Loss weight of the answer's target tokens (the rest weigh 1)."""
+    retrieval_same_window: float = 0.0
+    """Fraction of episodes whose keys are stated in the question's window (the rest: in an
+    earlier window). Writing the memory learns only from these: carried entries are detached."""
+    retrieval_keys: int = 1
+    """Episodes hide 1 to this many labelled keys (one unlabelled key when 1)."""
+    reset_every: int = 0
+    """Start from a fresh state every this many windows (0: only when the streams start over).
+    Passkey training sets it to ``retrieval_every``: each episode then starts with an empty
+    memory, and the training context is ``reset_every * seq_len`` tokens."""
     stop_after: int = 0
     """Stop this invocation after this many steps (0: run to ``steps``); resume later with ``--resume``.
     The schedule still spans ``steps``, so a run split into jobs equals one uninterrupted run."""
@@ -115,6 +125,11 @@ class TrainConfig:
             raise ValueError(f"lr and ssm_lr must be positive, got {self.lr}, {self.ssm_lr}")
         if self.retrieval_every < 0 or not 0 <= self.retrieval_rate <= 1 or self.retrieval_weight <= 0:
             raise ValueError("retrieval_every must be >= 0, retrieval_rate in [0, 1], retrieval_weight > 0")
+        if not 0 <= self.retrieval_same_window <= 1 or not 1 <= self.retrieval_keys <= len(DOORS):
+            raise ValueError(f"retrieval_same_window must be in [0, 1] and retrieval_keys in [1, {len(DOORS)}], "
+                             f"got {self.retrieval_same_window}, {self.retrieval_keys}")
+        if self.reset_every < 0:
+            raise ValueError(f"reset_every must be >= 0, got {self.reset_every}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -253,8 +268,11 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     local_batch = cfg.batch_size // dd.world
-    mix = (RetrievalMix(cfg.retrieval_every, cfg.retrieval_rate, cfg.seed, cfg.retrieval_weight)
-           if cfg.retrieval_every else None)
+    if cfg.retrieval_every and meta["tokenizer"].get("kind", "byte") != "byte":
+        raise HorizonError(f"passkey episodes (retrieval_every) need byte-level data; {cfg.data} is "
+                           f"{meta['tokenizer'].get('kind')}-level")
+    mix = (RetrievalMix(cfg.retrieval_every, cfg.retrieval_rate, cfg.seed, cfg.retrieval_weight,
+                        cfg.retrieval_same_window, cfg.retrieval_keys) if cfg.retrieval_every else None)
     batcher = LongStreamBatcher(train_tokens, cfg.batch_size, cfg.seq_len, first_stream=dd.rank * local_batch,
                                 local_batch=local_batch, retrieval=mix)
 
@@ -322,7 +340,7 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
         if cfg.max_minutes and train_seconds >= cfg.max_minutes * 60:
             break
         t0 = time.perf_counter()
-        if batcher.starts_epoch(step):
+        if batcher.starts_epoch(step) or (cfg.reset_every and step % cfg.reset_every == 0):
             carried = None
         x, y, weight = batcher.batch(step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

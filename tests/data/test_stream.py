@@ -57,3 +57,36 @@ def test_retrieval_episodes_cross_windows() -> None:
     assert (w_last[0] != 5.0).sum() == 256 - 7
     # deterministic: the same step gives the same data
     assert torch.equal(batcher.batch(2)[1], y_last)
+
+
+def test_retrieval_episodes_in_the_question_window_with_labelled_keys() -> None:
+    """same_window=1: every labelled key is stated before the question in the last window, the
+    question names one of them, and the weighted targets are exactly its answer."""
+    import re
+
+    from horizonlm.data.stream import RetrievalMix
+
+    tokens = (np.arange(400_000) % 26 + 97).astype(np.uint8)
+    mix = RetrievalMix(every=2, rate=1.0, seed=3, answer_weight=7.0, same_window=1.0, max_keys=4)
+    batcher = LongStreamBatcher(tokens, 8, 1024, retrieval=mix)
+    seen_counts = set()
+    for b in range(8):
+        assert b"pass key" not in bytes(batcher.batch(0)[0][b].tolist())
+        _, y, w = batcher.batch(1)
+        text = bytes(y[b].tolist())
+        door = re.search(rb"What is the pass key(?: for the (\w+) door)?\? The pass key(?: for the \w+ door)? is (\d{5})\.$",
+                         text)
+        assert door is not None, text[-120:]
+        facts = dict(re.findall(rb"The pass key(?: for the (\w+) door)? is (\d{5})\. Remember it\.", text))
+        seen_counts.add(len(facts))
+        assert facts[door.group(1) or b""] == door.group(2)
+        assert bytes(y[b][w[b] == 7.0].tolist()) == b" " + door.group(2) + b"."
+    assert len(seen_counts) > 1  # one to four keys
+
+
+def test_retrieval_needs_room_in_the_window() -> None:
+    from horizonlm.data.stream import RetrievalMix
+
+    tokens = np.zeros(100_000, dtype=np.uint8)
+    with pytest.raises(HorizonError, match="too short"):
+        LongStreamBatcher(tokens, 2, 256, retrieval=RetrievalMix(every=2, rate=1.0, max_keys=4))

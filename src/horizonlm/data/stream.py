@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from horizonlm.errors import HorizonError
+from horizonlm.data.needles import DOORS, needle, question
 from horizonlm.fileio import sha256_file
 
 
@@ -52,19 +53,29 @@ def open_split(data_dir: str | Path, split: str, verify: bool = False) -> np.mem
 
 @dataclass
 class RetrievalMix:
-    """Passkey episodes written into the training stream, so retrieval must cross windows.
+    """Passkey episodes written into the training stream (the benchmark's own sentences).
 
     Each stream's windows are grouped in episodes of ``every`` windows. With probability
-    ``rate`` an episode states a random 5-digit key once in its first window and asks for it
-    at the end of its last window, with the answer as the target; the key can only travel
-    through the carried state (supervisor, memory, S4D). Everything is a pure function of
-    (seed, stream, episode), so resumed runs see the same data.
+    ``rate`` an episode states 1 to ``max_keys`` random 5-digit keys (labelled by door when
+    more than one) and asks for one of them at the end of its last window, with the answer as
+    the target. With probability ``same_window`` the keys are stated in the question's own
+    window: only there does writing the memory get a gradient, because entries carried from
+    earlier windows are detached. Otherwise they are stated in an earlier window, so the key
+    can only travel through the carried state (memory, supervisor, S4D). Everything is a pure
+    function of (seed, stream, episode), so resumed runs see the same data.
     """
 
     every: int
     rate: float
     seed: int = 0
     answer_weight: float = 1.0
+    same_window: float = 0.0
+    max_keys: int = 1
+
+    def longest(self) -> int:
+        """Bytes the facts and the question can take in one window."""
+        longest_needle = max(len(needle(99999, d)) for d in (None, *DOORS))
+        return self.max_keys * longest_needle + len(question(DOORS[0])) + len(" 99999.")
 
     def apply(self, window: np.ndarray, stream: int, index: int) -> np.ndarray | None:
         """Edit ``window`` (L+1 tokens) in place; returns per-target loss weights (L,) or None."""
@@ -72,18 +83,29 @@ class RetrievalMix:
         rng = np.random.default_rng([self.seed, stream, episode])
         if rng.random() >= self.rate:
             return None
-        key = int(rng.integers(10000, 100000))
-        fact = f" The pass key is {key}. Remember it. {key} is the pass key. ".encode()
-        ask = f" What is the pass key? The pass key is {key}.".encode()
+        n_keys = int(rng.integers(1, self.max_keys + 1))
+        doors = [str(d) for d in rng.choice(DOORS, n_keys, replace=False)] if n_keys > 1 else [None]
+        keys = [int(k) for k in rng.integers(10000, 100000, n_keys)]
+        asked = int(rng.integers(n_keys))
+        same = self.every == 1 or rng.random() < self.same_window
+        fact_step = self.every - 1 if same else int(rng.integers(0, self.every - 1))
+        ask = f"{question(doors[asked])} {keys[asked]}.".encode()
+        facts = [needle(k, d).encode() for k, d in zip(keys, doors)]
         length = len(window)
-        at = int(rng.integers(0, max(1, length - len(fact) - len(ask))))
-        weights = None
-        if step == 0:
-            window[at : at + len(fact)] = np.frombuffer(fact, dtype=np.uint8)
-        if step == self.every - 1:
-            window[length - len(ask) :] = np.frombuffer(ask, dtype=np.uint8)
-            weights = np.ones(length - 1, dtype=np.float32)
-            weights[length - 1 - 7 : length - 1] = self.answer_weight  # targets " 48213." after "is"
+        room = length - (len(ask) if same else 0) - sum(map(len, facts))
+        offsets = np.sort(rng.integers(0, room + 1, n_keys))  # gaps between facts, in order
+        if step == fact_step:
+            at = 0
+            for offset, fact in zip(offsets, facts):
+                start = int(offset) + at
+                window[start : start + len(fact)] = np.frombuffer(fact, dtype=np.uint8)
+                at += len(fact)
+        if step != self.every - 1:
+            return None
+        window[length - len(ask) :] = np.frombuffer(ask, dtype=np.uint8)
+        weights = np.ones(length - 1, dtype=np.float32)
+        answer = len(f" {keys[asked]}.")
+        weights[length - 1 - answer :] = self.answer_weight  # the targets " 48213." after "is"
         return weights
 
 
@@ -108,6 +130,9 @@ class LongStreamBatcher:
             self.local_batch = self.batch_size
         self.stream_len = len(self.tokens) // self.batch_size
         self.windows = (self.stream_len - 1) // self.seq_len
+        if self.retrieval is not None and self.retrieval.longest() > self.seq_len:
+            raise HorizonError(f"seq_len={self.seq_len} is too short for {self.retrieval.max_keys} passkey fact(s) "
+                               f"and the question ({self.retrieval.longest()} tokens)")
         if self.windows < 1:
             raise HorizonError(
                 f"{len(self.tokens)} tokens cannot fill {self.batch_size} streams of one window of "
