@@ -15,7 +15,7 @@ from horizonlm import HorizonConfig, HorizonLM
 from horizonlm.checkpoint import save_checkpoint
 from horizonlm.cli import main
 from horizonlm.data.sources import shakespeare
-from horizonlm.passkey import PasskeyConfig, build_prompt, run_passkey, score
+from horizonlm.passkey import PasskeyConfig, build_prompt, digits_right, run_passkey, score
 
 HAYSTACK = b" ".join(shakespeare().splits["test"].split())
 
@@ -60,6 +60,8 @@ def test_oracle_scores_100_and_wrong_model_0() -> None:
     wrong = run_passkey(Oracle(wrong=True), HAYSTACK, cfg, torch.device("cpu"), "wrong")
     assert {c["accuracy"] for c in right["cells"]} == {1.0}
     assert {c["accuracy"] for c in wrong["cells"]} == {0.0}
+    assert {c["digit_accuracy"] for c in right["cells"]} == {1.0}
+    assert all(c["examples"][0][1].startswith(f" {c['examples'][0][0]}.") for c in right["cells"])
 
 
 def test_scoring() -> None:
@@ -78,3 +80,10 @@ def test_cli_runs_a_real_model(tmp_path: Path) -> None:
     cells = json.loads(out.read_text())["models"]["horizon (1 key)"]["cells"]
     assert [c["status"] for c in cells] == ["ok", "ok", "not run", "not run"]
     assert out.with_suffix(".png").is_file()
+
+
+def test_digit_credit_is_positional() -> None:
+    assert digits_right(" 48213.", 48213) == 5
+    assert digits_right(" 48299.", 48213) == 3
+    assert digits_right(" 13482", 48213) == 0
+    assert digits_right("", 48213) == 0

@@ -123,6 +123,12 @@ def score(reply: str, key: int) -> bool:
     return found is not None and int(found.group()) == key
 
 
+def digits_right(reply: str, key: int) -> int:
+    """Partial credit, for diagnosis only: digits of the key matched at their place in the
+    reply's first five characters after leading spaces (exact match is what scores)."""
+    return sum(a == b for a, b in zip(reply.lstrip()[:5], str(key)))
+
+
 def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: torch.device,
                 label: str, on_cell=None) -> dict[str, Any]:
     """Every (length, depth) cell; returns the results entry for ``label``. ``on_cell(entry)``
@@ -136,7 +142,7 @@ def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: t
                               "reason": f"longer than max_length={cfg.max_length}"})
                 continue
             rng = random.Random(f"{cfg.seed}-{length}-{depth}-{cfg.keys}")
-            correct, seconds = 0, []
+            correct, digits, seconds, examples = 0, 0, [], []
             for _ in range(cfg.trials):
                 prompt, key = build_prompt(haystack, length, depth, cfg.keys, rng)
                 t0 = time.perf_counter()
@@ -147,9 +153,12 @@ def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: t
                     break
                 seconds.append(time.perf_counter() - t0)
                 correct += score(reply, key)
+                digits += digits_right(reply, key)
+                examples.append([key, reply])
             else:
                 cells.append({"length": length, "depth": depth, "status": "ok", "trials": cfg.trials,
-                              "accuracy": correct / cfg.trials, "seconds_per_trial": sum(seconds) / len(seconds)})
+                              "accuracy": correct / cfg.trials, "digit_accuracy": digits / (5 * cfg.trials),
+                              "seconds_per_trial": sum(seconds) / len(seconds), "examples": examples[:3]})
                 print(json.dumps({"model": label, **cells[-1]}), flush=True)
             if on_cell is not None:
                 on_cell({"keys": cfg.keys, "cells": cells, "config": asdict(cfg)})
