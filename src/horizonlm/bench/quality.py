@@ -106,12 +106,15 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) 
 
 
 def _estimate_steps(tcfg: TrainConfig) -> int:
-    """Time a few steps to size the cosine schedule to the budget (the timing run is discarded)."""
-    probe = TrainConfig(**{**asdict(tcfg), "out": tcfg.out + "-probe", "steps": 6, "max_minutes": 0,
+    """Time a few steps to size the cosine schedule to the budget (the timing run is discarded).
+    Per-step time is read between the probe's first and last logged steps, so the first step's
+    warm-up and the closing checkpoint write do not shrink the schedule."""
+    probe = TrainConfig(**{**asdict(tcfg), "out": tcfg.out + "-probe", "steps": 8, "max_minutes": 0,
                            "eval_tokens": 2, "save_every": 0})
-    summary = train(probe)
-    per_step = summary["train_seconds"] / max(1, summary["step"])
-    return max(10, int(tcfg.max_minutes * 60 / per_step))
+    train(probe)
+    times = [r["time"] for r in map(json.loads, (Path(probe.out) / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    per_step = (times[-1] - times[0]) / max(1, len(times) - 1)
+    return max(10, int(tcfg.max_minutes * 60 / max(per_step, 1e-6)))
 
 
 def _score_books(model, tokens: np.ndarray, documents: list, window: int, device, reset_every: int | None,
