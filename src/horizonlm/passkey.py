@@ -200,8 +200,12 @@ def plot_passkey(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = results["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
-    for ax, (name, entry) in zip(axes[0], models.items()):
+    columns = min(len(models), 4)
+    rows = -(-len(models) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.axis("off")
+    for ax, (name, entry) in zip(axes.flat, models.items()):
         lengths = sorted({c["length"] for c in entry["cells"]})
         depths = sorted({c["depth"] for c in entry["cells"]})
         grid = np.full((len(depths), len(lengths)), np.nan)
