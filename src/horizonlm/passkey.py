@@ -26,6 +26,7 @@ from horizonlm.data.needles import DOORS, needle, question
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json
 
+
 @dataclass
 class PasskeyConfig:
     """Settings of ``horizon passkey``."""

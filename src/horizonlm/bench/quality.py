@@ -25,9 +25,9 @@ import torch
 
 from horizonlm.bench.common import environment, save_figure
 from horizonlm.checkpoint import load_checkpoint
+from horizonlm.data.stream import load_meta, open_split
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
-from horizonlm.data.stream import load_meta, open_split
 from horizonlm.evaluate import evaluate_tokens, wikitext_word_count, word_perplexity
 from horizonlm.fileio import atomic_write_json
 from horizonlm.train import TrainConfig, train

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from horizonlm.errors import HorizonError
 from horizonlm.data.needles import DOORS, needle, question
+from horizonlm.errors import HorizonError
 from horizonlm.fileio import sha256_file
 
 
@@ -66,11 +66,17 @@ class RetrievalMix:
     """
 
     every: int
+    """Windows per episode; the question ends the last one."""
     rate: float
+    """Probability that an episode carries keys and a question."""
     seed: int = 0
+    """Seed of keys, labels and places (with the stream and episode index)."""
     answer_weight: float = 1.0
+    """Loss weight of the answer's targets."""
     same_window: float = 0.0
+    """Probability that the keys are stated in the question's window."""
     max_keys: int = 1
+    """Keys per episode are drawn from 1..max_keys."""
 
     def longest(self) -> int:
         """Bytes the facts and the question can take in one window."""
