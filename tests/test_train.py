@@ -65,6 +65,20 @@ def test_reset_every_starts_each_episode_fresh(data_dir: Path, tmp_path: Path) -
                retrieval_every=2, retrieval_rate=1.0, retrieval_same_window=0.5, retrieval_weight=5.0))
     header = load_checkpoint(tmp_path / "run", with_train_state=True).info["carried_states"][0]
     assert header["pos"] == 300
+    asked = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+             if "answer_digit_accuracy" in r]
+    assert [r["step"] for r in asked] == [2]  # questions end each 2-window episode: step index 1
+    assert 0 <= asked[0]["answer_digit_accuracy"] <= 1
+
+
+def test_answer_digit_accuracy_counts_only_answer_digits() -> None:
+    targets = torch.tensor([[ord(c) for c in "ab 12."]])  # (1, 6)
+    weight = torch.tensor([[1.0, 1.0, 5.0, 5.0, 5.0, 5.0]])  # (1, 6)
+    logits = torch.full((1, 6, 256), -1.0)  # (1, 6, V)
+    for i, c in enumerate("xx 19."):
+        logits[0, i, ord(c)] = 1.0
+    assert float(train_module.answer_digit_accuracy(logits, targets, weight)) == 0.5
+    assert train_module.answer_digit_accuracy(logits, targets, torch.ones(1, 6)) is None
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -228,6 +228,15 @@ def weighted_loss(logits: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
     return (per_token * weight.reshape(-1)).mean()
 
 
+def answer_digit_accuracy(logits: Tensor, targets: Tensor, weight: Tensor) -> Tensor | None:
+    """Argmax accuracy on the digits of the up-weighted (answer) targets, or None when the batch
+    has none: whether retrieval is being learned, visible in the training log."""
+    digits = (weight != 1) & (targets >= ord("0")) & (targets <= ord("9"))  # (B, L)
+    if not bool(digits.any()):
+        return None
+    return (logits.detach().argmax(-1) == targets)[digits].float().mean()
+
+
 class _Log:
     """Append-only JSONL log; on resume, entries after the resumed step are dropped first."""
 
@@ -350,7 +359,13 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
         with autocast:
             logits, new_state = net(x, carried if carry_state else None)
         loss = lm_loss(logits, y)
-        objective = loss if weight is None else weighted_loss(logits, y, weight.to(device))
+        answer_acc = None
+        if weight is None:
+            objective = loss
+        else:
+            weight = weight.to(device)
+            objective = weighted_loss(logits, y, weight)
+            answer_acc = answer_digit_accuracy(logits, y, weight)
         objective.backward()
         loss_sum = loss.detach().clone()
         if dd.world > 1:
@@ -374,6 +389,8 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
                   "time": time.perf_counter() - t_start}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        if answer_acc is not None:
+            record["answer_digit_accuracy"] = float(answer_acc)  # this process's rows
         log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{record['bits_per_byte']:.3f}",
