@@ -15,7 +15,13 @@ from horizonlm import HorizonConfig, HorizonLM
 from horizonlm.checkpoint import save_checkpoint
 from horizonlm.cli import main
 from horizonlm.data.sources import shakespeare
-from horizonlm.passkey import PasskeyConfig, build_prompt, digits_right, run_passkey, score
+from horizonlm.passkey import (
+    PasskeyConfig,
+    build_prompt,
+    digits_right,
+    run_passkey,
+    score,
+)
 
 HAYSTACK = b" ".join(shakespeare().splits["test"].split())
 

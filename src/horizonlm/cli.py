@@ -11,8 +11,9 @@ import json
 import sys
 import textwrap
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -177,14 +178,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Prepare the shipped Shakespeare, train the default model, score the test split, sample."""
+    from horizonlm.bench.common import environment
     from horizonlm.checkpoint import load_checkpoint
     from horizonlm.data.prepare import prepare
     from horizonlm.data.stream import load_meta, open_split
     from horizonlm.data.tokenizers import tokenizer_from_spec
     from horizonlm.evaluate import evaluate_tokens
-    from horizonlm.generate import GenerateConfig, generate
-    from horizonlm.bench.common import environment
     from horizonlm.fileio import atomic_write_json
+    from horizonlm.generate import GenerateConfig, generate
     from horizonlm.train import TrainConfig, train
 
     cfg = build_config(TrainConfig, args)
@@ -224,7 +225,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_passkey(args: argparse.Namespace) -> int:
     from horizonlm.bench.common import environment
     from horizonlm.checkpoint import load_checkpoint
-    from horizonlm.passkey import PasskeyConfig, load_haystack, run_passkey, save_results
+    from horizonlm.passkey import (
+        PasskeyConfig,
+        load_haystack,
+        run_passkey,
+        save_results,
+    )
 
     cfg = build_config(PasskeyConfig, args)
     device = resolve_device(cfg.device)

@@ -99,7 +99,7 @@ class HorizonConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "HorizonConfig":
+    def from_dict(cls, values: dict[str, Any]) -> HorizonConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -107,7 +107,7 @@ class HorizonConfig:
         return cls(**values)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "HorizonConfig":
+    def preset(cls, name: str, **overrides: Any) -> HorizonConfig:
         if name not in HORIZON_PRESETS:
             raise ValueError(f"preset must be one of {sorted(HORIZON_PRESETS)}, got {name!r}")
         return cls(**{**HORIZON_PRESETS[name], **overrides})
@@ -163,7 +163,7 @@ class TransformerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TransformerConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -171,7 +171,7 @@ class TransformerConfig:
         return cls(**values)
 
     @classmethod
-    def matching(cls, horizon: HorizonConfig, head_dim: int = 64) -> "TransformerConfig":
+    def matching(cls, horizon: HorizonConfig, head_dim: int = 64) -> TransformerConfig:
         """The baseline with the same width, depth, MLP and vocabulary as ``horizon``."""
         n_heads = max(1, horizon.d_model // head_dim)
         return cls(vocab_size=horizon.vocab_size, d_model=horizon.d_model, n_layers=horizon.n_layers,
@@ -179,7 +179,7 @@ class TransformerConfig:
                    norm_eps=horizon.norm_eps, init_std=horizon.init_std)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "TransformerConfig":
+    def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
         base = cls.matching(HorizonConfig.preset(name))
         return cls(**{**base.to_dict(), **overrides})
 

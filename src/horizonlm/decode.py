@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 
 from horizonlm.model import HorizonLM
-from horizonlm.state import BlockState, HorizonState, MemoryState, StoreMemoryState, SupervisorState
+from horizonlm.state import (
+    BlockState,
+    HorizonState,
+    MemoryState,
+    StoreMemoryState,
+    SupervisorState,
+)
 
 
 def state_tensors(state: HorizonState) -> list[Tensor]:

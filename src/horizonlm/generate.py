@@ -7,9 +7,9 @@ tensor of its full length), then one token at a time is sampled and fed back.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn

@@ -16,8 +16,13 @@ import torch
 from tqdm import tqdm
 
 from horizonlm.checkpoint import load_checkpoint
+from horizonlm.context import (
+    load_context,
+    model_fingerprint,
+    read_manifest,
+    save_context,
+)
 from horizonlm.devices import resolve_device
-from horizonlm.context import load_context, model_fingerprint, read_manifest, save_context
 from horizonlm.errors import HorizonError
 from horizonlm.memory.store import StoreConfig
 from horizonlm.model import HorizonLM

@@ -86,7 +86,7 @@ class HorizonState:
     batch_size: int
     """B: streams carried side by side."""
 
-    def detach(self) -> "HorizonState":
+    def detach(self) -> HorizonState:
         """Cut the autograd graph (truncated backprop through time between windows)."""
         blocks = tuple(BlockState(_detach(b.ssm), _detach(b.conv)) for b in self.blocks)
         sup = None if self.supervisor is None else replace(self.supervisor, s=self.supervisor.s.detach())
@@ -95,7 +95,7 @@ class HorizonState:
             mem = replace(mem, keys=mem.keys.detach(), values=mem.values.detach())
         return replace(self, blocks=blocks, supervisor=sup, memory=mem)
 
-    def expand(self, batch_size: int) -> "HorizonState":
+    def expand(self, batch_size: int) -> HorizonState:
         """A batch-1 state repeated ``batch_size`` times (many continuations of one context)."""
         if self.batch_size != 1:
             raise ValueError(f"expand needs a state of batch_size=1, got {self.batch_size}")
@@ -111,7 +111,7 @@ class HorizonState:
                                                         values=rep(self.memory.values))
         return replace(self, blocks=blocks, supervisor=sup, memory=mem, batch_size=batch_size)
 
-    def to(self, device: torch.device | str) -> "HorizonState":
+    def to(self, device: torch.device | str) -> HorizonState:
         blocks = tuple(BlockState(_to(b.ssm, device), _to(b.conv, device)) for b in self.blocks)
         sup = None if self.supervisor is None else replace(self.supervisor, s=self.supervisor.s.to(device))
         mem = self.memory
@@ -133,10 +133,10 @@ class KVState:
     batch_size: int
     """B: streams carried side by side."""
 
-    def detach(self) -> "KVState":
+    def detach(self) -> KVState:
         return replace(self, keys=tuple(k.detach() for k in self.keys), values=tuple(v.detach() for v in self.values))
 
-    def expand(self, batch_size: int) -> "KVState":
+    def expand(self, batch_size: int) -> KVState:
         """A batch-1 cache repeated ``batch_size`` times."""
         if self.batch_size != 1:
             raise ValueError(f"expand needs a state of batch_size=1, got {self.batch_size}")
@@ -144,5 +144,5 @@ class KVState:
         values = tuple(v.expand(batch_size, *v.shape[1:]).contiguous() for v in self.values)
         return replace(self, keys=keys, values=values, batch_size=batch_size)
 
-    def to(self, device: torch.device | str) -> "KVState":
+    def to(self, device: torch.device | str) -> KVState:
         return replace(self, keys=tuple(k.to(device) for k in self.keys), values=tuple(v.to(device) for v in self.values))

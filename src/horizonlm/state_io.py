@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 
 from horizonlm.errors import HorizonError
-from horizonlm.state import BlockState, HorizonState, KVState, MemoryState, SupervisorState
+from horizonlm.state import (
+    BlockState,
+    HorizonState,
+    KVState,
+    MemoryState,
+    SupervisorState,
+)
 
 
 def state_to_tensors(state: HorizonState | KVState, prefix: str = "state.") -> tuple[dict[str, Tensor], dict[str, Any]]:

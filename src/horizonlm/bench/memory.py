@@ -18,7 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from horizonlm.bench.common import environment, median, parse_ints, save_figure, time_cuda
+from horizonlm.bench.common import (
+    environment,
+    median,
+    parse_ints,
+    save_figure,
+    time_cuda,
+)
 from horizonlm.fileio import atomic_write_json
 from horizonlm.memory.store import MemoryStore, StoreConfig
 

@@ -11,16 +11,23 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from horizonlm.baseline import TransformerLM
-from horizonlm.bench.common import environment, median, parse_ints, save_figure, time_cuda
+from horizonlm.bench.common import (
+    environment,
+    median,
+    parse_ints,
+    save_figure,
+    time_cuda,
+)
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.decode import GraphedDecoder
 from horizonlm.fileio import atomic_write_json

@@ -8,7 +8,12 @@ from typing import Any
 import numpy as np
 
 from horizonlm.data.sources import SPLITS, Corpus, decode_utf8, load_corpus
-from horizonlm.data.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer, WordTokenizer
+from horizonlm.data.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    WordTokenizer,
+)
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write, atomic_write_json, sha256_file
 

@@ -48,7 +48,7 @@ class WordTokenizer:
         self.vocab_size = len(words)
 
     @classmethod
-    def build(cls, text: str, max_size: int | None = None) -> "WordTokenizer":
+    def build(cls, text: str, max_size: int | None = None) -> WordTokenizer:
         counts = Counter(text.split())
         counts.pop(cls.UNK, None)
         counts.pop(cls.EOS, None)
@@ -85,7 +85,7 @@ class BPETokenizer:
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
-    def build(cls, text: str, vocab_size: int) -> "BPETokenizer":
+    def build(cls, text: str, vocab_size: int) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 

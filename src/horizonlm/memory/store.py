@@ -212,7 +212,7 @@ class MemoryStore:
         return names
 
     @classmethod
-    def load(cls, folder: Path, config: StoreConfig, device: torch.device | str = "cpu") -> "MemoryStore":
+    def load(cls, folder: Path, config: StoreConfig, device: torch.device | str = "cpu") -> MemoryStore:
         tensors = load_file(str(folder / "memory.safetensors"))
         store = cls(tensors["keys"].shape[1], tensors["values"].shape[1], config, device)
         store.keys = tensors["keys"].to(store.device) if store.keeps_keys else store.keys
