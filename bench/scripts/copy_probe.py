@@ -7,6 +7,7 @@ it. 48213 is the pass key. " at a random place and " What is the pass key? The p
 accuracy. Writes a JSON curve; used to tell "cannot" from "not yet" for the passkey recipe.
 
     python bench/scripts/copy_probe.py --steps 9000 --out bench/results/passkey_cpu_probe.json
+    python bench/scripts/copy_probe.py --plot A.json B.json --out curves.png
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import math
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +47,31 @@ def batch(text: np.ndarray, rng: np.random.Generator, rows: int, length: int) ->
     return x[:, :-1], x[:, 1:]
 
 
+def plot(paths: list[str], out: str) -> None:
+    """Digit and exact-match accuracy against steps, one line pair per probe file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from horizonlm.bench.common import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for path in paths:
+        result = json.loads(open(path).read())
+        steps = [r["step"] for r in result["curve"]]
+        label = result["args"]["overrides"]
+        ax.plot(steps, [r["digit"] for r in result["curve"]], label=f"digits right {label}")
+        ax.plot(steps, [r["exact"] for r in result["curve"]], "--", label=f"exact {label}")
+    ax.axhline(0.1, color="grey", lw=0.8)
+    ax.set(xlabel="training step (16 windows, 16 answered keys)", ylabel="held-out accuracy (teacher-forced)",
+           title="copying a passkey inside a 192-token window (cpu preset)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, Path(out))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--length", type=int, default=192, help="tokens per window")
@@ -57,8 +84,12 @@ def main() -> None:
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="results JSON (with --plot: the PNG)")
+    p.add_argument("--plot", nargs="+", help="plot these probe results instead of training")
     args = p.parse_args()
+    if args.plot:
+        plot(args.plot, args.out)
+        return
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     text = np.frombuffer(shakespeare().splits["train"], dtype=np.uint8)
