@@ -108,7 +108,7 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) 
 def _estimate_steps(tcfg: TrainConfig) -> int:
     """Time a few steps to size the cosine schedule to the budget (the timing run is discarded).
     Per-step time is read between the probe's first and last logged steps, so the first step's
-    warm-up and the closing checkpoint write do not shrink the schedule."""
+    warm-up (CUDA and library initialisation) does not shrink the schedule."""
     probe = TrainConfig(**{**asdict(tcfg), "out": tcfg.out + "-probe", "steps": 8, "max_minutes": 0,
                            "eval_tokens": 2, "save_every": 0})
     train(probe)
