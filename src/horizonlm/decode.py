@@ -20,11 +20,9 @@ from torch import Tensor
 
 from horizonlm.model import HorizonLM
 from horizonlm.state import (
-    BlockState,
     HorizonState,
     MemoryState,
     StoreMemoryState,
-    SupervisorState,
 )
 
 
@@ -40,18 +38,6 @@ def state_tensors(state: HorizonState) -> list[Tensor]:
     return out
 
 
-def clone_state(state: HorizonState) -> HorizonState:
-    def c(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.clone()
-
-    blocks = tuple(BlockState(c(b.ssm), c(b.conv)) for b in state.blocks)
-    sup = None if state.supervisor is None else SupervisorState(c(state.supervisor.s), state.supervisor.pos)
-    mem = state.memory
-    if isinstance(mem, MemoryState):
-        mem = MemoryState(c(mem.keys), c(mem.values), c(mem.chunk_ids), mem.pos)
-    return replace(state, blocks=blocks, supervisor=sup, memory=mem)
-
-
 def _advance(state: HorizonState, steps: int) -> HorizonState:
     sup = None if state.supervisor is None else replace(state.supervisor, pos=state.supervisor.pos + steps)
     mem = None if state.memory is None else replace(state.memory, pos=state.memory.pos + steps)
@@ -65,7 +51,7 @@ class GraphedDecoder:
         if not isinstance(model, HorizonLM):
             raise ValueError("GraphedDecoder needs a HorizonLM (the baseline's cache grows every step)")
         self.model = model
-        self.state = clone_state(state)
+        self.state = state.clone()
         # A store-backed memory is searched on the host side: such states decode eagerly.
         self.use_graphs = model.embed.weight.is_cuda and not isinstance(state.memory, StoreMemoryState)
         self.bf16 = bf16 and self.use_graphs
@@ -80,7 +66,7 @@ class GraphedDecoder:
             return self.model(tokens, state)
 
     def _capture(self) -> None:
-        inputs = clone_state(self.state)
+        inputs = self.state.clone()
         self.static_tokens = torch.zeros(self.state.batch_size, 1, dtype=torch.long,
                                          device=self.model.embed.weight.device)  # (B, 1)
         side = torch.cuda.Stream()
@@ -116,4 +102,4 @@ class GraphedDecoder:
 
     def snapshot(self) -> HorizonState:
         """The current state as a fresh, independent HorizonState."""
-        return clone_state(self.state)
+        return self.state.clone()

@@ -6,19 +6,12 @@ so a caller can branch a stream (for example, try two continuations) by reusing 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
-
-
-def _detach(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
-
-
-def _to(t: Tensor | None, device: torch.device | str) -> Tensor | None:
-    return None if t is None else t.to(device)
 
 
 @dataclass(frozen=True)
@@ -86,14 +79,19 @@ class HorizonState:
     batch_size: int
     """B: streams carried side by side."""
 
-    def detach(self) -> HorizonState:
-        """Cut the autograd graph (truncated backprop through time between windows)."""
-        blocks = tuple(BlockState(_detach(b.ssm), _detach(b.conv)) for b in self.blocks)
-        sup = None if self.supervisor is None else replace(self.supervisor, s=self.supervisor.s.detach())
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> HorizonState:
+        """The same state with ``fn`` applied to each of its tensors (a store-backed memory,
+        which is not a tensor, is kept as it is)."""
+        blocks = tuple(BlockState(*(None if t is None else fn(t) for t in (b.ssm, b.conv))) for b in self.blocks)
+        sup = None if self.supervisor is None else replace(self.supervisor, s=fn(self.supervisor.s))
         mem = self.memory
         if isinstance(mem, MemoryState):
-            mem = replace(mem, keys=mem.keys.detach(), values=mem.values.detach())
+            mem = replace(mem, keys=fn(mem.keys), values=fn(mem.values), chunk_ids=fn(mem.chunk_ids))
         return replace(self, blocks=blocks, supervisor=sup, memory=mem)
+
+    def detach(self) -> HorizonState:
+        """Cut the autograd graph (truncated backprop through time between windows)."""
+        return self.map_tensors(Tensor.detach)
 
     def expand(self, batch_size: int) -> HorizonState:
         """A batch-1 state repeated ``batch_size`` times (many continuations of one context)."""
@@ -112,12 +110,11 @@ class HorizonState:
         return replace(self, blocks=blocks, supervisor=sup, memory=mem, batch_size=batch_size)
 
     def to(self, device: torch.device | str) -> HorizonState:
-        blocks = tuple(BlockState(_to(b.ssm, device), _to(b.conv, device)) for b in self.blocks)
-        sup = None if self.supervisor is None else replace(self.supervisor, s=self.supervisor.s.to(device))
-        mem = self.memory
-        if isinstance(mem, MemoryState):
-            mem = replace(mem, keys=mem.keys.to(device), values=mem.values.to(device), chunk_ids=mem.chunk_ids.to(device))
-        return replace(self, blocks=blocks, supervisor=sup, memory=mem)
+        return self.map_tensors(lambda t: t.to(device))
+
+    def clone(self) -> HorizonState:
+        """A copy that shares no tensor storage with this state."""
+        return self.map_tensors(Tensor.clone)
 
 
 @dataclass(frozen=True)
