@@ -81,6 +81,13 @@ def test_answer_digit_accuracy_counts_only_answer_digits() -> None:
     assert train_module.answer_digit_accuracy(logits, targets, torch.ones(1, 6)) is None
 
 
+def test_passkey_episodes_refuse_word_level_data(tmp_path: Path) -> None:
+    """Episodes write raw bytes into the windows, so word-level data is refused, not corrupted."""
+    prepare("shakespeare", tmp_path / "words", tokenizer="word")
+    with pytest.raises(HorizonError, match="byte-level tokens, got word-level"):
+        train(_cfg(tmp_path / "words", tmp_path / "run", retrieval_every=2, retrieval_rate=1.0, seq_len=300))
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     real = train_module.lm_loss
     calls = {"n": 0}

@@ -225,6 +225,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_passkey(args: argparse.Namespace) -> int:
     from horizonlm.bench.common import environment
     from horizonlm.checkpoint import load_checkpoint
+    from horizonlm.data.tokenizers import require_byte_level
     from horizonlm.passkey import (
         PasskeyConfig,
         load_haystack,
@@ -235,8 +236,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     cfg = build_config(PasskeyConfig, args)
     device = resolve_device(cfg.device)
     ckpt = load_checkpoint(cfg.checkpoint)
-    if ckpt.info.get("tokenizer", {}).get("kind", "byte") != "byte":
-        raise HorizonError("passkey prompts are byte level: it needs a byte-level checkpoint")
+    require_byte_level(ckpt.info.get("tokenizer", {}), f"passkey prompts are raw bytes; checkpoint {ckpt.path}")
     label = cfg.label or ckpt.info["kind"]
     env = environment()
     run_passkey(ckpt.model.to(device), load_haystack(cfg), cfg, device, label,

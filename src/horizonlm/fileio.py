@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from horizonlm.errors import HorizonError
+
 
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -87,8 +89,6 @@ def check_files(folder: Path, files: dict[str, str], what: str) -> None:
     """Every file named in ``files`` exists under ``folder`` with its recorded sha256.
 
     ``what`` starts the error message ("corrupt checkpoint ...", "saved context ...")."""
-    from horizonlm.errors import HorizonError
-
     for name, digest in files.items():
         file = folder / name
         if not file.is_file():

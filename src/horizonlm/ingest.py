@@ -22,6 +22,7 @@ from horizonlm.context import (
     read_manifest,
     save_context,
 )
+from horizonlm.data.tokenizers import require_byte_level
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
 from horizonlm.memory.store import StoreConfig
@@ -68,8 +69,7 @@ def ingest(files: list[str], cfg: IngestConfig) -> dict[str, Any]:
     model = ckpt.model.to(device).eval()
     if not isinstance(model, HorizonLM):
         raise HorizonError("ingest needs a HorizonLM checkpoint")
-    if ckpt.info.get("tokenizer", {}).get("kind", "byte") != "byte":
-        raise HorizonError("ingest reads raw bytes: it needs a byte-level checkpoint")
+    require_byte_level(ckpt.info.get("tokenizer", {}), f"ingest reads raw bytes; checkpoint {ckpt.path}")
     paths = [Path(f) for f in files]
     for p in paths:
         if not p.is_file():

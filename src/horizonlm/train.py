@@ -27,6 +27,7 @@ from horizonlm.checkpoint import build_model, load_checkpoint, save_checkpoint
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.data.needles import DOORS
 from horizonlm.data.stream import LongStreamBatcher, RetrievalMix, load_meta, open_split
+from horizonlm.data.tokenizers import require_byte_level
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
 from horizonlm.evaluate import evaluate_tokens
@@ -277,9 +278,8 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     local_batch = cfg.batch_size // dd.world
-    if cfg.retrieval_every and meta["tokenizer"].get("kind", "byte") != "byte":
-        raise HorizonError(f"passkey episodes (retrieval_every) need byte-level data; {cfg.data} is "
-                           f"{meta['tokenizer'].get('kind')}-level")
+    if cfg.retrieval_every:
+        require_byte_level(meta["tokenizer"], f"passkey episodes (retrieval_every) write bytes into {cfg.data}")
     mix = (RetrievalMix(cfg.retrieval_every, cfg.retrieval_rate, cfg.seed, cfg.retrieval_weight,
                         cfg.retrieval_same_window, cfg.retrieval_keys) if cfg.retrieval_every else None)
     batcher = LongStreamBatcher(train_tokens, cfg.batch_size, cfg.seq_len, first_stream=dd.rank * local_batch,

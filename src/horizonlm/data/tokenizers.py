@@ -107,6 +107,14 @@ class BPETokenizer:
         return {"kind": "bpe", "json": self.tok.to_str()}
 
 
+def require_byte_level(spec: dict[str, Any], why: str) -> None:
+    """Refuse a non-byte tokenizer spec (from meta.json or a checkpoint) where raw bytes are fed
+    or written; ``why`` begins the message. A spec without a kind is byte level."""
+    kind = spec.get("kind", "byte")
+    if kind != "byte":
+        raise HorizonError(f"{why}: it needs byte-level tokens, got {kind}-level")
+
+
 def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
     kind = spec.get("kind")
     if kind == "byte":
