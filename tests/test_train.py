@@ -71,6 +71,19 @@ def test_reset_every_starts_each_episode_fresh(data_dir: Path, tmp_path: Path) -
     assert 0 <= asked[0]["answer_digit_accuracy"] <= 1
 
 
+def test_weighted_loss_is_lm_loss_plus_weights() -> None:
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))  # (B, L, V), (B, L)
+    weight = torch.ones(2, 5)  # (B, L)
+    loss, objective = train_module.weighted_loss(logits, targets, weight)
+    torch.testing.assert_close(loss, train_module.lm_loss(logits, targets))
+    torch.testing.assert_close(objective, loss)
+    weight[1, 4] = 3.0
+    _, heavier = train_module.weighted_loss(logits, targets, weight)
+    extra = 2.0 * torch.nn.functional.cross_entropy(logits[1, 4:5], targets[1, 4:5]) / 10
+    torch.testing.assert_close(heavier, loss + extra)
+
+
 def test_answer_digit_accuracy_counts_only_answer_digits() -> None:
     targets = torch.tensor([[ord(c) for c in "ab 12."]])  # (1, 6)
     weight = torch.tensor([[1.0, 1.0, 5.0, 5.0, 5.0, 5.0]])  # (1, 6)

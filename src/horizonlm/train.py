@@ -222,11 +222,11 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def weighted_loss(logits: Tensor, targets: Tensor, weight: Tensor) -> Tensor:
-    """Cross-entropy with per-target weights, normalised by the token count (not the weights),
-    so a weight of 1 everywhere equals :func:`lm_loss`."""
+def weighted_loss(logits: Tensor, targets: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The plain mean loss (as :func:`lm_loss`) and the objective with per-target weights,
+    normalised by the token count (not the weights), from one cross-entropy pass."""
     per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (per_token * weight.reshape(-1)).mean()
+    return per_token.mean(), (per_token * weight.reshape(-1)).mean()
 
 
 def answer_digit_accuracy(logits: Tensor, targets: Tensor, weight: Tensor) -> Tensor | None:
@@ -358,13 +358,12 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
             group["lr"] = group["base_lr"] * factor
         with autocast:
             logits, new_state = net(x, carried if carry_state else None)
-        loss = lm_loss(logits, y)
         answer_acc = None
         if weight is None:
-            objective = loss
+            loss = objective = lm_loss(logits, y)
         else:
             weight = weight.to(device)
-            objective = weighted_loss(logits, y, weight)
+            loss, objective = weighted_loss(logits, y, weight)
             answer_acc = answer_digit_accuracy(logits, y, weight)
         objective.backward()
         loss_sum = loss.detach().clone()
