@@ -93,3 +93,10 @@ def test_digit_credit_is_positional() -> None:
     assert digits_right(" 48299.", 48213) == 3
     assert digits_right(" 13482", 48213) == 0
     assert digits_right("", 48213) == 0
+
+
+def test_empty_grid_is_refused() -> None:
+    with pytest.raises(ValueError, match="lengths and depths"):
+        PasskeyConfig(lengths="")
+    with pytest.raises(ValueError, match="lengths and depths"):
+        PasskeyConfig(depths=" , ")

@@ -229,6 +229,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     from horizonlm.passkey import (
         PasskeyConfig,
         load_haystack,
+        plot_passkey,
         run_passkey,
         save_results,
     )
@@ -239,8 +240,9 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     require_byte_level(ckpt.info.get("tokenizer", {}), f"passkey prompts are raw bytes; checkpoint {ckpt.path}")
     label = cfg.label or ckpt.info["kind"]
     env = environment()
-    run_passkey(ckpt.model.to(device), load_haystack(cfg), cfg, device, label,
-                on_cell=lambda entry: save_results(cfg.out, label, entry, env))
+    entry = run_passkey(ckpt.model.to(device), load_haystack(cfg), cfg, device, label,
+                        on_cell=lambda partial: save_results(cfg.out, label, partial, env))
+    plot_passkey(save_results(cfg.out, label, entry, env), Path(cfg.out).with_suffix(".png"))
     print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
     return 0
 

@@ -63,6 +63,8 @@ class PasskeyConfig:
             raise ValueError(f"keys must be in [1, {len(DOORS)}], got {self.keys}")
         if self.trials < 1 or self.window < 1:
             raise ValueError("trials and window must be >= 1")
+        if not parse_ints(self.lengths) or not parse_ints(self.depths):
+            raise ValueError(f"lengths and depths need at least one value each, got {self.lengths!r}, {self.depths!r}")
         if any(not 0 <= d <= 100 for d in parse_ints(self.depths)):
             raise ValueError(f"depths must lie in [0, 100], got {self.depths}")
 
@@ -135,7 +137,8 @@ def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: t
     """Every (length, depth) cell; returns the results entry for ``label``. ``on_cell(entry)``
     is called after each cell (to save partial results)."""
     model.eval()
-    cells = []
+    cells: list[dict[str, Any]] = []
+    entry = {"keys": cfg.keys, "cells": cells, "config": asdict(cfg)}
     for length in parse_ints(cfg.lengths):
         for depth in parse_ints(cfg.depths):
             if cfg.max_length and length > cfg.max_length:
@@ -162,10 +165,7 @@ def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: t
                               "seconds_per_trial": sum(seconds) / len(seconds), "examples": examples[:3]})
                 print(json.dumps({"model": label, **cells[-1]}), flush=True)
             if on_cell is not None:
-                on_cell({"keys": cfg.keys, "cells": cells, "config": asdict(cfg)})
-    entry = {"keys": cfg.keys, "cells": cells, "config": asdict(cfg)}
-    if on_cell is not None:
-        on_cell(entry)
+                on_cell(entry)
     return entry
 
 
@@ -185,13 +185,15 @@ def load_haystack(cfg: PasskeyConfig) -> bytes:
     return data
 
 
-def save_results(path: str | Path, label: str, entry: dict[str, Any], environment: dict[str, Any]) -> None:
+def save_results(path: str | Path, label: str, entry: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
+    """Add or replace ``label``'s entry in the results file (other labels are kept); returns
+    the whole results. Called after every cell, so it writes JSON only (plot once at the end)."""
     path = Path(path)
     results = json.loads(path.read_text()) if path.is_file() else {"models": {}}
     results["models"][f"{label} ({entry['keys']} key{'s' if entry['keys'] > 1 else ''})"] = {
         **entry, "environment": environment}
     atomic_write_json(path, results)
-    plot_passkey(results, path.with_suffix(".png"))
+    return results
 
 
 def plot_passkey(results: dict[str, Any], path: Path) -> None:
