@@ -12,6 +12,10 @@ def _require(condition: bool, name: str, message: str, value: Any) -> None:
         raise ValueError(f"{name} {message}, got {value!r}")
 
 
+SSM_KINDS = ("s4d", "selective")
+SSM_GATES = ("silu", "none")
+
+
 @dataclass
 class HorizonConfig:
     """Shape and switches of a :class:`horizonlm.HorizonLM`. Field names follow DESIGN.md."""
@@ -24,13 +28,24 @@ class HorizonConfig:
     """Number of blocks (S4D + multi-resolution conv + GLU MLP each)."""
     mlp_hidden: int = 704
     """Hidden width of the GLU MLP in each block."""
+    ssm_kind: str = "s4d"
+    """Sequence mixer of the SSM sublayer: ``s4d`` (time-invariant diagonal S4D, DESIGN.md part 1)
+    or ``selective`` (input-dependent step size, B and C per token, as in S6/SSD)."""
+    ssm_gate: str = "silu"
+    """Output gate of the SSM sublayer: ``silu`` gives ``W_o(GELU(SSM(x)) * SiLU(W_g x))``,
+    ``none`` the ungated ``W_o(GELU(SSM(x)))`` (kept for the ablation)."""
     ssm_state: int = 64
-    """N: complex state size per channel, stored as N/2 conjugate pairs (must be even)."""
-    ssm_fft_chunk: int = 1024
-    """Tokens per FFT window inside the S4D scan; bounds its memory at O(D*N*chunk)."""
+    """N: state size per channel. For ``s4d``, complex, stored as N/2 conjugate pairs (must be
+    even); for ``selective``, real, per head."""
+    ssm_head_dim: int = 64
+    """P: channels per head of the ``selective`` SSM (heads share their step size and B, C);
+    must divide d_model. Unused by ``s4d``."""
+    ssm_chunk: int = 128
+    """T: tokens per chunk of the parallel scan: inside a chunk a (T, T) matrix product, chunk
+    boundary states chained by the recurrence. A multiple of 8, at most 1024."""
     ssm_recompute: bool = True
-    """Recompute the S4D scan in the backward pass instead of storing its FFT spectra and window
-    intermediates (several times the layer's input in memory) for a little extra compute."""
+    """Recompute the SSM scan in the backward pass instead of storing its chunk intermediates
+    (several times the layer's input in memory) for a little extra compute."""
     ssm_dt_min: float = 1e-3
     """Lower bound of the log-uniform initialisation of the S4D step size dt."""
     ssm_dt_max: float = 1e-1
@@ -72,14 +87,22 @@ class HorizonConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "vocab_size", "d_model", "n_layers", "mlp_hidden", "ssm_state", "ssm_fft_chunk",
+            "vocab_size", "d_model", "n_layers", "mlp_hidden", "ssm_state", "ssm_head_dim", "ssm_chunk",
             "conv_kernel", "conv_levels", "chunk_size", "supervisor_dim", "memory_dim",
             "memory_topk", "memory_capacity", "memory_query_block",
         ):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      "must be a positive integer", value)
-        _require(self.ssm_state % 2 == 0, "ssm_state", "must be even (conjugate pairs)", self.ssm_state)
+        _require(self.ssm_kind in SSM_KINDS, "ssm_kind", f"must be one of {SSM_KINDS}", self.ssm_kind)
+        _require(self.ssm_gate in SSM_GATES, "ssm_gate", f"must be one of {SSM_GATES}", self.ssm_gate)
+        if self.ssm_kind == "s4d":
+            _require(self.ssm_state % 2 == 0, "ssm_state", "must be even for s4d (conjugate pairs)", self.ssm_state)
+        else:
+            _require(self.d_model % self.ssm_head_dim == 0, "ssm_head_dim", f"must divide d_model={self.d_model}",
+                     self.ssm_head_dim)
+        _require(self.ssm_chunk % 8 == 0 and self.ssm_chunk <= 1024, "ssm_chunk",
+                 "must be a multiple of 8 and at most 1024", self.ssm_chunk)
         _require(0 < self.ssm_dt_min <= self.ssm_dt_max, "ssm_dt_min", "must be in (0, ssm_dt_max]", self.ssm_dt_min)
         _require(self.memory_topk <= self.memory_capacity, "memory_topk",
                  f"must not exceed memory_capacity={self.memory_capacity}", self.memory_topk)
@@ -113,14 +136,16 @@ class HorizonConfig:
         return cls(**{**HORIZON_PRESETS[name], **overrides})
 
 
+# The SSM gate adds a (D, D) matrix per block; the presets narrow the GLU MLP (3*D*hidden
+# weights) by about D/3 to pay for it, so a preset keeps the parameter count it had ungated.
 HORIZON_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(d_model=32, n_layers=2, mlp_hidden=64, ssm_state=8, ssm_fft_chunk=16, conv_levels=3,
+    "tiny": dict(d_model=32, n_layers=2, mlp_hidden=53, ssm_state=8, ssm_head_dim=8, ssm_chunk=8, conv_levels=3,
                  chunk_size=8, supervisor_dim=16, memory_dim=8, memory_topk=4, memory_capacity=6),
-    "cpu": dict(d_model=128, n_layers=3, mlp_hidden=384, ssm_state=16, ssm_fft_chunk=512, chunk_size=64,
+    "cpu": dict(d_model=128, n_layers=3, mlp_hidden=341, ssm_state=16, ssm_head_dim=32, ssm_chunk=64, chunk_size=64,
                 supervisor_dim=128, memory_dim=32, memory_topk=8, memory_capacity=1024, ssm_recompute=False),
-    "small": dict(d_model=256, n_layers=4, mlp_hidden=704, ssm_state=32, chunk_size=64,
+    "small": dict(d_model=256, n_layers=4, mlp_hidden=619, ssm_state=32, chunk_size=64,
                   supervisor_dim=256, memory_dim=64, memory_topk=8, memory_capacity=1024),
-    "base": dict(d_model=768, n_layers=16, mlp_hidden=2048, ssm_state=64, ssm_fft_chunk=2048,
+    "base": dict(d_model=768, n_layers=16, mlp_hidden=1792, ssm_state=64,
                  chunk_size=128, supervisor_dim=768, memory_dim=128, memory_topk=8, memory_capacity=8192,
                  memory_query_block=4096),
 }
@@ -184,4 +209,4 @@ class TransformerConfig:
         return cls(**{**base.to_dict(), **overrides})
 
 
-__all__ = ["HorizonConfig", "TransformerConfig", "HORIZON_PRESETS"]
+__all__ = ["HorizonConfig", "TransformerConfig", "HORIZON_PRESETS", "SSM_KINDS", "SSM_GATES"]
