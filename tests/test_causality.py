@@ -8,7 +8,9 @@ import torch
 
 from horizonlm.layers.memory import RetrievalMemory
 from horizonlm.layers.multires_conv import MultiResConv
-from horizonlm.layers.ssm import S4DLayer
+from horizonlm.layers.s4d import S4DCore
+from horizonlm.layers.selective import SelectiveSSM
+from horizonlm.layers.ssm import SSMSublayer
 from horizonlm.layers.supervisor import RecurrentSupervisor
 
 from .conftest import make_horizon, make_transformer, tiny_config
@@ -36,6 +38,8 @@ MODELS = {
     "horizon_supervisor_only": lambda: make_horizon(use_memory=False, use_ssm=False, use_conv=False),
     "horizon_memory_only": lambda: make_horizon(use_supervisor=False, use_ssm=False, use_conv=False),
     "horizon_ssm_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_conv=False),
+    "horizon_selective": lambda: make_horizon(ssm_kind="selective"),
+    "horizon_ungated": lambda: make_horizon(ssm_gate="none"),
     "horizon_conv_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_ssm=False),
     "transformer": lambda: make_transformer(),
 }
@@ -56,7 +60,9 @@ def _components():
     cfg = tiny_config()
     d = cfg.d_model
     return {
-        "s4d": S4DLayer(d, cfg.ssm_state, cfg.ssm_fft_chunk, cfg.ssm_dt_min, cfg.ssm_dt_max),
+        "s4d": S4DCore(d, cfg.ssm_state, cfg.ssm_chunk, cfg.ssm_dt_min, cfg.ssm_dt_max),
+        "selective": SelectiveSSM(d, cfg.ssm_state, cfg.ssm_head_dim, cfg.ssm_chunk, cfg.ssm_dt_min, cfg.ssm_dt_max),
+        "ssm_sublayer": SSMSublayer(cfg),
         "multires_conv": MultiResConv(d, cfg.conv_kernel, cfg.conv_levels),
         "supervisor": RecurrentSupervisor(d, cfg.supervisor_dim, cfg.chunk_size, cfg.norm_eps),
         "memory": RetrievalMemory(d, cfg.memory_dim, cfg.chunk_size, cfg.memory_capacity, cfg.memory_topk,
@@ -64,7 +70,7 @@ def _components():
     }
 
 
-@pytest.mark.parametrize("name", ["s4d", "multires_conv", "supervisor", "memory"])
+@pytest.mark.parametrize("name", ["s4d", "selective", "ssm_sublayer", "multires_conv", "supervisor", "memory"])
 def test_component_is_causal(name: str) -> None:
     torch.manual_seed(3)
     layer = _components()[name].double()

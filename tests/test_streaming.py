@@ -33,9 +33,9 @@ def _assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert (a - b).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_horizon_random_splits_equal_one_call(seed: int) -> None:
-    model = make_horizon(dtype=torch.float32, seed=seed)
+@pytest.mark.parametrize("seed,ssm_kind", [(0, "s4d"), (1, "s4d"), (2, "s4d"), (0, "selective"), (1, "selective")])
+def test_horizon_random_splits_equal_one_call(seed: int, ssm_kind: str) -> None:
+    model = make_horizon(dtype=torch.float32, seed=seed, ssm_kind=ssm_kind)
     tokens = torch.randint(0, 256, (2, LENGTH), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         full, full_state = model(tokens)
@@ -46,8 +46,9 @@ def test_horizon_random_splits_equal_one_call(seed: int) -> None:
     assert full_state.memory.keys.shape[1] == model.config.memory_capacity  # evicted down to M
 
 
-def test_horizon_one_token_at_a_time_equals_one_call() -> None:
-    model = make_horizon(dtype=torch.float32)
+@pytest.mark.parametrize("ssm_kind", ["s4d", "selective"])
+def test_horizon_one_token_at_a_time_equals_one_call(ssm_kind: str) -> None:
+    model = make_horizon(dtype=torch.float32, ssm_kind=ssm_kind)
     tokens = torch.randint(0, 256, (2, LENGTH), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         full, _ = model(tokens)
@@ -55,10 +56,11 @@ def test_horizon_one_token_at_a_time_equals_one_call() -> None:
     _assert_same(steps, full)
 
 
-def test_horizon_long_ssm_windows_equal_one_call() -> None:
-    """Calls longer than the FFT window (chunked scan) against token-by-token stepping."""
+@pytest.mark.parametrize("ssm_kind", ["s4d", "selective"])
+def test_horizon_long_ssm_windows_equal_one_call(ssm_kind: str) -> None:
+    """Calls of several SSM chunks and a partial one against token-by-token stepping."""
     torch.manual_seed(0)
-    model = HorizonLM(HorizonConfig.preset("tiny", ssm_fft_chunk=5))
+    model = HorizonLM(HorizonConfig.preset("tiny", ssm_chunk=8, ssm_kind=ssm_kind))
     tokens = torch.randint(0, 256, (1, 37))
     with torch.no_grad():
         full, _ = model(tokens)

@@ -10,7 +10,7 @@ from horizonlm.config import HorizonConfig
 from horizonlm.layers.memory import RetrievalMemory
 from horizonlm.layers.mlp import GLUMLP
 from horizonlm.layers.multires_conv import MultiResConv
-from horizonlm.layers.ssm import S4DLayer
+from horizonlm.layers.ssm import SSMSublayer
 from horizonlm.layers.supervisor import RecurrentSupervisor
 from horizonlm.memory.store import MemoryStore, StoreConfig
 from horizonlm.state import BlockState, HorizonState, StoreMemoryState
@@ -42,14 +42,14 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 class HorizonBlock(nn.Module):
-    """``h += S4D(norm(h))``, ``h += MultiResConv(norm(h))``, ``h += GLU_MLP(norm(h))``."""
+    """``h += SSM(norm(h))`` (gated, see :class:`SSMSublayer`), ``h += MultiResConv(norm(h))``,
+    ``h += GLU_MLP(norm(h))``."""
 
     def __init__(self, config: HorizonConfig) -> None:
         super().__init__()
         d = config.d_model
         self.ssm_norm = nn.RMSNorm(d, eps=config.norm_eps) if config.use_ssm else None
-        self.ssm = (S4DLayer(d, config.ssm_state, config.ssm_fft_chunk, config.ssm_dt_min, config.ssm_dt_max,
-                             config.ssm_recompute) if config.use_ssm else None)
+        self.ssm = SSMSublayer(config) if config.use_ssm else None
         self.conv_norm = nn.RMSNorm(d, eps=config.norm_eps) if config.use_conv else None
         self.conv = MultiResConv(d, config.conv_kernel, config.conv_levels) if config.use_conv else None
         self.mlp_norm = nn.RMSNorm(d, eps=config.norm_eps)

@@ -19,7 +19,7 @@ class BlockState:
     """One block's recurrent state."""
 
     ssm: Tensor | None
-    """S4D state x, complex. (B, D, N/2)"""
+    """SSM state, real: S4D (B, D, N/2, 2) as (Re, Im) of its modes; selective (B, H, P, N)."""
     conv: Tensor | None
     """Last P inputs of the multi-resolution convolution. (B, P, D)"""
 

@@ -1,13 +1,12 @@
 """Model states to and from flat tensor dictionaries (for safetensors) plus a JSON header.
 
-Complex S4D states are stored as their real view (..., 2); nothing is pickled.
+Every state tensor is real (S4D states hold (Re, Im) in a last axis of 2); nothing is pickled.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from horizonlm.errors import HorizonError
@@ -29,7 +28,7 @@ def state_to_tensors(state: HorizonState | KVState, prefix: str = "state.") -> t
         return tensors, {"kind": "kv", "pos": state.pos, "batch_size": state.batch_size, "layers": len(state.keys)}
     for i, block in enumerate(state.blocks):
         if block.ssm is not None:
-            tensors[f"{prefix}block{i}.ssm"] = torch.view_as_real(block.ssm).contiguous()
+            tensors[f"{prefix}block{i}.ssm"] = block.ssm.contiguous()
         if block.conv is not None:
             tensors[f"{prefix}block{i}.conv"] = block.conv.contiguous()
     if state.supervisor is not None:
@@ -53,9 +52,7 @@ def state_from_tensors(tensors: dict[str, Tensor], header: dict[str, Any], prefi
             return KVState(keys=keys, values=values, pos=pos, batch_size=batch)
         blocks = []
         for i in range(int(header["layers"])):
-            ssm = tensors.get(f"{prefix}block{i}.ssm")
-            blocks.append(BlockState(ssm=None if ssm is None else torch.view_as_complex(ssm.contiguous()),
-                                     conv=tensors.get(f"{prefix}block{i}.conv")))
+            blocks.append(BlockState(ssm=tensors.get(f"{prefix}block{i}.ssm"), conv=tensors.get(f"{prefix}block{i}.conv")))
         sup = SupervisorState(s=tensors[f"{prefix}supervisor.s"], pos=pos) if header["supervisor"] else None
         mem = (MemoryState(keys=tensors[f"{prefix}memory.keys"], values=tensors[f"{prefix}memory.values"],
                            chunk_ids=tensors[f"{prefix}memory.chunk_ids"], pos=pos) if header["memory"] else None)

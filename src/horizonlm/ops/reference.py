@@ -66,3 +66,21 @@ def memory_read_ref(
             picked = torch.stack([values[b, visible[i]] for i in order.tolist()])  # (K, Dv)
             out[b, t] = weights @ picked
     return out
+
+
+def ssd_recurrence_ref(
+    x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, s0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``S_t = exp(dt_t*A)*S_{t-1} + dt_t * x_t B_t^T``, ``y_t = S_t C_t``, one token at a time.
+
+    x: (B, L, H, P), dt: (B, L, H), a: (H,), b, c: (B, L, N), s0: (B, H, P, N).
+    Returns y (B, L, H, P), final state (B, H, P, N).
+    """
+    s = s0
+    ys = []
+    for t in range(x.shape[1]):
+        decay = torch.exp(dt[:, t] * a)  # (B, H)
+        outer = x[:, t, :, :, None] * b[:, t, None, None, :]  # (B, H, P, N)
+        s = decay[:, :, None, None] * s + dt[:, t, :, None, None] * outer  # (B, H, P, N)
+        ys.append((s * c[:, t, None, None, :]).sum(-1))  # (B, H, P)
+    return torch.stack(ys, dim=1), s  # (B, L, H, P)

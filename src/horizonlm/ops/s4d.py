@@ -1,21 +1,33 @@
 """S4D diagonal state-space operator (Gu et al., 2022, "On the Parameterization and
-Initialization of Diagonal State Space Models").
+Initialization of Diagonal State Space Models"), in a chunked form that runs on matrix units.
 
 Per channel h and mode n, continuous ``A = -exp(A_log_re) + i*A_im`` is discretised with a
-zero-order hold: ``Abar = exp(dt*A)``, ``Bbar = (Abar - 1)/A``. The output
-``y_t = 2*Re(C . x_t) + D*u_t`` with ``x_t = Abar*x_{t-1} + Bbar*u_t`` is computed either by the
-recurrence (one token) or as a causal convolution with kernel
-``K[h, l] = 2*Re(sum_n C*Bbar*Abar**l)`` by FFT, in windows of ``chunk`` tokens whose boundary
-states are carried by the closed form ``x_T = Abar**T x_0 + sum_s Abar**(T-1-s) Bbar u_s``.
+zero-order hold: ``Abar = exp(dt*A)``, ``Bbar = (Abar - 1)/A``. The map
+``x_t = Abar*x_{t-1} + Bbar*u_t``, ``y_t = 2*Re(C . x_t)`` (skip term ``D*u_t`` added by the
+layer) is the causal convolution with kernel ``K[h, l] = 2*Re(sum_n C*Bbar*Abar**l)``.
 
-All functions compute in the precision of their inputs (float32 -> complex64, float64 ->
-complex128), so the float64 references in ``s4d_ref`` can check them.
+Parallel form (``s4d_chunked``): the sequence is cut into W chunks of T tokens. With the state
+``x_w`` entering chunk w,
+
+    y_w[t] = sum_{s<=t} K[t-s] u_w[s]          (a (T, T) causal Toeplitz matrix, per channel)
+           + 2*Re(C . Abar**(t+1) x_w)          (state read-out, a (2N', T) real matrix)
+    x_{w+1} = Abar**T x_w + z_w,  z_w = sum_s Abar**(T-1-s) Bbar u_w[s]   (a (T, 2N') real matrix)
+
+so the work is three batched matrix products per channel (bf16 operands, float32 accumulation
+under autocast) and a scan over W chunk states, which ``ops.chunk_scan`` runs (a Triton kernel on
+the GPU, its torch twin elsewhere). Complex numbers appear only in the (H, T)-sized operators,
+never at the size of the input. States are real: (..., N', 2) holds (Re, Im) of N' = N/2 modes.
+
+All functions compute in the precision of their inputs (float64 in, float64 out), so the float64
+recurrence in ``ops.reference`` checks them.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from horizonlm.ops.chunk_scan import chunk_scan
 
 
 def discretize(a_log_re: Tensor, a_im: Tensor, log_dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -41,100 +53,86 @@ def s4d_kernel(dt_a: Tensor, b_bar: Tensor, c: Tensor, length: int) -> Tensor:
     return 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers).real  # (H, T)
 
 
-def fft_causal_conv(u: Tensor, kernel: Tensor) -> Tensor:
-    """Causal convolution ``y[l] = sum_{s<=l} kernel[l-s] u[s]`` by an FFT of length 2L.
+def chunk_operators(dt_a: Tensor, b_bar: Tensor, c: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The real matrices of one chunk of T tokens, per channel.
 
-    u: (..., L), kernel: (..., L) broadcastable against u -> (..., L).
+    Returns ``toeplitz`` (H, T, T) with ``[t, s] = K[t-s]`` for s <= t; ``to_state`` (H, T, 2N)
+    mapping a chunk's inputs to its contribution z (Re block, then Im block); ``read_out``
+    (H, 2N, T) mapping the entering state (Re, Im) to the outputs; ``a_chunk`` (H, N, 2), the
+    (Re, Im) of ``Abar**T``.
     """
-    length = u.shape[-1]
-    n_fft = 2 * length
-    u_f = torch.fft.rfft(u, n=n_fft)  # (..., L+1)
-    k_f = torch.fft.rfft(kernel, n=n_fft)  # (..., L+1)
-    return torch.fft.irfft(u_f * k_f, n=n_fft)[..., :length]  # (..., L)
+    powers = _powers(dt_a, 0, chunk + 1)  # (H, N, T+1)
+    kernel = 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers[..., :chunk]).real  # (H, T)
+    lag = torch.arange(chunk, device=kernel.device)  # (T,)
+    lag = lag.unsqueeze(1) - lag.unsqueeze(0)  # (T, T)
+    toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0)  # (H, T, T)
+    decay = b_bar.unsqueeze(-1) * powers[..., :chunk].flip(-1)  # (H, N, T)
+    to_state = torch.cat([decay.real, decay.imag], dim=1).transpose(1, 2)  # (H, T, 2N)
+    q = c.unsqueeze(-1) * powers[..., 1:]  # (H, N, T)
+    read_out = torch.cat([2 * q.real, -2 * q.imag], dim=1)  # (H, 2N, T)
+    a_chunk = torch.view_as_real(powers[..., chunk])  # (H, N, 2)
+    return toeplitz, to_state, read_out, a_chunk
 
 
-def _windows(
-    u: Tensor, dt_a: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor, x0: Tensor
-) -> tuple[Tensor, Tensor]:
-    """W consecutive windows of T tokens each, state in and out, without the skip term.
+def _split_state(x: Tensor) -> Tensor:
+    """(B, H, N, 2) state -> (H, B, 2N): the Re block, then the Im block, as the operators expect."""
+    return x.permute(1, 0, 3, 2).flatten(2)  # (H, B, 2N)
 
-    u: (B, H, W, T) real, x0: (B, H, N) complex. The FFT convolution handles each window from a
-    zero state; the state entering window w adds ``2*Re(C . Abar**(t+1) x_w)``. The two
-    state-sized contractions are written as real matrix products over stacked (Re, Im) parts,
-    so they run on real GEMMs and never materialise a complex copy of u.
-    Returns y (B, H, W, T) and the state after the last window (B, H, N).
+
+def _join_state(x: Tensor, modes: int) -> Tensor:
+    """(H, B, 2N) -> (B, H, N, 2)."""
+    return x.unflatten(2, (2, modes)).permute(1, 0, 3, 2)  # (B, H, N, 2)
+
+
+def _full_chunks(u: Tensor, ops: tuple[Tensor, Tensor, Tensor, Tensor], x0: Tensor,
+                 matmul_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """W whole chunks. u: (H, B, W, T), x0: (H, B, 2N) -> y (H, B, W, T), state (H, B, 2N)."""
+    toeplitz, to_state, read_out, a_chunk = ops
+    channels, batch, windows, length = u.shape
+    uc = u.reshape(channels, batch * windows, length).to(matmul_dtype)  # (H, B*W, T)
+    y = torch.bmm(uc, toeplitz.transpose(1, 2).to(matmul_dtype))  # (H, B*W, T)
+    z = torch.bmm(uc, to_state.to(matmul_dtype))  # (H, B*W, 2N)
+    z = z.to(x0.dtype).view(channels, batch, windows, -1)  # (H, B, W, 2N)
+    x_in, x_end = chunk_scan(z, a_chunk.to(x0.dtype), x0)  # (H, B, W, 2N), (H, B, 2N)
+    x_in = x_in.reshape(channels, batch * windows, -1).to(matmul_dtype)  # (H, B*W, 2N)
+    y = torch.baddbmm(y, x_in, read_out.to(matmul_dtype))  # (H, B*W, T)
+    return y.view(channels, batch, windows, length), x_end  # (H, B, W, T)
+
+
+def s4d_chunked(u: Tensor, dt_a: Tensor, b_bar: Tensor, c: Tensor, x0: Tensor, chunk: int,
+                matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """The S4D map over a sequence of any length, without the skip term.
+
+    u: (B, L, H) real, in the layer's own layout; x0: (B, H, N, 2) real state. The matrix
+    products take ``matmul_dtype`` operands (default: u's dtype); the chunk states are chained in
+    x0's dtype. A tail shorter than ``chunk`` is one more chunk of its own length.
+    Returns y (B, L, H) in ``matmul_dtype`` and the final state (B, H, N, 2).
     """
-    windows, length = u.shape[2], u.shape[3]
-    n = dt_a.shape[-1]
-    powers = _powers(dt_a, 0, length)  # (H, N, T)
-    kernel = 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers).real  # (H, T)
-    y = fft_causal_conv(u, kernel.unsqueeze(1))  # (B, H, W, T)
-    # z_w = sum_s Abar**(T-1-s) Bbar u_s: each window's contribution to the state at its end.
-    decay = (b_bar.unsqueeze(-1) * powers).flip(-1)  # (H, N, T)
-    decay_ri = torch.cat([decay.real, decay.imag], dim=1)  # (H, 2N, T)
-    z_ri = torch.einsum("bhwl,hnl->bhwn", u, decay_ri)  # (B, H, W, 2N)
-    z = torch.complex(z_ri[..., :n], z_ri[..., n:])  # (B, H, W, N)
-    a_window = a_bar.pow(length)  # (H, N)
-    entering = []
-    x = x0
-    for w in range(windows):
-        entering.append(x)
-        x = a_window * x + z[:, :, w]  # (B, H, N)
-    x_in = torch.stack(entering, dim=2)  # (B, H, W, N)
-    # 2*Re(x . Q) = [Re x, Im x] . [2 Re Q; -2 Im Q] with Q = C * Abar**(t+1).
-    q = (c * a_bar).unsqueeze(-1) * powers  # (H, N, T)
-    q_ri = torch.cat([2 * q.real, -2 * q.imag], dim=1)  # (H, 2N, T)
-    x_ri = torch.cat([x_in.real, x_in.imag], dim=-1)  # (B, H, W, 2N)
-    y = y + torch.einsum("bhwn,hnl->bhwl", x_ri, q_ri)  # (B, H, W, T)
-    return y, x
-
-
-def s4d_window(
-    u: Tensor, dt_a: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor, x0: Tensor
-) -> tuple[Tensor, Tensor]:
-    """One window in parallel mode, state in and out, without the ``D*u`` skip term.
-
-    u: (B, H, T) real, x0: (B, H, N) complex. Returns y (B, H, T) and the final state (B, H, N).
-    """
-    y, x_end = _windows(u.unsqueeze(2), dt_a, a_bar, b_bar, c, x0)  # (B, H, 1, T)
-    return y.squeeze(2), x_end  # (B, H, T)
+    batch, length, channels = u.shape
+    modes = x0.shape[2]
+    matmul_dtype = matmul_dtype or u.dtype
+    x = _split_state(x0)  # (H, B, 2N)
+    ut = u.permute(2, 0, 1)  # (H, B, L)
+    pieces = []
+    n_full = length // chunk
+    if n_full:
+        ops = chunk_operators(dt_a, b_bar, c, chunk)
+        main = ut[..., : n_full * chunk].reshape(channels, batch, n_full, chunk)  # (H, B, W, T)
+        y, x = _full_chunks(main, ops, x, matmul_dtype)  # (H, B, W, T)
+        pieces.append(y.reshape(channels, batch, n_full * chunk))  # (H, B, W*T)
+    rest = length - n_full * chunk
+    if rest:
+        ops = chunk_operators(dt_a, b_bar, c, rest)
+        tail = ut[..., n_full * chunk :].unsqueeze(2)  # (H, B, 1, rest)
+        y, x = _full_chunks(tail, ops, x, matmul_dtype)  # (H, B, 1, rest)
+        pieces.append(y.squeeze(2))  # (H, B, rest)
+    y = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]  # (H, B, L)
+    return y.permute(1, 2, 0), _join_state(x, modes)  # (B, L, H)
 
 
 def s4d_step(u: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """One recurrent step without the skip term. u: (B, H) real, x: (B, H, N) -> y (B, H), x'."""
-    x_new = a_bar * x + b_bar * u.unsqueeze(-1)  # (B, H, N)
+    """One recurrent step without the skip term. u: (B, H) real, x: (B, H, N, 2) real state."""
+    xc = torch.view_as_complex(x.contiguous())  # (B, H, N)
+    x_new = a_bar * xc + b_bar * u.unsqueeze(-1)  # (B, H, N)
     y = 2 * torch.einsum("hn,bhn->bh", c, x_new).real  # (B, H)
-    return y, x_new
-
-
-def s4d_scan(
-    u: Tensor,
-    dt_a: Tensor,
-    a_bar: Tensor,
-    b_bar: Tensor,
-    c: Tensor,
-    x0: Tensor,
-    chunk: int,
-) -> tuple[Tensor, Tensor]:
-    """The S4D map over a sequence of any length, without the skip term.
-
-    Windows of ``chunk`` tokens are convolved in parallel (FFT of length 2*chunk), so memory is
-    O(H*N*chunk) whatever L is; window boundary states are chained by the closed form. One
-    token uses the recurrence. u: (B, H, L) real, x0: (B, H, N) complex.
-    Returns y (B, H, L) and the final state (B, H, N).
-    """
-    batch, channels, length = u.shape
-    if length == 1:
-        y, x_end = s4d_step(u[..., 0], a_bar, b_bar, c, x0)
-        return y.unsqueeze(-1), x_end  # (B, H, 1)
-    if length <= chunk:
-        return s4d_window(u, dt_a, a_bar, b_bar, c, x0)
-    n_full = length // chunk
-    main = u[..., : n_full * chunk].reshape(batch, channels, n_full, chunk)  # (B, H, W, T)
-    y, x = _windows(main, dt_a, a_bar, b_bar, c, x0)  # (B, H, W, T)
-    y = y.reshape(batch, channels, n_full * chunk)  # (B, H, W*T)
-    rest = length - n_full * chunk
-    if rest == 0:
-        return y, x
-    y_rest, x_end = s4d_scan(u[..., n_full * chunk :], dt_a, a_bar, b_bar, c, x, chunk)  # (B, H, rest)
-    return torch.cat([y, y_rest], dim=-1), x_end  # (B, H, L)
+    return y, torch.view_as_real(x_new)  # (B, H, N, 2)

@@ -1,0 +1,78 @@
+"""The S4D core: a diagonal complex SSM per channel (DESIGN.md part 1), real state in and out."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from horizonlm.layers.param_tags import SSM_PARAM_TAG
+from horizonlm.ops.s4d import discretize, s4d_chunked, s4d_step
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype in force on ``device``, or None outside autocast."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+class S4DCore(nn.Module):
+    """``y = SSM(u) + D*u`` per channel, with S4D-Lin initialisation: ``A_n = -1/2 + i*pi*n``,
+    ``log dt ~ U(log dt_min, log dt_max)``.
+
+    Parallel mode is ``ops.s4d.s4d_chunked`` (chunks of ``chunk`` tokens on matrix units; under
+    autocast its products take bf16 operands with float32 accumulation, the chunk states stay
+    float32); one token is the recurrence. The state is real, (B, D, N/2, 2): (Re, Im) of the N/2
+    modes, the conjugate half implicit in the ``2*Re`` of the output. The SSM parameters are
+    tagged for their own optimizer group.
+    """
+
+    def __init__(self, d_model: int, state_size: int, chunk: int, dt_min: float, dt_max: float,
+                 recompute: bool = False) -> None:
+        super().__init__()
+        half = state_size // 2
+        self.chunk = chunk
+        self.recompute = recompute
+        log_dt = torch.rand(d_model) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # (D,)
+        self.log_dt = nn.Parameter(log_dt)
+        self.a_log_re = nn.Parameter(torch.full((d_model, half), math.log(0.5)))  # (D, N/2)
+        self.a_im = nn.Parameter(math.pi * torch.arange(half, dtype=torch.float32).repeat(d_model, 1))  # (D, N/2)
+        self.c = nn.Parameter(torch.randn(d_model, half, 2) * math.sqrt(0.5))  # (D, N/2, 2): Re, Im of C
+        self.d = nn.Parameter(torch.ones(d_model))  # (D,)
+        for p in (self.log_dt, self.a_log_re, self.a_im, self.c, self.d):
+            setattr(p, SSM_PARAM_TAG, True)
+
+    def init_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
+        real = torch.float64 if self.d.dtype == torch.float64 else torch.float32
+        channels, half = self.a_im.shape
+        return torch.zeros(batch_size, channels, half, 2, dtype=real, device=device or self.d.device)  # (B, D, N/2, 2)
+
+    def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """u: (B, L, D) -> y (B, L, D) in u's dtype, new state (B, D, N/2, 2)."""
+        if state is None:
+            state = self.init_state(u.shape[0], u.device)
+        if self.recompute and torch.is_grad_enabled() and u.shape[1] > 1:
+            y, new_state = checkpoint(self._ssm, u, state, use_reentrant=False)  # (B, L, D)
+        else:
+            y, new_state = self._ssm(u, state)  # (B, L, D)
+        return y.to(u.dtype), new_state
+
+    @torch.compiler.disable
+    def _ssm(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Operators in float32 (float64 for a float64 module) outside autocast; the chunk
+        products in the autocast dtype when one is in force. Outside torch.compile, which does
+        not handle the complex arithmetic of the operators or the Triton scan."""
+        compute = state.dtype
+        matmul_dtype = autocast_dtype(u.device) or compute
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            dt_a, a_bar, b_bar = discretize(self.a_log_re.to(compute), self.a_im.to(compute), self.log_dt.to(compute))
+            c = torch.view_as_complex(self.c.to(compute).contiguous())  # (D, N/2)
+            skip = self.d.to(compute) * u.to(compute)  # (B, L, D)
+            if u.shape[1] == 1:
+                y, new_state = s4d_step(u[:, 0].to(compute), a_bar, b_bar, c, state)  # (B, D)
+                return y.unsqueeze(1) + skip, new_state  # (B, 1, D)
+            y, new_state = s4d_chunked(u.to(matmul_dtype), dt_a, b_bar, c, state, self.chunk, matmul_dtype)  # (B, L, D)
+            return y.to(compute) + skip, new_state  # (B, L, D)
