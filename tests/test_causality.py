@@ -8,8 +8,6 @@ import torch
 
 from horizonlm.layers.memory import RetrievalMemory
 from horizonlm.layers.multires_conv import MultiResConv
-from horizonlm.layers.s4d import S4DCore
-from horizonlm.layers.selective import SelectiveSSM
 from horizonlm.layers.ssm import SSMSublayer
 from horizonlm.layers.supervisor import RecurrentSupervisor
 
@@ -60,9 +58,9 @@ def _components():
     cfg = tiny_config()
     d = cfg.d_model
     return {
-        "s4d": S4DCore(d, cfg.ssm_state, cfg.ssm_chunk, cfg.ssm_dt_min, cfg.ssm_dt_max),
-        "selective": SelectiveSSM(d, cfg.ssm_state, cfg.ssm_head_dim, cfg.ssm_chunk, cfg.ssm_dt_min, cfg.ssm_dt_max),
-        "ssm_sublayer": SSMSublayer(cfg),
+        "s4d": SSMSublayer(cfg),
+        "s4d_ungated": SSMSublayer(tiny_config(ssm_gate="none")),
+        "selective": SSMSublayer(tiny_config(ssm_kind="selective")),
         "multires_conv": MultiResConv(d, cfg.conv_kernel, cfg.conv_levels),
         "supervisor": RecurrentSupervisor(d, cfg.supervisor_dim, cfg.chunk_size, cfg.norm_eps),
         "memory": RetrievalMemory(d, cfg.memory_dim, cfg.chunk_size, cfg.memory_capacity, cfg.memory_topk,
@@ -70,7 +68,7 @@ def _components():
     }
 
 
-@pytest.mark.parametrize("name", ["s4d", "selective", "ssm_sublayer", "multires_conv", "supervisor", "memory"])
+@pytest.mark.parametrize("name", ["s4d", "s4d_ungated", "selective", "multires_conv", "supervisor", "memory"])
 def test_component_is_causal(name: str) -> None:
     torch.manual_seed(3)
     layer = _components()[name].double()

@@ -32,8 +32,9 @@ class HorizonConfig:
     """Sequence mixer of the SSM sublayer: ``s4d`` (time-invariant diagonal S4D, DESIGN.md part 1)
     or ``selective`` (input-dependent step size, B and C per token, as in S6/SSD)."""
     ssm_gate: str = "silu"
-    """Output gate of the SSM sublayer: ``silu`` gives ``W_o(GELU(SSM(x)) * SiLU(W_g x))``,
-    ``none`` the ungated ``W_o(GELU(SSM(x)))`` (kept for the ablation)."""
+    """Output gate of the SSM sublayer: ``silu`` gives ``W_o(GELU(SSM(W_u x)) * SiLU(W_g x))``,
+    ``none`` the ungated ``W_o(GELU(SSM(W_u x)))`` (kept for the ablation; give it
+    ``mlp_hidden`` + d_model/3 to match parameters)."""
     ssm_state: int = 64
     """N: state size per channel. For ``s4d``, complex, stored as N/2 conjugate pairs (must be
     even); for ``selective``, real, per head."""
@@ -136,16 +137,17 @@ class HorizonConfig:
         return cls(**{**HORIZON_PRESETS[name], **overrides})
 
 
-# The SSM gate adds a (D, D) matrix per block; the presets narrow the GLU MLP (3*D*hidden
-# weights) by about D/3 to pay for it, so a preset keeps the parameter count it had ungated.
+# The gated SSM sublayer has two (D, D) matrices more than the original ungated S4D block (its
+# input projection W_u and gate W_g); the presets narrow the GLU MLP (3*D*hidden weights) by
+# about 2D/3 to pay for them, so a preset keeps the parameter count of the original block.
 HORIZON_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(d_model=32, n_layers=2, mlp_hidden=53, ssm_state=8, ssm_head_dim=8, ssm_chunk=8, conv_levels=3,
+    "tiny": dict(d_model=32, n_layers=2, mlp_hidden=43, ssm_state=8, ssm_head_dim=8, ssm_chunk=8, conv_levels=3,
                  chunk_size=8, supervisor_dim=16, memory_dim=8, memory_topk=4, memory_capacity=6),
-    "cpu": dict(d_model=128, n_layers=3, mlp_hidden=341, ssm_state=16, ssm_head_dim=32, ssm_chunk=64, chunk_size=64,
+    "cpu": dict(d_model=128, n_layers=3, mlp_hidden=299, ssm_state=16, ssm_head_dim=32, ssm_chunk=64, chunk_size=64,
                 supervisor_dim=128, memory_dim=32, memory_topk=8, memory_capacity=1024, ssm_recompute=False),
-    "small": dict(d_model=256, n_layers=4, mlp_hidden=619, ssm_state=32, chunk_size=64,
+    "small": dict(d_model=256, n_layers=4, mlp_hidden=533, ssm_state=32, chunk_size=64,
                   supervisor_dim=256, memory_dim=64, memory_topk=8, memory_capacity=1024),
-    "base": dict(d_model=768, n_layers=16, mlp_hidden=1792, ssm_state=64,
+    "base": dict(d_model=768, n_layers=16, mlp_hidden=1536, ssm_state=64,
                  chunk_size=128, supervisor_dim=768, memory_dim=128, memory_topk=8, memory_capacity=8192,
                  memory_query_block=4096),
 }
@@ -205,8 +207,13 @@ class TransformerConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
-        base = cls.matching(HorizonConfig.preset(name))
-        return cls(**{**base.to_dict(), **overrides})
+        """The baseline of a HorizonLM preset: same width, depth and vocabulary, and the MLP width
+        the preset had before the gated SSM sublayer took 2D^2 of its weights per block, so the
+        transformer never has fewer parameters than HorizonLM (base: 113.5M against 102.7M)."""
+        horizon = HorizonConfig.preset(name)
+        base = cls.matching(horizon)
+        wide = {"mlp_hidden": horizon.mlp_hidden + (2 * horizon.d_model) // 3}
+        return cls(**{**base.to_dict(), **wide, **overrides})
 
 
 __all__ = ["HorizonConfig", "TransformerConfig", "HORIZON_PRESETS", "SSM_KINDS", "SSM_GATES"]

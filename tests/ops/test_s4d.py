@@ -30,8 +30,8 @@ def test_scan_matches_recurrence(length: int, chunk: int) -> None:
         dt_a, a_bar, b_bar = discretize(a_log_re, a_im, log_dt)
         c = torch.view_as_complex(c_raw)
         if fast:
-            y, x_end = s4d_chunked(u.transpose(1, 2), dt_a, b_bar, c, x0, chunk)  # (B, L, H)
-            return y.transpose(1, 2), torch.view_as_complex(x_end.contiguous())
+            y, x_end = s4d_chunked(u.transpose(0, 1), dt_a, b_bar, c, x0, chunk)  # (H, B, L)
+            return y.transpose(0, 1), torch.view_as_complex(x_end.contiguous())
         return s4d_recurrence_ref(u, a_bar, b_bar, c, torch.view_as_complex(x0))
 
     y_fast, x_fast = run(True)
@@ -106,7 +106,7 @@ def test_bfloat16_products_stay_close() -> None:
     dt_a, _, b_bar = discretize(a_log_re, a_im, log_dt)
     c = torch.view_as_complex(c_raw.contiguous())
     g = torch.Generator().manual_seed(17)
-    u = torch.randn(2, 200, 16, generator=g)
+    u = torch.randn(16, 2, 200, generator=g)
     x0 = torch.randn(2, 16, 8, 2, generator=g)
     y32, x32 = s4d_chunked(u, dt_a, b_bar, c, x0, 32)
     y16, x16 = s4d_chunked(u, dt_a, b_bar, c, x0, 32, matmul_dtype=torch.bfloat16)

@@ -94,7 +94,7 @@ def check_s4d(device: torch.device, matmul_dtype: torch.dtype) -> dict[str, floa
     params = [torch.rand(heads, modes, device=device) - 1.5, torch.rand(heads, modes, device=device) * 6,
               torch.rand(heads, device=device) * 4.6 - 6.9, torch.randn(heads, modes, 2, device=device)]
     params = [p.requires_grad_() for p in params]
-    u = torch.randn(2, length, heads, device=device, requires_grad=True)  # (B, L, H)
+    u = torch.randn(heads, 2, length, device=device, requires_grad=True)  # (H, B, L)
     x0 = torch.randn(2, heads, modes, 2, device=device, requires_grad=True)  # (B, H, N, 2)
 
     def run(fast: bool) -> tuple[Tensor, Tensor]:
@@ -103,10 +103,9 @@ def check_s4d(device: torch.device, matmul_dtype: torch.dtype) -> dict[str, floa
         dt_a, a_bar, b_bar = discretize(a_log_re, a_im, log_dt)
         c = torch.view_as_complex(c_raw.contiguous())
         if fast:
-            y, x = s4d_chunked(u, dt_a, b_bar, c, x0, 64, matmul_dtype)  # (B, L, H)
-            return y, x
-        y, x = s4d_recurrence_ref(u.double().transpose(1, 2), a_bar, b_bar, c, torch.view_as_complex(x0.double()))
-        return y.transpose(1, 2), torch.view_as_real(x)  # (B, L, H)
+            return s4d_chunked(u, dt_a, b_bar, c, x0, 64, matmul_dtype)  # (H, B, L)
+        y, x = s4d_recurrence_ref(u.double().transpose(0, 1), a_bar, b_bar, c, torch.view_as_complex(x0.double()))
+        return y.transpose(0, 1), torch.view_as_real(x)  # (H, B, L)
 
     fast, ref = run(True), run(False)
     inputs = (u, x0, *params)

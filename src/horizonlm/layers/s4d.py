@@ -23,12 +23,18 @@ class S4DCore(nn.Module):
     """``y = SSM(u) + D*u`` per channel, with S4D-Lin initialisation: ``A_n = -1/2 + i*pi*n``,
     ``log dt ~ U(log dt_min, log dt_max)``.
 
-    Parallel mode is ``ops.s4d.s4d_chunked`` (chunks of ``chunk`` tokens on matrix units; under
-    autocast its products take bf16 operands with float32 accumulation, the chunk states stay
-    float32); one token is the recurrence. The state is real, (B, D, N/2, 2): (Re, Im) of the N/2
-    modes, the conjugate half implicit in the ``2*Re`` of the output. The SSM parameters are
-    tagged for their own optimizer group.
+    Its input and output are channel-major, (D, B, L): the sublayer's projections write and
+    read that layout for free (a transposed GEMM operand), and in it every chunk of every channel
+    is a contiguous row, so the chunked products need no transposed copies. Parallel mode is
+    ``ops.s4d.s4d_chunked`` (chunks of ``chunk`` tokens on matrix units; under autocast its
+    products take bf16 operands with float32 accumulation, the chunk states stay float32); one
+    token is the recurrence. The state is real, (B, D, N/2, 2): (Re, Im) of the N/2 modes, the
+    conjugate half implicit in the ``2*Re`` of the output. The SSM parameters are tagged for
+    their own optimizer group.
     """
+
+    channel_major = True
+    """Takes and returns (D, B, L) (see :class:`horizonlm.layers.ssm.SSMSublayer`)."""
 
     def __init__(self, d_model: int, state_size: int, chunk: int, dt_min: float, dt_max: float,
                  recompute: bool = False) -> None:
@@ -51,14 +57,15 @@ class S4DCore(nn.Module):
         return torch.zeros(batch_size, channels, half, 2, dtype=real, device=device or self.d.device)  # (B, D, N/2, 2)
 
     def forward(self, u: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """u: (B, L, D) -> y (B, L, D) in u's dtype, new state (B, D, N/2, 2)."""
+        """u: (D, B, L) -> y (D, B, L) in the autocast dtype (u's dtype outside autocast), new
+        state (B, D, N/2, 2)."""
         if state is None:
-            state = self.init_state(u.shape[0], u.device)
-        if self.recompute and torch.is_grad_enabled() and u.shape[1] > 1:
+            state = self.init_state(u.shape[1], u.device)
+        if self.recompute and torch.is_grad_enabled() and u.shape[2] > 1:
             y, new_state = checkpoint(self._ssm, u, state, use_reentrant=False)  # (B, L, D)
         else:
             y, new_state = self._ssm(u, state)  # (B, L, D)
-        return y.to(u.dtype), new_state
+        return y, new_state
 
     @torch.compiler.disable
     def _ssm(self, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,9 +77,9 @@ class S4DCore(nn.Module):
         with torch.autocast(device_type=u.device.type, enabled=False):
             dt_a, a_bar, b_bar = discretize(self.a_log_re.to(compute), self.a_im.to(compute), self.log_dt.to(compute))
             c = torch.view_as_complex(self.c.to(compute).contiguous())  # (D, N/2)
-            skip = self.d.to(compute) * u.to(compute)  # (B, L, D)
-            if u.shape[1] == 1:
-                y, new_state = s4d_step(u[:, 0].to(compute), a_bar, b_bar, c, state)  # (B, D)
-                return y.unsqueeze(1) + skip, new_state  # (B, 1, D)
-            y, new_state = s4d_chunked(u.to(matmul_dtype), dt_a, b_bar, c, state, self.chunk, matmul_dtype)  # (B, L, D)
-            return y.to(compute) + skip, new_state  # (B, L, D)
+            skip = self.d.to(compute)  # (D,)
+            if u.shape[2] == 1:
+                x = u[..., 0].t().to(compute)  # (B, D)
+                y, new_state = s4d_step(x, a_bar, b_bar, c, state)  # (B, D)
+                return (y + skip * x).t().unsqueeze(-1).to(matmul_dtype), new_state  # (D, B, 1)
+            return s4d_chunked(u, dt_a, b_bar, c, state, self.chunk, matmul_dtype, skip)  # (D, B, L)

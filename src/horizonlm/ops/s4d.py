@@ -53,19 +53,22 @@ def s4d_kernel(dt_a: Tensor, b_bar: Tensor, c: Tensor, length: int) -> Tensor:
     return 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers).real  # (H, T)
 
 
-def chunk_operators(dt_a: Tensor, b_bar: Tensor, c: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def chunk_operators(dt_a: Tensor, b_bar: Tensor, c: Tensor, chunk: int,
+                    skip: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The real matrices of one chunk of T tokens, per channel.
 
-    Returns ``toeplitz`` (H, T, T) with ``[t, s] = K[t-s]`` for s <= t; ``to_state`` (H, T, 2N)
-    mapping a chunk's inputs to its contribution z (Re block, then Im block); ``read_out``
-    (H, 2N, T) mapping the entering state (Re, Im) to the outputs; ``a_chunk`` (H, N, 2), the
-    (Re, Im) of ``Abar**T``.
+    Returns ``toeplitz`` (H, T, T) with ``[t, s] = K[t-s]`` for s <= t (plus ``skip``, the D of
+    ``D*u``, on the diagonal, so the skip term costs nothing); ``to_state`` (H, T, 2N) mapping a
+    chunk's inputs to its contribution z (Re block, then Im block); ``read_out`` (H, 2N, T)
+    mapping the entering state (Re, Im) to the outputs; ``a_chunk`` (H, N, 2), the (Re, Im) of
+    ``Abar**T``.
     """
     powers = _powers(dt_a, 0, chunk + 1)  # (H, N, T+1)
     kernel = 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers[..., :chunk]).real  # (H, T)
-    lag = torch.arange(chunk, device=kernel.device)  # (T,)
-    lag = lag.unsqueeze(1) - lag.unsqueeze(0)  # (T, T)
-    toeplitz = kernel[:, lag.clamp(min=0)] * (lag >= 0)  # (H, T, T)
+    if skip is not None:
+        kernel = torch.cat([kernel[:, :1] + skip.unsqueeze(-1), kernel[:, 1:]], dim=1)  # (H, T)
+    padded = torch.nn.functional.pad(kernel, (chunk - 1, 0))  # (H, 2T-1): T-1 zeros, then K
+    toeplitz = padded.unfold(1, chunk, 1).flip(-1)  # (H, T, T): [t, s] = padded[t + T-1 - s]
     decay = b_bar.unsqueeze(-1) * powers[..., :chunk].flip(-1)  # (H, N, T)
     to_state = torch.cat([decay.real, decay.imag], dim=1).transpose(1, 2)  # (H, T, 2N)
     q = c.unsqueeze(-1) * powers[..., 1:]  # (H, N, T)
@@ -100,38 +103,39 @@ def _full_chunks(u: Tensor, ops: tuple[Tensor, Tensor, Tensor, Tensor], x0: Tens
 
 
 def s4d_chunked(u: Tensor, dt_a: Tensor, b_bar: Tensor, c: Tensor, x0: Tensor, chunk: int,
-                matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """The S4D map over a sequence of any length, without the skip term.
+                matmul_dtype: torch.dtype | None = None, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The S4D map over a sequence of any length, plus ``skip * u`` when ``skip`` (H,) is given.
 
-    u: (B, L, H) real, in the layer's own layout; x0: (B, H, N, 2) real state. The matrix
-    products take ``matmul_dtype`` operands (default: u's dtype); the chunk states are chained in
-    x0's dtype. A tail shorter than ``chunk`` is one more chunk of its own length.
-    Returns y (B, L, H) in ``matmul_dtype`` and the final state (B, H, N, 2).
+    u: (H, B, L) real, channel-major so that every chunk is a contiguous (T,) row and the
+    products need no transposed copy; x0: (B, H, N, 2) real state. The matrix products take
+    ``matmul_dtype`` operands (default: u's dtype); the chunk states are chained in x0's dtype.
+    A tail shorter than ``chunk`` is one more chunk of its own length.
+    Returns y (H, B, L) in ``matmul_dtype`` and the final state (B, H, N, 2).
     """
-    batch, length, channels = u.shape
+    channels, batch, length = u.shape
     modes = x0.shape[2]
     matmul_dtype = matmul_dtype or u.dtype
+    u = u.to(matmul_dtype)
     x = _split_state(x0)  # (H, B, 2N)
-    ut = u.permute(2, 0, 1)  # (H, B, L)
-    pieces = []
     n_full = length // chunk
-    if n_full:
-        ops = chunk_operators(dt_a, b_bar, c, chunk)
-        main = ut[..., : n_full * chunk].reshape(channels, batch, n_full, chunk)  # (H, B, W, T)
-        y, x = _full_chunks(main, ops, x, matmul_dtype)  # (H, B, W, T)
-        pieces.append(y.reshape(channels, batch, n_full * chunk))  # (H, B, W*T)
     rest = length - n_full * chunk
+    pieces = []
+    if n_full:
+        ops = chunk_operators(dt_a, b_bar, c, chunk, skip)
+        main = u if not rest else u[..., : n_full * chunk]  # (H, B, W*T)
+        y, x = _full_chunks(main.reshape(channels, batch, n_full, chunk), ops, x, matmul_dtype)  # (H, B, W, T)
+        pieces.append(y.view(channels, batch, n_full * chunk))  # (H, B, W*T)
     if rest:
-        ops = chunk_operators(dt_a, b_bar, c, rest)
-        tail = ut[..., n_full * chunk :].unsqueeze(2)  # (H, B, 1, rest)
-        y, x = _full_chunks(tail, ops, x, matmul_dtype)  # (H, B, 1, rest)
+        ops = chunk_operators(dt_a, b_bar, c, rest, skip)
+        y, x = _full_chunks(u[..., n_full * chunk :].unsqueeze(2), ops, x, matmul_dtype)  # (H, B, 1, rest)
         pieces.append(y.squeeze(2))  # (H, B, rest)
     y = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]  # (H, B, L)
-    return y.permute(1, 2, 0), _join_state(x, modes)  # (B, L, H)
+    return y, _join_state(x, modes)
 
 
 def s4d_step(u: Tensor, a_bar: Tensor, b_bar: Tensor, c: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """One recurrent step without the skip term. u: (B, H) real, x: (B, H, N, 2) real state."""
+    """One recurrent step without the skip term. u: (B, H) real, x: (B, H, N, 2) real state.
+    Returns y (B, H) and the new state (B, H, N, 2)."""
     xc = torch.view_as_complex(x.contiguous())  # (B, H, N)
     x_new = a_bar * xc + b_bar * u.unsqueeze(-1)  # (B, H, N)
     y = 2 * torch.einsum("hn,bhn->bh", c, x_new).real  # (B, H)
