@@ -44,9 +44,10 @@ class HorizonConfig:
     ssm_chunk: int = 128
     """T: tokens per chunk of the parallel scan: inside a chunk a (T, T) matrix product, chunk
     boundary states chained by the recurrence. A multiple of 8, at most 1024."""
-    ssm_recompute: bool = True
+    ssm_recompute: bool = False
     """Recompute the SSM scan in the backward pass instead of storing its chunk intermediates
-    (several times the layer's input in memory) for a little extra compute."""
+    (about the layer's input again in memory). Off by default: on the H200 the base step is 3%
+    faster without it (0.502 vs 0.516 s at 16 x 8192) for 6 GB more."""
     ssm_dt_min: float = 1e-3
     """Lower bound of the log-uniform initialisation of the S4D step size dt."""
     ssm_dt_max: float = 1e-1
@@ -144,7 +145,7 @@ HORIZON_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=32, n_layers=2, mlp_hidden=43, ssm_state=8, ssm_head_dim=8, ssm_chunk=8, conv_levels=3,
                  chunk_size=8, supervisor_dim=16, memory_dim=8, memory_topk=4, memory_capacity=6),
     "cpu": dict(d_model=128, n_layers=3, mlp_hidden=299, ssm_state=16, ssm_head_dim=32, ssm_chunk=64, chunk_size=64,
-                supervisor_dim=128, memory_dim=32, memory_topk=8, memory_capacity=1024, ssm_recompute=False),
+                supervisor_dim=128, memory_dim=32, memory_topk=8, memory_capacity=1024),
     "small": dict(d_model=256, n_layers=4, mlp_hidden=533, ssm_state=32, chunk_size=64,
                   supervisor_dim=256, memory_dim=64, memory_topk=8, memory_capacity=1024),
     "base": dict(d_model=768, n_layers=16, mlp_hidden=1536, ssm_state=64,

@@ -8,8 +8,9 @@ call on a window continues exactly from the previous one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from horizonlm.ops.causal_conv import causal_depthwise_conv
 
 
 def buffer_length(kernel_size: int, levels: int) -> int:
@@ -34,14 +35,19 @@ def effective_kernel(weight: Tensor, mix: Tensor) -> Tensor:
 
 def multires_causal_conv(x: Tensor, buffer: Tensor, weight: Tensor, mix: Tensor) -> tuple[Tensor, Tensor]:
     """Sum over resolutions r of ``mix[r] * depthwise_conv(x, weight[r], dilation=2**r)``, computed
-    as one depthwise convolution with the folded kernel.
+    as one depthwise convolution with the folded kernel (fused Triton kernels on the GPU, see
+    :mod:`horizonlm.ops.causal_conv`).
 
     x: (B, L, D), buffer: (B, P, D) (the inputs before x, zeros at the stream start),
-    weight: (R, D, k), mix: (R,). Returns y (B, L, D) and the new buffer (B, P, D).
+    weight: (R, D, k), mix: (R,). Returns y (B, L, D) and the new buffer (B, P, D): the last P rows
+    of ``cat([buffer, x])``, copied out of x (a view would keep all of x alive in the state).
     """
     pad = buffer.shape[1]
-    full = torch.cat([buffer, x], dim=1)  # (B, P+L, D)
+    length = x.shape[1]
     kernel = effective_kernel(weight, mix)  # (D, P+1)
-    y = F.conv1d(full.transpose(1, 2), kernel.unsqueeze(1), groups=kernel.shape[0])  # (B, D, L)
-    new_buffer = full[:, full.shape[1] - pad :]  # (B, P, D)
-    return y.transpose(1, 2), new_buffer  # (B, L, D)
+    y = causal_depthwise_conv(x, buffer, kernel)  # (B, L, D)
+    if length >= pad:
+        new_buffer = x[:, length - pad :].clone()  # (B, P, D)
+    else:
+        new_buffer = torch.cat([buffer[:, length:], x], dim=1)  # (B, P, D)
+    return y, new_buffer
