@@ -20,10 +20,10 @@ from horizonlm.model import HorizonLM
 VARIANTS = {
     "horizon_s4d_gated_T128": dict(),
     "horizon_s4d_gated_T64": dict(ssm_chunk=64),
-    "horizon_s4d_gated_T128_no_recompute": dict(ssm_recompute=False),
     "horizon_s4d_ungated": dict(ssm_gate="none", mlp_hidden=1792),
     "horizon_selective_T128": dict(ssm_kind="selective"),
     "horizon_no_ssm": dict(use_ssm=False),
+    "horizon_no_conv": dict(use_conv=False),
     "transformer": None,
 }
 
