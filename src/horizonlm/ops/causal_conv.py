@@ -116,12 +116,13 @@ if triton is not None:
                      acc.to(gbuf_ptr.dtype.element_ty), mask=buf_ok)
 
 
-# Tiles sized for an H200 but not yet timed there (sweep block_t 64/128/256, block_d 32/64/128,
-# num_warps 4/8): 128 tokens by 64 channels is 128 contiguous bytes of bf16 per token row, and
-# 8 warps keep the backward's three float32 tiles (full, grad_y, grad_full) near 96 registers a thread.
+# Tiles chosen by a sweep on one H200 (bench/scripts/conv_tune.py; forward + backward at
+# 16 x 8192 x 768, P = 16, bf16): 128 tokens x 32 channels with 4 warps took 2.66 ms, the best of
+# 18 (128 x 64 x 8 warps: 3.33 ms; 64 x 128 x 4: 2.87 ms; some large tiles spill: 25-30 ms);
+# cuDNN through F.conv1d on the transposed copy: 8.85 ms.
 _BLOCK_T = 128
-_BLOCK_D = 64
-_WARPS = 8
+_BLOCK_D = 32
+_WARPS = 4
 
 
 def _block_t(positions: int, block_t: int | None) -> int:
