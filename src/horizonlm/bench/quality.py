@@ -25,6 +25,7 @@ import torch
 
 from horizonlm.bench.common import environment, save_figure
 from horizonlm.checkpoint import load_checkpoint
+from horizonlm.config import HorizonConfig
 from horizonlm.data.stream import load_meta, open_split
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
@@ -39,6 +40,8 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "horizon_no_conv": ("horizon", {"use_conv": False}),
     "horizon_no_supervisor": ("horizon", {"use_supervisor": False}),
     "horizon_no_memory": ("horizon", {"use_memory": False}),
+    "horizon_ungated": ("horizon", {"ssm_gate": "none"}),
+    "horizon_selective": ("horizon", {"ssm_kind": "selective"}),
 }
 
 
@@ -92,8 +95,18 @@ class QualityConfig:
             raise ValueError(f"minutes and sweep_minutes must be > 0, got {self.minutes}, {self.sweep_minutes}")
 
 
+def _overrides(name: str, preset: str) -> dict[str, Any]:
+    """The model fields an entry of ABLATIONS changes; the ungated block gets back the MLP width
+    (d_model/3 wider) that the preset gave up for the gate, so parameters stay matched."""
+    overrides = dict(ABLATIONS[name][1])
+    if overrides.get("ssm_gate") == "none":
+        base = HorizonConfig.preset(preset)
+        overrides["mlp_hidden"] = base.mlp_hidden + base.d_model // 3
+    return overrides
+
+
 def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) -> dict[str, Any]:
-    kind, overrides = ABLATIONS[name]
+    kind, overrides = ABLATIONS[name][0], _overrides(name, cfg.preset)
     steps = 10**9  # the budget ends each run; the schedule spans an estimate of the steps that fit
     tcfg = TrainConfig(data=cfg.data, out=str(out), model=kind, preset=cfg.preset, model_overrides=overrides,
                        batch_size=cfg.batch_size, seq_len=cfg.seq_len, steps=steps, max_minutes=minutes, lr=lr,
