@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from horizonlm.baseline import TransformerLM
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import atomic_write_bytes, check_files, replace_dir, sha256_file
+from horizonlm.fileio import atomic_dir, atomic_write_bytes, check_files, sha256_file
 from horizonlm.model import HorizonLM
 
 CHECKPOINT_FORMAT = 1
@@ -66,10 +65,8 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, info: dict[st
                     train_tensors: dict[str, Tensor] | None = None, keep: int = 2) -> Path:
     """Write ``root/step-{step}`` atomically and point ``root/latest`` at it."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    with atomic_dir(root / name) as tmp:
         save_file(_weights(model), str(tmp / "model.safetensors"))
         files = {"model.safetensors": sha256_file(tmp / "model.safetensors")}
         if train_tensors is not None:
@@ -78,10 +75,6 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, info: dict[st
         meta = {"format": CHECKPOINT_FORMAT, "kind": model_kind(model), "config": model.config.to_dict(),
                 "step": step, "files": files, **info}
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        replace_dir(tmp, root / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_bytes(root / "latest", (name + "\n").encode())
     old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
     for p in old[: max(0, len(old) - (keep - 1))]:
@@ -99,9 +92,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, expect_kind: str | None = None, expect_config: dict[str, Any] | None = None,
-                    with_train_state: bool = False, map_location: str = "cpu") -> Checkpoint:
-    """Load and verify a checkpoint. Every failure is a :class:`HorizonError` saying what is wrong."""
+def run_folder(checkpoint_folder: str | Path) -> Path:
+    """The run folder a checkpoint belongs to, where results about it are written: the folder
+    above ``checkpoints/`` for a training run, else the folder that holds the ``step-*`` folders."""
+    root = Path(checkpoint_folder).parent
+    return root.parent if root.name == "checkpoints" else root
+
+
+def checkpoint_info(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint folder ``path`` names (see :func:`resolve_checkpoint`) and its checkpoint.json,
+    read and checked for format without loading any weights. An exported folder (``horizon
+    export``, Hugging Face layout) is accepted too; its info holds kind, config and tokenizer."""
+    from horizonlm.integrations.export import exported_info, is_export  # export imports this module
+
+    if is_export(path):
+        return Path(path), exported_info(path)
     folder = resolve_checkpoint(path)
     meta_path = folder / "checkpoint.json"
     if not meta_path.is_file():
@@ -112,6 +117,20 @@ def load_checkpoint(path: str | Path, expect_kind: str | None = None, expect_con
         raise HorizonError(f"corrupt checkpoint {folder}: checkpoint.json is not valid JSON ({err})") from err
     if info.get("format") != CHECKPOINT_FORMAT:
         raise HorizonError(f"checkpoint {folder} has format {info.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    return folder, info
+
+
+def load_checkpoint(path: str | Path, expect_kind: str | None = None, expect_config: dict[str, Any] | None = None,
+                    with_train_state: bool = False, map_location: str = "cpu") -> Checkpoint:
+    """Load and verify a checkpoint or an exported folder. Every failure is a :class:`HorizonError`
+    saying what is wrong."""
+    from horizonlm.integrations.export import is_export, load_exported  # export imports this module
+
+    if is_export(path):
+        if with_train_state:
+            raise HorizonError(f"{path} is an exported model: it holds no training state to resume from")
+        return load_exported(path, expect_kind, expect_config, map_location)
+    folder, info = checkpoint_info(path)
     kind, config = info.get("kind"), info.get("config")
     if expect_kind is not None and kind != expect_kind:
         raise HorizonError(f"checkpoint {folder} holds a {kind} model, not the requested {expect_kind}")

@@ -1,0 +1,121 @@
+"""``horizon export`` and loading its folders, without transformers: atomic, refuses to overwrite,
+the folder loads back to the same logits and tokenizer, bad folders are clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from horizonlm.cli import main
+from horizonlm.data.tokenizers import BPETokenizer, ByteTokenizer, WordTokenizer
+from horizonlm.errors import HorizonError
+from horizonlm.integrations.export import (
+    CONFIG_FILE,
+    MODEL_TYPES,
+    WEIGHTS_FILE,
+    byte_tokenizer_json,
+    export_folder,
+    load_any,
+    spec_from_tokenizer_json,
+)
+
+from .conftest import checkpoint_of, tiny_model
+
+
+def test_export_loads_back_identical(tmp_path: Path, kind: str) -> None:
+    model = tiny_model(kind)
+    out = export_folder(checkpoint_of(model, tmp_path / "run"), tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run"]  # no temporary folder left
+    values = json.loads((out / CONFIG_FILE).read_text())
+    assert values["model_type"] == MODEL_TYPES[kind]
+    assert {k: values[k] for k in model.config.to_dict()} == model.config.to_dict()
+    loaded = load_any(out)
+    assert loaded.info["kind"] == kind and loaded.info["tokenizer"] == {"kind": "byte"}
+    x = torch.randint(0, 256, (2, 19))
+    assert torch.equal(loaded.model(x)[0], model(x)[0])
+    assert loaded.model.head.weight is loaded.model.embed.weight  # tying survives
+
+
+def test_export_refuses_to_overwrite(tmp_path: Path) -> None:
+    run = checkpoint_of(tiny_model(), tmp_path / "run")
+    out = export_folder(run, tmp_path / "export")
+    with pytest.raises(HorizonError, match="already exists.*--overwrite"):
+        export_folder(run, out)
+    other = tiny_model(seed=1)
+    export_folder(checkpoint_of(other, tmp_path / "run2"), out, overwrite=True)
+    x = torch.randint(0, 256, (1, 9))
+    assert torch.equal(load_any(out).model(x)[0], other(x)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run", "run2"]
+
+
+def test_cli_export(tmp_path: Path, capsys) -> None:
+    run = checkpoint_of(tiny_model(), tmp_path / "run")
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export"), "--overwrite"]) == 0
+
+
+def test_tokenizer_specs_round_trip(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    text = "Ünïcode, tabs\tand\nnewlines: ROMEO! \x00\xff"
+    byte_tok = Tokenizer.from_str(byte_tokenizer_json())
+    assert byte_tok.encode(text).ids == ByteTokenizer().encode(text)
+    assert byte_tok.decode(ByteTokenizer().encode(text)) == text
+    assert spec_from_tokenizer_json(byte_tokenizer_json()) == {"kind": "byte"}
+    bpe = BPETokenizer.build((Path(__file__).parent / "data" / "shakespeare_rolling.jsonl").read_text(), 300)
+    assert spec_from_tokenizer_json(bpe.spec()["json"]) == bpe.spec()
+    model = tiny_model(vocab_size=bpe.vocab_size)
+    out = export_folder(checkpoint_of(model, tmp_path / "run", bpe.spec()), tmp_path / "export")
+    assert load_any(out).info["tokenizer"] == bpe.spec()
+    word = WordTokenizer.build("a b c\n")
+    with pytest.raises(HorizonError, match="word-level tokenizer cannot be exported"):
+        export_folder(checkpoint_of(tiny_model(vocab_size=word.vocab_size), tmp_path / "w", word.spec()),
+                      tmp_path / "w-export")
+    assert not (tmp_path / "w-export").exists()
+
+
+def test_bad_folders(tmp_path: Path) -> None:
+    out = export_folder(checkpoint_of(tiny_model(), tmp_path / "run"), tmp_path / "export")
+    values = json.loads((out / CONFIG_FILE).read_text())
+
+    def variant(name: str, config: dict | None = None, weights: bool = True) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / CONFIG_FILE).write_text(json.dumps(values if config is None else config))
+        if weights:
+            (folder / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes())
+        return folder
+
+    with pytest.raises(HorizonError, match="has no model.safetensors"):
+        load_any(variant("no-weights", weights=False))
+    with pytest.raises(HorizonError, match="type 'llama'"):
+        load_any(variant("llama", {**values, "model_type": "llama"}))
+    with pytest.raises(HorizonError, match="do not fit its config"):
+        load_any(variant("wider", {**values, "d_model": 48}))
+    with pytest.raises(HorizonError, match="lacks the horizon config fields n_layers"):
+        load_any(variant("old", {k: v for k, v in values.items() if k != "n_layers"}))
+    with pytest.raises(HorizonError, match="invalid horizon config"):
+        load_any(variant("invalid", {**values, "n_layers": 0}))
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(HorizonError, match="not valid JSON"):
+        load_any(tmp_path / "garbled")
+
+
+def test_every_command_loader_accepts_an_export(tmp_path: Path, capsys) -> None:
+    """``load_checkpoint`` (what eval, generate, ingest and passkey use) takes an exported folder,
+    and refuses to resume training from one; ``horizon generate`` runs on it."""
+    from horizonlm.checkpoint import load_checkpoint
+
+    model = tiny_model()
+    out = export_folder(checkpoint_of(model, tmp_path / "run"), tmp_path / "export")
+    x = torch.randint(0, 256, (1, 11))
+    assert torch.equal(load_checkpoint(out).model(x)[0], model(x)[0])
+    with pytest.raises(HorizonError, match="no training state"):
+        load_checkpoint(out, with_train_state=True)
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "To be", "--tokens", "5", "--temperature", "0"]) == 0
