@@ -1,26 +1,110 @@
-"""The decoder's bookkeeping equals plain stepping (on CPU every step is eager; the CUDA graph
-path is checked against eager decoding on the GPU by `horizon bench speed`)."""
+"""The graph decoders' bookkeeping equals calling the model token by token.
+
+On the CPU a decoder runs the same bookkeeping as on the GPU: the same static buffers, written
+in place, and every replay of a chunk runs at the stream position frozen at capture, exactly as a
+CUDA graph does; only the graph itself is replaced by calling the step. The graph against eager
+decoding on the GPU is checked by ``horizon bench speed`` (its ``checks`` part).
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from horizonlm.decode import GraphedDecoder
+from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder, state_tensors
 
-from .conftest import make_horizon
+from .conftest import make_horizon, make_transformer
 
 
-def test_decoder_matches_model_steps() -> None:
-    model = make_horizon(dtype=torch.float32).eval()
-    tokens = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(0))
+def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+@pytest.mark.parametrize("start", [0, 5, 7])
+def test_decoder_matches_model_steps(start: int) -> None:
+    """From a chunk's first token, mid-chunk and a chunk's last token, past FIFO eviction."""
+    model = make_horizon().eval()
+    chunk, capacity = model.config.chunk_size, model.config.memory_capacity
+    end = (capacity + 1) * chunk + 3  # more completed chunks than the memory holds
+    tokens = _tokens(2, end)
     with torch.no_grad():
-        _, state = model(tokens[:, :5])
+        state = model.init_state(2) if start == 0 else model(tokens[:, :start])[1]
         decoder = GraphedDecoder(model, state)
-        expected_state = state
-        for t in range(5, 30):
+        want_state = state
+        for t in range(start, end):
             got = decoder.step(tokens[:, t : t + 1])
-            want, expected_state = model(tokens[:, t : t + 1], expected_state)
-            torch.testing.assert_close(got, want[:, -1])
+            want, want_state = model(tokens[:, t : t + 1], want_state)
+            torch.testing.assert_close(got, want[:, -1], rtol=1e-9, atol=1e-10)
     snap = decoder.snapshot()
-    assert snap.pos == expected_state.pos == 30
-    torch.testing.assert_close(snap.memory.keys, expected_state.memory.keys)
+    assert snap.pos == snap.supervisor.pos == snap.memory.pos == want_state.pos == end
+    assert snap.memory.chunk_ids.tolist() == list(range(end // chunk - capacity, end // chunk))
+    for got_t, want_t in zip(state_tensors(snap), state_tensors(want_state), strict=True):
+        torch.testing.assert_close(got_t, want_t, rtol=1e-9, atol=1e-10)
+    replayed = [p for p in range(start, end) if (p + 1) % chunk]
+    assert decoder.eager_steps == end - start - len(replayed)
+    assert decoder.captures == len({p // chunk for p in replayed})  # one replay per chunk, not per step
+
+
+def test_decoder_snapshot_is_independent() -> None:
+    model = make_horizon().eval()
+    tokens = _tokens(1, 12, seed=1)
+    with torch.no_grad():
+        decoder = GraphedDecoder(model, model(tokens[:, :2])[1])
+        decoder.step(tokens[:, 2:3])
+        snap = decoder.snapshot()
+        before = [t.clone() for t in state_tensors(snap)]
+        for t in range(3, 12):
+            decoder.step(tokens[:, t : t + 1])
+    for got_t, want_t in zip(state_tensors(snap), before, strict=True):
+        assert torch.equal(got_t, want_t)
+
+
+def test_decoder_refuses_wrong_token_shape() -> None:
+    model = make_horizon().eval()
+    decoder = GraphedDecoder(model, model.init_state(2))
+    with pytest.raises(ValueError, match="shape"):
+        decoder.step(torch.zeros(1, 1, dtype=torch.long))  # would broadcast over the batch
+
+
+@pytest.mark.parametrize("start", [0, 1, 9])
+def test_transformer_decoder_matches_model_steps(start: int) -> None:
+    model = make_transformer().eval()
+    end = 40
+    tokens = _tokens(2, end, seed=2)
+    with torch.no_grad():
+        state = model.init_state(2) if start == 0 else model(tokens[:, :start])[1]
+        decoder = GraphedTransformerDecoder(model, state, capacity=end)
+        want_state = state
+        for t in range(start, end):
+            got = decoder.step(tokens[:, t : t + 1])
+            want, want_state = model(tokens[:, t : t + 1], want_state)
+            torch.testing.assert_close(got, want[:, -1], rtol=1e-9, atol=1e-10)
+    assert decoder.captures == 1
+    assert int(decoder.cache.pos) == decoder.pos == end
+    snap = decoder.snapshot()
+    assert snap.pos == want_state.pos == end
+    for got_t, want_t in zip(snap.keys + snap.values, want_state.keys + want_state.values, strict=True):
+        torch.testing.assert_close(got_t, want_t, rtol=1e-9, atol=1e-10)
+
+
+def test_transformer_forward_static_prefill_equals_forward() -> None:
+    """Several tokens at once into a static cache: the causal mask over the slots."""
+    model = make_transformer().eval()
+    tokens = _tokens(2, 23, seed=3)
+    with torch.no_grad():
+        want, _ = model(tokens)
+        cache = model.static_cache(model.init_state(2), capacity=32)
+        first = model.forward_static(tokens[:, :10], cache)  # (B, 10, V)
+        cache.pos.add_(10)
+        second = model.forward_static(tokens[:, 10:], cache)  # (B, 13, V)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), want, rtol=1e-9, atol=1e-10)
+
+
+def test_transformer_decoder_refuses_a_full_cache() -> None:
+    model = make_transformer().eval()
+    decoder = GraphedTransformerDecoder(model, model.init_state(1), capacity=1)
+    assert decoder.cache.capacity == 64
+    for _ in range(64):
+        decoder.step(torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="full"):
+        decoder.step(torch.zeros(1, 1, dtype=torch.long))

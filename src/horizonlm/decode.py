@@ -1,29 +1,42 @@
-"""Fast token-by-token decoding of HorizonLM by replaying a CUDA graph of the one-token step.
+"""Fast token-by-token decoding by replaying a CUDA graph of the one-token step, for HorizonLM
+and for the transformer baseline, so that decode latencies compare graph against graph.
 
-Eager decoding launches hundreds of small kernels per token and is bound by the CPU. Between
-chunk ends, a step's work depends only on the token and the state, never on the exact position:
-the chunk clock stands still, the supervisor state is only read, and the memory is read, not
-written. So one graph, captured at the first such step of a chunk, serves every other step of
-that chunk; the step that completes a chunk (GRU update, memory write) runs eagerly.
+Each decoder is two parts kept apart:
 
-The graph writes its new state over its own input buffers, so this class owns private copies of
-the state; :meth:`snapshot` returns an ordinary (immutable-by-contract) state. On the CPU it runs
-every step eagerly through the same bookkeeping.
+- the bookkeeping, in the decoder classes: which steps replay and which run eagerly, when to
+  capture, the stream position, and the state buffers that a step reads and overwrites;
+- the capture, in :func:`replayable`: it turns a step over those buffers into a replay. On a
+  GPU that is a CUDA graph; elsewhere the replay is the step function itself, run over the same
+  buffers with the same values frozen at capture time (the stream position a graph bakes in),
+  so a CPU test exercises exactly the bookkeeping the graph path uses.
+
+HorizonLM: between chunk ends, a step's work depends only on the token and the state, never on
+the exact position: the chunk clock stands still, the supervisor state is only read, and the
+memory is read, not written. So one replay, captured at the first such step of a chunk, serves
+every other step of that chunk; the step that completes a chunk (GRU update, memory write) runs
+eagerly (its work depends on the chunk's index and the memory grows by one entry).
+
+Transformer: its step writes into a :class:`horizonlm.baseline.StaticKVCache` at a position held
+on the device, so a single replay serves every step up to the cache's capacity.
+
+The decoders own private copies of the state; ``snapshot`` returns an ordinary state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 from torch import Tensor
 
+from horizonlm.baseline import TransformerLM
 from horizonlm.model import HorizonLM
-from horizonlm.state import (
-    HorizonState,
-    MemoryState,
-    StoreMemoryState,
-)
+from horizonlm.state import HorizonState, KVState, MemoryState, StoreMemoryState
+
+CAPTURE_WARMUP = 2
+"""Eager, state-preserving runs of a step before its CUDA graph is captured (lazy
+initialisation of kernels and workspaces must not happen during capture)."""
 
 
 def state_tensors(state: HorizonState) -> list[Tensor]:
@@ -38,27 +51,72 @@ def state_tensors(state: HorizonState) -> list[Tensor]:
     return out
 
 
+def replayable(step: Callable[[bool], Tensor], use_graph: bool) -> Callable[[], Tensor]:
+    """A replay of ``step(commit=True)``.
+
+    ``step(commit)`` computes one decode step from static buffers only and returns its logits;
+    with ``commit`` it also writes the new state into those buffers, without it leaves the state
+    as it was (a warm-up). With ``use_graph`` the step is warmed up on a side stream and captured
+    in a CUDA graph: each replay reruns the captured kernels, with every Python value (shapes,
+    positions) as it was at capture, and returns the same output tensor, overwritten. Without,
+    the same warm-ups run (so a CPU test also checks that they leave the state alone) and the
+    replay calls ``step(True)`` itself, over the same buffers and frozen values.
+    """
+    if not use_graph:
+        for _ in range(CAPTURE_WARMUP):
+            step(False)
+        return lambda: step(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(CAPTURE_WARMUP):
+            step(False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(True)
+
+    def replay() -> Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
+def _check_step_tokens(tokens: Tensor, batch_size: int) -> None:
+    """Shape and dtype, read on the host. Token values are not read (that would wait on the
+    device every step); a replayed step assumes ids in [0, V), as sampled from its logits."""
+    if not isinstance(tokens, Tensor) or tuple(tokens.shape) != (batch_size, 1) or tokens.is_floating_point():
+        got = getattr(tokens, "shape", type(tokens))
+        raise ValueError(f"step needs integer tokens of shape ({batch_size}, 1), got {got}")
+
+
 def _advance(state: HorizonState, steps: int) -> HorizonState:
+    """The positions of ``state`` moved on by ``steps`` tokens (the tensors are left as they are)."""
     sup = None if state.supervisor is None else replace(state.supervisor, pos=state.supervisor.pos + steps)
     mem = None if state.memory is None else replace(state.memory, pos=state.memory.pos + steps)
     return replace(state, pos=state.pos + steps, supervisor=sup, memory=mem)
 
 
 class GraphedDecoder:
-    """``step(tokens (B, 1)) -> logits (B, V)``, equal to ``model(tokens, state)`` step by step."""
+    """``step(tokens (B, 1)) -> logits (B, V)``, equal to ``model(tokens, state)`` step by step.
+
+    Steps inside a chunk replay (a CUDA graph on a GPU); chunk-end steps and states whose memory
+    lives in a store (searched on the host side) run the model eagerly.
+    """
 
     def __init__(self, model: HorizonLM, state: HorizonState, bf16: bool = True) -> None:
         if not isinstance(model, HorizonLM):
-            raise ValueError("GraphedDecoder needs a HorizonLM (the baseline's cache grows every step)")
+            raise ValueError("GraphedDecoder needs a HorizonLM (GraphedTransformerDecoder serves the baseline)")
         self.model = model
         self.state = state.clone()
-        # A store-backed memory is searched on the host side: such states decode eagerly.
-        self.use_graphs = model.embed.weight.is_cuda and not isinstance(state.memory, StoreMemoryState)
+        self.use_graphs = model.embed.weight.is_cuda
+        self.replays = not isinstance(state.memory, StoreMemoryState)
         self.bf16 = bf16 and self.use_graphs
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_chunk = -1
+        self.replay: Callable[[], Tensor] | None = None
         self.static_tokens: Tensor | None = None
-        self.static_logits: Tensor | None = None
+        self.captures = 0  # replays made: one per chunk with a replayed step
+        self.eager_steps = 0  # chunk ends, or every step of a store-backed state
 
     def _forward(self, tokens: Tensor, state: HorizonState):
         device_type = "cuda" if self.use_graphs else "cpu"
@@ -66,40 +124,87 @@ class GraphedDecoder:
             return self.model(tokens, state)
 
     def _capture(self) -> None:
+        """A replay of one in-chunk step over fresh buffers, which become the decoder's state."""
         inputs = self.state.clone()
-        self.static_tokens = torch.zeros(self.state.batch_size, 1, dtype=torch.long,
-                                         device=self.model.embed.weight.device)  # (B, 1)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(self.static_tokens, inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits, outputs = self._forward(self.static_tokens, inputs)
-            for dst, src in zip(state_tensors(inputs), state_tensors(outputs)):
-                if dst.data_ptr() != src.data_ptr():
-                    dst.copy_(src)
-        self.graph, self.static_logits, self.state = graph, logits[:, -1], inputs
-        self.graph_chunk = self.state.pos // self.model.config.chunk_size
+        tokens = torch.zeros(inputs.batch_size, 1, dtype=torch.long, device=self.model.embed.weight.device)  # (B, 1)
+
+        def step(commit: bool) -> Tensor:
+            logits, outputs = self._forward(tokens, inputs)  # (B, 1, V)
+            if commit:
+                for dst, src in zip(state_tensors(inputs), state_tensors(outputs)):
+                    if dst.data_ptr() != src.data_ptr():
+                        dst.copy_(src)
+            return logits[:, -1]  # (B, V)
+
+        self.replay = replayable(step, self.use_graphs)
+        self.static_tokens, self.state = tokens, inputs
+        self.captures += 1
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per stream (B, 1); returns the next-token logits (B, V)."""
-        chunk = self.model.config.chunk_size
-        pos = self.state.pos
-        ends_chunk = (pos + 1) % chunk == 0
-        if not self.use_graphs or ends_chunk:
-            logits, self.state = self._forward(tokens, self.state)
-            self.graph = None
+        _check_step_tokens(tokens, self.state.batch_size)
+        ends_chunk = (self.state.pos + 1) % self.model.config.chunk_size == 0
+        if not self.replays or ends_chunk:
+            logits, self.state = self._forward(tokens, self.state)  # (B, 1, V)
+            self.replay = None  # the next chunk reads a new supervisor state and memory: a new capture
+            self.eager_steps += 1
             return logits[:, -1]
-        if self.graph is None or self.graph_chunk != pos // chunk:
+        if self.replay is None:
             self._capture()
         self.static_tokens.copy_(tokens)
-        self.graph.replay()
+        logits = self.replay()  # (B, V)
         self.state = _advance(self.state, 1)
-        return self.static_logits.clone()
+        return logits.clone()
 
     def snapshot(self) -> HorizonState:
         """The current state as a fresh, independent HorizonState."""
         return self.state.clone()
+
+
+class GraphedTransformerDecoder:
+    """``step(tokens (B, 1)) -> logits (B, V)``, equal to ``model(tokens, state)`` step by step,
+    over a static KV cache of at least ``capacity`` slots (rounded up to a multiple of 64, so
+    fused attention kernels take the mask's row stride). One replay serves every step."""
+
+    def __init__(self, model: TransformerLM, state: KVState, capacity: int, bf16: bool = True) -> None:
+        if not isinstance(model, TransformerLM):
+            raise ValueError("GraphedTransformerDecoder needs a TransformerLM")
+        self.model = model
+        self.use_graphs = model.embed.weight.is_cuda
+        self.bf16 = bf16 and self.use_graphs
+        dtype = torch.bfloat16 if self.bf16 else model.embed.weight.dtype
+        self.cache = model.static_cache(state, -(-capacity // 64) * 64, dtype)
+        self.pos = state.pos  # tokens in the cache, counted on the host (cache.pos on the device)
+        device = model.embed.weight.device
+        self.static_tokens = torch.zeros(state.batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
+        self.replay: Callable[[], Tensor] | None = None
+        self.captures = 0
+
+    def _step(self, commit: bool) -> Tensor:
+        """One step at ``cache.pos``. A warm-up (no commit) writes the slot at ``cache.pos`` too,
+        harmlessly: no step reads a slot before writing it, and the next step writes that one."""
+        device_type = "cuda" if self.use_graphs else "cpu"
+        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            logits = self.model.forward_static(self.static_tokens, self.cache)  # (B, 1, V)
+        if commit:
+            self.cache.pos.add_(1)
+        return logits[:, -1]  # (B, V)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per stream (B, 1); returns the next-token logits (B, V)."""
+        _check_step_tokens(tokens, self.cache.batch_size)
+        if self.pos >= self.cache.capacity:
+            raise ValueError(f"the static KV cache is full ({self.cache.capacity} positions)")
+        if self.replay is None:
+            self.replay = replayable(self._step, self.use_graphs)
+            self.captures += 1
+        self.static_tokens.copy_(tokens)
+        logits = self.replay()  # (B, V)
+        self.pos += 1
+        return logits.clone()
+
+    def snapshot(self) -> KVState:
+        """The cache so far as an ordinary (growing-cache) KVState."""
+        keys = tuple(k[:, :, : self.pos].clone() for k in self.cache.keys)  # (B, H, T, Dh) each
+        values = tuple(v[:, :, : self.pos].clone() for v in self.cache.values)  # (B, H, T, Dh) each
+        return KVState(keys=keys, values=values, pos=self.pos, batch_size=self.cache.batch_size)

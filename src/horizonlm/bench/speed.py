@@ -4,6 +4,11 @@ Training throughput (forward + backward + AdamW step) at several lengths with a 
 tokens per step, long prefill with the state carried, per-token decode latency after long
 contexts, and exact memory search. Timings are CUDA-event medians after warm-up; every row
 records peak memory. Failures (out of memory) are rows too.
+
+Like for like: both models decode by CUDA graph replay (HorizonLM one graph per chunk, the
+transformer one graph over a static KV cache); the transformer's eager decode is kept as extra
+rows, ``transformer+eager``, labelled ``graphed: false``. MFU is given against three peaks: the
+quoted 790 TFLOP/s, the bf16 matmul rate measured in the same run, and the datasheet peak.
 """
 
 from __future__ import annotations
@@ -29,12 +34,17 @@ from horizonlm.bench.common import (
     time_cuda,
 )
 from horizonlm.config import HorizonConfig, TransformerConfig
-from horizonlm.decode import GraphedDecoder
+from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder
 from horizonlm.fileio import atomic_write_json
 from horizonlm.model import HorizonLM
 
 PEAK_BF16_FLOPS = 790e12
 """The bf16 dense matrix rate MFU is quoted against (the issue's figure for this H200)."""
+
+DATASHEET_BF16_DENSE_FLOPS = 989e12
+"""Dense bf16 tensor-core peak of the H200 SXM (the same as the H100 SXM): NVIDIA's H200
+datasheet lists "BF16 Tensor Core 1,979 TFLOPS" with 2:4 sparsity, i.e. 989 TFLOPS dense
+(third-party spec tables, e.g. hmc-tech.com's H100 SXM page, give 989.43 dense)."""
 
 
 @dataclass
@@ -62,10 +72,11 @@ class SpeedConfig:
     decode_batches: str = "1,64"
     """Decode batch sizes."""
     decode_steps: int = 300
-    """Timed HorizonLM decode steps per row (over two chunk ends, so graph captures and the eager
-    chunk-end steps are inside the mean)."""
+    """Timed graphed decode steps per row, both models (HorizonLM: over two chunk ends, so its
+    graph captures and eager chunk-end steps are inside the mean; the transformer's one capture
+    is inside its mean too)."""
     transformer_decode_steps: int = 20
-    """Timed transformer decode steps per row (eager, KV cache grows)."""
+    """Timed steps of the extra ``transformer+eager`` rows (eager, KV cache concatenated)."""
     memory_sizes: str = "10000,100000,1000000,10000000"
     """Entries in the exact-search benchmark."""
     memory_queries: str = "1,1024"
@@ -82,22 +93,91 @@ class SpeedConfig:
     """Also time training with every block torch.compile'd (rows labelled ``+compile``)."""
 
 
-def matmul_params(model: nn.Module) -> int:
-    """Parameters that take part in a matrix product per token (every Linear, the head once)."""
-    seen, total = set(), 0
+def chunk_end_modules(model: nn.Module) -> list[nn.Module]:
+    """HorizonLM's projections applied once per completed chunk, to its last token only: the
+    supervisor's summary and GRU, the memory's key and value."""
+    if not isinstance(model, HorizonLM):
+        return []
+    out: list[nn.Module] = []
+    if model.supervisor is not None:
+        out += [model.supervisor.summary, model.supervisor.gru]
+    if model.memory is not None:
+        out += [model.memory.key, model.memory.value]
+    return out
+
+
+def matmul_params(model: nn.Module) -> dict[str, float]:
+    """Weights that take part in a matrix product, by how often they are applied.
+
+    ``per_token``: every Linear applied to every token (the head once, even when tied to the
+    embedding); ``per_chunk``: the chunk-end projections (:func:`chunk_end_modules`, GRU
+    weights included), applied once per ``chunk_size`` tokens; ``effective`` = per_token +
+    per_chunk / chunk_size, the per-token count behind every FLOP figure of this benchmark.
+    """
+    per_chunk_ids = {id(p) for m in chunk_end_modules(model) for p in m.parameters()}
+    seen: set[int] = set()
+    per_token = per_chunk = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear) and id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            total += module.weight.numel()
-    return total
+        if isinstance(module, nn.Linear):
+            weights = [module.weight]
+        elif isinstance(module, nn.RNNBase):
+            weights = [p for name, p in module.named_parameters() if name.startswith("weight_")]
+        else:
+            continue
+        for weight in weights:
+            if id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            if id(weight) in per_chunk_ids:
+                per_chunk += weight.numel()
+            else:
+                per_token += weight.numel()
+    chunk = model.config.chunk_size if isinstance(model, HorizonLM) else 1
+    return {"per_token": per_token, "per_chunk": per_chunk, "chunk_size": chunk,
+            "effective": per_token + per_chunk / chunk}
 
 
 def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """6 N per token for the matrix products; the baseline adds causal attention, 6 * n_layers * D * L."""
-    flops = 6.0 * matmul_params(model)
+    """6 x the effective matmul parameters per token; the baseline adds causal attention,
+    6 * n_layers * D * L (half of full attention's 12 * n_layers * D * L, for the mask)."""
+    flops = 6.0 * matmul_params(model)["effective"]
     if isinstance(model, TransformerLM):
         flops += 6.0 * model.config.n_layers * model.config.d_model * seq_len
     return flops
+
+
+def flop_counts(preset: str) -> dict[str, dict[str, float]]:
+    """Matmul parameters and FLOPs per token of both models (built on the meta device), the one
+    source for the benchmark's JSON and the notes written from it."""
+    out = {}
+    with torch.device("meta"):
+        models = {"horizon": HorizonLM(HorizonConfig.preset(preset)),
+                  "transformer": TransformerLM(TransformerConfig.preset(preset))}
+    for kind, model in models.items():
+        counts = matmul_params(model)
+        out[kind] = {"parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": counts,
+                     "forward_matmul_flops_per_token": 2.0 * counts["effective"],
+                     "train_matmul_flops_per_token": 6.0 * counts["effective"]}
+        if kind == "transformer":
+            attention = 6.0 * model.config.n_layers * model.config.d_model
+            out[kind]["train_attention_flops_per_token_per_context_token"] = attention
+    return out
+
+
+def mfu_peaks(ceilings: dict[str, Any] | None) -> dict[str, float | None]:
+    """The peaks MFU is given against: quoted, measured in this run (None if not measured),
+    datasheet."""
+    return {"quoted": PEAK_BF16_FLOPS, "measured_matmul": (ceilings or {}).get("bf16_matmul_flops"),
+            "datasheet_dense": DATASHEET_BF16_DENSE_FLOPS}
+
+
+def mfu_columns(model_flops_per_s: float, peaks: dict[str, float | None]) -> dict[str, float | None]:
+    """``mfu`` (against the quoted peak, as before) and beside it the same rate over the
+    measured matmul ceiling and over the datasheet peak."""
+    measured = peaks["measured_matmul"]
+    return {"mfu": model_flops_per_s / peaks["quoted"],
+            "mfu_vs_measured_matmul": model_flops_per_s / measured if measured else None,
+            "mfu_vs_datasheet": model_flops_per_s / peaks["datasheet_dense"]}
 
 
 def _build(kind: str, preset: str, device: torch.device) -> nn.Module:
@@ -169,31 +249,55 @@ def run_checks(device: torch.device) -> dict[str, Any]:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             low, _ = model(tokens)
         out["bf16_autocast_vs_float32_logits_rel_err"] = ((low.float() - full).norm() / full.norm()).item()
-    try:
-        out["graphed_decode_vs_eager_max_rel_err"] = _check_graphed_decode(device)
-    except Exception as err:
-        out["graphed_decode_vs_eager_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    for name, check in (("graphed_decode_vs_eager", check_graphed_decode),
+                        ("transformer_graphed_decode_vs_eager", check_graphed_transformer_decode)):
+        try:
+            out[f"{name}_max_rel_err"] = check(device)
+        except Exception as err:
+            out[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
     return out
 
 
-def _check_graphed_decode(device: torch.device) -> float:
-    """300 graphed steps (two chunk ends) against eager steps, float32, no autocast."""
+def check_graphed_decode(device: torch.device, preset: str = "small", prefix: int = 100, steps: int = 300) -> float:
+    """Graphed HorizonLM steps (300 cross two chunk ends of the small preset) against eager
+    steps, float32, no autocast: the worst relative error of the logits."""
     torch.manual_seed(0)
-    model = HorizonLM(HorizonConfig.preset("small")).to(device).eval()
-    tokens = torch.randint(0, 256, (2, 400), device=device)
+    model = HorizonLM(HorizonConfig.preset(preset)).to(device).eval()
+    tokens = torch.randint(0, 256, (2, prefix + steps), device=device)  # (B, T)
     with torch.no_grad():
-        _, state = model(tokens[:, :100])
+        _, state = model(tokens[:, :prefix])
         decoder = GraphedDecoder(model, state, bf16=False)
         worst = 0.0
-        for t in range(100, 400):
-            got = decoder.step(tokens[:, t : t + 1])
-            want, state = model(tokens[:, t : t + 1], state)
+        for t in range(prefix, prefix + steps):
+            got = decoder.step(tokens[:, t : t + 1])  # (B, V)
+            want, state = model(tokens[:, t : t + 1], state)  # (B, 1, V)
             worst = max(worst, ((got - want[:, -1]).norm() / want.norm()).item())
     return worst
 
 
-def bench_train(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
+def check_graphed_transformer_decode(device: torch.device, preset: str = "small", prefix: int = 100,
+                                     steps: int = 300) -> float:
+    """Graphed static-cache transformer steps against eager steps over the growing cache,
+    float32, no autocast: the worst relative error of the logits (attention kernels differ
+    between the masked full-capacity read and the unmasked one, so not exactly zero)."""
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig.preset(preset)).to(device).eval()
+    tokens = torch.randint(0, 256, (2, prefix + steps), device=device)  # (B, T)
+    with torch.no_grad():
+        _, state = model(tokens[:, :prefix])
+        decoder = GraphedTransformerDecoder(model, state, prefix + steps, bf16=False)
+        worst = 0.0
+        for t in range(prefix, prefix + steps):
+            got = decoder.step(tokens[:, t : t + 1])  # (B, V)
+            want, state = model(tokens[:, t : t + 1], state)  # (B, 1, V)
+            worst = max(worst, ((got - want[:, -1]).norm() / want.norm()).item())
+    return worst
+
+
+def bench_train(kind: str, cfg: SpeedConfig, device: torch.device,
+                peaks: dict[str, float | None] | None = None) -> list[dict[str, Any]]:
     """Training rows for ``kind`` (``horizon`` or ``transformer``, optionally ``+compile``)."""
+    peaks = peaks or mfu_peaks(None)
     rows = []
     model = _build(kind.split("+")[0], cfg.preset, device)
     if kind.endswith("+compile"):
@@ -221,8 +325,9 @@ def bench_train(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[
             times = time_cuda(step, cfg.warmup, cfg.repeat)
             t = median(times)
             tokens_per_s = batch * length / t
+            flops = train_flops_per_token(base, length)
             return {"status": "ok", "seconds_per_step": t, "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * train_flops_per_token(base, length) / PEAK_BF16_FLOPS,
+                    "train_flops_per_token": flops, **mfu_columns(tokens_per_s * flops, peaks),
                     "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "all_seconds": times}
 
         row = {"part": "train", "model": kind, "seq_len": length, "batch": batch, **_oom_guard(run)}
@@ -269,16 +374,44 @@ def bench_prefill(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dic
     return rows
 
 
+def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: torch.device
+                  ) -> tuple[list[float], dict[str, Any]]:
+    """Per-step seconds of one decode row and what describes how it ran."""
+    token = torch.zeros(state.batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
+    if kind == "horizon":
+        decoder = GraphedDecoder(model, state)
+        times = time_cuda(lambda: decoder.step(token), 0, cfg.decode_steps)
+        return times, {"graphed": True, "graph_captures": decoder.captures, "eager_steps": decoder.eager_steps,
+                       "mode": "CUDA graph per chunk, captures inside the timed steps; chunk-end steps eager"}
+    if kind == "transformer":
+        decoder = GraphedTransformerDecoder(model, state, state.pos + cfg.decode_steps)
+        times = time_cuda(lambda: decoder.step(token), 0, cfg.decode_steps)
+        return times, {"graphed": True, "graph_captures": decoder.captures, "cache_capacity": decoder.cache.capacity,
+                       "mode": "CUDA graph over a static KV cache, its capture inside the timed steps"}
+    holder = {"s": state}
+
+    @torch.no_grad()
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, holder["s"] = model(token, holder["s"])
+
+    times = time_cuda(step, 3, cfg.transformer_decode_steps)
+    return times, {"graphed": False,
+                   "mode": "eager, KV cache concatenated, token check syncs the host: not like for like"}
+
+
 def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
+    """Decode rows for ``kind``: ``horizon`` and ``transformer`` graphed, ``transformer+eager``."""
     rows = []
-    model = _build(kind, cfg.preset, device).eval()
+    base_kind = kind.split("+")[0]
+    model = _build(base_kind, cfg.preset, device).eval()
     for context in parse_ints(cfg.decode_contexts):
-        if kind == "transformer" and context > cfg.transformer_prefill_max:
+        if base_kind == "transformer" and context > cfg.transformer_prefill_max:
             for batch in parse_ints(cfg.decode_batches):
                 rows.append({"part": "decode", "model": kind, "context": context, "batch": batch, "status": "not run",
                              "reason": "building the cache needs a prefill beyond transformer_prefill_max"})
             continue
-        window = context if kind == "transformer" else cfg.prefill_window
+        window = context if base_kind == "transformer" else cfg.prefill_window
         try:
             base_state = _prefill(model, context, window, device)
         except torch.cuda.OutOfMemoryError as err:
@@ -288,24 +421,10 @@ def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict
 
             def run() -> dict[str, Any]:
                 state = base_state.expand(batch) if batch > 1 else base_state
-                token = torch.zeros(batch, 1, dtype=torch.long, device=device)
                 torch.cuda.reset_peak_memory_stats()
-                if kind == "horizon":
-                    decoder = GraphedDecoder(model, state)
-                    times = time_cuda(lambda: decoder.step(token), 0, cfg.decode_steps)
-                    mode = "CUDA graph per chunk; chunk-end steps eager"
-                else:
-                    holder = {"s": state}
-
-                    @torch.no_grad()
-                    def step() -> None:
-                        with torch.autocast("cuda", dtype=torch.bfloat16):
-                            _, holder["s"] = model(token, holder["s"])
-
-                    times = time_cuda(step, 3, cfg.transformer_decode_steps)
-                    mode = "eager, KV cache concatenated"
+                times, how = _decode_times(kind, model, state, cfg, device)
                 return {"status": "ok", "ms_per_token_step": 1000 * median(times),
-                        "mean_ms_per_token_step": 1000 * sum(times) / len(times), "steps": len(times), "mode": mode,
+                        "mean_ms_per_token_step": 1000 * sum(times) / len(times), "steps": len(times), **how,
                         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
 
             row = {"part": "decode", "model": kind, "context": context, "batch": batch, **_oom_guard(run)}
@@ -360,11 +479,8 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
     torch.backends.cuda.matmul.allow_tf32 = True
     parts = set(cfg.parts.split(","))
     results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "rows": []}
-    with torch.device("meta"):
-        results["parameters"] = {
-            "horizon": sum(p.numel() for p in HorizonLM(HorizonConfig.preset(cfg.preset)).parameters()),
-            "transformer": sum(p.numel() for p in TransformerLM(TransformerConfig.preset(cfg.preset)).parameters()),
-        }
+    results["flops"] = flop_counts(cfg.preset)
+    results["parameters"] = {kind: counts["parameters"] for kind, counts in results["flops"].items()}
     out = Path(cfg.out)
 
     def save() -> None:
@@ -373,6 +489,9 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
     if "ceilings" in parts:
         results["ceilings"] = measure_ceilings(device)
         print(json.dumps(results["ceilings"]), flush=True)
+    peaks = mfu_peaks(results.get("ceilings"))
+    results["mfu_peaks_flops"] = peaks
+    print(json.dumps({"mfu_peaks_flops": peaks, "flops": results["flops"]}), flush=True)
     if "checks" in parts:
         torch.backends.cuda.matmul.allow_tf32 = False  # the checks compare float32 paths without TF32
         try:
@@ -382,13 +501,18 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         print(json.dumps(results["checks"]), flush=True)
         save()
-    for part, fn in (("train", bench_train), ("prefill", bench_prefill), ("decode", bench_decode)):
+    benches = (("train", lambda kind: bench_train(kind, cfg, device, peaks)),
+               ("prefill", lambda kind: bench_prefill(kind, cfg, device)),
+               ("decode", lambda kind: bench_decode(kind, cfg, device)))
+    for part, fn in benches:
         if part in parts:
             kinds = ["horizon", "transformer"]
             if part == "train" and cfg.compile:
                 kinds += ["horizon+compile", "transformer+compile"]
+            if part == "decode":
+                kinds += ["transformer+eager"]
             for kind in kinds:
-                results["rows"].extend(fn(kind, cfg, device))
+                results["rows"].extend(fn(kind))
                 save()
     if "memory" in parts:
         bandwidth = results.get("ceilings", {}).get("copy_bandwidth_bytes_per_s")

@@ -1,0 +1,66 @@
+"""``horizon bench speed`` on the CPU: what the FLOP count counts, the MFU columns, and the
+graph-vs-eager decode checks (run here through the decoders' CPU replay path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from horizonlm.bench.speed import (
+    DATASHEET_BF16_DENSE_FLOPS,
+    PEAK_BF16_FLOPS,
+    check_graphed_decode,
+    check_graphed_transformer_decode,
+    flop_counts,
+    matmul_params,
+    mfu_columns,
+    mfu_peaks,
+    train_flops_per_token,
+)
+
+from ..conftest import make_horizon, make_transformer
+
+
+def test_chunk_end_projections_count_once_per_chunk() -> None:
+    model = make_horizon()
+    cfg = model.config
+    d, s, k = cfg.d_model, cfg.supervisor_dim, cfg.memory_dim
+    counts = matmul_params(model)
+    per_chunk = d * s + 2 * 3 * s * s + 2 * d * k  # summary, GRU (input and hidden), key, value
+    assert counts["per_chunk"] == per_chunk
+    every_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert counts["per_token"] == every_linear - (d * s + 2 * d * k)  # the head (tied) once
+    assert counts["effective"] == counts["per_token"] + per_chunk / cfg.chunk_size
+    assert train_flops_per_token(model, 1000) == 6 * counts["effective"]
+
+
+def test_transformer_counts_attention_per_context_token() -> None:
+    model = make_transformer()
+    counts = matmul_params(model)
+    assert counts["per_chunk"] == 0 and counts["effective"] == counts["per_token"]
+    cfg = model.config
+    assert (train_flops_per_token(model, 100) - train_flops_per_token(model, 0)
+            == pytest.approx(6 * cfg.n_layers * cfg.d_model * 100))
+
+
+def test_flop_counts_match_the_models() -> None:
+    counts = flop_counts("tiny")
+    horizon = make_horizon(dtype=torch.float32)
+    assert counts["horizon"]["parameters"] == horizon.num_parameters()
+    assert counts["horizon"]["matmul_parameters"] == matmul_params(horizon)
+    assert counts["horizon"]["forward_matmul_flops_per_token"] == 2 * matmul_params(horizon)["effective"]
+
+
+def test_mfu_against_three_peaks() -> None:
+    peaks = mfu_peaks({"bf16_matmul_flops": 500e12})
+    cols = mfu_columns(250e12, peaks)
+    assert cols["mfu"] == pytest.approx(250 / 790) and peaks["quoted"] == PEAK_BF16_FLOPS
+    assert cols["mfu_vs_measured_matmul"] == pytest.approx(0.5)
+    assert cols["mfu_vs_datasheet"] == pytest.approx(250e12 / DATASHEET_BF16_DENSE_FLOPS)
+    assert mfu_columns(1.0, mfu_peaks(None))["mfu_vs_measured_matmul"] is None
+
+
+def test_decode_checks_run_on_cpu() -> None:
+    device = torch.device("cpu")
+    assert check_graphed_decode(device, preset="tiny", prefix=5, steps=20) < 1e-5
+    assert check_graphed_transformer_decode(device, preset="tiny", prefix=5, steps=20) < 1e-5
