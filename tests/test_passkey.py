@@ -82,7 +82,7 @@ def test_cli_runs_a_real_model(tmp_path: Path) -> None:
     out = tmp_path / "passkey.json"
     assert main(["passkey", "--checkpoint", str(tmp_path / "ckpt"), "--haystack", str(hay), "--lengths", "512,2048",
                  "--depths", "0,100", "--trials", "2", "--max-length", "1024", "--out", str(out),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--no-progress"]) == 0
     cells = json.loads(out.read_text())["models"]["horizon (1 key)"]["cells"]
     assert [c["status"] for c in cells] == ["ok", "ok", "not run", "not run"]
     assert out.with_suffix(".png").is_file()
@@ -100,3 +100,41 @@ def test_empty_grid_is_refused() -> None:
         PasskeyConfig(lengths="")
     with pytest.raises(ValueError, match="lengths and depths"):
         PasskeyConfig(depths=" , ")
+
+
+def test_results_go_to_the_run_folder_and_are_only_added_to(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 13.3: by default the results land in the checkpoint's run folder (not the tracked
+    bench/results/), another model's run adds its entry, and an earlier entry of the same model
+    is replaced only with --overwrite. The end of the run prints the accuracy table."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, HorizonLM(HorizonConfig.preset("tiny")),
+                    {"tokenizer": {"kind": "byte"}})
+    hay = tmp_path / "hay.txt"
+    hay.write_bytes(HAYSTACK[:20000])
+    args = ["passkey", "--checkpoint", str(tmp_path / "run"), "--haystack", str(hay), "--lengths", "512,1024",
+            "--depths", "0,100", "--trials", "1", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    out = tmp_path / "run" / "passkey.json"
+    assert out.is_file() and not (tmp_path / "bench").exists()
+    table = capsys.readouterr().out
+    assert re.search(r"^depth\s+512\s+1K$", table, re.M) and re.search(r"^ +0%\s+\d+%\s+\d+%$", table, re.M)
+    assert re.search(r"^ *100%\s+\d+%\s+\d+%$", table, re.M)
+    before = out.read_bytes()
+    assert main(args) == 2
+    assert "already holds results for 'horizon (1 key)'" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([*args, "--label", "again"]) == 0
+    models = json.loads(out.read_text())["models"]
+    assert set(models) == {"horizon (1 key)", "again (1 key)"}
+    assert models["horizon (1 key)"] == json.loads(before)["models"]["horizon (1 key)"]
+    assert models["again (1 key)"]["complete"] is True
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_a_file_that_is_not_results_is_never_replaced(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", 1, HorizonLM(HorizonConfig.preset("tiny")), {"tokenizer": {"kind": "byte"}})
+    notes = tmp_path / "notes.json"
+    notes.write_text('["my own notes"]')
+    assert main(["passkey", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(notes), "--lengths", "512"]) == 2
+    assert "is not a passkey results file" in capsys.readouterr().err and notes.read_text() == '["my own notes"]'

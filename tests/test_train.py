@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,10 @@ import torch
 
 from horizonlm import train as train_module
 from horizonlm.checkpoint import load_checkpoint
+from horizonlm.cli import main
 from horizonlm.data.prepare import prepare
 from horizonlm.errors import HorizonError
+from horizonlm.layers.ssm import SSM_PARAM_TAG
 from horizonlm.train import TrainConfig, lr_factor, make_optimizer, train
 
 
@@ -135,7 +139,8 @@ def test_schedule_and_param_groups() -> None:
     model = HorizonLM(HorizonConfig.preset("tiny"))
     opt = make_optimizer(model, TrainConfig(lr=1e-2, ssm_lr=1e-3), fused=False)
     ssm_group = [g for g in opt.param_groups if g["base_lr"] == 1e-3][0]
-    assert ssm_group["weight_decay"] == 0 and any(p is model.blocks[0].ssm.log_dt for p in ssm_group["params"])
+    tagged = {id(p) for p in model.parameters() if getattr(p, SSM_PARAM_TAG, False)}
+    assert ssm_group["weight_decay"] == 0 and tagged and tagged == {id(p) for p in ssm_group["params"]}
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
@@ -148,3 +153,71 @@ def test_bad_train_config() -> None:
         TrainConfig(retrieval_keys=9)
     with pytest.raises(ValueError, match="reset_every"):
         TrainConfig(reset_every=-1)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_never_replaces_an_existing_one(data_dir: Path, tmp_path: Path) -> None:
+    """Issue 13.2: without --resume or --overwrite, a folder holding a run is refused untouched."""
+    train(_cfg(data_dir, tmp_path / "run", steps=4, save_every=2))
+    before = _files(tmp_path / "run")
+    with pytest.raises(HorizonError, match="already holds a run.*--resume.*--overwrite"):
+        train(_cfg(data_dir, tmp_path / "run", steps=3, lr=1e-3))
+    assert _files(tmp_path / "run") == before
+    train(_cfg(data_dir, tmp_path / "run", steps=3, save_every=2, overwrite=True))
+    assert len(_losses(tmp_path / "run")) == 3
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-00000002",
+                                                                                        "step-00000003"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(data_dir: Path, tmp_path: Path, monkeypatch, capsys,
+                                                           signum: int) -> None:
+    """Issue 13.6: Ctrl-C (or SIGTERM) in step 3 of 8 finishes the step, saves it, says how to
+    resume and exits non-zero; resuming then gives the losses of an uninterrupted run."""
+    real = train_module.lm_loss
+    calls = {"n": 0}
+
+    def signalling(logits, targets):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signum)
+        return real(logits, targets)
+
+    def unhandled(*_):
+        raise RuntimeError("the signal reached the default handler: training saved nothing")
+
+    monkeypatch.setattr(train_module, "lm_loss", signalling)
+    previous = {s: signal.signal(s, unhandled) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = main(["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                     "--batch-size", "4", "--seq-len", "24", "--steps", "8", "--warmup", "2", "--lr", "3e-3",
+                     "--eval-every", "0", "--eval-tokens", "200", "--eval-window", "64", "--save-every", "100",
+                     "--no-progress"])
+        assert signal.getsignal(signal.SIGINT) is unhandled  # the handlers were put back
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert code == 128 + signum
+    err = capsys.readouterr().err
+    assert f"stopped by {signal.Signals(signum).name} after step 3 of 8" in err
+    assert f"horizon train --out {tmp_path / 'run'} --resume" in err
+    assert load_checkpoint(tmp_path / "run").info["step"] == 3
+    monkeypatch.setattr(train_module, "lm_loss", real)
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 0
+    train(_cfg(data_dir, tmp_path / "straight", save_every=100))
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "run")), torch.tensor(_losses(tmp_path / "straight")),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_validation_is_capped_by_default_the_cap_printed_and_barred(data_dir: Path, tmp_path: Path,
+                                                                     capsys) -> None:
+    """Validation reads at most eval_tokens (capped by default), says so, and shows a bar."""
+    assert TrainConfig().eval_tokens > 0
+    summary = train(_cfg(data_dir, tmp_path / "run", steps=2, eval_tokens=100, progress=True))
+    out, err = capsys.readouterr()
+    assert "validation: the first 100 of the 55,768 valid tokens (--eval-tokens; 0 for all)" in out
+    assert "valid:" in err  # the validation's progress bar
+    assert summary["valid"][-1]["valid_tokens"] == 100

@@ -1,17 +1,22 @@
 """The ``horizon`` command. Flags are generated from the config dataclasses (help text from the
-field docstrings); ``--config FILE.yaml`` supplies defaults that explicit flags override."""
+field docstrings); ``--config FILE.yaml`` supplies defaults that explicit flags override. Errors
+name the flag and what it expects; no command replaces a run, prepared data or a results entry
+without ``--overwrite`` (or ``--resume``)."""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
+import math
+import re
 import sys
 import textwrap
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ import yaml
 
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
+from horizonlm.fileio import existing_file
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -33,10 +39,19 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--" + name.replace("_", "-")
+
+
 def _parse_mapping(text: str) -> dict[str, Any]:
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"d_model\": 64}}', got {text!r} "
+                                         f"({err.msg} at character {err.pos})") from err
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"d_model\": 64}}', got {text!r}")
     return value
 
 
@@ -46,61 +61,145 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{docs.get(f.name, '')} (default: {default!r})"
+        shown = "" if default in ("", {}) else f" (default: {default!r})"
+        help_text = docs.get(f.name, "") + shown
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
         elif kind in (int, float, str):
-            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                metavar=f.name.upper())
         elif typing.get_origin(kind) is dict:
-            parser.add_argument(flag, dest=f.name, type=_parse_mapping, default=argparse.SUPPRESS,
-                                help=help_text + " as JSON")
+            parser.add_argument(flag(f.name), dest=f.name, type=_parse_mapping, default=argparse.SUPPRESS,
+                                help=help_text + " as JSON", metavar="JSON")
         else:
             raise TypeError(f"no flag type for {cls.__name__}.{f.name}: {kind}")
 
 
+@dataclasses.dataclass
+class Settings:
+    """Settings for one config class, gathered from a YAML file and the flags, with where each came from."""
+
+    cls: type
+    """The config dataclass the settings are for."""
+    values: dict[str, Any]
+    """Field name -> value, the flags over the YAML file (defaults left out)."""
+    from_file: set[str]
+    """Names whose value came from the YAML file (and no flag)."""
+    file: str | None
+    """The ``--config`` YAML file, if one was given."""
+
+
+def gather(cls: type, args: argparse.Namespace) -> Settings:
+    """The YAML file's settings (checked: known names, right types), then the explicit flags."""
+    values: dict[str, Any] = {}
+    path = getattr(args, "config", None)
+    if path:
+        values.update(_read_yaml(cls, existing_file(path, "--config")))
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return Settings(cls=cls, values={**values, **given}, from_file=set(values) - set(given), file=path)
+
+
+def _read_yaml(cls: type, path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise HorizonError(f"--config {path} is not valid YAML: {err}") from err
+    if not isinstance(loaded, dict):
+        raise HorizonError(f"--config {path} must hold a mapping of settings (name: value lines)")
+    hints = typing.get_type_hints(cls)
+    for name in loaded:
+        if name not in hints:
+            close = difflib.get_close_matches(str(name), hints, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise HorizonError(f"--config {path}: {name!r} is not a setting of this command{hint}")
+    return {name: _typed(hints[name], name, value, path) for name, value in loaded.items()}
+
+
+def _typed(kind: Any, name: str, value: Any, path: Path) -> Any:
+    """A YAML value as the field's type; YAML 1.1 reads ``6e-3`` as a string, so numbers in
+    strings are accepted for float fields."""
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+    ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) if kind in expected else (
+        isinstance(value, dict))
+    if not ok:
+        raise HorizonError(f"--config {path}: {name} must be {expected.get(kind, 'a mapping')}, got {value!r}")
+    return value
+
+
+def make(settings: Settings) -> Any:
+    """The config object; a refused value is reported by its flag (or its line in the YAML file)."""
+    for name, value in settings.values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise HorizonError(f"{flag(name)} must be a finite number, got {value}")
+    try:
+        return settings.cls(**settings.values)
+    except ValueError as err:
+        raise HorizonError(_in_flag_words(str(err), settings)) from err
+
+
+def _in_flag_words(message: str, settings: Settings) -> str:
+    """A config's error message as the command line says it: its field names become flags where
+    they are surely names (the first word, a name with an underscore, a name in backticks), and a
+    value set in the YAML file says so."""
+    names = {f.name for f in dataclasses.fields(settings.cls)}
+
+    def to_flag(match: re.Match) -> str:
+        quoted, word = match.group(1) is not None, match.group(2)
+        if word in names and (quoted or match.start() == 0 or "_" in word):
+            return flag(word)
+        return match.group(0)
+
+    first = re.match(r"[a-z][a-z0-9_]*", message)
+    where = f" (set in {settings.file})" if first and first.group(0) in settings.from_file else ""
+    return re.sub(r"(`)?\b([a-z][a-z0-9_]*)\b(?(1)`)", to_flag, message) + where
+
+
 def build_config(cls: type, args: argparse.Namespace) -> Any:
     """Dataclass defaults, then the YAML file, then explicit flags."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise HorizonError(f"config file {path} not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise HorizonError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(loaded, dict):
-            raise HorizonError(f"config file {path} must hold a mapping of settings")
-        values.update(loaded)
-    names = {f.name for f in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise HorizonError(f"unknown {cls.__name__} settings: {', '.join(unknown)}")
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise HorizonError(str(err)) from err
+    return make(gather(cls, args))
+
+
+def _warner(command: str) -> Callable[[str], None]:
+    return lambda message: print(f"horizon {command}: warning: {message}", file=sys.stderr)
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    """The training settings; with ``--resume``, the run's saved ones under the given ones."""
+    from horizonlm.train import TrainConfig, resumed_settings
+
+    settings = gather(TrainConfig, args)
+    if settings.values.get("resume") and not settings.values.get("overwrite"):
+        settings.values = resumed_settings(settings.values)
+    return make(settings)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from horizonlm.data.prepare import prepare
+    from horizonlm.data.prepare import PrepareConfig, prepare
 
-    out = args.out or f"runs/data/{args.name}"
-    meta = prepare(args.name, out, source=args.source, tokenizer=args.tokenizer, bpe_vocab=args.bpe_vocab)
+    cfg = build_config(PrepareConfig, args)
+    out = cfg.out or f"runs/data/{args.name}"
+    meta = prepare(args.name, out, source=cfg.source or None, tokenizer=cfg.tokenizer or None, bpe_vocab=cfg.bpe_vocab,
+                   overwrite=cfg.overwrite, progress=cfg.progress)
     sizes = ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in meta["splits"].items())
     print(f"prepared {args.name} in {out}: {meta['tokenizer']['kind']} tokenizer, vocabulary {meta['vocab_size']}, {sizes}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from horizonlm.train import TrainConfig, train
+    from horizonlm.train import train
 
-    summary = train(build_config(TrainConfig, args))
+    summary = train(_train_config(args))
     if summary.get("parameters") is not None and summary["valid"]:
         last = summary["valid"][-1]
         print(f"trained to step {summary['step']} in {summary['train_seconds']:.0f} s; "
@@ -109,43 +208,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import numpy as np
+    from horizonlm.evaluate import EvalConfig, run_eval
 
-    from horizonlm.checkpoint import load_checkpoint
-    from horizonlm.data.stream import load_meta, open_split
-    from horizonlm.data.tokenizers import tokenizer_from_spec
-    from horizonlm.evaluate import evaluate_tokens, wikitext_word_count, word_perplexity
-
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    model = ckpt.model.to(device)
-    report: dict[str, Any] = {"checkpoint": str(ckpt.path)}
-    if args.text:
-        path = Path(args.text)
-        if not path.is_file():
-            raise HorizonError(f"{path} not found")
-        raw = path.read_bytes()
-        tokenizer = tokenizer_from_spec(ckpt.info["tokenizer"])
-        if ckpt.info["tokenizer"]["kind"] == "byte":
-            ids = np.frombuffer(raw, dtype=np.uint8)
-        else:
-            ids = np.asarray(tokenizer.encode(raw.decode("utf-8")), dtype=np.int64)
-        result = evaluate_tokens(model, ids, args.window, device, bytes_per_token=len(raw) / max(1, len(ids)),
-                                 reset_every=args.reset_every or None)
-        report.update(source=str(path), **result)
-        if args.wikitext_words:
-            words = wikitext_word_count(raw.decode("utf-8"))
-            report["words"] = words
-            report["word_perplexity"] = word_perplexity(result["total_nats"], words)
-    else:
-        meta = load_meta(args.data)
-        tokens = open_split(args.data, args.split, verify=True)
-        info = meta["splits"][args.split]
-        result = evaluate_tokens(model, tokens, args.window, device, bytes_per_token=info["bytes"] / info["tokens"],
-                                 reset_every=args.reset_every or None)
-        report.update(source=f"{args.data}:{args.split}", **result)
-        if meta["tokenizer"]["kind"] == "word":
-            report["word_perplexity"] = word_perplexity(result["total_nats"], result["tokens"])
+    report = run_eval(build_config(EvalConfig, args), _warner("eval"))
     print(json.dumps(report, indent=2))
     return 0
 
@@ -153,12 +218,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from horizonlm.checkpoint import load_checkpoint
     from horizonlm.data.tokenizers import tokenizer_from_spec
-    from horizonlm.generate import GenerateConfig, generate
+    from horizonlm.generate import GenerateConfig, check_prompt, generate
 
     cfg = build_config(GenerateConfig, args)
     device = resolve_device(cfg.device)
     ckpt = load_checkpoint(cfg.checkpoint)
     tokenizer = tokenizer_from_spec(ckpt.info["tokenizer"])
+    check_prompt(cfg, tokenizer, _warner("generate"))
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
@@ -170,7 +236,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from horizonlm.context import load_context
 
         state, _ = load_context(cfg.context, model, device)
-    emit(cfg.prompt if not cfg.prompt_file else "")
     generate(model, tokenizer, cfg, device, emit, state)
     emit("\n")
     return 0
@@ -186,18 +251,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from horizonlm.evaluate import evaluate_tokens
     from horizonlm.fileio import atomic_write_json
     from horizonlm.generate import GenerateConfig, generate
-    from horizonlm.train import TrainConfig, train
+    from horizonlm.train import train
 
-    cfg = build_config(TrainConfig, args)
-    prepare("shakespeare", cfg.data)
+    cfg = _train_config(args)
+    prepare("shakespeare", cfg.data, progress=cfg.progress)
     summary = train(cfg)
     ckpt = load_checkpoint(Path(cfg.out) / "checkpoints")
     device = resolve_device(cfg.device)
     meta = load_meta(cfg.data)
-    test = evaluate_tokens(ckpt.model.to(device), open_split(cfg.data, "test"), cfg.eval_window, device, progress=False)
+    test = evaluate_tokens(ckpt.model.to(device), open_split(cfg.data, "test"), cfg.eval_window, device,
+                           progress=cfg.progress, desc="test")
     print("\n--- sample ---")
     gen = GenerateConfig(checkpoint=str(ckpt.path), prompt="ROMEO:\n", tokens=300, device=cfg.device)
-    sys.stdout.write(gen.prompt)
     generate(ckpt.model, tokenizer_from_spec(meta["tokenizer"]), gen, device,
              lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     print("\n--------------")
@@ -215,10 +280,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from horizonlm.fileio import not_text
     from horizonlm.ingest import IngestConfig, ingest
 
-    result = ingest(args.files, build_config(IngestConfig, args))
-    print(json.dumps(result, indent=2))
+    cfg = build_config(IngestConfig, args)
+    warn = _warner("ingest")
+    for name in args.files:
+        problem = not_text(existing_file(name, "ingest"))
+        if problem:
+            warn(f"{name} does not look like text ({problem}); reading its raw bytes")
+    print(json.dumps(ingest(args.files, cfg), indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from horizonlm.integrations.export import ExportConfig, export_folder
+
+    cfg = build_config(ExportConfig, args)
+    out = export_folder(cfg.checkpoint, cfg.out, overwrite=cfg.overwrite)
+    print(f"exported {cfg.checkpoint} to {out}: config.json, model.safetensors, tokenizer.json "
+          "(AutoModelForCausalLM.from_pretrained after `import horizonlm.integrations.hf`)")
     return 0
 
 
@@ -228,8 +309,12 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     from horizonlm.data.tokenizers import require_byte_level
     from horizonlm.passkey import (
         PasskeyConfig,
+        check_new_entry,
+        entry_name,
+        format_table,
         load_haystack,
         plot_passkey,
+        results_path,
         run_passkey,
         save_results,
     )
@@ -239,11 +324,14 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(cfg.checkpoint)
     require_byte_level(ckpt.info.get("tokenizer", {}), f"passkey prompts are raw bytes; checkpoint {ckpt.path}")
     label = cfg.label or ckpt.info["kind"]
+    out = results_path(cfg, ckpt.path)
+    check_new_entry(out, entry_name(label, cfg.keys), cfg.overwrite)
     env = environment()
     entry = run_passkey(ckpt.model.to(device), load_haystack(cfg), cfg, device, label,
-                        on_cell=lambda partial: save_results(cfg.out, label, partial, env))
-    plot_passkey(save_results(cfg.out, label, entry, env), Path(cfg.out).with_suffix(".png"))
-    print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
+                        on_cell=lambda partial: save_results(out, label, partial, env))
+    plot_passkey(save_results(out, label, entry, env), out.with_suffix(".png"))
+    print(format_table(entry_name(label, cfg.keys), entry))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
@@ -274,10 +362,19 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_recall(args: argparse.Namespace) -> int:
+    from horizonlm.bench.recall import RecallConfig, run_recall
+
+    cfg = build_config(RecallConfig, args)
+    run_recall(cfg)
+    print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
+    return 0
+
+
 def _config_command(sub, name: str, help_text: str, cls: type, func) -> argparse.ArgumentParser:
     """A subcommand whose flags are the fields of ``cls``, plus ``--config FILE.yaml``."""
-    p = sub.add_parser(name, help=help_text)
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--config", help="YAML file of settings (flags override it)", metavar="FILE.yaml")
     add_dataclass_args(p, cls)
     p.set_defaults(func=func)
     return p
@@ -286,7 +383,10 @@ def _config_command(sub, name: str, help_text: str, cls: type, func) -> argparse
 def build_parser() -> argparse.ArgumentParser:
     from horizonlm.bench.memory import MemoryBenchConfig
     from horizonlm.bench.quality import QualityConfig
+    from horizonlm.bench.recall import RecallConfig
     from horizonlm.bench.speed import SpeedConfig
+    from horizonlm.data.prepare import CORPORA, PrepareConfig
+    from horizonlm.evaluate import EvalConfig
     from horizonlm.generate import GenerateConfig
     from horizonlm.ingest import IngestConfig
     from horizonlm.passkey import PasskeyConfig
@@ -295,35 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="horizon", description="HorizonLM: attention-free long-context language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="build memory-mapped token streams for a corpus")
-    p.add_argument("name", help="shakespeare (shipped), novels, wikitext, enwik8 or text")
-    p.add_argument("--source", help="folder or file to read (novels: ../shared/data/novels; wikitext: a folder; "
-                                    "enwik8: enwik8 or enwik8.zip; text: a folder)")
-    p.add_argument("--out", help="output folder (default runs/data/NAME)")
-    p.add_argument("--tokenizer", choices=["byte", "word", "bpe"], help="default: byte (word for WikiText .tokens)")
-    p.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size (default 4096)")
-    p.set_defaults(func=cmd_prepare)
-
+    p = _config_command(sub, "prepare", "build memory-mapped token streams for a corpus", PrepareConfig, cmd_prepare)
+    p.add_argument("name", choices=CORPORA, help="the corpus: shakespeare (shipped), novels, wikitext, enwik8 or text")
     _config_command(sub, "train", "train a model on prepared data", TrainConfig, cmd_train)
     _config_command(sub, "demo", "prepare Shakespeare, train, score the test split and sample", TrainConfig, cmd_demo)
-
-    p = sub.add_parser("eval", help="stream a split or a text file through a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
-    p.add_argument("--data", default="runs/data/shakespeare", help="prepared data folder")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    p.add_argument("--text", help="evaluate this file instead (raw bytes for a byte-level model)")
-    p.add_argument("--wikitext-words", action="store_true",
-                   help="also report word-level perplexity (words + one <eos> per line) of --text")
-    p.add_argument("--window", type=int, default=4096, help="tokens per call (default 4096)")
-    p.add_argument("--reset-every", type=int, default=0, help="reset the state every N tokens (default: never)")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_eval)
-
+    _config_command(sub, "eval", "stream a split or a text file through a checkpoint", EvalConfig, cmd_eval)
     _config_command(sub, "generate", "sample from a checkpoint, streaming", GenerateConfig, cmd_generate)
     _config_command(sub, "passkey", "find a key stated once in a long haystack of prose", PasskeyConfig, cmd_passkey)
     p = _config_command(sub, "ingest", "stream files through a model into a saved context (resumable)",
                         IngestConfig, cmd_ingest)
     p.add_argument("files", nargs="+", help="files to read, in order")
+
+    from horizonlm.integrations.export import ExportConfig
+
+    _config_command(sub, "export", "write a checkpoint as a Hugging Face folder (config.json, model.safetensors, "
+                    "tokenizer.json)", ExportConfig, cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks (GPU for speed)").add_subparsers(dest="bench", required=True)
     _config_command(bench, "speed", "HorizonLM vs the transformer baseline: train, prefill, decode, search",
@@ -332,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                     MemoryBenchConfig, cmd_bench_memory)
     _config_command(bench, "quality", "quality at equal training time: HorizonLM, the transformer, ablations",
                     QualityConfig, cmd_bench_quality)
+    _config_command(bench, "recall", "associative recall in one window and across windows, with the memory's hit rate",
+                    RecallConfig, cmd_bench_recall)
     return parser
 
 
@@ -342,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except HorizonError as err:
         print(f"horizon {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"horizon {args.command}: interrupted", file=sys.stderr)
         return 130

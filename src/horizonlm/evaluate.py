@@ -9,6 +9,9 @@ same text.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,13 +20,67 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from horizonlm.checkpoint import Checkpoint, load_checkpoint
+from horizonlm.data.stream import load_meta, open_split
+from horizonlm.data.tokenizers import tokenizer_from_spec
+from horizonlm.devices import resolve_device
+from horizonlm.errors import HorizonError
+from horizonlm.fileio import existing_file, not_text
 from horizonlm.model import HorizonLM
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of ``horizon eval``."""
+
+    checkpoint: str = "runs/shakespeare"
+    """Checkpoint folder, or a run folder whose checkpoints/latest names one."""
+    data: str = ""
+    """Prepared data folder to score (default: the data the checkpoint was trained on; other data
+    is scored with a warning)."""
+    split: str = "test"
+    """Split of the data to score: train, valid or test."""
+    text: str = ""
+    """Score this text file instead of a prepared split (raw bytes for a byte-level model)."""
+    wikitext_words: bool = False
+    """Also report word-level perplexity of ``text`` (words + one <eos> per line, as WikiText counts)."""
+    window: int = 4096
+    """Tokens per call; the state is carried from one window to the next."""
+    reset_every: int = 0
+    """Start from a fresh state every this many tokens, a multiple of ``window`` (0: never)."""
+    max_tokens: int = 0
+    """Score at most this many tokens from the start (0: all of them)."""
+    device: str = "auto"
+    """``auto`` (CUDA if present), ``cpu`` or ``cuda``."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLIT_NAMES:
+            raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {self.split!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be one of auto, cpu, cuda, got {self.device!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        for name in ("reset_every", "max_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.reset_every % self.window:
+            raise ValueError(f"reset_every must be a multiple of window ({self.window}), got {self.reset_every}")
+        if self.data and self.text:
+            raise ValueError("text: give either a text file to score or `data` (a prepared split), not both")
+        if self.wikitext_words and (not self.text or self.max_tokens):
+            raise ValueError("wikitext_words counts the words of a whole text file: give the file with `text`, "
+                             "and no max_tokens")
 
 
 @torch.no_grad()
 def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: torch.device | str,
                     bytes_per_token: float = 1.0, max_tokens: int | None = None, reset_every: int | None = None,
-                    bf16: bool = True, progress: bool = True, keep_per_token: bool = False) -> dict[str, Any]:
+                    bf16: bool = True, progress: bool = True, keep_per_token: bool = False,
+                    desc: str = "eval") -> dict[str, Any]:
     """Next-token loss over ``tokens`` as one stream, fed in windows of ``window`` tokens.
 
     HorizonLM carries its state across windows (reset every ``reset_every`` tokens if given);
@@ -41,7 +98,7 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: t
     total, count, state = 0.0, 0, None
     per_token = np.zeros(max(0, n - 1), dtype=np.float32) if keep_per_token else None
     starts = range(0, n - 1, window)
-    for start in tqdm(starts, disable=not progress, unit="win", desc="eval"):
+    for start in tqdm(starts, disable=not progress, unit="win", desc=desc, leave=False, dynamic_ncols=True):
         if reset_every is not None and start % reset_every == 0:
             state = None
         chunk = torch.from_numpy(np.asarray(tokens[start : min(n, start + window + 1)], dtype=np.int64))  # (T+1,)
@@ -80,3 +137,76 @@ def wikitext_word_count(text: str) -> int:
     if lines and lines[-1] == "":
         lines.pop()
     return sum(len(line.split()) for line in lines) + len(lines)
+
+
+def run_eval(cfg: EvalConfig, warn: Callable[[str], None]) -> dict[str, Any]:
+    """Score a checkpoint on a prepared split (by default of its own training data) or on a text
+    file; returns the report. ``warn`` receives what the user should know (other data)."""
+    device = resolve_device(cfg.device)
+    ckpt = load_checkpoint(cfg.checkpoint)
+    model = ckpt.model.to(device)
+    report: dict[str, Any] = {"checkpoint": str(ckpt.path)}
+    if cfg.text:
+        return {**report, **_eval_text(cfg, ckpt, model, device, warn)}
+    data, meta = _eval_data(cfg, ckpt, warn)
+    tokens = open_split(data, cfg.split, verify=True)
+    info = meta["splits"][cfg.split]
+    result = evaluate_tokens(model, tokens, cfg.window, device, bytes_per_token=info["bytes"] / info["tokens"],
+                             max_tokens=cfg.max_tokens or None, reset_every=cfg.reset_every or None,
+                             progress=cfg.progress)
+    report.update(source=f"{data}:{cfg.split}", **result, split_tokens=len(tokens) - 1)
+    if meta["tokenizer"]["kind"] == "word":
+        report["word_perplexity"] = word_perplexity(result["total_nats"], result["tokens"])
+    return report
+
+
+def _eval_data(cfg: EvalConfig, ckpt: Checkpoint, warn: Callable[[str], None]) -> tuple[str, dict[str, Any]]:
+    """The data folder to score and its meta.json: ``cfg.data``, else the data the checkpoint was
+    trained on. Data with another tokenizer is refused; data whose split differs from the training
+    data's is scored with a warning."""
+    trained = ckpt.info.get("data") or (ckpt.info.get("train_config") or {}).get("data")
+    data = cfg.data or trained
+    if not data:
+        raise HorizonError(f"checkpoint {ckpt.path} does not record the data it was trained on; give it with --data")
+    if not cfg.data and not Path(data, "meta.json").is_file():
+        raise HorizonError(f"the checkpoint was trained on {data}, which is not prepared there now; "
+                           "give the data to score with --data")
+    meta = load_meta(data)
+    if meta["tokenizer"] != ckpt.info.get("tokenizer", meta["tokenizer"]):
+        raise HorizonError(f"--data {data} is {meta['tokenizer'].get('kind')}-level tokens, the checkpoint reads "
+                           f"{ckpt.info['tokenizer'].get('kind')}-level ones (or another vocabulary): its scores "
+                           "would mean nothing")
+    recorded = (ckpt.info.get("data_meta_sha") or {}).get(cfg.split)
+    current = meta["splits"].get(cfg.split, {}).get("sha256")
+    if "data_meta_sha" not in ckpt.info:
+        warn(f"checkpoint {ckpt.path} does not record the sha256 of its data; cannot check that {data} is it")
+    elif recorded != current:
+        warn(f"{data} is not the data this model was trained on ({trained}): its {cfg.split} split differs. "
+             "The score is not comparable with the run's own validation")
+    return data, meta
+
+
+def _eval_text(cfg: EvalConfig, ckpt: Checkpoint, model: nn.Module, device: torch.device,
+               warn: Callable[[str], None]) -> dict[str, Any]:
+    path = existing_file(cfg.text, "--text")
+    spec = ckpt.info.get("tokenizer", {"kind": "byte"})
+    problem = not_text(path)
+    if problem and spec.get("kind") != "byte":
+        raise HorizonError(f"--text {path} is not UTF-8 text ({problem}); a {spec.get('kind')}-level model reads text")
+    if problem:
+        warn(f"--text {path} does not look like text ({problem}); scoring its raw bytes")
+    raw = path.read_bytes()
+    if spec.get("kind") == "byte":
+        ids = np.frombuffer(raw, dtype=np.uint8)
+    else:
+        ids = np.asarray(tokenizer_from_spec(spec).encode(raw.decode("utf-8")), dtype=np.int64)
+    if len(ids) < 2:
+        raise HorizonError(f"--text {path} holds {len(ids)} token(s): nothing to score (a score needs 2)")
+    result = evaluate_tokens(model, ids, cfg.window, device, bytes_per_token=len(raw) / max(1, len(ids)),
+                             max_tokens=cfg.max_tokens or None, reset_every=cfg.reset_every or None,
+                             progress=cfg.progress)
+    report = {"source": str(path), **result}
+    if cfg.wikitext_words:
+        words = wikitext_word_count(raw.decode("utf-8", errors="replace"))
+        report.update(words=words, word_perplexity=word_perplexity(result["total_nats"], words))
+    return report

@@ -8,7 +8,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written folder ``tmp`` to ``final`` (replacing an older one), fsynced.
 
     The old folder is renamed aside before the new one takes its name, so at every instant
-    either the old or the new folder is complete under one of the two names.
+    either the old or the new folder is complete under one of the two names; interrupted between
+    the two renames (Ctrl-C), the old folder is put back.
     """
     for f in tmp.iterdir():
         with open(f, "rb") as handle:
@@ -78,11 +80,71 @@ def replace_dir(tmp: Path, final: Path) -> None:
         old = final.parent / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        finally:
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, final)
     else:
         os.rename(tmp, final)
     fsync_dir(final.parent)
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``final`` to fill; when the block ends normally it replaces
+    ``final`` (see :func:`replace_dir`), when it raises (or is interrupted) it is removed and
+    ``final`` is left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def existing_file(path: str | Path, what: str) -> Path:
+    """``path`` when it names a file; otherwise a :class:`HorizonError` that starts with
+    ``what`` (the flag, in the user's words) and says what the path is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise HorizonError(f"{what}: {path} is a folder; give a file")
+    if not path.exists():
+        raise HorizonError(f"{what}: {path} not found")
+    if not path.is_file():
+        raise HorizonError(f"{what}: {path} is not a regular file")
+    return path
+
+
+def existing_folder(path: str | Path, what: str) -> Path:
+    """``path`` when it names a folder; otherwise a :class:`HorizonError` as in :func:`existing_file`."""
+    path = Path(path)
+    if not path.exists():
+        raise HorizonError(f"{what}: {path} not found")
+    if not path.is_dir():
+        raise HorizonError(f"{what}: {path} is a file; give a folder")
+    return path
+
+
+def not_text(path: str | Path, sample: int = 1 << 16) -> str | None:
+    """Why the start of the file does not look like UTF-8 text (a NUL byte, or a byte that is not
+    UTF-8), or None when it does. A character cut by the end of the sample is not held against it."""
+    with open(path, "rb") as f:
+        head = f.read(sample)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return f"it holds NUL bytes (the first at byte {nul})"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.reason != "unexpected end of data" or len(head) < sample:
+            return f"byte {err.start} is not UTF-8"
+    return None
 
 
 def check_files(folder: Path, files: dict[str, str], what: str) -> None:

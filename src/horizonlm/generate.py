@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from horizonlm.data.tokenizers import ByteTokenizer, Tokenizer
 from horizonlm.decode import GraphedDecoder
 from horizonlm.errors import HorizonError
+from horizonlm.fileio import existing_file, not_text
 from horizonlm.model import HorizonLM
 
 
@@ -27,9 +27,9 @@ class GenerateConfig:
     checkpoint: str = "runs/shakespeare"
     """Checkpoint folder, or a run folder whose checkpoints/latest names one."""
     prompt: str = ""
-    """Prompt text (ignored when ``prompt_file`` is given)."""
+    """Prompt text, echoed before the sample."""
     prompt_file: str = ""
-    """Read the prompt from this file, of any length, in windows."""
+    """Read the prompt from this file instead, of any length, in windows (echoed too)."""
     tokens: int = 400
     """Tokens to sample."""
     temperature: float = 0.8
@@ -48,16 +48,19 @@ class GenerateConfig:
     """``auto``, ``cpu`` or ``cuda``."""
 
     def __post_init__(self) -> None:
-        if self.tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {self.tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("tokens", "top_k", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be one of auto, cpu, cuda, got {self.device!r}")
+        if self.prompt and self.prompt_file:
+            raise ValueError("prompt_file: give the prompt as text or as a file, not both")
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> Tensor:
@@ -78,36 +81,59 @@ def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float, ge
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)  # (B,)
 
 
-def prompt_windows(tokenizer: Tokenizer, text: str | None, path: str | None, window: int) -> Iterator[list[int]]:
-    """Prompt token ids in windows; a byte-level prompt file is read block by block."""
+def check_prompt(cfg: GenerateConfig, tokenizer: Tokenizer, warn: Callable[[str], None]) -> None:
+    """Refuse an empty prompt (it would generate unconditioned text) unless a saved context
+    precedes it, and a prompt file that is not text for a word or BPE model; for a byte-level
+    model such a file is fed as raw bytes, with a warning."""
+    if cfg.prompt_file:
+        path = existing_file(cfg.prompt_file, "--prompt-file")
+        if path.stat().st_size == 0:
+            raise HorizonError(f"--prompt-file {path} is empty; give a prompt to continue")
+        problem = not_text(path)
+        if problem and not isinstance(tokenizer, ByteTokenizer):
+            raise HorizonError(f"--prompt-file {path} is not UTF-8 text ({problem}); this model reads text")
+        if problem:
+            warn(f"--prompt-file {path} does not look like text ({problem}); feeding its raw bytes")
+    elif not cfg.prompt and not cfg.context:
+        raise HorizonError("give a prompt with --prompt TEXT or --prompt-file FILE (or continue a saved --context); "
+                           "an empty prompt would generate unconditioned text")
+
+
+def prompt_windows(tokenizer: Tokenizer, text: str | None, path: str | None,
+                   window: int) -> Iterator[tuple[list[int], str]]:
+    """Prompt token ids in windows, each with the text it stands for (to echo it); a byte-level
+    prompt file is read block by block."""
     if path:
-        file = Path(path)
-        if not file.is_file():
-            raise HorizonError(f"prompt file {file} not found")
+        file = existing_file(path, "--prompt-file")
         if isinstance(tokenizer, ByteTokenizer):
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             with open(file, "rb") as f:
                 while block := f.read(window):
-                    yield list(block)
+                    yield list(block), decoder.decode(block)
+            yield [], decoder.decode(b"", final=True)
             return
         text = file.read_text(encoding="utf-8", errors="strict")
     ids = tokenizer.encode(text or "")
     for start in range(0, len(ids), window):
-        yield ids[start : start + window]
+        yield ids[start : start + window], text if start == 0 else ""
 
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Tokenizer, cfg: GenerateConfig, device: torch.device,
              emit: Callable[[str], None] = lambda s: None, state=None) -> list[int]:
-    """Feed the prompt (after ``state``, if given), then sample ``cfg.tokens`` tokens, calling
-    ``emit`` with text as it comes."""
+    """Feed the prompt (after ``state``, if given), echoing it through ``emit``, then sample
+    ``cfg.tokens`` tokens, calling ``emit`` with text as it comes."""
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed)
     last_logits = None
-    for ids in prompt_windows(tokenizer, cfg.prompt, cfg.prompt_file or None, cfg.window):
+    for ids, text in prompt_windows(tokenizer, cfg.prompt, cfg.prompt_file or None, cfg.window):
+        emit(text)
+        if not ids:
+            continue
         x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
         logits, state = model(x, state)  # (1, T, V)
         last_logits = logits[:, -1]  # (1, V)
-    if last_logits is None:  # empty prompt: start from a newline
+    if last_logits is None:  # empty prompt after a saved context: go on from a newline
         start = tokenizer.encode("\n") or [0]
         logits, state = model(torch.tensor([start[-1:]], device=device), state)  # (1, 1, V)
         last_logits = logits[:, -1]  # (1, V)

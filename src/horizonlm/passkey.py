@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from horizonlm.bench.common import parse_ints, save_figure
+from horizonlm.checkpoint import run_folder
 from horizonlm.data.needles import DOORS, needle, question
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import atomic_write_json
+from horizonlm.fileio import atomic_write_json, existing_file
 
 
 @dataclass
@@ -53,18 +55,37 @@ class PasskeyConfig:
     """Skip cells longer than this (0: none); reported as not run."""
     label: str = ""
     """Name of the model in the results (default: the checkpoint's kind)."""
-    out: str = "bench/results/passkey.json"
-    """Results file; entries for other labels in it are kept."""
+    out: str = ""
+    """Results file (default: passkey.json in the checkpoint's run folder). Entries of other
+    models in it are kept; this model's earlier entry is replaced only with ``overwrite``."""
+    overwrite: bool = False
+    """Replace this model's earlier entry (same label and number of keys) in the results file."""
     device: str = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
+    progress: bool = True
+    """Show a progress bar over the trials."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.keys <= len(DOORS):
             raise ValueError(f"keys must be in [1, {len(DOORS)}], got {self.keys}")
-        if self.trials < 1 or self.window < 1:
-            raise ValueError("trials and window must be >= 1")
-        if not parse_ints(self.lengths) or not parse_ints(self.depths):
-            raise ValueError(f"lengths and depths need at least one value each, got {self.lengths!r}, {self.depths!r}")
+        for name in ("trials", "window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_length", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be one of auto, cpu, cuda, got {self.device!r}")
+        for name in ("lengths", "depths"):
+            try:
+                values = parse_ints(getattr(self, name))
+            except ValueError as err:
+                raise ValueError(f"{name} must be comma-separated whole numbers, got {getattr(self, name)!r}") from err
+            if not values:
+                raise ValueError(f"lengths and depths need at least one value each, got {self.lengths!r}, "
+                                 f"{self.depths!r}")
+        if any(n < 1 for n in parse_ints(self.lengths)):
+            raise ValueError(f"lengths must be >= 1 token each, got {self.lengths}")
         if any(not 0 <= d <= 100 for d in parse_ints(self.depths)):
             raise ValueError(f"depths must lie in [0, 100], got {self.depths}")
 
@@ -134,47 +155,66 @@ def digits_right(reply: str, key: int) -> int:
 
 def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: torch.device,
                 label: str, on_cell=None) -> dict[str, Any]:
-    """Every (length, depth) cell; returns the results entry for ``label``. ``on_cell(entry)``
-    is called after each cell (to save partial results)."""
+    """Every (length, depth) cell; returns the results entry for ``label`` (``complete`` once
+    every cell ran). ``on_cell(entry)`` is called after each cell (to save partial results)."""
     model.eval()
     cells: list[dict[str, Any]] = []
-    entry = {"keys": cfg.keys, "cells": cells, "config": asdict(cfg)}
-    for length in parse_ints(cfg.lengths):
-        for depth in parse_ints(cfg.depths):
+    entry = {"keys": cfg.keys, "cells": cells, "config": asdict(cfg), "complete": False}
+    grid = [(n, d) for n in parse_ints(cfg.lengths) for d in parse_ints(cfg.depths)]
+    runs = sum(cfg.trials for n, _ in grid if not (cfg.max_length and n > cfg.max_length))
+    with tqdm(total=runs, desc=f"passkey {label}", unit="trial", disable=not cfg.progress, leave=False) as bar:
+        for length, depth in grid:
             if cfg.max_length and length > cfg.max_length:
                 cells.append({"length": length, "depth": depth, "status": "not run",
                               "reason": f"longer than max_length={cfg.max_length}"})
-                continue
-            rng = random.Random(f"{cfg.seed}-{length}-{depth}-{cfg.keys}")
-            correct, digits, seconds, examples = 0, 0, [], []
-            for _ in range(cfg.trials):
-                prompt, key = build_prompt(haystack, length, depth, cfg.keys, rng)
-                t0 = time.perf_counter()
-                try:
-                    reply = answer(model, prompt, cfg.window, device)
-                except torch.cuda.OutOfMemoryError:
-                    cells.append({"length": length, "depth": depth, "status": "OOM"})
-                    break
-                seconds.append(time.perf_counter() - t0)
-                correct += score(reply, key)
-                digits += digits_right(reply, key)
-                examples.append([key, reply])
             else:
-                cells.append({"length": length, "depth": depth, "status": "ok", "trials": cfg.trials,
-                              "accuracy": correct / cfg.trials, "digit_accuracy": digits / (5 * cfg.trials),
-                              "seconds_per_trial": sum(seconds) / len(seconds), "examples": examples[:3]})
-                print(json.dumps({"model": label, **cells[-1]}), flush=True)
+                cells.append(_run_cell(model, haystack, cfg, device, length, depth, bar))
             if on_cell is not None:
                 on_cell(entry)
+    entry["complete"] = True
     return entry
+
+
+def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: torch.device, length: int,
+              depth: int, bar: tqdm) -> dict[str, Any]:
+    """``cfg.trials`` prompts of one length with the asked key at one depth, scored."""
+    rng = random.Random(f"{cfg.seed}-{length}-{depth}-{cfg.keys}")
+    correct, digits, seconds, examples = 0, 0, [], []
+    for _ in range(cfg.trials):
+        prompt, key = build_prompt(haystack, length, depth, cfg.keys, rng)
+        t0 = time.perf_counter()
+        try:
+            reply = answer(model, prompt, cfg.window, device)
+        except torch.cuda.OutOfMemoryError:
+            return {"length": length, "depth": depth, "status": "OOM"}
+        seconds.append(time.perf_counter() - t0)
+        correct += score(reply, key)
+        digits += digits_right(reply, key)
+        examples.append([key, reply])
+        bar.update(1)
+    bar.set_postfix(last=f"{length // 1024}K at {depth}%: {correct}/{cfg.trials}")
+    return {"length": length, "depth": depth, "status": "ok", "trials": cfg.trials, "accuracy": correct / cfg.trials,
+            "digit_accuracy": digits / (5 * cfg.trials), "seconds_per_trial": sum(seconds) / len(seconds),
+            "examples": examples[:3]}
+
+
+def format_table(name: str, entry: dict[str, Any]) -> str:
+    """The accuracy of every cell as a small text table: a row per depth, a column per length."""
+    lengths = sorted({c["length"] for c in entry["cells"]})
+    depths = sorted({c["depth"] for c in entry["cells"]})
+    shown = {(c["length"], c["depth"]): f"{c['accuracy']:.0%}" if c["status"] == "ok" else c["status"]
+             for c in entry["cells"]}
+    heads = ["depth"] + [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths]
+    rows = [[f"{d}%"] + [shown.get((n, d), "-") for n in lengths] for d in depths]
+    widths = [max(len(row[i]) for row in [heads, *rows]) for i in range(len(heads))]
+    lines = [f"passkey accuracy, {name} (rows: depth of the key; columns: context length in tokens)"]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [heads, *rows]]
+    return "\n".join(lines)
 
 
 def load_haystack(cfg: PasskeyConfig) -> bytes:
     if cfg.haystack:
-        path = Path(cfg.haystack)
-        if not path.is_file():
-            raise HorizonError(f"haystack file {path} not found")
-        data = path.read_bytes()
+        data = existing_file(cfg.haystack, "--haystack").read_bytes()
     else:
         from horizonlm.data.sources import novels
 
@@ -185,13 +225,47 @@ def load_haystack(cfg: PasskeyConfig) -> bytes:
     return data
 
 
+def entry_name(label: str, keys: int) -> str:
+    """The name of a model's entry in the results file: its label and number of keys."""
+    return f"{label} ({keys} key{'s' if keys > 1 else ''})"
+
+
+def results_path(cfg: PasskeyConfig, checkpoint_folder: Path) -> Path:
+    """``cfg.out``, or passkey.json in the checkpoint's run folder."""
+    return Path(cfg.out) if cfg.out else run_folder(checkpoint_folder) / "passkey.json"
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The results file (empty results when there is none); a file that is not one is refused,
+    never replaced."""
+    if not path.exists():
+        return {"models": {}}
+    existing_file(path, "--out")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HorizonError(f"--out {path} is not a passkey results file (not valid JSON: {err}); "
+                           "give another --out") from err
+    if not isinstance(results, dict) or not isinstance(results.get("models"), dict):
+        raise HorizonError(f"--out {path} is not a passkey results file (no 'models' mapping); give another --out")
+    return results
+
+
+def check_new_entry(path: Path, name: str, overwrite: bool) -> None:
+    """Refuse, before any work, to replace an entry of the results file without ``overwrite``."""
+    old = read_results(path)["models"].get(name)
+    if old is not None and not overwrite:
+        state = "complete" if old.get("complete", True) else "partial, from an interrupted run"
+        raise HorizonError(f"{path} already holds results for {name!r} ({state}); pass --overwrite to replace "
+                           "them, or --label NAME to add this run beside them")
+
+
 def save_results(path: str | Path, label: str, entry: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
     """Add or replace ``label``'s entry in the results file (other labels are kept); returns
     the whole results. Called after every cell, so it writes JSON only (plot once at the end)."""
     path = Path(path)
-    results = json.loads(path.read_text()) if path.is_file() else {"models": {}}
-    results["models"][f"{label} ({entry['keys']} key{'s' if entry['keys'] > 1 else ''})"] = {
-        **entry, "environment": environment}
+    results = read_results(path)
+    results["models"][entry_name(label, entry["keys"])] = {**entry, "environment": environment}
     atomic_write_json(path, results)
     return results
 

@@ -12,19 +12,24 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from horizonlm.checkpoint import build_model, load_checkpoint, save_checkpoint
-from horizonlm.config import HorizonConfig, TransformerConfig
+from horizonlm.checkpoint import Checkpoint, build_model, checkpoint_info, load_checkpoint, save_checkpoint
+from horizonlm.config import HORIZON_PRESETS, HorizonConfig, TransformerConfig
 from horizonlm.data.needles import DOORS
 from horizonlm.data.stream import LongStreamBatcher, RetrievalMix, load_meta, open_split
 from horizonlm.data.tokenizers import require_byte_level
@@ -36,15 +41,30 @@ from horizonlm.layers.ssm import SSM_PARAM_TAG
 from horizonlm.model import HorizonLM
 from horizonlm.state_io import state_from_tensors, state_to_tensors
 
+DEFAULT_DATA = "runs/data/shakespeare"
+
+RESUMABLE = frozenset({"steps", "max_minutes", "stop_after", "eval_every", "eval_tokens", "eval_window", "save_every",
+                       "device", "compile", "progress", "resume", "overwrite", "out", "data"})
+"""Settings a resumed run may change: how long it goes on, how it is validated and saved, where
+it runs. Every other setting must equal the saved run's; the data is compared by content."""
+
+PER_INVOCATION = ("resume", "overwrite", "stop_after")
+"""Settings of one invocation, never taken over from the saved config.json on ``--resume``."""
+
+
+def default_out(data: str) -> str:
+    """The run folder of a run on ``data`` when none is given: ``runs/`` plus the data folder's name."""
+    return str(Path("runs") / (Path(data).name or "run"))
+
 
 @dataclass
 class TrainConfig:
     """Everything ``horizon train`` reads; each field is also a command-line flag."""
 
-    data: str = "runs/data/shakespeare"
+    data: str = DEFAULT_DATA
     """Folder made by ``horizon prepare`` (meta.json + train/valid .bin)."""
-    out: str = "runs/shakespeare"
-    """Run folder: checkpoints/, log.jsonl, config.json."""
+    out: str = ""
+    """Run folder: checkpoints/, log.jsonl, config.json (default: runs/ plus the data folder's name)."""
     model: str = "horizon"
     """``horizon`` or ``transformer`` (the baseline, same loop)."""
     preset: str = "cpu"
@@ -94,12 +114,13 @@ class TrainConfig:
     """Global gradient-norm clip (0: off)."""
     eval_every: int = 250
     """Validate every this many steps (0: only at the end)."""
-    eval_tokens: int = 0
-    """Validate on at most this many tokens of the valid split (0: all of it)."""
+    eval_tokens: int = 262_144
+    """Validate on at most this many tokens of the valid split (0: all of it). The cap keeps the
+    validation of a large split short on a CPU; it is printed when training starts."""
     eval_window: int = 2048
     """Window length when streaming an evaluation split."""
     save_every: int = 250
-    """Checkpoint every this many steps (and always at the end)."""
+    """Checkpoint every this many steps (and always at the end, and on Ctrl-C or SIGTERM)."""
     seed: int = 0
     """Seed of the initialisation (data order is fixed by the step)."""
     device: str = "auto"
@@ -109,32 +130,52 @@ class TrainConfig:
     compile: bool = False
     """``torch.compile`` the model."""
     resume: bool = False
-    """Continue from ``out/checkpoints/latest``: same data order, optimizer and carried state."""
+    """Continue the run in ``out`` from its latest checkpoint, with its saved settings: same data
+    order, optimizer and carried state. Only steps, budget, validation, saving and device may change."""
+    overwrite: bool = False
+    """Start the run in ``out`` again from scratch, deleting its checkpoints, log and config.
+    Without it (or ``resume``) a folder that already holds a run is refused."""
     progress: bool = True
-    """Show a tqdm progress bar."""
+    """Show progress bars (training and validation)."""
 
     def __post_init__(self) -> None:
-        if self.model not in ("horizon", "transformer"):
-            raise ValueError(f"model must be 'horizon' or 'transformer', got {self.model!r}")
+        if not self.out:
+            self.out = default_out(self.data)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        _check_choice("model", self.model, ("horizon", "transformer"))
+        _check_choice("preset", self.preset, tuple(HORIZON_PRESETS))
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("batch_size", "seq_len", "steps", "eval_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "eval_tokens", "save_every", "stop_after"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.ssm_lr <= 0:
-            raise ValueError(f"lr and ssm_lr must be positive, got {self.lr}, {self.ssm_lr}")
-        if self.retrieval_every < 0 or not 0 <= self.retrieval_rate <= 1 or self.retrieval_weight <= 0:
-            raise ValueError("retrieval_every must be >= 0, retrieval_rate in [0, 1], retrieval_weight > 0")
-        if not 0 <= self.retrieval_same_window <= 1 or not 1 <= self.retrieval_keys <= len(DOORS):
-            raise ValueError(f"retrieval_same_window must be in [0, 1] and retrieval_keys in [1, {len(DOORS)}], "
-                             f"got {self.retrieval_same_window}, {self.retrieval_keys}")
-        if self.reset_every < 0:
-            raise ValueError(f"reset_every must be >= 0, got {self.reset_every}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            _check_range(name, getattr(self, name), low=1)
+        for name in ("warmup", "eval_every", "eval_tokens", "save_every", "stop_after", "retrieval_every",
+                     "reset_every", "seed", "max_minutes", "weight_decay", "grad_clip"):
+            _check_range(name, getattr(self, name), low=0)
+        for name in ("min_lr_ratio", "retrieval_rate", "retrieval_same_window"):
+            _check_range(name, getattr(self, name), low=0, high=1)
+        for name in ("lr", "ssm_lr", "retrieval_weight"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
+        _check_range("retrieval_keys", self.retrieval_keys, low=1, high=len(DOORS))
+        if self.resume and self.overwrite:
+            raise ValueError("overwrite starts the run again and `resume` continues it: give one of them")
+        self._check_model_overrides()
+
+    def _check_model_overrides(self) -> None:
+        config_cls = HorizonConfig if self.model == "horizon" else TransformerConfig
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(self.model_overrides) - known)
+        if unknown:
+            raise ValueError(f"model_overrides: {', '.join(map(repr, unknown))} is not a setting of the {self.model} "
+                             f"model (its settings: {', '.join(sorted(known))})")
+        try:
+            self.model_config(256)
+        except HorizonError as err:
+            raise ValueError(f"model_overrides: {err}") from err
 
     def model_config(self, vocab_size: int) -> dict[str, Any]:
         overrides = {**self.model_overrides, "vocab_size": vocab_size}
@@ -144,6 +185,34 @@ class TrainConfig:
             return TransformerConfig.preset(self.preset, **overrides).to_dict()
         except (ValueError, TypeError) as err:
             raise HorizonError(f"invalid model settings: {err}") from err
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
+    if not value >= low or (high is not None and not value <= high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def resumed_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """The settings of ``horizon train --resume``: the run's saved config.json, with ``given``
+    (the settings on the command line or in a YAML file) on top. :func:`train` then refuses a
+    given setting that may not change (see ``RESUMABLE``) or data other than the run's."""
+    out = Path(given.get("out") or default_out(given.get("data") or DEFAULT_DATA))
+    path = out / "config.json"
+    if not path.is_file():
+        raise HorizonError(f"--resume: {out} holds no run to continue ({path} not found); give the run's folder "
+                           "with --out")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HorizonError(f"--resume: {path} is not valid JSON ({err})") from err
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(PER_INVOCATION)
+    return {**{k: v for k, v in saved.items() if k in names}, **given, "out": str(out), "resume": True}
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -257,160 +326,335 @@ class _Log:
                 f.write(json.dumps(record) + "\n")
 
 
+class TrainingInterrupted(HorizonError):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint; ``exit_code`` is the
+    shell's code for that signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """While installed, SIGINT (Ctrl-C) and SIGTERM ask training to stop after the current step,
+    which then saves a checkpoint; a second signal interrupts at once, without saving. Installed
+    only in the main thread, the one Python delivers signals to."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                         "(send it again to stop at once, without saving)\n")
+
+    def requested(self, dd: Distributed, device: torch.device) -> int | None:
+        """The signal that asked any process to stop, or None; every rank gets the same answer."""
+        if dd.world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training; returns a summary (final step, losses, validation bits per byte)."""
+    """Run training; returns a summary (final step, losses, validation bits per byte).
+    Stopped by SIGINT or SIGTERM, it saves a checkpoint and raises :class:`TrainingInterrupted`."""
     dd = setup_distributed(resolve_device(cfg.device).type)
     try:
-        return _train(cfg, dd)
+        _check_run_folder(cfg)
+        device = resolve_device(cfg.device, dd.local_rank)
+        if cfg.batch_size % dd.world != 0:
+            raise HorizonError(f"batch_size={cfg.batch_size} must divide evenly over {dd.world} processes")
+        trainer = _Trainer(cfg, dd, device, _open_data(cfg, dd))
+        with StopSignals() as stop:
+            return trainer.run(stop)
     finally:
         if dd.world > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, dd: Distributed) -> dict[str, Any]:
-    device = resolve_device(cfg.device, dd.local_rank)
-    if cfg.batch_size % dd.world != 0:
-        raise HorizonError(f"batch_size={cfg.batch_size} must divide evenly over {dd.world} processes")
+RUN_FILES = ("checkpoints", "log.jsonl", "config.json")
+"""What a run folder holds; a new run refuses a folder holding any of them (see ``overwrite``)."""
+
+
+def _check_run_folder(cfg: TrainConfig) -> None:
+    """Refuse to start a new run where one exists, unless ``resume`` or ``overwrite`` says what to do."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise HorizonError(f"--out {out} is a file; give a folder")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    latest = out / "checkpoints" / "latest"
+    if cfg.resume and not latest.is_file():
+        raise HorizonError(f"--resume: {out} has no checkpoint to continue from; start the run again with "
+                           "--overwrite (or train into another --out)")
+    if cfg.resume or cfg.overwrite or not found:
+        return
+    detail = f"latest checkpoint {latest.read_text().strip()}" if latest.is_file() else ", ".join(found)
+    raise HorizonError(f"{out} already holds a run ({detail}); pass --resume to continue it, --overwrite to "
+                       "delete it and start again, or --out to train into another folder")
+
+
+@dataclass
+class _TrainData:
+    """The prepared data of a run, opened."""
+
+    meta: dict[str, Any]
+    valid: np.ndarray | None
+    batcher: LongStreamBatcher
+    bytes_per_token: float
+    """Bytes of text per token of the train split, to turn nats per token into bits per byte."""
+
+
+def _open_data(cfg: TrainConfig, dd: Distributed) -> _TrainData:
     meta = load_meta(cfg.data)
     train_tokens = open_split(cfg.data, "train")
-    valid_tokens = open_split(cfg.data, "valid") if "valid" in meta["splits"] else None
-    model_config = cfg.model_config(meta["vocab_size"])
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    local_batch = cfg.batch_size // dd.world
+    valid = open_split(cfg.data, "valid") if "valid" in meta["splits"] else None
     if cfg.retrieval_every:
         require_byte_level(meta["tokenizer"], f"passkey episodes (retrieval_every) write bytes into {cfg.data}")
     mix = (RetrievalMix(cfg.retrieval_every, cfg.retrieval_rate, cfg.seed, cfg.retrieval_weight,
                         cfg.retrieval_same_window, cfg.retrieval_keys) if cfg.retrieval_every else None)
+    local_batch = cfg.batch_size // dd.world
     batcher = LongStreamBatcher(train_tokens, cfg.batch_size, cfg.seq_len, first_stream=dd.rank * local_batch,
                                 local_batch=local_batch, retrieval=mix)
+    split = meta["splits"]["train"]
+    return _TrainData(meta=meta, valid=valid, batcher=batcher, bytes_per_token=split["bytes"] / split["tokens"])
 
-    torch.manual_seed(cfg.seed)
-    start_step, carried, tokens_seen = 0, None, 0
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_dir, expect_kind=cfg.model, expect_config=model_config, with_train_state=True)
-        model = ckpt.model
-        start_step = int(ckpt.info["step"])
-        tokens_seen = int(ckpt.info.get("tokens_seen", 0))
-    else:
-        model = build_model(cfg.model, model_config)
-    model.to(device)
-    carry_state = isinstance(model, HorizonLM)
-    opt = make_optimizer(model, cfg, fused=device.type == "cuda")
-    if cfg.resume:
-        tensors = {k: v.to(device) for k, v in ckpt.train_tensors.items()}
-        _load_optimizer(opt, tensors, ckpt.info["optimizer"])
+
+def _check_resumable(cfg: TrainConfig, info: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Refuse to resume with settings other than the run's (except ``RESUMABLE`` ones) or other data."""
+    saved = info.get("train_config") or {}
+    changed = [f"--{name.replace('_', '-')} (saved {saved[name]!r}, now {getattr(cfg, name)!r})"
+               for name in sorted(saved) if name not in RESUMABLE and hasattr(cfg, name)
+               and saved[name] != getattr(cfg, name)]
+    if changed:
+        raise HorizonError("--resume continues the run as it was saved, and these settings differ from it: "
+                           f"{'; '.join(changed)}. Leave them out to use the saved values, or start a new run "
+                           "with another --out")
+    recorded = info.get("data_meta_sha")
+    current = {name: split.get("sha256") for name, split in meta["splits"].items()}
+    if recorded is not None and recorded != current:
+        differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+        raise HorizonError(f"--resume: {cfg.data} is not the data this run was trained on "
+                           f"({info.get('data') or saved.get('data')}): its {', '.join(differ)} split differs. "
+                           "Resume with the run's own data, or start a new run with another --out")
+
+
+class _Trainer:
+    """One invocation of training: the model, optimizer, carried state and log, step by step."""
+
+    def __init__(self, cfg: TrainConfig, dd: Distributed, device: torch.device, data: _TrainData) -> None:
+        self.cfg, self.dd, self.device, self.data = cfg, dd, device, data
+        self.ckpt_dir = Path(cfg.out) / "checkpoints"
+        model_config = cfg.model_config(data.meta["vocab_size"])
+        torch.manual_seed(cfg.seed)
+        resumed = None
+        if cfg.resume:
+            _check_resumable(cfg, checkpoint_info(self.ckpt_dir)[1], data.meta)
+            resumed = load_checkpoint(self.ckpt_dir, expect_kind=cfg.model, expect_config=model_config,
+                                      with_train_state=True)
+        self.model = (resumed.model if resumed else build_model(cfg.model, model_config)).to(device)
+        self.carry_state = isinstance(self.model, HorizonLM)
+        self.opt = make_optimizer(self.model, cfg, fused=device.type == "cuda")
+        self.step = int(resumed.info["step"]) if resumed else 0
+        self.saved_step = self.step if resumed else -1
+        self.tokens_seen = int(resumed.info.get("tokens_seen", 0)) if resumed else 0
+        self.carried = self._restore(resumed) if resumed else None
+        self._write_run_files()
+        self.log = _Log(Path(cfg.out) / "log.jsonl", self.step if resumed else None, dd.main)
+        self.net = self._wrap(self.model)
+        self.autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                                       enabled=device.type == "cuda" and cfg.bf16)
+
+    def _restore(self, ckpt: Checkpoint) -> Any:
+        """Optimizer and RNG state from the checkpoint; returns this rank's carried model state."""
+        tensors = {k: v.to(self.device) for k, v in ckpt.train_tensors.items()}
+        _load_optimizer(self.opt, tensors, ckpt.info["optimizer"])
         torch.set_rng_state(ckpt.train_tensors["rng.cpu"])
         states = ckpt.info.get("carried_states")
-        if carry_state and states is not None:
-            header = states[dd.rank] if dd.rank < len(states) else None
-            if header is None or ckpt.info.get("world", 1) != dd.world:
-                raise HorizonError("resume needs the same number of processes as the run that saved the checkpoint")
-            if header.get("kind") is not None:
-                carried = state_from_tensors(tensors, header, prefix=f"state{dd.rank}.")
-    if dd.main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode())
-
-    net: nn.Module = model
-    if cfg.compile:
-        net = torch.compile(net)
-    if dd.world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
-    log = _Log(out / "log.jsonl", start_step if cfg.resume else None, dd.main)
-    bits = 1 / math.log(2)
-    bytes_per_token = meta["splits"]["train"]["bytes"] / meta["splits"]["train"]["tokens"]
-
-    def checkpoint(step: int) -> Path | None:
-        opt_tensors, opt_header = _optimizer_tensors(opt)
-        state_tensors, headers = {}, []
-        gathered = _gather_states(carried if carry_state else None, dd)
-        for rank, (tensors_r, header_r) in enumerate(gathered):
-            state_tensors.update({f"state{rank}.{k[len('state.'):]}": v for k, v in tensors_r.items()})
-            headers.append(header_r)
-        if not dd.main:
+        if not self.carry_state or states is None:
             return None
-        info = {"tokenizer": meta["tokenizer"], "tokens_seen": tokens_seen, "optimizer": opt_header,
-                "carried_states": headers, "world": dd.world, "train_config": dataclasses.asdict(cfg),
-                "data_meta_sha": {k: v.get("sha256") for k, v in meta["splits"].items()}}
-        train_tensors = {**opt_tensors, **state_tensors, "rng.cpu": torch.get_rng_state()}
-        return save_checkpoint(ckpt_dir, step, model, info, train_tensors)
+        rank = self.dd.rank
+        header = states[rank] if rank < len(states) else None
+        if header is None or ckpt.info.get("world", 1) != self.dd.world:
+            raise HorizonError("resume needs the same number of processes as the run that saved the checkpoint")
+        return None if header.get("kind") is None else state_from_tensors(tensors, header, prefix=f"state{rank}.")
 
-    summary: dict[str, Any] = {"start_step": start_step, "valid": []}
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and dd.main), unit="step",
-               dynamic_ncols=True)
-    t_start = time.perf_counter()
-    train_seconds = 0.0
-    step = start_step
-    loss_value = float("nan")
-    end = min(cfg.steps, start_step + cfg.stop_after) if cfg.stop_after else cfg.steps
-    while step < end:
-        if cfg.max_minutes and train_seconds >= cfg.max_minutes * 60:
-            break
-        t0 = time.perf_counter()
-        if batcher.starts_epoch(step) or (cfg.reset_every and step % cfg.reset_every == 0):
-            carried = None
-        x, y, weight = batcher.batch(step)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        factor = lr_factor(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        with autocast:
-            logits, new_state = net(x, carried if carry_state else None)
-        answer_acc = None
-        if weight is None:
-            loss = objective = lm_loss(logits, y)
+    def _write_run_files(self) -> None:
+        """With ``overwrite``, delete the old run; then write config.json (rank 0)."""
+        if not self.dd.main:
+            return
+        out = Path(self.cfg.out)
+        if self.cfg.overwrite:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            for name in ("log.jsonl", "config.json"):
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "config.json", json.dumps(dataclasses.asdict(self.cfg), indent=2).encode())
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        net = torch.compile(model) if self.cfg.compile else model
+        if self.dd.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+        return net
+
+    def run(self, stop: StopSignals) -> dict[str, Any]:
+        """Train until ``steps``, ``stop_after`` steps or the time budget; validate and save on schedule."""
+        cfg = self.cfg
+        end = min(cfg.steps, self.step + cfg.stop_after) if cfg.stop_after else cfg.steps
+        summary: dict[str, Any] = {"start_step": self.step, "valid": []}
+        self._announce_validation()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dd.main), unit="step",
+                   dynamic_ncols=True)
+        t_start, train_seconds, loss = time.perf_counter(), 0.0, float("nan")
+        while self.step < end and not self._budget_spent(train_seconds):
+            record = self.train_step(t_start)
+            train_seconds += record["seconds"]
+            loss = record["loss"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{record['bits_per_byte']:.3f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+            last = self.step == end or self._budget_spent(train_seconds)
+            if self.data.valid is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                summary["valid"] += self.validate(bar)
+            if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                self.save()
+            signum = stop.requested(self.dd, self.device)
+            if signum is not None and not last:
+                bar.close()
+                raise self.interrupted(signum)
+        bar.close()
+        summary.update({"step": self.step, "train_loss": loss, "tokens_seen": self.tokens_seen,
+                        "train_seconds": train_seconds, "parameters": sum(p.numel() for p in self.model.parameters()),
+                        "checkpoint": str(self.ckpt_dir)})
+        return summary
+
+    def _budget_spent(self, train_seconds: float) -> bool:
+        return bool(self.cfg.max_minutes) and train_seconds >= self.cfg.max_minutes * 60
+
+    def _announce_validation(self) -> None:
+        """Say how much of the valid split each validation reads (the default caps it)."""
+        if not self.dd.main or self.data.valid is None:
+            return
+        total, cap = len(self.data.valid) - 1, self.cfg.eval_tokens
+        if cap and cap < total:
+            print(f"validation: the first {cap:,} of the {total:,} valid tokens (--eval-tokens; 0 for all)", flush=True)
         else:
-            weight = weight.to(device)
-            loss, objective = weighted_loss(logits, y, weight)
-            answer_acc = answer_digit_accuracy(logits, y, weight)
-        objective.backward()
-        loss_sum = loss.detach().clone()
-        if dd.world > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= dd.world
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            last = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else "none"
-            raise HorizonError(f"loss became {loss_value} at step {step}; stopped without saving "
-                               f"(last good checkpoint: {last})")
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        carried = new_state.detach() if carry_state else None
-        step += 1
-        tokens_seen += cfg.batch_size * cfg.seq_len
+            print(f"validation: all {total:,} valid tokens", flush=True)
+
+    def train_step(self, t_start: float) -> dict[str, Any]:
+        """One optimizer step on the next window of every stream; logs and returns its record."""
+        cfg, step = self.cfg, self.step
+        t0 = time.perf_counter()
+        if self.data.batcher.starts_epoch(step) or (cfg.reset_every and step % cfg.reset_every == 0):
+            self.carried = None
+        x, y, weight = self.data.batcher.batch(step)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        factor = lr_factor(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
+        for group in self.opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        with self.autocast:
+            logits, new_state = self.net(x, self.carried if self.carry_state else None)
+        loss, answer_acc = self._backward(logits, y, weight)
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.carried = new_state.detach() if self.carry_state else None
+        self.step += 1
+        self.tokens_seen += cfg.batch_size * cfg.seq_len
         dt = time.perf_counter() - t0
-        train_seconds += dt
-        record = {"step": step, "loss": loss_value, "bits_per_byte": loss_value * bits / bytes_per_token,
-                  "lr": cfg.lr * factor, "tokens": tokens_seen, "tokens_per_s": cfg.batch_size * cfg.seq_len / dt,
+        record = {"step": self.step, "loss": loss, "bits_per_byte": loss / math.log(2) / self.data.bytes_per_token,
+                  "lr": cfg.lr * factor, "tokens": self.tokens_seen, "tokens_per_s": cfg.batch_size * cfg.seq_len / dt,
                   "time": time.perf_counter() - t_start}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if answer_acc is not None:
-            record["answer_digit_accuracy"] = float(answer_acc)  # this process's rows
-        log.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{record['bits_per_byte']:.3f}",
-                        tok_s=f"{record['tokens_per_s']:.0f}")
-        last_step = step == end or (cfg.max_minutes and train_seconds >= cfg.max_minutes * 60)
-        if valid_tokens is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last_step):
-            if dd.main:
-                result = evaluate_tokens(model, valid_tokens, cfg.eval_window, device, bytes_per_token=bytes_per_token,
-                                         max_tokens=cfg.eval_tokens or None, bf16=cfg.bf16, progress=False)
-                entry = {"step": step, "valid_bits_per_byte": result["bits_per_byte"], "valid_tokens": result["tokens"]}
-                log.write(entry)
-                summary["valid"].append(entry)
-                bar.write(f"step {step}: valid {result['bits_per_byte']:.4f} bits/byte over {result['tokens']} tokens")
-            if dd.world > 1:
-                dist.barrier()
-        if (cfg.save_every and step % cfg.save_every == 0) or last_step:
-            checkpoint(step)
-    bar.close()
-    summary.update({"step": step, "train_loss": loss_value, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
-                    "parameters": sum(p.numel() for p in model.parameters()), "checkpoint": str(ckpt_dir)})
-    return summary
+            record["answer_digit_accuracy"] = answer_acc  # this process's rows
+        self.log.write(record)
+        return {**record, "seconds": dt}
+
+    def _backward(self, logits: Tensor, y: Tensor, weight: Tensor | None) -> tuple[float, float | None]:
+        """Backpropagate the objective; returns the mean loss over all ranks (stopping on a
+        non-finite one) and the answer-digit accuracy of passkey windows (None without any)."""
+        answer_acc = None
+        if weight is None:
+            loss = objective = lm_loss(logits, y)
+        else:
+            weight = weight.to(self.device)
+            loss, objective = weighted_loss(logits, y, weight)
+            acc = answer_digit_accuracy(logits, y, weight)
+            answer_acc = None if acc is None else float(acc)
+        objective.backward()
+        loss_sum = loss.detach().clone()
+        if self.dd.world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.dd.world
+        value = loss_sum.item()
+        if not math.isfinite(value):
+            latest = self.ckpt_dir / "latest"
+            last = latest.read_text().strip() if latest.is_file() else "none"
+            raise HorizonError(f"loss became {value} at step {self.step}; stopped without saving "
+                               f"(last good checkpoint: {last})")
+        return value, answer_acc
+
+    def validate(self, bar: tqdm) -> list[dict[str, Any]]:
+        """Score the valid split (rank 0; at most ``eval_tokens``); returns the log entry, if any."""
+        entries = []
+        if self.dd.main:
+            cfg = self.cfg
+            result = evaluate_tokens(self.model, self.data.valid, cfg.eval_window, self.device,
+                                     bytes_per_token=self.data.bytes_per_token, max_tokens=cfg.eval_tokens or None,
+                                     bf16=cfg.bf16, progress=cfg.progress, desc="valid")
+            bpb, tokens = result["bits_per_byte"], result["tokens"]
+            entry = {"step": self.step, "valid_bits_per_byte": bpb, "valid_tokens": tokens}
+            self.log.write(entry)
+            entries.append(entry)
+            bar.write(f"step {self.step}: valid {bpb:.4f} bits/byte over {tokens:,} tokens")
+        if self.dd.world > 1:
+            dist.barrier()
+        return entries
+
+    def save(self) -> None:
+        """Checkpoint the weights, optimizer, RNG and every rank's carried state (written by rank 0)."""
+        opt_tensors, opt_header = _optimizer_tensors(self.opt)
+        state_tensors, headers = {}, []
+        for rank, (tensors, header) in enumerate(_gather_states(self.carried if self.carry_state else None, self.dd)):
+            state_tensors.update({f"state{rank}.{k[len('state.'):]}": v for k, v in tensors.items()})
+            headers.append(header)
+        self.saved_step = self.step
+        if not self.dd.main:
+            return
+        meta, cfg = self.data.meta, self.cfg
+        info = {"tokenizer": meta["tokenizer"], "tokens_seen": self.tokens_seen, "optimizer": opt_header,
+                "carried_states": headers, "world": self.dd.world, "train_config": dataclasses.asdict(cfg),
+                "data": str(Path(cfg.data).resolve()),
+                "data_meta_sha": {k: v.get("sha256") for k, v in meta["splits"].items()}}
+        train_tensors = {**opt_tensors, **state_tensors, "rng.cpu": torch.get_rng_state()}
+        save_checkpoint(self.ckpt_dir, self.step, self.model, info, train_tensors)
+
+    def interrupted(self, signum: int) -> TrainingInterrupted:
+        """Save (unless this step just was) and say how to go on."""
+        if self.saved_step != self.step:
+            self.save()
+        name = signal.Signals(signum).name
+        return TrainingInterrupted(
+            f"stopped by {name} after step {self.step} of {self.cfg.steps}; checkpoint saved in "
+            f"{self.ckpt_dir / f'step-{self.step:08d}'}. Continue with: horizon train --out {self.cfg.out} --resume",
+            exit_code=128 + signum)
 
 
 def _gather_states(state, dd: Distributed) -> list[tuple[dict[str, Tensor], dict[str, Any]]]:
