@@ -19,6 +19,16 @@ def visible_mask(entry_ids: Tensor, completed_before: Tensor, capacity: int) -> 
     return (ids < seen) & (ids >= seen - capacity)  # (L, M)
 
 
+def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capacity: int,
+                 k: int) -> tuple[Tensor, Tensor]:
+    """The K best visible entries of a block of queries: scores (-inf where fewer than K are
+    visible) and indices into ``keys``. One selection serves the read and the diagnostics."""
+    scores = torch.einsum("bld,bmd->blm", q, keys)  # (B, Lb, M)
+    mask = visible_mask(entry_ids, seen, capacity)  # (Lb, M)
+    scores = scores.masked_fill(~mask, float("-inf"))  # (B, Lb, M)
+    return scores.topk(k, dim=-1)  # (B, Lb, K) twice
+
+
 def memory_read(
     queries: Tensor,
     keys: Tensor,
@@ -44,13 +54,36 @@ def memory_read(
     reads = []
     for start in range(0, length, block):
         q = queries[:, start : start + block]  # (B, Lb, Dk)
-        scores = torch.einsum("bld,bmd->blm", q, keys)  # (B, Lb, M)
-        mask = visible_mask(entry_ids, completed_before[start : start + block], capacity)  # (Lb, M)
-        scores = scores.masked_fill(~mask, float("-inf"))  # (B, Lb, M)
-        top_scores, top_index = scores.topk(k, dim=-1)  # (B, Lb, K)
+        top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k)
         valid = torch.isfinite(top_scores)  # (B, Lb, K)
         logits = (tau * top_scores).masked_fill(~valid, -1e4)  # (B, Lb, K); finite, so no NaN anywhere
         weights = torch.softmax(logits, dim=-1) * valid  # (B, Lb, K); all zero where nothing is visible
         picked = values[batch_index, top_index]  # (B, Lb, K, Dv)
         reads.append(torch.einsum("blk,blkd->bld", weights, picked))  # (B, Lb, Dv)
     return torch.cat(reads, dim=1)  # (B, L, Dv)
+
+
+@torch.no_grad()
+def memory_topk_ids(
+    queries: Tensor,
+    keys: Tensor,
+    entry_ids: Tensor,
+    completed_before: Tensor,
+    capacity: int,
+    top_k: int,
+    block: int = 1024,
+) -> Tensor:
+    """Stream-wide chunk ids of the entries :func:`memory_read` reads for each token, -1 where
+    fewer than K are visible: which chunks a read found, for diagnostics (``bench recall``'s
+    retrieval hit rate). Same arguments as :func:`memory_read`. Returns (B, L, K) int64."""
+    batch, length, _ = queries.shape
+    k = min(top_k, keys.shape[1])
+    if k == 0:
+        return torch.full((batch, length, top_k), -1, dtype=torch.long, device=queries.device)  # (B, L, K)
+    picked = []
+    for start in range(0, length, block):
+        q = queries[:, start : start + block]  # (B, Lb, Dk)
+        top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k)
+        ids = entry_ids[top_index]  # (B, Lb, K)
+        picked.append(ids.masked_fill(~torch.isfinite(top_scores), -1))  # (B, Lb, K)
+    return torch.cat(picked, dim=1)  # (B, L, K)

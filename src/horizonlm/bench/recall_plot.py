@@ -1,0 +1,103 @@
+"""The figure of ``horizon bench recall``, drawn from every entry of the results file: rung 1
+accuracy against width (one panel per test cell) and its hit rate against width; rung 2
+accuracy and hit rate against the gap (dashed: the hit rate of a random read)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from horizonlm.bench.common import save_figure
+
+
+def series_name(entry: dict[str, Any]) -> str:
+    """One line of a panel: the model and everything but the plotted variable."""
+    name = f"{entry['model']} l{entry['layers']} {entry['filler']}"
+    if entry["rung"] == 2:
+        name += f" d{entry['width']}"
+    return name + (f" [{entry['label']}]" if entry.get("label") else "")
+
+
+def _by_series(entries: list[dict[str, Any]], point: Callable[[dict[str, Any]], list[tuple[float, float]]]
+               ) -> dict[str, list[tuple[float, float]]]:
+    """Points of every series, sorted along x; entries without a value contribute nothing."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for entry in entries:
+        lines.setdefault(series_name(entry), []).extend(p for p in point(entry) if p[1] is not None)
+    return {k: sorted(v) for k, v in lines.items() if v}
+
+
+def _rung1_cell(seq_len: int, pairs: int):
+    """(width, accuracy) of one test cell."""
+    def point(entry: dict[str, Any]) -> list[tuple[float, float]]:
+        return [(entry["width"], c["accuracy"]) for c in entry["cells"]
+                if c["seq_len"] == seq_len and c["pairs"] == pairs]
+    return point
+
+
+def _rung1_hits(entry: dict[str, Any]) -> list[tuple[float, float]]:
+    """(width, hit rate averaged over the cells that have one)."""
+    rates = [c["hit_rate"] for c in entry["cells"] if c.get("hit_rate") is not None]
+    return [(entry["width"], sum(rates) / len(rates))] if rates else []
+
+
+def _rung2(key: str):
+    """(gap, value of ``key``) of every cell that ran."""
+    def point(entry: dict[str, Any]) -> list[tuple[float, float]]:
+        return [(c["gap"], c.get(key)) for c in entry["cells"] if c["status"] == "ok"]
+    return point
+
+
+def _panels(entries: list[dict[str, Any]]) -> list[tuple[str, str, str, Any, Any]]:
+    """(title, x label, y label, series, dashed series) of every panel that has data."""
+    rung1 = [e for e in entries if e["rung"] == 1]
+    rung2 = [e for e in entries if e["rung"] == 2]
+    panels = []
+    for seq_len, pairs in sorted({(c["seq_len"], c["pairs"]) for e in rung1 for c in e["cells"]}):
+        panels.append((f"rung 1: L={seq_len}, {pairs} pairs", "width", "accuracy",
+                       _by_series(rung1, _rung1_cell(seq_len, pairs)), {}))
+    if rung1:
+        panels.append(("rung 1: retrieval hit rate", "width", "hit rate (mean over cells)",
+                       _by_series(rung1, _rung1_hits), {}))
+    if rung2:
+        panels.append(("rung 2: cross-window recall", "gap (tokens)", "accuracy",
+                       _by_series(rung2, _rung2("accuracy")), {}))
+        panels.append(("rung 2: retrieval hit rate", "gap (tokens)", "hit rate",
+                       _by_series(rung2, _rung2("hit_rate")), _by_series(rung2, _rung2("hit_chance"))))
+    return panels
+
+
+def plot_recall(results: dict[str, Any], path: Path) -> None:
+    """One panel per rung-1 test cell and per rung-2 measure, up to four panels a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = _panels(list(results["entries"].values()))
+    columns = max(1, min(4, len(panels)))
+    rows = max(1, -(-len(panels) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, xlabel, ylabel, lines, dashed) in zip(axes.flat, panels):
+        for name, points in lines.items():
+            drawn = ax.plot(*zip(*points), marker="o", label=name)
+            if name in dashed:
+                ax.plot(*zip(*dashed[name]), linestyle="--", color=drawn[0].get_color(), alpha=0.6)
+        xs = [x for points in lines.values() for x, _ in points]
+        if xs and min(xs) > 0:
+            ax.set_xscale("log", base=2 if xlabel == "width" else 10)
+            if xlabel == "width":
+                ax.set_xticks(sorted(set(xs)), [str(int(x)) for x in sorted(set(xs))])
+        elif xs:
+            ax.set_xscale("symlog", linthresh=1)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=(-0.02, 1.02))
+        ax.grid(True, alpha=0.3)
+        if lines:
+            ax.legend(fontsize=6)
+    if not panels:
+        axes[0, 0].text(0.5, 0.5, "no entries yet", ha="center", va="center")
+    fig.tight_layout()
+    save_figure(fig, path)

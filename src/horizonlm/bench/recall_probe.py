@@ -1,0 +1,97 @@
+"""The retrieval hit rate of ``horizon bench recall``: for every query, did the memory's top-K
+read contain the entry of the chunk that holds the answer? Kept apart from accuracy: a model that
+finds the chunk but cannot decode it and one that never finds it need different fixes.
+
+The memory layer is left untouched: a forward hook on ``model.memory`` sees the layer's input
+and state, rebuilds the entries and queries the way the layer does, and asks
+:func:`horizonlm.ops.memory_read.memory_topk_ids` (the read's own selection) which chunks each
+token read. The rebuilt keys are compared with the keys the layer returns in its state, so a
+change to the layer that the probe does not follow is an error, not a wrong number.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from horizonlm.errors import HorizonError
+from horizonlm.ops.chunks import chunk_layout
+from horizonlm.ops.memory_read import memory_topk_ids
+from horizonlm.state import MemoryState
+
+
+class MemoryProbe:
+    """Records, for the query positions of one batch, the chunk ids the memory's top-K read
+    selected. Use as a context manager around the batch's forward passes."""
+
+    def __init__(self, memory: nn.Module, query_pos: Tensor) -> None:
+        self.memory = memory
+        self.query_pos = query_pos  # (B, P)
+        batch, queries = query_pos.shape
+        self.selected = torch.full((batch, queries, memory.top_k), -1, dtype=torch.long,
+                                   device=query_pos.device)  # (B, P, K)
+        self._handle = None
+
+    def __enter__(self) -> MemoryProbe:
+        self._handle = self.memory.register_forward_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    @torch.no_grad()
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+        """Top-K chunk ids of the queries that fall in this call."""
+        h = args[0] if args else kwargs["h"]
+        state = args[1] if len(args) > 1 else kwargs.get("state")
+        state = state if state is not None else module.init_state(h.shape[0], h.device)
+        if not isinstance(state, MemoryState):
+            raise HorizonError("the hit-rate probe reads the in-state memory, not a store-backed one")
+        length = h.shape[1]
+        local = self.query_pos - state.pos  # (B, P)
+        inside = (local >= 0) & (local < length)  # (B, P)
+        if not bool(inside.any()):
+            return
+        layout = chunk_layout(state.pos, length, module.chunk_size, h.device)
+        hn = module.norm(h)  # (B, L, D)
+        new_keys = F.normalize(module.key(hn[:, layout.ends]), dim=-1)  # (B, m, Dk)
+        keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
+        ids = torch.cat([state.chunk_ids, layout.chunk_ids])  # (M+m,)
+        _check_rebuilt(keys, ids, output[1])
+        queries = F.normalize(module.query(hn), dim=-1)  # (B, L, Dk)
+        picked = memory_topk_ids(queries, keys, ids, layout.completed_before, module.capacity, module.top_k,
+                                 module.query_block)  # (B, L, K)
+        at = local.clamp(0, length - 1).unsqueeze(-1).expand(-1, -1, picked.shape[-1])  # (B, P, K)
+        picked = picked.gather(1, at)  # (B, P, K)
+        if picked.shape[-1] < self.selected.shape[-1]:
+            picked = F.pad(picked, (0, self.selected.shape[-1] - picked.shape[-1]), value=-1)  # (B, P, K)
+        self.selected = torch.where(inside.unsqueeze(-1), picked, self.selected)  # (B, P, K)
+
+    def outcome(self, answer_pos: Tensor) -> dict[str, Tensor]:
+        """Per query (B, P): ``applicable`` (the answer's chunk completed before the query, so the
+        memory could hold it), ``hit`` (its entry among the top-K read), ``evicted`` (completed,
+        but older than the memory's capacity), ``chance`` (K over the visible entries: the hit
+        rate of a random read)."""
+        chunk = self.memory.chunk_size
+        answer_chunk = answer_pos // chunk  # (B, P)
+        seen = self.query_pos // chunk  # (B, P): chunks completed before the query
+        visible = seen.clamp(max=self.memory.capacity)  # (B, P)
+        return {
+            "applicable": answer_chunk < seen,  # (B, P)
+            "hit": (self.selected == answer_chunk.unsqueeze(-1)).any(-1),  # (B, P)
+            "evicted": answer_chunk < seen - self.memory.capacity,  # (B, P)
+            "chance": visible.clamp(max=self.memory.top_k) / visible.clamp(min=1),  # (B, P)
+        }
+
+
+def _check_rebuilt(keys: Tensor, ids: Tensor, new_state: object) -> None:
+    """The keys the probe rebuilt must be the ones the layer kept in its returned state."""
+    if not isinstance(new_state, MemoryState):
+        raise HorizonError("the memory layer returned an unexpected state; update bench/recall_probe.py")
+    kept = new_state.keys.shape[1]
+    same = (kept <= keys.shape[1] and torch.equal(new_state.chunk_ids, ids[ids.numel() - kept:])
+            and torch.allclose(new_state.keys.float(), keys[:, keys.shape[1] - kept:].float(), atol=1e-3, rtol=1e-2))
+    if not same:
+        raise HorizonError("the hit-rate probe no longer rebuilds the memory's entries as layers/memory.py makes "
+                           "them; update bench/recall_probe.py to follow the layer")
