@@ -371,6 +371,15 @@ def cmd_bench_recall(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_ssm(args: argparse.Namespace) -> int:
+    from horizonlm.bench.ssm import SSMBenchConfig, run_ssm_bench
+
+    cfg = build_config(SSMBenchConfig, args)
+    run_ssm_bench(cfg)
+    print(f"wrote {cfg.out}")
+    return 0
+
+
 def _config_command(sub, name: str, help_text: str, cls: type, func) -> argparse.ArgumentParser:
     """A subcommand whose flags are the fields of ``cls``, plus ``--config FILE.yaml``."""
     p = sub.add_parser(name, help=help_text, description=help_text)
@@ -385,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     from horizonlm.bench.quality import QualityConfig
     from horizonlm.bench.recall import RecallConfig
     from horizonlm.bench.speed import SpeedConfig
+    from horizonlm.bench.ssm import SSMBenchConfig
     from horizonlm.data.prepare import CORPORA, PrepareConfig
     from horizonlm.evaluate import EvalConfig
     from horizonlm.generate import GenerateConfig
@@ -420,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                     QualityConfig, cmd_bench_quality)
     _config_command(bench, "recall", "associative recall in one window and across windows, with the memory's hit rate",
                     RecallConfig, cmd_bench_recall)
+    _config_command(bench, "ssm", "the SSM sublayer alone: fast scans against float64 references, timings",
+                    SSMBenchConfig, cmd_bench_ssm)
     return parser
 
 

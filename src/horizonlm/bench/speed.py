@@ -214,25 +214,13 @@ def measure_ceilings(device: torch.device) -> dict[str, Any]:
 
 def run_checks(device: torch.device) -> dict[str, Any]:
     """On the GPU: fast paths against their references, streaming against one call."""
-    from horizonlm.ops.reference import s4d_recurrence_ref
-    from horizonlm.ops.s4d import discretize, s4d_scan
+    from horizonlm.bench.ssm import check_chunk_scan, check_s4d
+    from horizonlm.ops.causal_conv import check_causal_conv
     from horizonlm.ops.topk_search import exact_topk, exact_topk_ref
 
-    out: dict[str, Any] = {}
-    g = torch.Generator(device="cpu").manual_seed(0)
-    h, n, length = 8, 16, 300
-    a_log_re = (torch.rand(h, n, generator=g, dtype=torch.float64) - 1.5).to(device)
-    a_im = (torch.rand(h, n, generator=g, dtype=torch.float64) * 6).to(device)
-    log_dt = (torch.rand(h, generator=g, dtype=torch.float64) * 4.6 - 6.9).to(device)
-    c = torch.randn(h, n, 2, generator=g, dtype=torch.float64).to(device)
-    u = torch.randn(2, h, length, generator=g, dtype=torch.float64).to(device)
-    x0 = torch.randn(2, h, n, 2, generator=g, dtype=torch.float64).to(device)
-    dt_a, a_bar, b_bar = discretize(a_log_re, a_im, log_dt)
-    cc, xx = torch.view_as_complex(c), torch.view_as_complex(x0)
-    y_fast, s_fast = s4d_scan(u, dt_a, a_bar, b_bar, cc, xx, 64)
-    y_ref, s_ref = s4d_recurrence_ref(u, a_bar, b_bar, cc, xx)
-    out["s4d_scan_vs_recurrence_float64_rel_err"] = ((y_fast - y_ref).norm() / y_ref.norm()).item()
-    out["s4d_state_float64_rel_err"] = ((s_fast - s_ref).norm() / s_ref.norm()).item()
+    out: dict[str, Any] = {"chunk_scan_vs_twin_float32": check_chunk_scan(device),
+                           "s4d_chunked_float32_vs_float64_recurrence": check_s4d(device, torch.float32),
+                           "causal_conv_triton_vs_twin": check_causal_conv(device)}
     keys = F.normalize(torch.randn(50000, 128, device=device), dim=-1)
     queries = F.normalize(torch.randn(64, 128, device=device), dim=-1)
     _, idx = exact_topk(queries, keys, 8, key_block=7000)
