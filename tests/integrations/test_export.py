@@ -119,3 +119,18 @@ def test_every_command_loader_accepts_an_export(tmp_path: Path, capsys) -> None:
     with pytest.raises(HorizonError, match="no training state"):
         load_checkpoint(out, with_train_state=True)
     assert main(["generate", "--checkpoint", str(out), "--prompt", "To be", "--tokens", "5", "--temperature", "0"]) == 0
+
+
+def test_a_training_run_folder_is_not_an_export(tmp_path: Path) -> None:
+    """A run folder holds a config.json of training settings beside checkpoints/: it is loaded as a
+    checkpoint, not mistaken for an exported model."""
+    from horizonlm.checkpoint import load_checkpoint
+    from horizonlm.integrations.export import is_export
+
+    model = tiny_model()
+    run_folder = tmp_path / "run"
+    checkpoint_of(model, run_folder / "checkpoints")
+    (run_folder / "config.json").write_text(json.dumps({"lr": 0.001, "preset": "tiny"}))
+    assert not is_export(run_folder)
+    x = torch.randint(0, 256, (1, 7))
+    assert torch.equal(load_checkpoint(run_folder).model(x)[0], model(x)[0])

@@ -143,9 +143,18 @@ def export_folder(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
 
 
 def is_export(path: str | Path) -> bool:
-    """A folder with a ``config.json`` and no ``checkpoint.json``."""
+    """A folder in the Hugging Face layout: ``model.safetensors`` or a ``config.json`` that names a
+    ``model_type`` (or cannot be read, outside a run folder), and no ``checkpoint.json``. A training
+    run's folder also holds a ``config.json`` (its settings, no ``model_type``) and is not an export."""
     path = Path(path)
-    return (path / CONFIG_FILE).is_file() and not (path / "checkpoint.json").is_file()
+    if (path / "checkpoint.json").is_file() or not (path / CONFIG_FILE).is_file():
+        return False
+    if (path / WEIGHTS_FILE).is_file():
+        return True
+    try:
+        return "model_type" in json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return not (path / "checkpoints").is_dir()  # unreadable: an export's loader says why
 
 
 def _model_config(folder: Path, kind: str, values: dict[str, Any]) -> dict[str, Any]:
