@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from horizonlm.errors import HorizonError
-from horizonlm.ops.chunks import chunk_layout
 from horizonlm.ops.memory_read import memory_topk_ids
 from horizonlm.state import MemoryState
 
@@ -53,13 +52,10 @@ class MemoryProbe:
         inside = (local >= 0) & (local < length)  # (B, P)
         if not bool(inside.any()):
             return
-        layout = chunk_layout(state.pos, length, module.chunk_size, h.device)
-        hn = module.norm(h)  # (B, L, D)
-        new_keys = F.normalize(module.key(hn[:, layout.ends]), dim=-1)  # (B, m, Dk)
+        _, layout, new_keys, _, queries = module.project(h, state.pos)
         keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
         ids = torch.cat([state.chunk_ids, layout.chunk_ids])  # (M+m,)
         _check_rebuilt(keys, ids, output[1])
-        queries = F.normalize(module.query(hn), dim=-1)  # (B, L, Dk)
         picked = memory_topk_ids(queries, keys, ids, layout.completed_before, module.capacity, module.top_k,
                                  module.query_block)  # (B, L, K)
         at = local.clamp(0, length - 1).unsqueeze(-1).expand(-1, -1, picked.shape[-1])  # (B, P, K)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from horizonlm.ops.chunks import chunk_layout
+from horizonlm.ops.chunks import ChunkLayout, chunk_layout
 from horizonlm.ops.memory_read import memory_read, visible_mask
 from horizonlm.state import MemoryState, StoreMemoryState
 
@@ -51,25 +51,35 @@ class RetrievalMemory(nn.Module):
             state = self.init_state(h.shape[0], h.device)
         if isinstance(state, StoreMemoryState):
             return self._forward_store(h, state)
-        layout = chunk_layout(state.pos, h.shape[1], self.chunk_size, h.device)
-        hn = self.norm(h)  # (B, L, D)
+        hn, layout, new_keys, new_values, queries = self.project(h, state.pos)
         if layout.ends.numel() > 0:
-            summaries = hn[:, layout.ends]  # (B, m, D)
-            new_keys = F.normalize(self.key(summaries), dim=-1)  # (B, m, Dk)
-            new_values = self.value(summaries)  # (B, m, Dv)
             keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
             values = torch.cat([state.values.to(new_values.dtype), new_values], dim=1)  # (B, M+m, Dv)
             ids = torch.cat([state.chunk_ids, layout.chunk_ids])  # (M+m,)
         else:  # no chunk ends here (most decode steps): the memory is read as it is, not copied
             keys, values, ids = state.keys, state.values, state.chunk_ids
-        queries = F.normalize(self.query(hn), dim=-1)  # (B, L, Dk)
         read = memory_read(queries, keys, values, ids, layout.completed_before, self.capacity, self.top_k,
                            self.tau, self.query_block)  # (B, L, Dv)
-        update = torch.sigmoid(self.gate(hn)) * self.out(read.to(hn.dtype))  # (B, L, D)
         keep = max(0, keys.shape[1] - self.capacity)
         new_state = MemoryState(keys=keys[:, keep:].detach(), values=values[:, keep:].detach(),
                                 chunk_ids=ids[keep:], pos=state.pos + h.shape[1])
-        return h + update, new_state
+        return self._inject(h, hn, read), new_state
+
+    def project(self, h: Tensor, pos: int) -> tuple[Tensor, ChunkLayout, Tensor, Tensor, Tensor]:
+        """What both read paths compute from ``h``: the normed input, the chunk layout of this
+        call, the entries of the chunks that end in it and every token's query.
+        Returns hn (B, L, D), layout, keys (B, m, Dk), values (B, m, Dv), queries (B, L, Dk)."""
+        layout = chunk_layout(pos, h.shape[1], self.chunk_size, h.device)
+        hn = self.norm(h)  # (B, L, D)
+        summaries = hn[:, layout.ends]  # (B, m, D)
+        new_keys = F.normalize(self.key(summaries), dim=-1)  # (B, m, Dk)
+        new_values = self.value(summaries)  # (B, m, Dv)
+        queries = F.normalize(self.query(hn), dim=-1)  # (B, L, Dk)
+        return hn, layout, new_keys, new_values, queries
+
+    def _inject(self, h: Tensor, hn: Tensor, read: Tensor) -> Tensor:
+        """The gated add ``h + sigmoid(W_g norm(h)) * W_o r``. read: (B, L, Dv) -> (B, L, D)."""
+        return h + torch.sigmoid(self.gate(hn)) * self.out(read.to(hn.dtype))  # (B, L, D)
 
     def _forward_store(self, h: Tensor, state: StoreMemoryState) -> tuple[Tensor, StoreMemoryState]:
         """The same read over a :class:`MemoryStore`: the store is searched for ``K + m``
@@ -83,12 +93,8 @@ class RetrievalMemory(nn.Module):
             raise ValueError(f"a store-backed memory serves batch_size=1, got {h.shape[0]}")
         if state.entries != store.first_id + len(store):
             raise ValueError("stale memory state: the store has grown since this state was made")
-        layout = chunk_layout(state.pos, h.shape[1], self.chunk_size, h.device)
-        hn = self.norm(h)  # (1, L, D)
-        summaries = hn[0, layout.ends]  # (m, D)
-        new_keys = F.normalize(self.key(summaries), dim=-1).float()  # (m, Dk)
-        new_values = self.value(summaries).float()  # (m, Dv)
-        queries = F.normalize(self.query(hn[0]), dim=-1).float()  # (L, Dk)
+        hn, layout, new_keys, new_values, queries = self.project(h, state.pos)
+        new_keys, new_values, queries = new_keys[0].float(), new_values[0].float(), queries[0].float()  # (m, Dk)
         window = store.config.capacity or 1 << 62
         reads = []
         for start in range(0, queries.shape[0], self.query_block):
@@ -96,9 +102,8 @@ class RetrievalMemory(nn.Module):
             seen = layout.completed_before[start : start + self.query_block]  # (Lb,)
             reads.append(self._read_store_block(store, q, seen, layout.chunk_ids, new_keys, new_values, window))
         read = torch.cat(reads, dim=0)  # (L, Dv)
-        update = torch.sigmoid(self.gate(hn)) * self.out(read.unsqueeze(0).to(hn.dtype))  # (1, L, D)
         store.add(new_keys, new_values, layout.chunk_ids)
-        return h + update, StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos + h.shape[1])
+        return self._inject(h, hn, read.unsqueeze(0)), StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos + h.shape[1])
 
     def _read_store_block(self, store, q: Tensor, seen: Tensor, new_ids: Tensor, new_keys: Tensor,
                           new_values: Tensor, window: int) -> Tensor:
