@@ -21,6 +21,12 @@ from .conftest import make_horizon, make_transformer
         (dict(memory_tau=0.0), "memory_tau"),
         (dict(n_layers=True), "n_layers"),
         (dict(ssm_dt_min=0.5, ssm_dt_max=0.1), "ssm_dt_min"),
+        (dict(ssm_kind="mamba"), "ssm_kind"),
+        (dict(ssm_gate="glu"), "ssm_gate"),
+        (dict(ssm_chunk=100), "ssm_chunk"),
+        (dict(ssm_chunk=2048), "ssm_chunk"),
+        (dict(ssm_chunk=0), "ssm_chunk"),
+        (dict(ssm_kind="selective", d_model=96, ssm_head_dim=64), "ssm_head_dim"),
     ],
 )
 def test_bad_horizon_config(overrides: dict, field: str) -> None:
@@ -76,3 +82,14 @@ def test_presets_sizes() -> None:
         transformer = TransformerLM(TransformerConfig.preset("base")).num_parameters()
     assert 80e6 < horizon < 130e6
     assert 80e6 < transformer < 130e6
+
+
+def test_gated_presets_keep_their_parameters() -> None:
+    """The gate and input projection are paid for by a narrower MLP: the gated base model has the
+    parameters of the ungated block with the wider MLP, and the transformer at least as many."""
+    with torch.device("meta"):
+        gated = HorizonLM(HorizonConfig.preset("base")).num_parameters()
+        ungated = HorizonLM(HorizonConfig.preset("base", ssm_gate="none", mlp_hidden=1536 + 256)).num_parameters()
+        transformer = TransformerLM(TransformerConfig.preset("base")).num_parameters()
+    assert abs(gated - ungated) / gated < 1e-3
+    assert transformer >= gated
