@@ -3,8 +3,8 @@ Initialization of Diagonal State Space Models"), in a chunked form that runs on 
 
 Per channel h and mode n, continuous ``A = -exp(A_log_re) + i*A_im`` is discretised with a
 zero-order hold: ``Abar = exp(dt*A)``, ``Bbar = (Abar - 1)/A``. The map
-``x_t = Abar*x_{t-1} + Bbar*u_t``, ``y_t = 2*Re(C . x_t)`` (skip term ``D*u_t`` added by the
-layer) is the causal convolution with kernel ``K[h, l] = 2*Re(sum_n C*Bbar*Abar**l)``.
+``x_t = Abar*x_{t-1} + Bbar*u_t``, ``y_t = 2*Re(C . x_t)`` (plus the skip ``D*u_t``, which the
+chunked form puts on the diagonal of its Toeplitz matrix) is the causal convolution with kernel ``K[h, l] = 2*Re(sum_n C*Bbar*Abar**l)``.
 
 Parallel form (``s4d_chunked``): the sequence is cut into W chunks of T tokens. With the state
 ``x_w`` entering chunk w,
@@ -122,7 +122,7 @@ def s4d_chunked(u: Tensor, dt_a: Tensor, b_bar: Tensor, c: Tensor, x0: Tensor, c
     pieces = []
     if n_full:
         ops = chunk_operators(dt_a, b_bar, c, chunk, skip)
-        main = u if not rest else u[..., : n_full * chunk]  # (H, B, W*T)
+        main = u[..., : n_full * chunk]  # (H, B, W*T)
         y, x = _full_chunks(main.reshape(channels, batch, n_full, chunk), ops, x, matmul_dtype)  # (H, B, W, T)
         pieces.append(y.view(channels, batch, n_full * chunk))  # (H, B, W*T)
     if rest:
