@@ -4,7 +4,8 @@ Initialization of Diagonal State Space Models"), in a chunked form that runs on 
 Per channel h and mode n, continuous ``A = -exp(A_log_re) + i*A_im`` is discretised with a
 zero-order hold: ``Abar = exp(dt*A)``, ``Bbar = (Abar - 1)/A``. The map
 ``x_t = Abar*x_{t-1} + Bbar*u_t``, ``y_t = 2*Re(C . x_t)`` (plus the skip ``D*u_t``, which the
-chunked form puts on the diagonal of its Toeplitz matrix) is the causal convolution with kernel ``K[h, l] = 2*Re(sum_n C*Bbar*Abar**l)``.
+chunked form puts on the diagonal of its Toeplitz matrix) is the causal convolution with kernel
+``K[h, l] = 2*Re(sum_n C*Bbar*Abar**l)``.
 
 Parallel form (``s4d_chunked``): the sequence is cut into W chunks of T tokens. With the state
 ``x_w`` entering chunk w,
