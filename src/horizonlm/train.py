@@ -9,6 +9,7 @@ Runs under ``torchrun`` with DDP: ranks take disjoint streams of one global batc
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -375,8 +376,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training; returns a summary (final step, losses, validation bits per byte).
     Stopped by SIGINT or SIGTERM, it saves a checkpoint and raises :class:`TrainingInterrupted`."""
     dd = setup_distributed(resolve_device(cfg.device).type)
+    trainer = None
     try:
         _check_run_folder(cfg)
+        if dd.world > 1:
+            dist.barrier()  # every rank checks the folder before rank 0 writes into it
         device = resolve_device(cfg.device, dd.local_rank)
         if cfg.batch_size % dd.world != 0:
             raise HorizonError(f"batch_size={cfg.batch_size} must divide evenly over {dd.world} processes")
@@ -385,7 +389,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             return trainer.run(stop)
     finally:
         if dd.world > 1:
-            dist.destroy_process_group()
+            _leave_process_group(trainer)
+
+
+def _leave_process_group(trainer: _Trainer | None) -> None:
+    """Free the DDP model while every rank is still there, then leave the group. (Freed after the
+    group was destroyed, the DDP reducer's last reference tore the gloo group down on its own and
+    could wait forever for a rank that had already exited.)"""
+    if trainer is not None:
+        trainer.net = None
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 RUN_FILES = ("checkpoints", "log.jsonl", "config.json")
