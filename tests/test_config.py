@@ -93,3 +93,10 @@ def test_gated_presets_keep_their_parameters() -> None:
         transformer = TransformerLM(TransformerConfig.preset("base")).num_parameters()
     assert abs(gated - ungated) / gated < 1e-3
     assert transformer >= gated
+
+
+def test_config_of_the_earlier_block_is_refused_by_name() -> None:
+    old = {**HorizonConfig.preset("tiny").to_dict(), "ssm_fft_chunk": 16}
+    del old["ssm_chunk"]
+    with pytest.raises(ValueError, match="earlier HorizonLM.*retrain"):
+        HorizonConfig.from_dict(old)

@@ -127,6 +127,9 @@ class HorizonConfig:
     def from_dict(cls, values: dict[str, Any]) -> HorizonConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
+        if "ssm_fft_chunk" in unknown:
+            raise ValueError("this model was made by an earlier HorizonLM (ungated FFT S4D block, field "
+                             "ssm_fft_chunk); its weights do not fit the current gated SSM sublayer: retrain it")
         if unknown:
             raise ValueError(f"unknown HorizonConfig fields: {', '.join(unknown)}")
         return cls(**values)
