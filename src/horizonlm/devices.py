@@ -1,4 +1,5 @@
-"""Turning a ``device`` setting (auto, cpu, cuda) into a torch device, in one place."""
+"""Turning a ``device`` setting (auto, cpu, cuda) into a torch device, and reading the autocast
+dtype in force, in one place."""
 
 from __future__ import annotations
 
@@ -16,3 +17,11 @@ def resolve_device(name: str, index: int | None = None) -> torch.device:
             raise HorizonError("device cuda was asked for, but no CUDA device is available")
         return torch.device("cuda", index) if index is not None else torch.device("cuda")
     return torch.device(kind)
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype in force on ``device`` (a device or its type), or None outside autocast.
+    Kernels that turn autocast off to keep their states in float32 use it to give their large
+    products the dtype autocast would have chosen."""
+    kind = device if isinstance(device, str) else device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None

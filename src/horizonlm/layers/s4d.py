@@ -8,15 +8,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from horizonlm.devices import autocast_dtype
 from horizonlm.layers.param_tags import SSM_PARAM_TAG
 from horizonlm.ops.s4d import discretize, s4d_chunked, s4d_step
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype in force on ``device``, or None outside autocast."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
 
 
 class S4DCore(nn.Module):

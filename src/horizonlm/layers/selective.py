@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from horizonlm.devices import autocast_dtype
 from horizonlm.layers.param_tags import SSM_PARAM_TAG
 from horizonlm.ops.ssd import ssd_chunked, ssd_step
 
@@ -79,7 +80,7 @@ class SelectiveSSM(nn.Module):
         under autocast the big products get its dtype explicitly. One token is the recurrence."""
         device = x.device.type
         compute = self._compute_dtype()
-        mm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else compute
+        mm = autocast_dtype(device) or compute
         with torch.autocast(device_type=device, enabled=False):
             dt = F.softplus(raw.to(compute) + self.dt_bias.to(compute))  # (B, L, H)
             a = -torch.exp(self.A_log.to(compute))  # (H,)

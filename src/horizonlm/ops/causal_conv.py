@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from horizonlm.devices import autocast_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -196,8 +198,7 @@ def causal_depthwise_conv(x: Tensor, buffer: Tensor, kernel: Tensor) -> Tensor:
     """
     if triton is None or not x.is_cuda or torch.float64 in (x.dtype, buffer.dtype, kernel.dtype):
         return causal_depthwise_conv_torch(x, buffer, kernel)
-    out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    return causal_depthwise_conv_triton(x, buffer, kernel, out_dtype)
+    return causal_depthwise_conv_triton(x, buffer, kernel, autocast_dtype("cuda") or x.dtype)
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
