@@ -37,56 +37,53 @@ def chunk_scan_torch(z: Tensor, a: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
 if triton is not None:
 
     @triton.jit
+    def _lanes(n_items, batch, modes, BLOCK: tl.constexpr):
+        """This program's recurrences: the mask, the (head, batch) row, the mode and the head."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        row = (offs // modes).to(tl.int64)
+        return offs < n_items, row, offs % modes, row // batch
+
+    @triton.jit
+    def _load_pair(ptr, at, modes, mask):
+        """(Re, Im) of mode k at ``at`` in a (.., 2N) row laid out as the Re block, then the Im block."""
+        return tl.load(ptr + at, mask=mask, other=0.0), tl.load(ptr + at + modes, mask=mask, other=0.0)
+
+    @triton.jit
+    def _store_pair(ptr, at, modes, mask, re, im):
+        tl.store(ptr + at, re, mask=mask)
+        tl.store(ptr + at + modes, im, mask=mask)
+
+    @triton.jit
     def _scan_forward(z_ptr, a_ptr, x0_ptr, x_in_ptr, x_end_ptr, n_items, batch, windows, modes,
                       BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_items
-        row = (offs // modes).to(tl.int64)
-        k = offs % modes
-        head = row // batch
-        ar = tl.load(a_ptr + head * 2 * modes + k, mask=mask, other=0.0)
-        ai = tl.load(a_ptr + head * 2 * modes + modes + k, mask=mask, other=0.0)
-        xr = tl.load(x0_ptr + row * 2 * modes + k, mask=mask, other=0.0)
-        xi = tl.load(x0_ptr + row * 2 * modes + modes + k, mask=mask, other=0.0)
+        mask, row, k, head = _lanes(n_items, batch, modes, BLOCK)
+        ar, ai = _load_pair(a_ptr, head * 2 * modes + k, modes, mask)
+        xr, xi = _load_pair(x0_ptr, row * 2 * modes + k, modes, mask)
         for w in range(windows):
             at = (row * windows + w) * 2 * modes + k
-            tl.store(x_in_ptr + at, xr, mask=mask)
-            tl.store(x_in_ptr + at + modes, xi, mask=mask)
-            zr = tl.load(z_ptr + at, mask=mask, other=0.0)
-            zi = tl.load(z_ptr + at + modes, mask=mask, other=0.0)
+            _store_pair(x_in_ptr, at, modes, mask, xr, xi)
+            zr, zi = _load_pair(z_ptr, at, modes, mask)
             xr, xi = ar * xr - ai * xi + zr, ai * xr + ar * xi + zi
-        tl.store(x_end_ptr + row * 2 * modes + k, xr, mask=mask)
-        tl.store(x_end_ptr + row * 2 * modes + modes + k, xi, mask=mask)
+        _store_pair(x_end_ptr, row * 2 * modes + k, modes, mask, xr, xi)
 
     @triton.jit
     def _scan_backward(g_in_ptr, g_end_ptr, a_ptr, x_in_ptr, g_z_ptr, g_x0_ptr, g_a_ptr, n_items, batch, windows,
                        modes, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_items
-        row = (offs // modes).to(tl.int64)
-        k = offs % modes
-        head = row // batch
-        ar = tl.load(a_ptr + head * 2 * modes + k, mask=mask, other=0.0)
-        ai = tl.load(a_ptr + head * 2 * modes + modes + k, mask=mask, other=0.0)
-        gr = tl.load(g_end_ptr + row * 2 * modes + k, mask=mask, other=0.0)
-        gi = tl.load(g_end_ptr + row * 2 * modes + modes + k, mask=mask, other=0.0)
+        mask, row, k, head = _lanes(n_items, batch, modes, BLOCK)
+        ar, ai = _load_pair(a_ptr, head * 2 * modes + k, modes, mask)
+        gr, gi = _load_pair(g_end_ptr, row * 2 * modes + k, modes, mask)
         gar = tl.zeros_like(gr)
         gai = tl.zeros_like(gr)
         for i in range(windows):
             at = (row * windows + (windows - 1 - i)) * 2 * modes + k
-            tl.store(g_z_ptr + at, gr, mask=mask)
-            tl.store(g_z_ptr + at + modes, gi, mask=mask)
-            xr = tl.load(x_in_ptr + at, mask=mask, other=0.0)
-            xi = tl.load(x_in_ptr + at + modes, mask=mask, other=0.0)
+            _store_pair(g_z_ptr, at, modes, mask, gr, gi)
+            xr, xi = _load_pair(x_in_ptr, at, modes, mask)
             gar += gr * xr + gi * xi
             gai += gi * xr - gr * xi
-            hr = tl.load(g_in_ptr + at, mask=mask, other=0.0)
-            hi = tl.load(g_in_ptr + at + modes, mask=mask, other=0.0)
+            hr, hi = _load_pair(g_in_ptr, at, modes, mask)
             gr, gi = ar * gr + ai * gi + hr, ar * gi - ai * gr + hi
-        tl.store(g_x0_ptr + row * 2 * modes + k, gr, mask=mask)
-        tl.store(g_x0_ptr + row * 2 * modes + modes + k, gi, mask=mask)
-        tl.store(g_a_ptr + row * 2 * modes + k, gar, mask=mask)
-        tl.store(g_a_ptr + row * 2 * modes + modes + k, gai, mask=mask)
+        _store_pair(g_x0_ptr, row * 2 * modes + k, modes, mask, gr, gi)
+        _store_pair(g_a_ptr, row * 2 * modes + k, modes, mask, gar, gai)
 
 
 _BLOCK = 256
