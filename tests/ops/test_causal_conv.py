@@ -4,15 +4,14 @@ gradients of x, buffer and kernel, over shapes that cross every tile and buffer 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from horizonlm.ops.causal_conv import causal_depthwise_conv, causal_depthwise_conv_torch
+
+from .triton_interpreter import assert_passes_in_interpreter
 
 
 def _explicit(x: torch.Tensor, buffer: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -64,8 +63,4 @@ _TRITON_CHECK = textwrap.dedent("""
 
 
 def test_triton_kernels_match_twin_in_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert_passes_in_interpreter(_TRITON_CHECK, timeout=600)

@@ -3,15 +3,13 @@ Triton's CPU interpreter, where triton is installed) against the twin, with grad
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
 import torch
 
 from horizonlm.ops.chunk_scan import chunk_scan_torch
+
+from .triton_interpreter import assert_passes_in_interpreter
 
 
 def _inputs(heads: int, batch: int, windows: int, modes: int, dtype: torch.dtype, seed: int):
@@ -57,8 +55,4 @@ _TRITON_CHECK = textwrap.dedent("""
 
 
 def test_triton_kernel_matches_twin_in_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert_passes_in_interpreter(_TRITON_CHECK, timeout=300)
