@@ -335,49 +335,42 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace, cls: type, run, png: bool) -> int:
+    """Build the benchmark's ``cls`` settings from the flags, run it, say what it wrote."""
+    cfg = build_config(cls, args)
+    run(cfg)
+    print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}" if png else f"wrote {cfg.out}")
+    return 0
+
+
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     from horizonlm.bench.speed import SpeedConfig, run_speed
 
-    cfg = build_config(SpeedConfig, args)
-    run_speed(cfg)
-    print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
-    return 0
+    return _run_bench(args, SpeedConfig, run_speed, png=True)
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     from horizonlm.bench.memory import MemoryBenchConfig, run_memory_bench
 
-    cfg = build_config(MemoryBenchConfig, args)
-    run_memory_bench(cfg)
-    print(f"wrote {cfg.out}")
-    return 0
+    return _run_bench(args, MemoryBenchConfig, run_memory_bench, png=False)
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     from horizonlm.bench.quality import QualityConfig, run_quality
 
-    cfg = build_config(QualityConfig, args)
-    run_quality(cfg)
-    print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
-    return 0
+    return _run_bench(args, QualityConfig, run_quality, png=True)
 
 
 def cmd_bench_recall(args: argparse.Namespace) -> int:
     from horizonlm.bench.recall import RecallConfig, run_recall
 
-    cfg = build_config(RecallConfig, args)
-    run_recall(cfg)
-    print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
-    return 0
+    return _run_bench(args, RecallConfig, run_recall, png=True)
 
 
 def cmd_bench_ssm(args: argparse.Namespace) -> int:
     from horizonlm.bench.ssm import SSMBenchConfig, run_ssm_bench
 
-    cfg = build_config(SSMBenchConfig, args)
-    run_ssm_bench(cfg)
-    print(f"wrote {cfg.out}")
-    return 0
+    return _run_bench(args, SSMBenchConfig, run_ssm_bench, png=False)
 
 
 def _config_command(sub, name: str, help_text: str, cls: type, func) -> argparse.ArgumentParser:

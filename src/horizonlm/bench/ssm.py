@@ -153,7 +153,8 @@ def _time_layer(layer: nn.Module, cfg: SSMBenchConfig, device: torch.device, wid
         with torch.no_grad(), autocast:
             call()
 
-    torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     fwd_bwd = median(time_cuda(train_step, cfg.warmup, cfg.repeat))
     fwd = median(time_cuda(forward, cfg.warmup, cfg.repeat))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
