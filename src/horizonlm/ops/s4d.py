@@ -41,17 +41,21 @@ def discretize(a_log_re: Tensor, a_im: Tensor, log_dt: Tensor) -> tuple[Tensor, 
     return dt_a, a_bar, b_bar
 
 
-def _powers(dt_a: Tensor, start: int, length: int) -> Tensor:
-    """``Abar**l`` for l in [start, start + length), computed as ``exp(l*dt*A)`` (stable, |.| <= 1)."""
+def _powers(dt_a: Tensor, length: int) -> Tensor:
+    """``Abar**l`` for l in [0, length), computed as ``exp(l*dt*A)`` (stable, |.| <= 1)."""
     real_dtype = dt_a.real.dtype
-    steps = torch.arange(start, start + length, device=dt_a.device, dtype=real_dtype)  # (T,)
+    steps = torch.arange(length, device=dt_a.device, dtype=real_dtype)  # (T,)
     return torch.exp(dt_a.unsqueeze(-1) * steps)  # (H, N, T)
+
+
+def _kernel_from_powers(b_bar: Tensor, c: Tensor, powers: Tensor) -> Tensor:
+    """``K[h, l] = 2*Re(sum_n C*Bbar*Abar**l)`` for the powers given, (H, N, T) -> (H, T)."""
+    return 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers).real  # (H, T)
 
 
 def s4d_kernel(dt_a: Tensor, b_bar: Tensor, c: Tensor, length: int) -> Tensor:
     """Convolution kernel ``K[h, l] = 2*Re(sum_n C*Bbar*Abar**l)``, shape (H, length)."""
-    powers = _powers(dt_a, 0, length)  # (H, N, T)
-    return 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers).real  # (H, T)
+    return _kernel_from_powers(b_bar, c, _powers(dt_a, length))  # (H, T)
 
 
 def chunk_operators(dt_a: Tensor, b_bar: Tensor, c: Tensor, chunk: int,
@@ -64,8 +68,8 @@ def chunk_operators(dt_a: Tensor, b_bar: Tensor, c: Tensor, chunk: int,
     mapping the entering state (Re, Im) to the outputs; ``a_chunk`` (H, N, 2), the (Re, Im) of
     ``Abar**T``.
     """
-    powers = _powers(dt_a, 0, chunk + 1)  # (H, N, T+1)
-    kernel = 2 * torch.einsum("hn,hnl->hl", c * b_bar, powers[..., :chunk]).real  # (H, T)
+    powers = _powers(dt_a, chunk + 1)  # (H, N, T+1)
+    kernel = _kernel_from_powers(b_bar, c, powers[..., :chunk])  # (H, T)
     if skip is not None:
         kernel = torch.cat([kernel[:, :1] + skip.unsqueeze(-1), kernel[:, 1:]], dim=1)  # (H, T)
     padded = torch.nn.functional.pad(kernel, (chunk - 1, 0))  # (H, 2T-1): T-1 zeros, then K
