@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from horizonlm.bench.ssm import SSMBenchConfig, run_ssm_bench
+from horizonlm.errors import HorizonError
 
 
 def test_tiny_run_checks_and_times(tmp_path: Path) -> None:
@@ -22,7 +23,13 @@ def test_tiny_run_checks_and_times(tmp_path: Path) -> None:
         assert all(v < limit for v in errors.values()), (name, errors)
     assert {"s4d_gated_T8", "selective_gated_T8", "multires_conv"} <= set(results["layers"])
     assert all(row["forward_backward_ms"] > 0 for row in results["layers"].values())
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    before = out.read_bytes()
+    with pytest.raises(HorizonError, match="--overwrite"):
         run_ssm_bench(cfg)
+    assert out.read_bytes() == before
     with pytest.raises(ValueError, match="repeat"):
         SSMBenchConfig(repeat=0)
+    with pytest.raises(ValueError, match="chunks"):
+        SSMBenchConfig(chunks="8,x")
+    with pytest.raises(ValueError, match="chunks"):
+        SSMBenchConfig(chunks="12")

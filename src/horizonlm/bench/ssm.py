@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from horizonlm.bench.common import environment, median, parse_ints, time_cuda
 from horizonlm.config import HorizonConfig
 from horizonlm.devices import resolve_device
+from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json
 from horizonlm.layers.multires_conv import MultiResConv
 from horizonlm.layers.ssm import SSMSublayer
@@ -58,7 +59,12 @@ class SSMBenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
-        parse_ints(self.chunks)
+        try:
+            chunks = parse_ints(self.chunks)
+        except ValueError as err:
+            raise ValueError(f"chunks must be comma-separated integers, got {self.chunks!r}") from err
+        if not chunks or min(chunks) < 8 or any(t % 8 for t in chunks):
+            raise ValueError(f"chunks must be multiples of 8 (as ssm_chunk), got {self.chunks!r}")
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -181,7 +187,7 @@ def _layers(cfg: SSMBenchConfig) -> dict[str, Callable[[], nn.Module]]:
 def run_ssm_bench(cfg: SSMBenchConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it or --out for another file")
+        raise HorizonError(f"{out} exists; pass --overwrite to replace it or --out for another file")
     device = resolve_device(cfg.device)
     width = HorizonConfig.preset(cfg.preset).d_model
     results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "checks": {}, "layers": {}}
