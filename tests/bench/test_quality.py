@@ -57,6 +57,10 @@ def test_quality_runs_in_worker_processes_and_adds_to_earlier_results(tmp_path: 
     assert set(second) == {"horizon", "horizon_no_conv", "horizon_no_memory"}
     assert second["horizon"] == first["horizon"]
     assert second["horizon_no_memory"]["lr"] == first["horizon"]["lr"]
+    before = out.read_bytes()
+    assert main(["bench", "quality", *common, "--models", "horizon", "--lrs", "0.003,0.01",
+                 "--runs", str(tmp_path / "runs-again")]) == 2
+    assert out.read_bytes() == before  # a model already measured is not replaced without --replace
 
 
 def test_quality_rejects_borrowing_without_the_full_model(tmp_path: Path) -> None:

@@ -87,6 +87,9 @@ class QualityConfig:
     ablation_lr_from_horizon: bool = False
     """Ablations (horizon_no_*) train at the full model's swept learning rate instead of their own
     sweep: three fewer sweep runs each, at the price of a rate tuned for a different model."""
+    replace: bool = False
+    """Let this call replace the entries of its models already in the results file (otherwise a
+    model that is already there is refused before any training)."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -261,6 +264,10 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "models": {}}
     if out.is_file():
         kept = json.loads(out.read_text()).get("models", {})
+        again = sorted(set(kept) & set(names))
+        if again and not cfg.replace:
+            raise HorizonError(f"{out} already holds {', '.join(again)}; pass --replace to measure them again, or "
+                               "--out for another results file")
         results["models"] = {k: v for k, v in kept.items() if k not in names}
     lrs = [float(x) for x in cfg.lrs.split(",")]
     borrow = [n for n in names if cfg.ablation_lr_from_horizon and n.startswith("horizon_no_")]
