@@ -41,7 +41,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "horizon_no_supervisor": ("horizon", {"use_supervisor": False}),
     "horizon_no_memory": ("horizon", {"use_memory": False}),
     "horizon_ungated": ("horizon", {"ssm_gate": "none"}),
-    "horizon_selective": ("horizon", {"ssm_kind": "selective"}),
+    # The pure-torch SSD keeps (B, H, chunks, T, T) decay tensors for backward in every block: at
+    # 16 x 8192 tokens on the base preset they overflow the H200's 140 GiB, so each block is recomputed.
+    "horizon_selective": ("horizon", {"ssm_kind": "selective", "ssm_recompute": True}),
 }
 
 
