@@ -309,18 +309,20 @@ def plot_quality(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, entry in results["models"].items():
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, entry) in enumerate(results["models"].items()):
+        color = colors[i % len(colors)]  # one colour per model in both panels; carried solid, reset dotted
         curve = np.array(entry["loss_curve"])
         if len(curve):
-            axes[0].plot(curve[:, 0], curve[:, 1] / math.log(2), label=name)
+            axes[0].plot(curve[:, 0], curve[:, 1] / math.log(2), color=color, label=name)
         for key, style in (("novels_test_carried", "-"), ("novels_test_reset_each_window", ":")):
             pos = entry["scores"].get(key, {}).get("by_position", [])
             if pos:
                 axes[1].plot([(p["from"] + p["to"]) / 2 for p in pos], [p["bits_per_byte"] for p in pos], style,
-                             label=f"{name} ({'carried' if style == '-' else 'reset'})")
+                             color=color, label=f"{name} ({'carried' if style == '-' else 'reset'})")
     axes[0].set(xlabel="training seconds", ylabel="train bits per byte", title="loss against time")
-    axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte", title="novels test by position",
-                xscale="log")
+    axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte", title="novels test by position (top clipped at 6)",
+                xscale="log", ylim=(None, 6))
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)

@@ -517,22 +517,25 @@ def plot_speed(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["rows"] if r.get("status") == "ok"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    panels = (("train", "seq_len", "tokens_per_s", "training tokens/s"),
-              ("train", "seq_len", "peak_memory_gib", "training peak memory (GiB)"),
-              ("prefill", "seq_len", "seconds", "prefill seconds (batch 1)"))
-    for ax, (part, x, y, title) in zip(axes, panels):
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    panels = (("train", "seq_len", "tokens_per_s", "training tokens/s", "sequence length (tokens)"),
+              ("train", "seq_len", "peak_memory_gib", "training peak memory (GiB)", "sequence length (tokens)"),
+              ("prefill", "seq_len", "seconds", "prefill seconds (batch 1)", "sequence length (tokens)"),
+              ("decode", "context", "ms_per_token_step", "decode ms per step (median, batch 1)", "context (tokens)"))
+    for ax, (part, x, y, title, xlabel) in zip(axes, panels):
         for kind, marker in (("horizon", "o-"), ("transformer", "s--"), ("horizon+compile", "o:"),
-                             ("transformer+compile", "s:")):
-            pts = sorted((r[x], r[y]) for r in rows if r["part"] == part and r["model"] == kind)
+                             ("transformer+compile", "s:"), ("transformer+eager", "x:")):
+            pts = sorted((r[x], r[y]) for r in rows
+                         if r["part"] == part and r["model"] == kind and (part != "decode" or r["batch"] == 1))
             if pts:
                 ax.plot(*zip(*pts), marker, label=kind)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("sequence length (tokens)")
+        ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     env = results["environment"]
     fig.suptitle(f"{env.get('device')} | torch {env.get('torch')} | {results['config']['preset']} preset")
     fig.tight_layout()
