@@ -35,6 +35,7 @@ MODELS = {
     "horizon": lambda: make_horizon(),
     "horizon_supervisor_only": lambda: make_horizon(use_memory=False, use_ssm=False, use_conv=False),
     "horizon_memory_only": lambda: make_horizon(use_supervisor=False, use_ssm=False, use_conv=False),
+    "horizon_token_memory": lambda: make_horizon(memory_write="token", memory_capacity=4),
     "horizon_ssm_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_conv=False),
     "horizon_selective": lambda: make_horizon(ssm_kind="selective"),
     "horizon_ungated": lambda: make_horizon(ssm_gate="none"),
@@ -65,10 +66,13 @@ def _components():
         "supervisor": RecurrentSupervisor(d, cfg.supervisor_dim, cfg.chunk_size, cfg.norm_eps),
         "memory": RetrievalMemory(d, cfg.memory_dim, cfg.chunk_size, cfg.memory_capacity, cfg.memory_topk,
                                   cfg.memory_tau, 16, cfg.norm_eps),
+        "memory_token": RetrievalMemory(d, cfg.memory_dim, cfg.chunk_size, 4, cfg.memory_topk, cfg.memory_tau, 16,
+                                        cfg.norm_eps, write="token"),
     }
 
 
-@pytest.mark.parametrize("name", ["s4d", "s4d_ungated", "selective", "multires_conv", "supervisor", "memory"])
+@pytest.mark.parametrize("name", ["s4d", "s4d_ungated", "selective", "multires_conv", "supervisor", "memory",
+                                  "memory_token"])
 def test_component_is_causal(name: str) -> None:
     torch.manual_seed(3)
     layer = _components()[name].double()

@@ -23,6 +23,7 @@ from .conftest import make_horizon, make_transformer
         (dict(ssm_dt_min=0.5, ssm_dt_max=0.1), "ssm_dt_min"),
         (dict(ssm_kind="mamba"), "ssm_kind"),
         (dict(ssm_gate="glu"), "ssm_gate"),
+        (dict(memory_write="tokens"), "memory_write"),
         (dict(ssm_chunk=100), "ssm_chunk"),
         (dict(ssm_chunk=2048), "ssm_chunk"),
         (dict(ssm_chunk=0), "ssm_chunk"),

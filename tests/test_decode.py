@@ -45,6 +45,21 @@ def test_decoder_matches_model_steps(start: int) -> None:
     assert decoder.captures == len({p // chunk for p in replayed})  # one replay per chunk, not per step
 
 
+def test_decoder_with_token_memory_steps_eagerly_and_matches_one_call() -> None:
+    """memory_write=token writes an entry every step, so no step replays; the logits are the
+    model's one-call logits, past FIFO eviction."""
+    model = make_horizon(memory_write="token", memory_capacity=4).eval()
+    end = 6 * model.config.chunk_size + 3
+    tokens = _tokens(2, end, seed=3)
+    with torch.no_grad():
+        want, want_state = model(tokens)
+        decoder = GraphedDecoder(model, model(tokens[:, :5])[1])
+        got = torch.stack([decoder.step(tokens[:, t : t + 1]) for t in range(5, end)], dim=1)  # (B, T, V)
+    torch.testing.assert_close(got, want[:, 5:], rtol=1e-9, atol=1e-10)
+    assert decoder.captures == 0 and decoder.eager_steps == end - 5
+    assert decoder.snapshot().memory.chunk_ids.tolist() == want_state.memory.chunk_ids.tolist()
+
+
 def test_decoder_snapshot_is_independent() -> None:
     model = make_horizon().eval()
     tokens = _tokens(1, 12, seed=1)

@@ -56,6 +56,27 @@ def test_horizon_one_token_at_a_time_equals_one_call(ssm_kind: str) -> None:
     _assert_same(steps, full)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_token_memory_splits_and_steps_equal_one_call(seed: int) -> None:
+    """memory_write=token over 150 tokens (~19 chunks, several times the 4-chunk window, so FIFO
+    eviction happens again and again), split at random places (mostly inside chunks) and stepped
+    one token at a time; the memory left is one call's, entry for entry."""
+    length, capacity = 150, 4
+    model = make_horizon(dtype=torch.float32, seed=seed, memory_write="token", memory_capacity=capacity)
+    tokens = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        full, full_state = model(tokens)
+        pieces, piece_state = _stream(model, tokens, _random_splits(length, seed))
+        steps, step_state = _stream(model, tokens, [1] * length)
+    _assert_same(pieces, full)
+    _assert_same(steps, full)
+    chunk = model.config.chunk_size
+    want_ids = [p // chunk for p in range((length // chunk - capacity) * chunk, length)]
+    for state in (full_state, piece_state, step_state):
+        assert state.memory.chunk_ids.tolist() == want_ids  # the last M chunks and the pending tokens
+        torch.testing.assert_close(state.memory.keys, full_state.memory.keys, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("ssm_kind", ["s4d", "selective"])
 def test_horizon_long_ssm_windows_equal_one_call(ssm_kind: str) -> None:
     """Calls of several SSM chunks and a partial one against token-by-token stepping."""

@@ -14,6 +14,7 @@ def _require(condition: bool, name: str, message: str, value: Any) -> None:
 
 SSM_KINDS = ("s4d", "selective")
 SSM_GATES = ("silu", "none")
+MEMORY_WRITES = ("chunk", "token")
 
 
 @dataclass
@@ -65,7 +66,12 @@ class HorizonConfig:
     memory_topk: int = 8
     """K: entries read per token."""
     memory_capacity: int = 4096
-    """M: entries the memory holds before FIFO eviction."""
+    """M: completed chunks whose entries the memory holds before FIFO eviction (one entry each
+    with ``memory_write=chunk``; with ``token``, one per token, plus the current chunk's so far)."""
+    memory_write: str = "chunk"
+    """What the memory writes: ``chunk``, one entry per completed chunk (its last token, DESIGN.md
+    part 4), or ``token``, one entry per token, visible once its chunk completes (an associative
+    store: many key/value pairs per chunk)."""
     memory_tau: float = 10.0
     """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
     memory_query_block: int = 1024
@@ -98,6 +104,8 @@ class HorizonConfig:
                      "must be a positive integer", value)
         _require(self.ssm_kind in SSM_KINDS, "ssm_kind", f"must be one of {SSM_KINDS}", self.ssm_kind)
         _require(self.ssm_gate in SSM_GATES, "ssm_gate", f"must be one of {SSM_GATES}", self.ssm_gate)
+        _require(self.memory_write in MEMORY_WRITES, "memory_write", f"must be one of {MEMORY_WRITES}",
+                 self.memory_write)
         if self.ssm_kind == "s4d":
             _require(self.ssm_state % 2 == 0, "ssm_state", "must be even for s4d (conjugate pairs)", self.ssm_state)
         else:
@@ -220,4 +228,4 @@ class TransformerConfig:
         return cls(**{**base.to_dict(), **wide, **overrides})
 
 
-__all__ = ["HorizonConfig", "TransformerConfig", "HORIZON_PRESETS", "SSM_KINDS", "SSM_GATES"]
+__all__ = ["HorizonConfig", "TransformerConfig", "HORIZON_PRESETS", "SSM_KINDS", "SSM_GATES", "MEMORY_WRITES"]

@@ -14,7 +14,9 @@ HorizonLM: between chunk ends, a step's work depends only on the token and the s
 the exact position: the chunk clock stands still, the supervisor state is only read, and the
 memory is read, not written. So one replay, captured at the first such step of a chunk, serves
 every other step of that chunk; the step that completes a chunk (GRU update, memory write) runs
-eagerly (its work depends on the chunk's index and the memory grows by one entry).
+eagerly (its work depends on the chunk's index and the memory grows by one entry). With
+``memory_write="token"`` every step writes a memory entry, so the memory is not constant inside
+a chunk: every step runs eagerly.
 
 Transformer: its step writes into a :class:`horizonlm.baseline.StaticKVCache` at a position held
 on the device, so a single replay serves every step up to the cache's capacity.
@@ -101,8 +103,9 @@ def _advance(state: HorizonState, steps: int) -> HorizonState:
 class GraphedDecoder:
     """``step(tokens (B, 1)) -> logits (B, V)``, equal to ``model(tokens, state)`` step by step.
 
-    Steps inside a chunk replay (a CUDA graph on a GPU); chunk-end steps and states whose memory
-    lives in a store (searched on the host side) run the model eagerly.
+    Steps inside a chunk replay (a CUDA graph on a GPU); chunk-end steps, states whose memory
+    lives in a store (searched on the host side) and a memory that writes every token
+    (``memory_write="token"``) run the model eagerly.
     """
 
     def __init__(self, model: HorizonLM, state: HorizonState, bf16: bool = True) -> None:
@@ -111,12 +114,13 @@ class GraphedDecoder:
         self.model = model
         self.state = state.clone()
         self.use_graphs = model.embed.weight.is_cuda
-        self.replays = not isinstance(state.memory, StoreMemoryState)
+        token_writes = model.memory is not None and model.memory.write == "token"
+        self.replays = not isinstance(state.memory, StoreMemoryState) and not token_writes
         self.bf16 = bf16 and self.use_graphs
         self.replay: Callable[[], Tensor] | None = None
         self.static_tokens: Tensor | None = None
         self.captures = 0  # replays made: one per chunk with a replayed step
-        self.eager_steps = 0  # chunk ends, or every step of a store-backed state
+        self.eager_steps = 0  # chunk ends, or every step of a store-backed state or token-writing memory
 
     def _forward(self, tokens: Tensor, state: HorizonState):
         device_type = "cuda" if self.use_graphs else "cpu"

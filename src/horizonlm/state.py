@@ -36,14 +36,16 @@ class SupervisorState:
 
 @dataclass(frozen=True)
 class MemoryState:
-    """The retrieval memory: the most recent ``capacity`` chunk entries, oldest first."""
+    """The retrieval memory: the entries of the most recent ``capacity`` completed chunks, oldest
+    first (one per chunk; with ``memory_write="token"`` one per token, plus the tokens of the
+    incomplete chunk so far, invisible until it completes)."""
 
     keys: Tensor
     """Unit-norm keys k_c. (B, M, Dk)"""
     values: Tensor
     """Values v_c. (B, M, Dv)"""
     chunk_ids: Tensor
-    """Stream-wide chunk index of each entry (its position in the stream). (M,) int64"""
+    """Stream-wide chunk index of each entry (its position in the stream), ascending. (M,) int64"""
     pos: int
     """Tokens of the stream seen so far."""
 

@@ -69,3 +69,31 @@ def test_unlimited_store_keeps_every_entry_visible() -> None:
         b, _ = model(tokens[:, 70:], state)
     got = torch.cat([a, b], dim=1)
     assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_token_memory_in_an_unlimited_store_equals_in_state_memory() -> None:
+    """memory_write=token: the pending chunk's entries, invisible, must not crowd the K visible
+    ones out of the store's candidates; calls end inside chunks, and a stretch is stepped one
+    token at a time (so the store holds pending entries at almost every call)."""
+    model = make_horizon(dtype=torch.float32, memory_write="token", memory_capacity=1000,
+                         memory_query_block=7).eval()
+    tokens = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(2))
+    sizes = [13, 30] + [1] * 20 + [37]
+    with torch.no_grad():
+        want, want_state = model(tokens)
+        state = model.init_state(1, store_config=StoreConfig(policy="keep_all"))
+        pieces, start = [], 0
+        for size in sizes:
+            out, state = model(tokens[:, start : start + size], state)
+            pieces.append(out)
+            start += size
+    got = torch.cat(pieces, dim=1)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    assert state.memory.store.positions.tolist() == want_state.memory.chunk_ids.tolist() == [p // 8 for p in range(100)]
+
+
+def test_token_memory_refuses_a_fifo_store() -> None:
+    model = make_horizon(dtype=torch.float32, memory_write="token").eval()
+    state = model.init_state(1, store_config=StoreConfig(capacity=model.config.memory_capacity))
+    with torch.no_grad(), pytest.raises(ValueError, match="memory_write"):
+        model(torch.randint(0, 256, (1, 20)), state)

@@ -52,9 +52,9 @@ class MemoryProbe:
         inside = (local >= 0) & (local < length)  # (B, P)
         if not bool(inside.any()):
             return
-        _, layout, new_keys, _, queries = module.project(h, state.pos)
+        _, layout, new_keys, _, new_ids, queries = module.project(h, state.pos)
         keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
-        ids = torch.cat([state.chunk_ids, layout.chunk_ids])  # (M+m,)
+        ids = torch.cat([state.chunk_ids, new_ids])  # (M+m,)
         _check_rebuilt(keys, ids, output[1])
         picked = memory_topk_ids(queries, keys, ids, layout.completed_before, module.capacity, module.top_k,
                                  module.query_block)  # (B, L, K)

@@ -1,4 +1,4 @@
-"""The retrieval external memory: one key/value entry per completed chunk, top-K read per token."""
+"""The retrieval external memory: key/value entries per completed chunk (or per token), top-K read per token."""
 
 from __future__ import annotations
 
@@ -17,14 +17,23 @@ class RetrievalMemory(nn.Module):
     ``q_t . k`` (``q_t = normalize(W_q norm(h_t))``), weights ``softmax(tau * score)``, and adds
     ``sigmoid(W_g norm(h_t)) * W_o r_t``.
 
+    With ``write="token"`` every token writes ``k_t = normalize(W_k norm(h_t))``,
+    ``v_t = W_v norm(h_t)``, tagged with the chunk it lies in, ``(pos + t) // C``. One vector per
+    chunk cannot hold the many key/value pairs of a chunk; one per token lets the memory act as
+    an associative store (multi-query associative recall, MQAR). Visibility is unchanged: a
+    token reads the entries of the last ``capacity`` chunks completed strictly before it, so the
+    entries of its own, incomplete chunk wait in the state, invisible, until that chunk completes.
+
     Entries written in this call keep their gradients (they take part in the same pass);
     entries in the returned state are detached, so gradients never cross windows. The returned
-    memory keeps the newest ``capacity`` entries (FIFO eviction).
+    memory keeps the entries of the newest ``capacity`` completed chunks (FIFO eviction) and, in
+    token mode, those of the incomplete one.
     """
 
     def __init__(self, d_model: int, dim: int, chunk_size: int, capacity: int, top_k: int, tau: float,
-                 query_block: int, eps: float) -> None:
+                 query_block: int, eps: float, write: str = "chunk") -> None:
         super().__init__()
+        self.write = write
         self.chunk_size = chunk_size
         self.capacity = capacity
         self.top_k = top_k
@@ -51,67 +60,92 @@ class RetrievalMemory(nn.Module):
             state = self.init_state(h.shape[0], h.device)
         if isinstance(state, StoreMemoryState):
             return self._forward_store(h, state)
-        hn, layout, new_keys, new_values, queries = self.project(h, state.pos)
-        if layout.ends.numel() > 0:
+        hn, layout, new_keys, new_values, new_ids, queries = self.project(h, state.pos)
+        if new_ids.numel() > 0:
             keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
             values = torch.cat([state.values.to(new_values.dtype), new_values], dim=1)  # (B, M+m, Dv)
-            ids = torch.cat([state.chunk_ids, layout.chunk_ids])  # (M+m,)
-        else:  # no chunk ends here (most decode steps): the memory is read as it is, not copied
+            ids = torch.cat([state.chunk_ids, new_ids])  # (M+m,)
+        else:  # chunk mode, no chunk ends here (most decode steps): the memory is read as it is, not copied
             keys, values, ids = state.keys, state.values, state.chunk_ids
         read = memory_read(queries, keys, values, ids, layout.completed_before, self.capacity, self.top_k,
                            self.tau, self.query_block)  # (B, L, Dv)
-        keep = max(0, keys.shape[1] - self.capacity)
+        keep = self._evicted(keys.shape[1], state.pos + h.shape[1])
         new_state = MemoryState(keys=keys[:, keep:].detach(), values=values[:, keep:].detach(),
                                 chunk_ids=ids[keep:], pos=state.pos + h.shape[1])
         return self._inject(h, hn, read), new_state
 
-    def project(self, h: Tensor, pos: int) -> tuple[Tensor, ChunkLayout, Tensor, Tensor, Tensor]:
+    def _evicted(self, entries: int, end: int) -> int:
+        """How many of the oldest ``entries`` to drop after a call that ends at stream position
+        ``end``: all but the entries a token of a later call can see (chunks ``>= end // C - M``,
+        by the visibility rule) and, in token mode, the pending ones of the incomplete chunk.
+        Entries are kept in stream order, so the kept ones are the positions from the first token
+        of chunk ``end // C - M`` to ``end``; Python integers, so it never waits on the device."""
+        if self.write == "chunk":
+            return max(0, entries - self.capacity)  # one entry per completed chunk
+        first = max(0, end // self.chunk_size - self.capacity) * self.chunk_size  # first position kept
+        return max(0, entries - (end - first))
+
+    def project(self, h: Tensor, pos: int) -> tuple[Tensor, ChunkLayout, Tensor, Tensor, Tensor, Tensor]:
         """What both read paths compute from ``h``: the normed input, the chunk layout of this
-        call, the entries of the chunks that end in it and every token's query.
-        Returns hn (B, L, D), layout, keys (B, m, Dk), values (B, m, Dv), queries (B, L, Dk)."""
+        call, this call's entries with their chunk ids (chunk mode: one per chunk that ends in
+        the call; token mode: one per token, tagged with the chunk it lies in) and every token's
+        query. Returns hn (B, L, D), layout, keys (B, m, Dk), values (B, m, Dv), ids (m,),
+        queries (B, L, Dk)."""
         layout = chunk_layout(pos, h.shape[1], self.chunk_size, h.device)
         hn = self.norm(h)  # (B, L, D)
-        summaries = hn[:, layout.ends]  # (B, m, D)
-        new_keys = F.normalize(self.key(summaries), dim=-1)  # (B, m, Dk)
-        new_values = self.value(summaries)  # (B, m, Dv)
+        if self.write == "token":
+            writers, new_ids = hn, layout.completed_before  # (B, L, D), (L,): (pos + t) // C, token t's chunk
+        else:
+            writers, new_ids = hn[:, layout.ends], layout.chunk_ids  # (B, m, D), (m,)
+        new_keys = F.normalize(self.key(writers), dim=-1)  # (B, m, Dk)
+        new_values = self.value(writers)  # (B, m, Dv)
         queries = F.normalize(self.query(hn), dim=-1)  # (B, L, Dk)
-        return hn, layout, new_keys, new_values, queries
+        return hn, layout, new_keys, new_values, new_ids, queries
 
     def _inject(self, h: Tensor, hn: Tensor, read: Tensor) -> Tensor:
         """The gated add ``h + sigmoid(W_g norm(h)) * W_o r``. read: (B, L, Dv) -> (B, L, D)."""
         return h + torch.sigmoid(self.gate(hn)) * self.out(read.to(hn.dtype))  # (B, L, D)
 
     def _forward_store(self, h: Tensor, state: StoreMemoryState) -> tuple[Tensor, StoreMemoryState]:
-        """The same read over a :class:`MemoryStore`: the store is searched for ``K + m``
-        candidates per token (m = chunks ending in this call, the most FIFO can evict meanwhile),
-        candidates outside the token's window are masked, this call's own entries are scored
-        exactly, and the best K of the union are read. The window is the store's capacity (an
-        unlimited store keeps every entry visible: a saved context); with an exact FIFO store
-        of the model's ``memory_capacity`` this equals the in-state path."""
+        """The same read over a :class:`MemoryStore`: the store is searched for ``K + hidden``
+        candidates per token (``hidden`` bounds the stored entries a token of this call may not
+        see: in chunk mode the m chunks ending in this call, the most FIFO can evict meanwhile; in
+        token mode the ``pos % C`` entries of the pending chunk), candidates outside the token's
+        window are masked, this call's own entries are scored exactly, and the best K of the union
+        are read. The window is the store's capacity (an unlimited store keeps every entry visible:
+        a saved context); with an exact FIFO store of the model's ``memory_capacity`` this equals
+        the in-state path. In token mode a FIFO store would evict by tokens, not chunks, and could
+        not equal it: token mode takes only stores that never evict (capacity 0 or keep_all)."""
         store = state.store
         if h.shape[0] != 1:
             raise ValueError(f"a store-backed memory serves batch_size=1, got {h.shape[0]}")
         if state.entries != store.first_id + len(store):
             raise ValueError("stale memory state: the store has grown since this state was made")
-        hn, layout, new_keys, new_values, queries = self.project(h, state.pos)
+        if self.write == "token" and store.config.capacity and store.config.policy == "fifo":
+            raise ValueError("memory_write='token' needs a memory store that never evicts (capacity 0 or policy "
+                             f"keep_all), got a FIFO store of capacity {store.config.capacity}: it would drop "
+                             "tokens, not whole chunks, and read other entries than the in-state memory")
+        hn, layout, new_keys, new_values, new_ids, queries = self.project(h, state.pos)
         new_keys, new_values, queries = new_keys[0].float(), new_values[0].float(), queries[0].float()  # (m, Dk)
         window = store.config.capacity or 1 << 62
+        hidden = new_ids.numel() if self.write == "chunk" else state.pos % self.chunk_size
         reads = []
         for start in range(0, queries.shape[0], self.query_block):
             q = queries[start : start + self.query_block]  # (Lb, Dk)
             seen = layout.completed_before[start : start + self.query_block]  # (Lb,)
-            reads.append(self._read_store_block(store, q, seen, layout.chunk_ids, new_keys, new_values, window))
+            reads.append(self._read_store_block(store, q, seen, new_ids, new_keys, new_values, window, hidden))
         read = torch.cat(reads, dim=0)  # (L, Dv)
-        store.add(new_keys, new_values, layout.chunk_ids)
+        store.add(new_keys, new_values, new_ids)
         return self._inject(h, hn, read.unsqueeze(0)), StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos + h.shape[1])
 
     def _read_store_block(self, store, q: Tensor, seen: Tensor, new_ids: Tensor, new_keys: Tensor,
-                          new_values: Tensor, window: int) -> Tensor:
-        """Top-K read for a block of queries over store candidates and this call's entries."""
+                          new_values: Tensor, window: int, hidden: int) -> Tensor:
+        """Top-K read for a block of queries over ``K + hidden`` store candidates and this call's
+        entries."""
         m = new_keys.shape[0]
         stored = len(store)
         if stored > 0:
-            scores_s, rows = store.search(q, self.top_k + m)  # (Lb, S)
+            scores_s, rows = store.search(q, self.top_k + hidden)  # (Lb, S)
             scores_s, rows = scores_s.to(q.device), rows.to(q.device)
             safe = rows.clamp(min=0)  # (Lb, S)
             ids_s = store.positions.to(q.device)[safe]  # (Lb, S)
