@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from horizonlm.bench.quality import QualityConfig, run_quality
+from horizonlm.bench.quality import ABLATIONS, QualityConfig, _overrides, run_quality
 from horizonlm.cli import main
+from horizonlm.config import HorizonConfig
+from horizonlm.model import HorizonLM
 from horizonlm.data.prepare import prepare
 
 
@@ -69,3 +72,12 @@ def test_quality_rejects_borrowing_without_the_full_model(tmp_path: Path) -> Non
                                   out=str(tmp_path / "q.json"), runs=str(tmp_path / "runs")))
     with pytest.raises(ValueError, match="workers"):
         QualityConfig(workers=0)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (kind, _) in ABLATIONS.items() if kind == "horizon"))
+def test_every_ablation_builds_a_model_that_runs(name: str) -> None:
+    """A misspelt field or an invalid value in an ABLATIONS entry fails here, not on a GPU."""
+    config = HorizonConfig.preset("tiny", **_overrides(name, "tiny"))
+    model = HorizonLM(config)
+    logits, _ = model(torch.zeros(1, 12, dtype=torch.long))  # (1, 12, V)
+    assert logits.shape == (1, 12, config.vocab_size) and torch.isfinite(logits).all()

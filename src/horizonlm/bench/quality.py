@@ -44,6 +44,10 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # The pure-torch SSD keeps (B, H, chunks, T, T) decay tensors for backward in every block: at
     # 16 x 8192 tokens on the base preset they overflow the H200's 140 GiB, so each block is recomputed.
     "horizon_selective": ("horizon", {"ssm_kind": "selective", "ssm_recompute": True}),
+    # Every token writes a memory entry (an associative store); 64 chunks (8K tokens at the base
+    # preset's C = 128) keep the read near the cost of one window. Raise memory_capacity
+    # (bench recall --model-overrides) for cross-window gaps longer than that.
+    "horizon_token_memory": ("horizon", {"memory_write": "token", "memory_capacity": 64}),
 }
 
 
