@@ -68,6 +68,14 @@ def _panels(entries: list[dict[str, Any]]) -> list[tuple[str, str, str, Any, Any
     return panels
 
 
+def _tick_label(x: float) -> str:
+    """1024 -> '1K', 1048576 -> '1M', 64 -> '64': gaps and widths as a reader says them."""
+    for size, unit in ((1 << 20, "M"), (1 << 10, "K")):
+        if x >= size and x % size == 0:
+            return f"{int(x) // size}{unit}"
+    return str(int(x))
+
+
 def plot_recall(results: dict[str, Any], path: Path) -> None:
     """One panel per rung-1 test cell and per rung-2 measure, up to four panels a row."""
     import matplotlib
@@ -89,8 +97,8 @@ def plot_recall(results: dict[str, Any], path: Path) -> None:
         xs = [x for points in lines.values() for x, _ in points]
         if xs and min(xs) > 0:
             ax.set_xscale("log", base=2 if xlabel == "width" else 10)
-            if xlabel == "width":
-                ax.set_xticks(sorted(set(xs)), [str(int(x)) for x in sorted(set(xs))])
+            ax.set_xticks(sorted(set(xs)), [_tick_label(x) for x in sorted(set(xs))])
+            ax.minorticks_off()
         elif xs:
             ax.set_xscale("symlog", linthresh=1)
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=(-0.02, 1.02))
