@@ -4,6 +4,7 @@ both rungs end to end on a tiny model, the clear errors, and adding to a results
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,23 @@ def test_cli_reports_a_corrupt_results_file(tmp_path: Path, capsys) -> None:
                  "--cells", "32:4", "--lrs", "0.003", "--steps", "1", "--out", str(out)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert out.read_text() == "{not json"
+
+
+@pytest.mark.parametrize("write", ["chunk", "token"])
+def test_probe_chance_is_that_of_a_random_read(write: str) -> None:
+    """A read of K entries drawn at random hits the answer's chunk (E entries of N visible) with
+    probability 1 - C(N-E, K) / C(N, K), counted here by math.comb (1 when N <= K)."""
+    model = HorizonLM(HorizonConfig.preset("tiny", vocab_size=64, memory_capacity=5, memory_write=write))
+    mem = model.memory
+    query_pos = torch.tensor([[0, 8, 17, 30, 47, 200]])  # (1, P): 0, 1, 2, 3, 5 and (capped) 5 chunks seen
+    with MemoryProbe(mem, query_pos) as probe:
+        chance = probe.outcome(torch.zeros_like(query_pos))["chance"][0].tolist()
+    per_chunk = mem.chunk_size if write == "token" else 1
+    want = []
+    for pos in query_pos[0].tolist():
+        n = min(pos // mem.chunk_size, mem.capacity) * per_chunk
+        if n <= mem.top_k:  # every visible entry is read
+            want.append(float(n > 0))
+        else:
+            want.append(1 - math.comb(n - per_chunk, mem.top_k) / math.comb(n, mem.top_k))
+    assert chance == pytest.approx(want)

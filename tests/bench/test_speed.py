@@ -34,6 +34,18 @@ def test_chunk_end_projections_count_once_per_chunk() -> None:
     assert train_flops_per_token(model, 1000) == 6 * counts["effective"]
 
 
+def test_token_memory_projections_count_at_every_token() -> None:
+    """With memory_write=token every token writes a key and a value: only the supervisor's
+    summary and GRU stay per chunk."""
+    model = make_horizon(memory_write="token")
+    cfg = model.config
+    d, s, k = cfg.d_model, cfg.supervisor_dim, cfg.memory_dim
+    counts = matmul_params(model)
+    assert counts["per_chunk"] == d * s + 2 * 3 * s * s
+    every_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert counts["per_token"] == every_linear - d * s
+
+
 def test_transformer_counts_attention_per_context_token() -> None:
     model = make_transformer()
     counts = matmul_params(model)

@@ -67,17 +67,22 @@ class MemoryProbe:
     def outcome(self, answer_pos: Tensor) -> dict[str, Tensor]:
         """Per query (B, P): ``applicable`` (the answer's chunk completed before the query, so the
         memory could hold it), ``hit`` (its entry among the top-K read), ``evicted`` (completed,
-        but older than the memory's capacity), ``chance`` (K over the visible entries: the hit
-        rate of a random read)."""
+        but older than the memory's capacity), ``chance`` (the hit rate of a read of K entries
+        drawn at random from the visible ones: with E entries per chunk, 1 - prod_i (N-E-i)/(N-i)
+        over i < K, N = E x visible chunks; K/N when E = 1)."""
         chunk = self.memory.chunk_size
         answer_chunk = answer_pos // chunk  # (B, P)
         seen = self.query_pos // chunk  # (B, P): chunks completed before the query
-        visible = seen.clamp(max=self.memory.capacity)  # (B, P)
+        per_chunk = chunk if self.memory.write == "token" else 1
+        entries = (seen.clamp(max=self.memory.capacity) * per_chunk).double()  # (B, P): N
+        miss = torch.ones_like(entries)  # (B, P): no pick lands in the answer's chunk
+        for i in range(self.memory.top_k):
+            miss = miss * ((entries - per_chunk - i).clamp(min=0) / (entries - i).clamp(min=1))  # (B, P)
         return {
             "applicable": answer_chunk < seen,  # (B, P)
             "hit": (self.selected == answer_chunk.unsqueeze(-1)).any(-1),  # (B, P)
             "evicted": answer_chunk < seen - self.memory.capacity,  # (B, P)
-            "chance": visible.clamp(max=self.memory.top_k) / visible.clamp(min=1),  # (B, P)
+            "chance": ((1 - miss) * (entries > 0)).float(),  # (B, P)
         }
 
 

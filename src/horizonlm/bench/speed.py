@@ -95,13 +95,14 @@ class SpeedConfig:
 
 def chunk_end_modules(model: nn.Module) -> list[nn.Module]:
     """HorizonLM's projections applied once per completed chunk, to its last token only: the
-    supervisor's summary and GRU, the memory's key and value."""
+    supervisor's summary and GRU, the memory's key and value (per token when every token writes,
+    ``memory_write="token"``)."""
     if not isinstance(model, HorizonLM):
         return []
     out: list[nn.Module] = []
     if model.supervisor is not None:
         out += [model.supervisor.summary, model.supervisor.gru]
-    if model.memory is not None:
+    if model.memory is not None and model.memory.write == "chunk":
         out += [model.memory.key, model.memory.value]
     return out
 
