@@ -325,8 +325,8 @@ def plot_quality(results: dict[str, Any], path: Path) -> None:
                 axes[1].plot([(p["from"] + p["to"]) / 2 for p in pos], [p["bits_per_byte"] for p in pos], style,
                              color=color, label=f"{name} ({'carried' if style == '-' else 'reset'})")
     axes[0].set(xlabel="training seconds", ylabel="train bits per byte", title="loss against time")
-    axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte", title="novels test by position (top clipped at 6)",
-                xscale="log", ylim=(None, 6))
+    axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte",
+                title="novels test by position (top clipped at 6)", xscale="log", ylim=(None, 6))
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)

@@ -136,7 +136,8 @@ class RetrievalMemory(nn.Module):
             reads.append(self._read_store_block(store, q, seen, new_ids, new_keys, new_values, window, hidden))
         read = torch.cat(reads, dim=0)  # (L, Dv)
         store.add(new_keys, new_values, new_ids)
-        return self._inject(h, hn, read.unsqueeze(0)), StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos + h.shape[1])
+        new_state = StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos + h.shape[1])
+        return self._inject(h, hn, read.unsqueeze(0)), new_state
 
     def _read_store_block(self, store, q: Tensor, seen: Tensor, new_ids: Tensor, new_keys: Tensor,
                           new_values: Tensor, window: int, hidden: int) -> Tensor:
