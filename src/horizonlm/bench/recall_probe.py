@@ -73,7 +73,7 @@ class MemoryProbe:
         chunk = self.memory.chunk_size
         answer_chunk = answer_pos // chunk  # (B, P)
         seen = self.query_pos // chunk  # (B, P): chunks completed before the query
-        per_chunk = chunk if self.memory.write == "token" else 1
+        per_chunk = self.memory.entries_per_chunk
         entries = (seen.clamp(max=self.memory.capacity) * per_chunk).double()  # (B, P): N
         miss = torch.ones_like(entries)  # (B, P): no pick lands in the answer's chunk
         for i in range(self.memory.top_k):

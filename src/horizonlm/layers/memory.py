@@ -46,6 +46,11 @@ class RetrievalMemory(nn.Module):
         self.gate = nn.Linear(d_model, d_model)
         self.out = nn.Linear(dim, d_model, bias=False)
 
+    @property
+    def entries_per_chunk(self) -> int:
+        """Entries a completed chunk leaves in the memory: C with ``write="token"``, else 1."""
+        return self.chunk_size if self.write == "token" else 1
+
     def init_state(self, batch_size: int, device: torch.device | None = None) -> MemoryState:
         weight = self.key.weight
         device = device or weight.device
