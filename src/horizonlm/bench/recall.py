@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -418,10 +419,10 @@ def rung2_task(cfg: RecallConfig, fillers: dict[str, Filler], device: torch.devi
                 cells.append({**cell, "status": "not run",
                               "reason": f"longer than the transformer's window of {cfg.window} tokens"})
                 continue
-            cells.append({**cell, "status": "ok",
-                          **evaluate(model, gap_batches("test", gap, cfg.cross_eval_sequences), window,
-                                     cfg.bf16)})
-            shown = {k: cells[-1][k] for k in ("gap", "accuracy", "hit_rate")}
+            start = time.perf_counter()
+            scores = evaluate(model, gap_batches("test", gap, cfg.cross_eval_sequences), window, cfg.bf16)
+            cells.append({**cell, "status": "ok", **scores, "eval_seconds": time.perf_counter() - start})
+            shown = {k: cells[-1][k] for k in ("gap", "accuracy", "hit_rate", "eval_seconds")}
             print(json.dumps({"rung": 2, "model": plan.name, **shown}), flush=True)
         return cells
 
