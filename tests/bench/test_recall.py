@@ -170,6 +170,34 @@ def test_both_rungs_end_to_end_then_add_to_the_results(tmp_path: Path) -> None:
     assert set(json.loads(out.read_text())["entries"]) == set(added)
 
 
+def test_a_run_cut_short_keeps_the_cells_it_scored(tmp_path: Path, monkeypatch) -> None:
+    """The entry is written after every scored gap: an evaluation that dies at the second gap
+    leaves the first gap's cell in the file, marked incomplete; a finished run says complete."""
+    import horizonlm.bench.recall as recall
+
+    out = tmp_path / "recall.json"
+    args = ["bench", "recall", *TINY, "--rungs", "2", "--models", "horizon", "--cross-width", "16",
+            "--cross-pairs", "4", "--window", "24", "--train-gaps", "0", "--gaps", "0,40,80", "--lrs", "0.003",
+            "--steps", "1", "--out", str(out)]
+    scored = []
+
+    def dies_at_the_second(*a, **k):
+        if len(scored) == 1:
+            raise KeyboardInterrupt
+        scored.append(1)
+        return real(*a, **k)
+
+    real = recall.evaluate
+    monkeypatch.setattr(recall, "evaluate", dies_at_the_second)
+    assert main(args) == 130  # interrupted
+    (entry,) = json.loads(out.read_text())["entries"].values()
+    assert entry["complete"] is False and [c["gap"] for c in entry["cells"]] == [0]
+    monkeypatch.setattr(recall, "evaluate", real)
+    assert main([*args, "--replace"]) == 0
+    (entry,) = json.loads(out.read_text())["entries"].values()
+    assert entry["complete"] is True and [c["gap"] for c in entry["cells"]] == [0, 40, 80]
+
+
 def test_prose_rung_is_byte_level_and_refuses_other_checkpoints(tmp_path: Path) -> None:
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "bytes", 1, HorizonLM(HorizonConfig.preset("tiny")), {"tokenizer": {"kind": "byte"}})

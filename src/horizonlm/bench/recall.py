@@ -15,7 +15,8 @@ Every model gets a learning-rate sweep (each candidate scored on validation sequ
 step or time budget; beside accuracy, every query records whether the memory's top-K read
 contained the entry of the chunk that holds its answer (``bench/recall_probe.py``).
 Results are added to ``out`` (one entry per rung, model, width, depth, filler and label; an
-existing entry is replaced only with ``replace``), and a PNG is drawn beside it.
+existing entry is replaced only with ``replace``), each entry written again after every scored
+cell, and a PNG is drawn beside it.
 """
 
 from __future__ import annotations
@@ -340,8 +341,8 @@ class Task:
     """Tokens per call for a batch."""
     valid: Callable[[], Iterator[RecallBatch]]
     """Validation batches (the sweep's score)."""
-    test: Callable[[nn.Module], list[dict[str, Any]]]
-    """Scores a trained model on every test cell of the rung."""
+    test: Callable[[nn.Module], Iterator[dict[str, Any]]]
+    """Scores a trained model on every test cell of the rung, one cell at a time."""
 
 
 def _batches(count: int, size: int, make: Callable[[int, torch.Generator], RecallBatch],
@@ -375,10 +376,10 @@ def rung1_task(cfg: RecallConfig, fillers: dict[str, Filler], device: torch.devi
         for seq_len, pairs in cells:
             yield from cell_batches("valid", seq_len, pairs, cfg.valid_sequences)
 
-    def test(model: nn.Module) -> list[dict[str, Any]]:
-        return [{"seq_len": seq_len, "pairs": pairs,
-                 **evaluate(model, cell_batches("test", seq_len, pairs, cfg.eval_sequences), whole, cfg.bf16)}
-                for seq_len, pairs in cfg.scored_cells]
+    def test(model: nn.Module) -> Iterator[dict[str, Any]]:
+        for seq_len, pairs in cfg.scored_cells:
+            yield {"seq_len": seq_len, "pairs": pairs,
+                   **evaluate(model, cell_batches("test", seq_len, pairs, cfg.eval_sequences), whole, cfg.bf16)}
 
     return Task(sample=sample, window=whole, valid=valid, test=test)
 
@@ -411,20 +412,16 @@ def rung2_task(cfg: RecallConfig, fillers: dict[str, Filler], device: torch.devi
         for gap in train_gaps:
             yield from gap_batches("valid", gap, cfg.valid_sequences)
 
-    def test(model: nn.Module) -> list[dict[str, Any]]:
-        cells = []
+    def test(model: nn.Module) -> Iterator[dict[str, Any]]:
         for gap in parse_ints(cfg.gaps):
             cell = {"gap": gap, "pairs": pairs, "tokens": 4 * pairs + gap}
             if transformer and not cfg.fitting_gaps([gap]):
-                cells.append({**cell, "status": "not run",
-                              "reason": f"longer than the transformer's window of {cfg.window} tokens"})
+                yield {**cell, "status": "not run",
+                       "reason": f"longer than the transformer's window of {cfg.window} tokens"}
                 continue
             start = time.perf_counter()
             scores = evaluate(model, gap_batches("test", gap, cfg.cross_eval_sequences), window, cfg.bf16)
-            cells.append({**cell, "status": "ok", **scores, "eval_seconds": time.perf_counter() - start})
-            shown = {k: cells[-1][k] for k in ("gap", "accuracy", "hit_rate", "eval_seconds")}
-            print(json.dumps({"rung": 2, "model": plan.name, **shown}), flush=True)
-        return cells
+            yield {**cell, "status": "ok", **scores, "eval_seconds": time.perf_counter() - start}
 
     return Task(sample=sample, window=window, valid=valid, test=test)
 
@@ -472,21 +469,30 @@ def sweep_and_train(cfg: RecallConfig, plan: RunPlan, task: Task, init: Checkpoi
 
 
 def run_plan(cfg: RecallConfig, plan: RunPlan, fillers: dict[str, Filler], init: Checkpoint | None,
-             device: torch.device) -> dict[str, Any]:
-    """Train one model of the grid and score it on its rung's test cells."""
+             device: torch.device, writer: EntryWriter) -> dict[str, Any]:
+    """Train one model of the grid and score it on its rung's test cells. The entry is written
+    after every scored cell (``complete`` false until the last), so a run cut short keeps the
+    cells it scored."""
     task = rung1_task(cfg, fillers, device) if plan.rung == 1 else rung2_task(cfg, fillers, device, plan)
     model, record = sweep_and_train(cfg, plan, task, init, device)
-    cells = task.test(model)
     vocab = pair_vocab(cfg.vocab_size, cfg.filler)
-    return {"rung": plan.rung, "model": plan.name, "kind": plan.kind, "width": plan.model_config["d_model"],
-            "layers": plan.model_config["n_layers"], "vocab_size": cfg.vocab_size, "filler": cfg.filler,
-            "label": cfg.label, "window": cfg.window if plan.rung == 2 else None,
-            "init_checkpoint": cfg.init_checkpoint or None,
-            "chance_accuracy": 1 / (vocab.value_hi - vocab.value_lo),
-            "parameters": sum(p.numel() for p in model.parameters()), "model_config": plan.model_config,
-            "budget": {"steps": cfg.steps, "minutes": cfg.minutes, "sweep_steps": cfg.sweep_steps,
-                       "sweep_minutes": cfg.sweep_minutes, "batch_size": cfg.batch_size},
-            **record, "cells": cells, "environment": environment(), "config": asdict(cfg)}
+    entry = {"rung": plan.rung, "model": plan.name, "kind": plan.kind, "width": plan.model_config["d_model"],
+             "layers": plan.model_config["n_layers"], "vocab_size": cfg.vocab_size, "filler": cfg.filler,
+             "label": cfg.label, "window": cfg.window if plan.rung == 2 else None,
+             "init_checkpoint": cfg.init_checkpoint or None,
+             "chance_accuracy": 1 / (vocab.value_hi - vocab.value_lo),
+             "parameters": sum(p.numel() for p in model.parameters()), "model_config": plan.model_config,
+             "budget": {"steps": cfg.steps, "minutes": cfg.minutes, "sweep_steps": cfg.sweep_steps,
+                        "sweep_minutes": cfg.sweep_minutes, "batch_size": cfg.batch_size},
+             **record, "cells": [], "complete": False, "environment": environment(), "config": asdict(cfg)}
+    for cell in task.test(model):
+        entry["cells"].append(cell)
+        shown = {k: cell.get(k) for k in ("seq_len", "gap", "pairs", "accuracy", "hit_rate", "eval_seconds")}
+        print(json.dumps({"rung": plan.rung, "model": plan.name, **shown}), flush=True)
+        writer.write(entry)
+    entry["complete"] = True
+    writer.write(entry)
+    return entry
 
 
 def read_results(path: Path) -> dict[str, Any]:
@@ -511,18 +517,31 @@ def check_free(path: Path, keys: list[str], replace: bool) -> None:
                            "--label to keep both, or another --out")
 
 
-def save_entry(path: Path, key: str, entry: dict[str, Any], replace: bool) -> dict[str, Any]:
-    """Add one entry to the file as it is now (entries written meanwhile are kept), atomically.
-    A name taken meanwhile by another run gets a numbered suffix instead of overwriting it."""
-    results = read_results(path)
-    name, n = key, 2
-    while name in results["entries"] and not replace:
-        name, n = f"{key} #{n}", n + 1
-    if name != key:
-        print(f"{key} appeared in {path} during this run; saved as {name}", flush=True)
-    results["entries"][name] = entry
-    atomic_write_json(path, results)
-    return results
+class EntryWriter:
+    """Writes one run's entry into the results file, again each time it grows: the first write
+    takes the entry's name (a name taken meanwhile by another run, without ``replace``, gets a
+    numbered suffix instead of overwriting it), later writes update that same entry. Every write
+    reads the file as it is now (entries written meanwhile are kept) and replaces it atomically."""
+
+    def __init__(self, path: Path, key: str, replace: bool) -> None:
+        self.path = path
+        self.key = key
+        self.replace = replace
+        self.name: str | None = None
+        self.results: dict[str, Any] = {"entries": {}}
+
+    def write(self, entry: dict[str, Any]) -> None:
+        results = read_results(self.path)
+        if self.name is None:
+            name, n = self.key, 2
+            while name in results["entries"] and not self.replace:
+                name, n = f"{self.key} #{n}", n + 1
+            if name != self.key:
+                print(f"{self.key} appeared in {self.path} during this run; saved as {name}", flush=True)
+            self.name = name
+        results["entries"][self.name] = entry
+        atomic_write_json(self.path, results)
+        self.results = results
 
 
 def make_fillers(cfg: RecallConfig, device: torch.device) -> dict[str, Filler]:
@@ -543,8 +562,9 @@ def run_recall(cfg: RecallConfig) -> dict[str, Any]:
     fillers = make_fillers(cfg, device)
     results = read_results(out)
     for plan in plans:
-        entry = run_plan(cfg, plan, fillers, init, device)
-        results = save_entry(out, plan.key, entry, cfg.replace)
+        writer = EntryWriter(out, plan.key, cfg.replace)
+        entry = run_plan(cfg, plan, fillers, init, device, writer)
+        results = writer.results
         print(json.dumps({"entry": plan.key, "lr": entry["lr"], "steps": entry["steps"],
                           "accuracy": [c.get("accuracy") for c in entry["cells"]]}), flush=True)
     plot_recall(results, out.with_suffix(".png"))
