@@ -36,6 +36,7 @@ MODELS = {
     "horizon_supervisor_only": lambda: make_horizon(use_memory=False, use_ssm=False, use_conv=False),
     "horizon_memory_only": lambda: make_horizon(use_supervisor=False, use_ssm=False, use_conv=False),
     "horizon_token_memory": lambda: make_horizon(memory_write="token", memory_capacity=4),
+    "horizon_pair_memory": lambda: make_horizon(memory_write="pair", memory_capacity=4),
     "horizon_ssm_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_conv=False),
     "horizon_selective": lambda: make_horizon(ssm_kind="selective"),
     "horizon_ungated": lambda: make_horizon(ssm_gate="none"),

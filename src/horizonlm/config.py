@@ -14,7 +14,7 @@ def _require(condition: bool, name: str, message: str, value: Any) -> None:
 
 SSM_KINDS = ("s4d", "selective")
 SSM_GATES = ("silu", "none")
-MEMORY_WRITES = ("chunk", "token")
+MEMORY_WRITES = ("chunk", "token", "pair")
 
 
 @dataclass
@@ -70,8 +70,10 @@ class HorizonConfig:
     with ``memory_write=chunk``; with ``token``, one per token, plus the current chunk's so far)."""
     memory_write: str = "chunk"
     """What the memory writes: ``chunk``, one entry per completed chunk (its last token, DESIGN.md
-    part 4), or ``token``, one entry per token, visible once its chunk completes (an associative
-    store: many key/value pairs per chunk)."""
+    part 4); ``token``, one entry per token, visible once its chunk completes (an associative
+    store: many key/value pairs per chunk); or ``pair``, one entry per token whose key comes from
+    the token before it: the entry maps a context to what followed it (an induction lookup), so a
+    query matches a key made from the same kind of token."""
     memory_tau: float = 10.0
     """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
     memory_query_block: int = 1024

@@ -37,8 +37,8 @@ class SupervisorState:
 @dataclass(frozen=True)
 class MemoryState:
     """The retrieval memory: the entries of the most recent ``capacity`` completed chunks, oldest
-    first (one per chunk; with ``memory_write="token"`` one per token, plus the tokens of the
-    incomplete chunk so far, invisible until it completes)."""
+    first (one per chunk; with ``memory_write="token"`` or ``"pair"`` one per token, plus the
+    tokens of the incomplete chunk so far, invisible until it completes)."""
 
     keys: Tensor
     """Unit-norm keys k_c. (B, M, Dk)"""
@@ -48,6 +48,9 @@ class MemoryState:
     """Stream-wide chunk index of each entry (its position in the stream), ascending. (M,) int64"""
     pos: int
     """Tokens of the stream seen so far."""
+    last_key: Tensor | None = None
+    """``memory_write="pair"``: the key made from the last token seen, which the next token's
+    entry takes (zeros at the stream start); None otherwise. (B, 1, Dk)"""
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ class HorizonState:
         sup = None if self.supervisor is None else replace(self.supervisor, s=fn(self.supervisor.s))
         mem = self.memory
         if isinstance(mem, MemoryState):
-            mem = replace(mem, keys=fn(mem.keys), values=fn(mem.values), chunk_ids=fn(mem.chunk_ids))
+            mem = replace(mem, keys=fn(mem.keys), values=fn(mem.values), chunk_ids=fn(mem.chunk_ids),
+                          last_key=None if mem.last_key is None else fn(mem.last_key))
         return replace(self, blocks=blocks, supervisor=sup, memory=mem)
 
     def detach(self) -> HorizonState:
@@ -108,7 +112,8 @@ class HorizonState:
         blocks = tuple(BlockState(rep(b.ssm), rep(b.conv)) for b in self.blocks)
         sup = None if self.supervisor is None else replace(self.supervisor, s=rep(self.supervisor.s))
         mem = None if self.memory is None else replace(self.memory, keys=rep(self.memory.keys),
-                                                        values=rep(self.memory.values))
+                                                        values=rep(self.memory.values),
+                                                        last_key=rep(self.memory.last_key))
         return replace(self, blocks=blocks, supervisor=sup, memory=mem, batch_size=batch_size)
 
     def to(self, device: torch.device | str) -> HorizonState:

@@ -1,5 +1,5 @@
-"""The token-writing memory (``memory_write="token"``), tested directly: every token writes an
-entry tagged with its chunk, a token reads only entries of the last M chunks completed strictly
+"""The token-writing memories (``memory_write="token"`` and ``"pair"``), tested directly: every
+token writes an entry tagged with its chunk (in pair mode keyed by the token before it), a token reads only entries of the last M chunks completed strictly
 before it, and the state keeps exactly those plus the pending ones of the incomplete chunk."""
 
 from __future__ import annotations
@@ -28,11 +28,20 @@ def _stream(mem: RetrievalMemory, h: torch.Tensor, sizes: list[int]):
     return torch.cat(outs, dim=1), state  # (B, T, D)
 
 
+def _entry_keys(mem: RetrievalMemory, hn: torch.Tensor) -> torch.Tensor:
+    """Every token's key, written out: from the token itself (token mode) or from the token
+    before it, a zero key for the stream's first token (pair mode)."""
+    keys = F.normalize(mem.key(hn), dim=-1)  # (B, T, Dk)
+    if mem.write == "pair":
+        keys = torch.stack([torch.zeros_like(keys[:, 0])] + [keys[:, t - 1] for t in range(1, keys.shape[1])], 1)
+    return keys  # (B, T, Dk)
+
+
 def _by_rule(mem: RetrievalMemory, h: torch.Tensor) -> torch.Tensor:
     """The whole stream from scratch: every token's entry, read by brute force under the
     visibility rule (chunks ``t // C - M <= id < t // C``), then the gated add."""
     hn = mem.norm(h)  # (B, T, D)
-    keys = F.normalize(mem.key(hn), dim=-1)  # (B, T, Dk)
+    keys = _entry_keys(mem, hn)  # (B, T, Dk)
     values = mem.value(hn)  # (B, T, Dv)
     queries = F.normalize(mem.query(hn), dim=-1)  # (B, T, Dk)
     chunk_of = torch.arange(h.shape[1]) // C  # (T,): each entry's chunk, and each token's completed chunks
@@ -40,11 +49,13 @@ def _by_rule(mem: RetrievalMemory, h: torch.Tensor) -> torch.Tensor:
     return h + torch.sigmoid(mem.gate(hn)) * mem.out(read)  # (B, T, D)
 
 
+@pytest.mark.parametrize("write", ["token", "pair"])
 @pytest.mark.parametrize("sizes", [[50], [3, 9, 1, 22, 15], [4, 8, 12, 26], [1] * 50])
-def test_long_stream_equals_reference_and_keeps_the_window(sizes: list[int]) -> None:
+def test_long_stream_equals_reference_and_keeps_the_window(sizes: list[int], write: str) -> None:
     """50 tokens = 12.5 chunks, four times the capacity: FIFO eviction happens several times,
-    in calls that start and end inside chunks as well as on their boundaries."""
-    mem = _memory()
+    in calls that start and end inside chunks as well as on their boundaries (in pair mode the
+    key of each call's first entry comes from the call before)."""
+    mem = _memory(write)
     length = sum(sizes)
     h = torch.randn(2, length, D, generator=torch.Generator().manual_seed(len(sizes)), dtype=torch.float64)
     with torch.no_grad():
@@ -53,9 +64,36 @@ def test_long_stream_equals_reference_and_keeps_the_window(sizes: list[int]) -> 
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     first = (length // C - M) * C  # first token of the oldest chunk a later token can see
     assert state.chunk_ids.tolist() == [p // C for p in range(first, length)]  # last M chunks + 2 pending
-    keys = F.normalize(mem.key(mem.norm(h[:, first:])), dim=-1)  # (B, T', Dk)
-    torch.testing.assert_close(state.keys, keys, rtol=1e-10, atol=1e-12)
+    keys = _entry_keys(mem, mem.norm(h))  # (B, T, Dk)
+    torch.testing.assert_close(state.keys, keys[:, first:], rtol=1e-10, atol=1e-12)
     assert state.pos == length and not state.keys.requires_grad
+    if write == "pair":
+        last = F.normalize(mem.key(mem.norm(h[:, -1:])), dim=-1)  # (B, 1, Dk)
+        torch.testing.assert_close(state.last_key, last, rtol=1e-10, atol=1e-12)
+    else:
+        assert state.last_key is None
+
+
+def test_pair_entry_holds_what_followed_its_key() -> None:
+    """Pair mode, W_q = W_k: a later token equal to token 5 meets the entry of token 6 (keyed
+    by token 5, valued by token 6) with score 1, above every other visible entry, while token 5's
+    own entry (keyed by token 4) scores less; in token mode the best entry is token 5's own."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(1, 4 * C, D, generator=g, dtype=torch.float64)  # (1, T, D)
+    asker = 3 * C + 1
+    h[:, asker] = h[:, 5]
+    best = {}
+    for write in ("pair", "token"):
+        mem = _memory(write)
+        with torch.no_grad():
+            mem.query.weight.copy_(mem.key.weight)
+            _, state = mem(h[:, :asker])
+            query = F.normalize(mem.query(mem.norm(h[:, asker])), dim=-1)  # (1, Dk)
+        scores = (state.keys[0] @ query[0])[state.chunk_ids < asker // C]  # (visible,)
+        assert scores.max().item() == pytest.approx(1.0)
+        first = asker - state.chunk_ids.numel()  # position of the oldest entry kept (entries end at asker - 1)
+        best[write] = first + int(scores.argmax())
+    assert best == {"pair": 6, "token": 5}
 
 
 def test_state_before_the_window_fills_keeps_everything() -> None:
@@ -103,10 +141,11 @@ def test_own_chunk_is_invisible_even_to_an_identical_query(split: int | None) ->
     assert (out[:, later] - out_changed[:, later]).abs().max().item() > 1e-6
 
 
-def test_gradients_reach_key_and_value_from_entries_of_the_same_call() -> None:
+@pytest.mark.parametrize("write", ["token", "pair"])
+def test_gradients_reach_key_and_value_from_entries_of_the_same_call(write: str) -> None:
     """Every entry read here was written in this call (the state starts empty): the loss
     reaches W_k and W_v through them."""
-    mem = _memory()
+    mem = _memory(write)
     h = torch.randn(2, 5 * C + 2, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     out, state = mem(h)
     out.square().sum().backward()

@@ -97,3 +97,11 @@ def test_token_memory_refuses_a_fifo_store() -> None:
     state = model.init_state(1, store_config=StoreConfig(capacity=model.config.memory_capacity))
     with torch.no_grad(), pytest.raises(ValueError, match="memory_write"):
         model(torch.randint(0, 256, (1, 20)), state)
+
+
+def test_pair_memory_refuses_a_store() -> None:
+    """The pair memory carries its last key in the in-state memory only: a store is refused
+    clearly at the start, not silently read without it."""
+    model = make_horizon(dtype=torch.float32, memory_write="pair")
+    with pytest.raises(ValueError, match="pair"):
+        model.init_state(1, store_config=StoreConfig())

@@ -48,6 +48,8 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # preset's C = 128) keep the read near the cost of one window. Raise memory_capacity
     # (bench recall --model-overrides) for cross-window gaps longer than that.
     "horizon_token_memory": ("horizon", {"memory_write": "token", "memory_capacity": 64}),
+    # The same store with each entry keyed by the token before it (an induction lookup).
+    "horizon_pair_memory": ("horizon", {"memory_write": "pair", "memory_capacity": 64}),
 }
 
 

@@ -20,7 +20,12 @@ class RetrievalMemory(nn.Module):
     With ``write="token"`` every token writes ``k_t = normalize(W_k norm(h_t))``,
     ``v_t = W_v norm(h_t)``, tagged with the chunk it lies in, ``(pos + t) // C``. One vector per
     chunk cannot hold the many key/value pairs of a chunk; one per token lets the memory act as
-    an associative store (multi-query associative recall, MQAR). Visibility is unchanged: a
+    an associative store (multi-query associative recall, MQAR). With ``write="pair"`` token t's
+    entry takes its key from the token before, ``k_t = normalize(W_k norm(h_{t-1}))`` (zeros at
+    the stream start; the last key is carried in the state), and its value from t: the entry
+    says what followed a context, and a query built from token t meets keys built from tokens of
+    the same kind, as an induction head does; a token-mode memory must first learn that shift
+    through W_k and W_q. Visibility is unchanged: a
     token reads the entries of the last ``capacity`` chunks completed strictly before it, so the
     entries of its own, incomplete chunk wait in the state, invisible, until that chunk completes.
 
@@ -48,8 +53,8 @@ class RetrievalMemory(nn.Module):
 
     @property
     def entries_per_chunk(self) -> int:
-        """Entries a completed chunk leaves in the memory: C with ``write="token"``, else 1."""
-        return self.chunk_size if self.write == "token" else 1
+        """Entries a completed chunk leaves in the memory: C when every token writes, else 1."""
+        return 1 if self.write == "chunk" else self.chunk_size
 
     def init_state(self, batch_size: int, device: torch.device | None = None) -> MemoryState:
         weight = self.key.weight
@@ -57,7 +62,9 @@ class RetrievalMemory(nn.Module):
         dim = weight.shape[0]
         empty = torch.zeros(batch_size, 0, dim, dtype=weight.dtype, device=device)  # (B, 0, Dk)
         ids = torch.zeros(0, dtype=torch.long, device=device)  # (0,)
-        return MemoryState(keys=empty, values=empty.clone(), chunk_ids=ids, pos=0)
+        last = (torch.zeros(batch_size, 1, dim, dtype=weight.dtype, device=device)  # (B, 1, Dk)
+                if self.write == "pair" else None)
+        return MemoryState(keys=empty, values=empty.clone(), chunk_ids=ids, pos=0, last_key=last)
 
     def forward(self, h: Tensor, state: MemoryState | StoreMemoryState | None = None
                 ) -> tuple[Tensor, MemoryState | StoreMemoryState]:
@@ -65,7 +72,7 @@ class RetrievalMemory(nn.Module):
             state = self.init_state(h.shape[0], h.device)
         if isinstance(state, StoreMemoryState):
             return self._forward_store(h, state)
-        hn, layout, new_keys, new_values, new_ids, queries = self.project(h, state.pos)
+        hn, layout, new_keys, new_values, new_ids, queries, last_key = self.project(h, state.pos, state.last_key)
         if new_ids.numel() > 0:
             keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
             values = torch.cat([state.values.to(new_values.dtype), new_values], dim=1)  # (B, M+m, Dv)
@@ -76,7 +83,8 @@ class RetrievalMemory(nn.Module):
                            self.tau, self.query_block)  # (B, L, Dv)
         keep = self._evicted(keys.shape[1], state.pos + h.shape[1])
         new_state = MemoryState(keys=keys[:, keep:].detach(), values=values[:, keep:].detach(),
-                                chunk_ids=ids[keep:], pos=state.pos + h.shape[1])
+                                chunk_ids=ids[keep:], pos=state.pos + h.shape[1],
+                                last_key=None if last_key is None else last_key.detach())
         return self._inject(h, hn, read), new_state
 
     def _evicted(self, entries: int, end: int) -> int:
@@ -90,22 +98,28 @@ class RetrievalMemory(nn.Module):
         first = max(0, end // self.chunk_size - self.capacity) * self.chunk_size  # first position kept
         return max(0, entries - (end - first))
 
-    def project(self, h: Tensor, pos: int) -> tuple[Tensor, ChunkLayout, Tensor, Tensor, Tensor, Tensor]:
+    def project(self, h: Tensor, pos: int, last_key: Tensor | None = None
+                ) -> tuple[Tensor, ChunkLayout, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """What both read paths compute from ``h``: the normed input, the chunk layout of this
         call, this call's entries with their chunk ids (chunk mode: one per chunk that ends in
-        the call; token mode: one per token, tagged with the chunk it lies in) and every token's
-        query. Returns hn (B, L, D), layout, keys (B, m, Dk), values (B, m, Dv), ids (m,),
-        queries (B, L, Dk)."""
+        the call; token and pair mode: one per token, tagged with the chunk it lies in), every
+        token's query, and (pair mode) the key the next call's first entry takes. ``last_key``
+        is that key from the call before (pair mode). Returns hn (B, L, D), layout, keys
+        (B, m, Dk), values (B, m, Dv), ids (m,), queries (B, L, Dk), last key (B, 1, Dk) or None."""
         layout = chunk_layout(pos, h.shape[1], self.chunk_size, h.device)
         hn = self.norm(h)  # (B, L, D)
-        if self.write == "token":
-            writers, new_ids = hn, layout.completed_before  # (B, L, D), (L,): (pos + t) // C, token t's chunk
-        else:
+        if self.write == "chunk":
             writers, new_ids = hn[:, layout.ends], layout.chunk_ids  # (B, m, D), (m,)
+        else:
+            writers, new_ids = hn, layout.completed_before  # (B, L, D), (L,): (pos + t) // C, token t's chunk
         new_keys = F.normalize(self.key(writers), dim=-1)  # (B, m, Dk)
         new_values = self.value(writers)  # (B, m, Dv)
         queries = F.normalize(self.query(hn), dim=-1)  # (B, L, Dk)
-        return hn, layout, new_keys, new_values, new_ids, queries
+        if self.write == "pair":
+            if last_key is None:
+                raise ValueError("memory_write='pair' needs the last key of the call before (state.last_key)")
+            new_keys, last_key = torch.cat([last_key.to(new_keys.dtype), new_keys[:, :-1]], dim=1), new_keys[:, -1:]
+        return hn, layout, new_keys, new_values, new_ids, queries, last_key if self.write == "pair" else None
 
     def _inject(self, h: Tensor, hn: Tensor, read: Tensor) -> Tensor:
         """The gated add ``h + sigmoid(W_g norm(h)) * W_o r``. read: (B, L, Dv) -> (B, L, D)."""
@@ -130,7 +144,10 @@ class RetrievalMemory(nn.Module):
             raise ValueError("memory_write='token' needs a memory store that never evicts (capacity 0 or policy "
                              f"keep_all), got a FIFO store of capacity {store.config.capacity}: it would drop "
                              "tokens, not whole chunks, and read other entries than the in-state memory")
-        hn, layout, new_keys, new_values, new_ids, queries = self.project(h, state.pos)
+        if self.write == "pair":
+            raise ValueError("memory_write='pair' is not served by a memory store yet (it would carry the last "
+                             "key beside the store); use the in-state memory")
+        hn, layout, new_keys, new_values, new_ids, queries, _ = self.project(h, state.pos)
         new_keys, new_values, queries = new_keys[0].float(), new_values[0].float(), queries[0].float()  # (m, Dk)
         window = store.config.capacity or 1 << 62
         hidden = new_ids.numel() if self.write == "chunk" else state.pos % self.chunk_size
