@@ -117,21 +117,32 @@ def test_memory_topk_ids_is_the_reads_selection() -> None:
             torch.testing.assert_close(only, full)
 
 
-def test_probe_sees_the_same_reads_in_windows_as_in_one_call() -> None:
+@pytest.mark.parametrize("write", ["chunk", "pair"])
+def test_probe_sees_the_same_reads_in_windows_as_in_one_call(write: str) -> None:
+    """Chunk ids (and, one entry per token, entry positions) of the reads do not depend on how
+    the stream is cut; an entry's position lies in the chunk reported for it."""
     torch.manual_seed(0)
-    model = HorizonLM(HorizonConfig.preset("tiny", vocab_size=64, memory_capacity=64)).double()
+    model = HorizonLM(HorizonConfig.preset("tiny", vocab_size=64, memory_capacity=64, memory_write=write)).double()
     batch = gap_batch(2, 4, 40, Filler(64, pair_vocab(64, "random")), batch_generator(0, "test", 2, 1), "cpu")
-    selected = []
+    selected, positions = [], []
     for window in (batch.tokens.shape[1], 8, 13):
         with MemoryProbe(model.memory, batch.query_pos) as probe, torch.no_grad():
             state = None
             for start in range(0, batch.tokens.shape[1], window):
                 _, state = model(batch.tokens[:, start : start + window], state)
         selected.append(probe.selected)
+        positions.append(probe.selected_pos)
         outcome = probe.outcome(batch.answer_pos)
         assert outcome["applicable"].all() and not outcome["evicted"].any()
+        assert not outcome["hit_entry"].any() or write == "pair"
     assert (selected[0] >= 0).all()
     assert torch.equal(selected[0], selected[1]) and torch.equal(selected[0], selected[2])
+    assert torch.equal(positions[0], positions[1]) and torch.equal(positions[0], positions[2])
+    if write == "pair":
+        assert (positions[0] >= 0).all()
+        assert torch.equal(positions[0] // model.config.chunk_size, selected[0])
+    else:
+        assert (positions[0] == -1).all()
 
 
 def test_both_rungs_end_to_end_then_add_to_the_results(tmp_path: Path) -> None:
@@ -149,6 +160,7 @@ def test_both_rungs_end_to_end_then_add_to_the_results(tmp_path: Path) -> None:
     assert horizon["steps"] == 2 and horizon["environment"]["torch"] == torch.__version__
     assert [(c["seq_len"], c["pairs"], c["queries"]) for c in horizon["cells"]] == [(32, 4, 32), (64, 8, 64)]
     assert all(0 <= c["accuracy"] <= 1 and 0 <= c["hit_rate"] <= 1 for c in horizon["cells"])
+    assert all(c["entry_hit_rate"] is None for c in horizon["cells"])  # chunk mode: one entry per chunk
     assert entries["rung1 transformer d16 l2 v64 random"]["cells"][0]["hit_rate"] is None
     cross = entries["rung2 horizon d16 l2 v64 random w24"]["cells"]
     assert [(c["gap"], c["status"]) for c in cross] == [(0, "ok"), (40, "ok")]

@@ -22,7 +22,8 @@ from horizonlm.state import MemoryState
 
 class MemoryProbe:
     """Records, for the query positions of one batch, the chunk ids the memory's top-K read
-    selected. Use as a context manager around the batch's forward passes."""
+    selected and, where every token writes an entry (token and pair mode), the stream positions
+    of the entries' tokens. Use as a context manager around the batch's forward passes."""
 
     def __init__(self, memory: nn.Module, query_pos: Tensor) -> None:
         self.memory = memory
@@ -30,6 +31,7 @@ class MemoryProbe:
         batch, queries = query_pos.shape
         self.selected = torch.full((batch, queries, memory.top_k), -1, dtype=torch.long,
                                    device=query_pos.device)  # (B, P, K)
+        self.selected_pos = self.selected.clone()  # (B, P, K)
         self._handle = None
 
     def __enter__(self) -> MemoryProbe:
@@ -52,21 +54,33 @@ class MemoryProbe:
         inside = (local >= 0) & (local < length)  # (B, P)
         if not bool(inside.any()):
             return
-        _, layout, new_keys, _, new_ids, queries = module.project(h, state.pos)
+        _, layout, new_keys, _, new_ids, queries, _ = module.project(h, state.pos, state.last_key)
         keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
         ids = torch.cat([state.chunk_ids, new_ids])  # (M+m,)
         _check_rebuilt(keys, ids, output[1])
-        picked = memory_topk_ids(queries, keys, ids, layout.completed_before, module.capacity, module.top_k,
-                                 module.query_block)  # (B, L, K)
-        at = local.clamp(0, length - 1).unsqueeze(-1).expand(-1, -1, picked.shape[-1])  # (B, P, K)
+        at = local.clamp(0, length - 1).unsqueeze(-1).expand(-1, -1, module.top_k)  # (B, P, K)
+        self.selected = self._pick(module, queries, keys, ids, layout.completed_before, None, at, inside,
+                                   self.selected)  # (B, P, K)
+        if module.entries_per_chunk > 1:  # one entry per token, stored in stream order up to pos + L
+            positions = torch.arange(state.pos + length - ids.numel(), state.pos + length, device=ids.device)  # (M+m,)
+            self.selected_pos = self._pick(module, queries, keys, ids, layout.completed_before, positions, at,
+                                           inside, self.selected_pos)  # (B, P, K)
+
+    @staticmethod
+    def _pick(module: nn.Module, queries: Tensor, keys: Tensor, ids: Tensor, completed_before: Tensor,
+              labels: Tensor | None, at: Tensor, inside: Tensor, before: Tensor) -> Tensor:
+        """The read's top-K labels at the query positions of this call, the earlier record elsewhere."""
+        picked = memory_topk_ids(queries, keys, ids, completed_before, module.capacity, module.top_k,
+                                 module.query_block, labels)  # (B, L, K)
+        if picked.shape[-1] < before.shape[-1]:
+            picked = F.pad(picked, (0, before.shape[-1] - picked.shape[-1]), value=-1)  # (B, L, K)
         picked = picked.gather(1, at)  # (B, P, K)
-        if picked.shape[-1] < self.selected.shape[-1]:
-            picked = F.pad(picked, (0, self.selected.shape[-1] - picked.shape[-1]), value=-1)  # (B, P, K)
-        self.selected = torch.where(inside.unsqueeze(-1), picked, self.selected)  # (B, P, K)
+        return torch.where(inside.unsqueeze(-1), picked, before)  # (B, P, K)
 
     def outcome(self, answer_pos: Tensor) -> dict[str, Tensor]:
         """Per query (B, P): ``applicable`` (the answer's chunk completed before the query, so the
-        memory could hold it), ``hit`` (its entry among the top-K read), ``evicted`` (completed,
+        memory could hold it), ``hit`` (its entry among the top-K read), ``hit_entry`` (token and
+        pair mode: the entry written at the answer token itself among them), ``evicted`` (completed,
         but older than the memory's capacity), ``chance`` (the hit rate of a read of K entries
         drawn at random from the visible ones: with E entries per chunk, 1 - prod_i (N-E-i)/(N-i)
         over i < K, N = E x visible chunks; K/N when E = 1)."""
@@ -81,6 +95,7 @@ class MemoryProbe:
         return {
             "applicable": answer_chunk < seen,  # (B, P)
             "hit": (self.selected == answer_chunk.unsqueeze(-1)).any(-1),  # (B, P)
+            "hit_entry": (self.selected_pos == answer_pos.unsqueeze(-1)).any(-1),  # (B, P); False in chunk mode
             "evicted": answer_chunk < seen - self.memory.capacity,  # (B, P)
             "chance": ((1 - miss) * (entries > 0)).float(),  # (B, P)
         }

@@ -158,6 +158,7 @@ def evaluate(model: nn.Module, batches: Iterable[RecallBatch], window: Callable[
             seen = probe.outcome(batch.answer_pos)
             hit, applicable = seen["hit"] & seen["applicable"], seen["applicable"]
             parts.update(applicable=applicable.sum(), hit=hit.sum(), evicted=seen["evicted"].sum(),
+                         hit_entry=(seen["hit_entry"] & applicable).sum(),
                          chance=(seen["chance"] * applicable).sum(), right_hit=(right & hit).sum(),
                          right_miss=(right & applicable & ~hit).sum())
         for name, value in parts.items():
@@ -167,13 +168,15 @@ def evaluate(model: nn.Module, batches: Iterable[RecallBatch], window: Callable[
     totals = {k: float(v) for k, v in sums.items()}
     result: dict[str, Any] = {"accuracy": totals["right"] / queries, "loss": totals["loss"] / queries,
                               "queries": queries, "seconds": time.perf_counter() - t0}
-    result.update(_hit_summary(totals, queries) if memory is not None else {"hit_rate": None})
+    result.update(_hit_summary(totals, queries, memory.entries_per_chunk > 1) if memory is not None
+                  else {"hit_rate": None})
     return result
 
 
-def _hit_summary(totals: dict[str, float], queries: int) -> dict[str, Any]:
+def _hit_summary(totals: dict[str, float], queries: int, entry_level: bool) -> dict[str, Any]:
     """Rates over the queries whose answer's chunk had completed before them (the others cannot
-    be in the memory yet); an evicted entry counts as a miss."""
+    be in the memory yet); an evicted entry counts as a miss. ``entry_level`` (one entry per
+    token): also how often the read took the answer token's own entry, not just its chunk."""
     applicable = totals["applicable"]
     hits = totals["hit"]
     misses = applicable - hits
@@ -182,6 +185,7 @@ def _hit_summary(totals: dict[str, float], queries: int) -> dict[str, Any]:
         return a / b if b else None
 
     return {"hit_rate": ratio(hits, applicable), "hit_chance": ratio(totals["chance"], applicable),
+            "entry_hit_rate": ratio(totals["hit_entry"], applicable) if entry_level else None,
             "hit_applicable_fraction": applicable / queries, "evicted_fraction": ratio(totals["evicted"], applicable),
             "accuracy_when_hit": ratio(totals["right_hit"], hits),
             "accuracy_when_miss": ratio(totals["right_miss"], misses)}

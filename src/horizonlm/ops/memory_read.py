@@ -72,10 +72,13 @@ def memory_topk_ids(
     capacity: int,
     top_k: int,
     block: int = 1024,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """Stream-wide chunk ids of the entries :func:`memory_read` reads for each token, -1 where
     fewer than K are visible: which chunks a read found, for diagnostics (``bench recall``'s
-    retrieval hit rate). Same arguments as :func:`memory_read`. Returns (B, L, K) int64."""
+    retrieval hit rate). Same arguments as :func:`memory_read`; ``labels`` (M,), if given, is
+    reported instead of each entry's chunk id (e.g. the stream position of its token). Returns
+    (B, L, K) int64."""
     batch, length, _ = queries.shape
     k = min(top_k, keys.shape[1])
     if k == 0:
@@ -84,6 +87,6 @@ def memory_topk_ids(
     for start in range(0, length, block):
         q = queries[:, start : start + block]  # (B, Lb, Dk)
         top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k)
-        ids = entry_ids[top_index]  # (B, Lb, K)
+        ids = (entry_ids if labels is None else labels)[top_index]  # (B, Lb, K)
         picked.append(ids.masked_fill(~torch.isfinite(top_scores), -1))  # (B, Lb, K)
     return torch.cat(picked, dim=1)  # (B, L, K)
