@@ -487,7 +487,8 @@ def run_plan(cfg: RecallConfig, plan: RunPlan, fillers: dict[str, Filler], init:
              **record, "cells": [], "complete": False, "environment": environment(), "config": asdict(cfg)}
     for cell in task.test(model):
         entry["cells"].append(cell)
-        shown = {k: cell.get(k) for k in ("seq_len", "gap", "pairs", "accuracy", "hit_rate", "eval_seconds")}
+        shown = {k: cell.get(k) for k in ("seq_len", "gap", "pairs", "accuracy", "hit_rate", "entry_hit_rate",
+                                          "eval_seconds")}
         print(json.dumps({"rung": plan.rung, "model": plan.name, **shown}), flush=True)
         writer.write(entry)
     entry["complete"] = True
