@@ -1,6 +1,7 @@
 """The figure of ``horizon bench recall``, drawn from every entry of the results file: rung 1
 accuracy against width (one panel per test cell) and its hit rate against width; rung 2
-accuracy and hit rate against the gap (dashed: the hit rate of a random read)."""
+accuracy and hit rate against the gap (dashed: the hit rate of a random read; dotted: how
+often the read took the answer token's own entry, where every token writes one)."""
 
 from __future__ import annotations
 
@@ -49,22 +50,23 @@ def _rung2(key: str):
     return point
 
 
-def _panels(entries: list[dict[str, Any]]) -> list[tuple[str, str, str, Any, Any]]:
-    """(title, x label, y label, series, dashed series) of every panel that has data."""
+def _panels(entries: list[dict[str, Any]]) -> list[tuple[str, str, str, Any, Any, Any]]:
+    """(title, x label, y label, series, dashed series, dotted series) of every panel that has data."""
     rung1 = [e for e in entries if e["rung"] == 1]
     rung2 = [e for e in entries if e["rung"] == 2]
     panels = []
     for seq_len, pairs in sorted({(c["seq_len"], c["pairs"]) for e in rung1 for c in e["cells"]}):
         panels.append((f"rung 1: L={seq_len}, {pairs} pairs", "width", "accuracy",
-                       _by_series(rung1, _rung1_cell(seq_len, pairs)), {}))
+                       _by_series(rung1, _rung1_cell(seq_len, pairs)), {}, {}))
     if rung1:
         panels.append(("rung 1: retrieval hit rate", "width", "hit rate (mean over cells)",
-                       _by_series(rung1, _rung1_hits), {}))
+                       _by_series(rung1, _rung1_hits), {}, {}))
     if rung2:
         panels.append(("rung 2: cross-window recall", "gap (tokens)", "accuracy",
-                       _by_series(rung2, _rung2("accuracy")), {}))
+                       _by_series(rung2, _rung2("accuracy")), {}, {}))
         panels.append(("rung 2: retrieval hit rate", "gap (tokens)", "hit rate",
-                       _by_series(rung2, _rung2("hit_rate")), _by_series(rung2, _rung2("hit_chance"))))
+                       _by_series(rung2, _rung2("hit_rate")), _by_series(rung2, _rung2("hit_chance")),
+                       _by_series(rung2, _rung2("entry_hit_rate"))))
     return panels
 
 
@@ -89,11 +91,13 @@ def plot_recall(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.8 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, (title, xlabel, ylabel, lines, dashed) in zip(axes.flat, panels):
+    for ax, (title, xlabel, ylabel, lines, dashed, dotted) in zip(axes.flat, panels):
         for name, points in lines.items():
             drawn = ax.plot(*zip(*points), marker="o", label=name)
             if name in dashed:
                 ax.plot(*zip(*dashed[name]), linestyle="--", color=drawn[0].get_color(), alpha=0.6)
+            if name in dotted:
+                ax.plot(*zip(*dotted[name]), linestyle=":", marker="x", color=drawn[0].get_color())
         xs = [x for points in lines.values() for x, _ in points]
         if xs and min(xs) > 0:
             ax.set_xscale("log", base=2 if xlabel == "width" else 10)
