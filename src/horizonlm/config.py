@@ -67,7 +67,8 @@ class HorizonConfig:
     """K: entries read per token."""
     memory_capacity: int = 4096
     """M: completed chunks whose entries the memory holds before FIFO eviction (one entry each
-    with ``memory_write=chunk``; with ``token``, one per token, plus the current chunk's so far)."""
+    with ``memory_write=chunk``; with ``token`` or ``pair``, one per token, plus the current chunk's
+    so far)."""
     memory_write: str = "chunk"
     """What the memory writes: ``chunk``, one entry per completed chunk (its last token, DESIGN.md
     part 4); ``token``, one entry per token, visible once its chunk completes (an associative

@@ -15,8 +15,8 @@ the exact position: the chunk clock stands still, the supervisor state is only r
 memory is read, not written. So one replay, captured at the first such step of a chunk, serves
 every other step of that chunk; the step that completes a chunk (GRU update, memory write) runs
 eagerly (its work depends on the chunk's index and the memory grows by one entry). With
-``memory_write="token"`` (or ``"pair"``) every step writes a memory entry, so the memory is not constant inside
-a chunk: every step runs eagerly.
+``memory_write="token"`` (or ``"pair"``) every step writes a memory entry, so the memory is not
+constant inside a chunk: every step runs eagerly.
 
 Transformer: its step writes into a :class:`horizonlm.baseline.StaticKVCache` at a position held
 on the device, so a single replay serves every step up to the cache's capacity.

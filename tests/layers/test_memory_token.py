@@ -1,6 +1,7 @@
 """The token-writing memories (``memory_write="token"`` and ``"pair"``), tested directly: every
-token writes an entry tagged with its chunk (in pair mode keyed by the token before it), a token reads only entries of the last M chunks completed strictly
-before it, and the state keeps exactly those plus the pending ones of the incomplete chunk."""
+token writes an entry tagged with its chunk (in pair mode keyed by the token before it), a token
+reads only entries of the last M chunks completed strictly before it, and the state keeps exactly
+those plus the pending ones of the incomplete chunk."""
 
 from __future__ import annotations
 
