@@ -210,6 +210,30 @@ def test_a_run_cut_short_keeps_the_cells_it_scored(tmp_path: Path, monkeypatch) 
     assert entry["complete"] is True and [c["gap"] for c in entry["cells"]] == [0, 40, 80]
 
 
+def test_eval_topk_narrows_only_the_scoring_read(tmp_path: Path, monkeypatch) -> None:
+    """--eval-topk 1: training reads the model's 4 entries, scoring reads 1 (the probe records
+    one column); more than the memory holds is refused before any training."""
+    import horizonlm.bench.recall as recall
+
+    out = tmp_path / "recall.json"
+    args = ["bench", "recall", *TINY, "--rungs", "2", "--models", "horizon", "--cross-width", "16",
+            "--cross-pairs", "4", "--window", "24", "--train-gaps", "0", "--gaps", "40", "--lrs", "0.003",
+            "--steps", "1", "--out", str(out)]
+    reads = []
+    real = recall.evaluate
+
+    def recording(model, *a, **k):
+        reads.append(model.memory.top_k)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(recall, "evaluate", recording)
+    assert main([*args, "--eval-topk", "1"]) == 0
+    assert reads == [1]
+    (entry,) = json.loads(out.read_text())["entries"].values()
+    assert entry["config"]["eval_topk"] == 1 and entry["model_config"]["memory_topk"] == 4
+    assert main([*args, "--eval-topk", "7", "--label", "too-many"]) == 2  # tiny preset holds 6 chunks
+
+
 def test_prose_rung_is_byte_level_and_refuses_other_checkpoints(tmp_path: Path) -> None:
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "bytes", 1, HorizonLM(HorizonConfig.preset("tiny")), {"tokenizer": {"kind": "byte"}})

@@ -154,6 +154,9 @@ class RecallConfig:
     """Rung 2: held-out test sequences per gap."""
     eval_batch: int = 64
     """Sequences per evaluation batch."""
+    eval_topk: int = 0
+    """Entries the memory reads per token when scoring (0: the model's own ``memory_topk``, the
+    one it trained with). Fewer makes the read's softmax give the best entry all its weight."""
     log_every: int = 100
     """Record the training loss and accuracy every this many steps."""
     seed: int = 0
@@ -184,7 +187,7 @@ class RecallConfig:
                      "cross_eval_sequences", "eval_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "sweep_steps", "warmup"):
+        for name in ("steps", "sweep_steps", "warmup", "eval_topk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.minutes < 0 or self.sweep_minutes < 0:
@@ -312,6 +315,9 @@ def plan_runs(cfg: RecallConfig, init: Checkpoint | None) -> list[RunPlan]:
             for name in cfg.model_list:
                 kind, config = scaled_config(cfg, name, width)
                 build_model(kind, config)  # an invalid shape fails here, before hours of training
+                if kind == "horizon" and cfg.eval_topk > config["memory_capacity"]:
+                    raise HorizonError(f"eval_topk={cfg.eval_topk} exceeds {name}'s memory_capacity="
+                                       f"{config['memory_capacity']}")
                 plans.append(RunPlan(rung, name, kind, config, entry_key(cfg, rung, name, config)))
     return plans
 
@@ -475,6 +481,8 @@ def run_plan(cfg: RecallConfig, plan: RunPlan, fillers: dict[str, Filler], init:
     cells it scored."""
     task = rung1_task(cfg, fillers, device) if plan.rung == 1 else rung2_task(cfg, fillers, device, plan)
     model, record = sweep_and_train(cfg, plan, task, init, device)
+    if cfg.eval_topk and getattr(model, "memory", None) is not None:
+        model.memory.top_k = cfg.eval_topk  # the scoring read only; training used the model's own K
     vocab = pair_vocab(cfg.vocab_size, cfg.filler)
     entry = {"rung": plan.rung, "model": plan.name, "kind": plan.kind, "width": plan.model_config["d_model"],
              "layers": plan.model_config["n_layers"], "vocab_size": cfg.vocab_size, "filler": cfg.filler,
