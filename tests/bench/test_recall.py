@@ -211,8 +211,8 @@ def test_a_run_cut_short_keeps_the_cells_it_scored(tmp_path: Path, monkeypatch) 
 
 
 def test_eval_topk_narrows_only_the_scoring_read(tmp_path: Path, monkeypatch) -> None:
-    """--eval-topk 1: training reads the model's 4 entries, scoring reads 1 (the probe records
-    one column); more than the memory holds is refused before any training."""
+    """--eval-topk 1: training reads the model's 4 entries, scoring reads 1, and the entry says
+    both; more than the memory holds is refused before any training."""
     import horizonlm.bench.recall as recall
 
     out = tmp_path / "recall.json"
