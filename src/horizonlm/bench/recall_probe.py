@@ -58,24 +58,20 @@ class MemoryProbe:
         keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
         ids = torch.cat([state.chunk_ids, new_ids])  # (M+m,)
         _check_rebuilt(keys, ids, output[1])
+        per_token = module.entries_per_chunk > 1  # one entry per token, stored in stream order up to pos + L
+        first = state.pos + length - ids.numel()  # stream position of the oldest entry
+        positions = torch.arange(first, state.pos + length, device=ids.device) if per_token else None  # (M+m,)
+        picked = memory_topk_ids(queries, keys, ids, layout.completed_before, module.capacity, module.top_k,
+                                 module.query_block, positions)  # (B, L, K): positions, or chunk ids
+        if picked.shape[-1] < module.top_k:
+            picked = F.pad(picked, (0, module.top_k - picked.shape[-1]), value=-1)  # (B, L, K)
         at = local.clamp(0, length - 1).unsqueeze(-1).expand(-1, -1, module.top_k)  # (B, P, K)
-        self.selected = self._pick(module, queries, keys, ids, layout.completed_before, None, at, inside,
-                                   self.selected)  # (B, P, K)
-        if module.entries_per_chunk > 1:  # one entry per token, stored in stream order up to pos + L
-            positions = torch.arange(state.pos + length - ids.numel(), state.pos + length, device=ids.device)  # (M+m,)
-            self.selected_pos = self._pick(module, queries, keys, ids, layout.completed_before, positions, at,
-                                           inside, self.selected_pos)  # (B, P, K)
-
-    @staticmethod
-    def _pick(module: nn.Module, queries: Tensor, keys: Tensor, ids: Tensor, completed_before: Tensor,
-              labels: Tensor | None, at: Tensor, inside: Tensor, before: Tensor) -> Tensor:
-        """The read's top-K labels at the query positions of this call, the earlier record elsewhere."""
-        picked = memory_topk_ids(queries, keys, ids, completed_before, module.capacity, module.top_k,
-                                 module.query_block, labels)  # (B, L, K)
-        if picked.shape[-1] < before.shape[-1]:
-            picked = F.pad(picked, (0, before.shape[-1] - picked.shape[-1]), value=-1)  # (B, L, K)
         picked = picked.gather(1, at)  # (B, P, K)
-        return torch.where(inside.unsqueeze(-1), picked, before)  # (B, P, K)
+        keep = inside.unsqueeze(-1)  # (B, P, 1)
+        if per_token:  # the one search gives both: each picked entry's position, and its chunk tag
+            self.selected_pos = torch.where(keep, picked, self.selected_pos)  # (B, P, K)
+            picked = torch.where(picked >= 0, ids[(picked - first).clamp(min=0)], -1)  # (B, P, K)
+        self.selected = torch.where(keep, picked, self.selected)  # (B, P, K)
 
     def outcome(self, answer_pos: Tensor) -> dict[str, Tensor]:
         """Per query (B, P): ``applicable`` (the answer's chunk completed before the query, so the
