@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 from horizonlm.bench.common import environment
 from horizonlm.bench.recall import (
@@ -25,6 +26,7 @@ from horizonlm.bench.recall import (
 )
 from horizonlm.bench.recall_train import Budget, train_model
 from horizonlm.devices import resolve_device
+from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json
 
 
@@ -39,15 +41,24 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32, help="test sequences per gap")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--replace", action="store_true", help="overwrite an existing --out")
     args = parser.parse_args()
-    reads = [int(k) for k in args.reads.split(",")]
-    overrides = {**json.loads(args.overrides), "memory_topk": reads[0]}
-    cfg = RecallConfig(rungs="2", models=args.model, cross_width=64, cross_pairs=16, vocab_size=512, window=256,
-                       train_gaps="0,128,512", gaps=args.gaps, lrs=str(args.lr), steps=args.steps, minutes=0,
-                       batch_size=32, cross_eval_sequences=args.sequences, eval_batch=32, device=args.device,
-                       model_overrides=overrides)
+    if Path(args.out).exists() and not args.replace:
+        parser.error(f"{args.out} exists; pass --replace to overwrite it, or choose another --out")
+    try:
+        reads = [int(k) for k in args.reads.split(",")]
+        overrides = {**json.loads(args.overrides), "memory_topk": reads[0]}
+        cfg = RecallConfig(rungs="2", models=args.model, cross_width=64, cross_pairs=16, vocab_size=512,
+                           window=256, train_gaps="0,128,512", gaps=args.gaps, lrs=str(args.lr), steps=args.steps,
+                           minutes=0, batch_size=32, cross_eval_sequences=args.sequences, eval_batch=32,
+                           device=args.device, model_overrides=overrides)
+        (plan,) = plan_runs(cfg, None)
+        capacity = plan.model_config["memory_capacity"]
+        if any(not 1 <= k <= capacity for k in reads):
+            raise ValueError(f"--reads must lie in [1, memory_capacity={capacity}], got {args.reads}")
+    except (ValueError, HorizonError) as err:  # a bad gap, rate, override or read: say so, train nothing
+        parser.error(str(err))
     device = resolve_device(cfg.device)
-    (plan,) = plan_runs(cfg, None)
     task = rung2_task(cfg, make_fillers(cfg, device), device, plan)
     model = make_model(plan, None, cfg.seed, device)
     run = train_model(model, task.sample, task.window, optim_settings(cfg, args.lr), Budget(args.steps, 0), cfg.bf16,
