@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from horizonlm import HorizonConfig, HorizonLM
-from horizonlm.bench.recall import RecallConfig, run_recall
+from horizonlm.bench.recall import RecallConfig, beats, run_recall
 from horizonlm.bench.recall_data import (
     Filler,
     batch_generator,
@@ -305,3 +305,18 @@ def test_probe_chance_is_that_of_a_random_read(write: str) -> None:
         else:
             want.append(1 - math.comb(n - per_chunk, mem.top_k) / math.comb(n, mem.top_k))
     assert chance == pytest.approx(want)
+
+
+def _candidate(accuracy: float, loss: float, queries: int = 1024) -> dict:
+    return {"valid_accuracy": accuracy, "valid_loss": loss, "valid_queries": queries}
+
+
+def test_sweep_selection_lets_loss_decide_within_accuracy_noise() -> None:
+    # Both at chance (4 vs 3 right of 1024): the lower loss wins, either way round.
+    at_chance_low_loss, at_chance_high_loss = _candidate(3 / 1024, 5.56), _candidate(4 / 1024, 5.58)
+    assert beats(at_chance_low_loss, at_chance_high_loss) and not beats(at_chance_high_loss, at_chance_low_loss)
+    # A real accuracy gap decides against a lower loss.
+    learned, lucky = _candidate(0.60, 3.0), _candidate(0.05, 2.0)
+    assert beats(learned, lucky) and not beats(lucky, learned)
+    # Both perfect: no noise at all, so the loss decides.
+    assert beats(_candidate(1.0, 0.01), _candidate(1.0, 0.02))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -445,11 +446,25 @@ def optim_settings(cfg: RecallConfig, lr: float) -> OptimSettings:
                          warmup=cfg.warmup, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip)
 
 
+def beats(candidate: dict[str, Any], best: dict[str, Any]) -> bool:
+    """Whether a sweep candidate beats the best so far. Accuracy decides where the two differ by
+    more than two standard errors of their difference, ``2 sqrt(2 p (1 - p) / n)`` (``p`` pooled,
+    ``n`` questions each); within that noise (typically both at chance after a short sweep) the
+    lower validation loss decides, a smoother signal than a handful of lucky answers."""
+    n = min(candidate["valid_queries"], best["valid_queries"])
+    p = (candidate["valid_accuracy"] + best["valid_accuracy"]) / 2
+    margin = 2 * math.sqrt(2 * p * (1 - p) / n)
+    diff = candidate["valid_accuracy"] - best["valid_accuracy"]
+    if abs(diff) > margin:
+        return diff > 0
+    return candidate["valid_loss"] < best["valid_loss"]
+
+
 def sweep_and_train(cfg: RecallConfig, plan: RunPlan, task: Task, init: Checkpoint | None,
                     device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """The sweep (each candidate scored on validation sequences: accuracy, then loss), then the
-    chosen rate trained with the full budget; under Zoology's protocol the best full-budget
-    candidate is the result. Returns the trained model and its record."""
+    """The sweep (each candidate scored on validation sequences: accuracy beyond its noise, else
+    loss; see :func:`beats`), then the chosen rate trained with the full budget; under Zoology's
+    protocol the best full-budget candidate is the result. Returns the trained model and its record."""
     lrs = parse_floats(cfg.lrs)
     full = Budget(cfg.steps, cfg.minutes)
     zoology = len(lrs) > 1 and not (cfg.sweep_steps or cfg.sweep_minutes)
@@ -461,9 +476,9 @@ def sweep_and_train(cfg: RecallConfig, plan: RunPlan, task: Task, init: Checkpoi
                           cfg.log_every)
         valid = evaluate(model, task.valid(), task.window, cfg.bf16)
         sweep.append({"lr": lr, "valid_accuracy": valid["accuracy"], "valid_loss": valid["loss"],
-                      "steps": run["steps"], "train_seconds": run["train_seconds"]})
+                      "valid_queries": valid["queries"], "steps": run["steps"], "train_seconds": run["train_seconds"]})
         print(json.dumps({"rung": plan.rung, "model": plan.name, "sweep": sweep[-1]}), flush=True)
-        if best is None or (valid["accuracy"], -valid["loss"]) > (best["valid_accuracy"], -best["valid_loss"]):
+        if best is None or beats(sweep[-1], best):
             best, best_model, best_run = sweep[-1], model, run
     lr = best["lr"] if best is not None else lrs[0]
     if not zoology:
