@@ -1,11 +1,12 @@
 """Saved contexts: the state of a model after reading any amount of text, on disk.
 
-A context folder holds ``state.safetensors`` (S4D states, conv buffers, supervisor state),
-the memory (``memory.safetensors`` with keys, values and positions, plus ``memory.faiss`` for a
-FAISS backend) and ``manifest.json``: format version, the model fingerprint (config and weights
-hash), the stream position, what was read from which file, and the sha256 of every file.
-Loading refuses another model or a damaged file. A save is written to a temporary folder and
-renamed into place, so a kill during a save leaves the previous context intact.
+A context folder holds ``state.safetensors`` (S4D states, conv buffers, supervisor state, the
+pair memory's last key), the memory (``memory.safetensors`` with keys, values and positions,
+plus ``memory.faiss`` for a FAISS backend) and ``manifest.json``: format version, the model
+fingerprint (config and weights hash), the stream position, what was read from which file, and
+the sha256 of every file. Loading refuses another model or a damaged file. A save is written to
+a temporary folder and renamed into place, so a kill during a save leaves the previous context
+intact.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from horizonlm.state import HorizonState, StoreMemoryState
 from horizonlm.state_io import state_from_tensors, state_to_tensors
 
 CONTEXT_FORMAT = 1
+LAST_KEY = "store.last_key"
+"""Name of the pair memory's last key in ``state.safetensors``."""
 
 
 def model_fingerprint(model: HorizonLM) -> str:
@@ -51,6 +54,8 @@ def save_context(folder: str | Path, model: HorizonLM, state: HorizonState, extr
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         tensors, header = state_to_tensors(replace(state, memory=None).to("cpu"))
+        if state.memory.last_key is not None:
+            tensors[LAST_KEY] = state.memory.last_key.detach().cpu().contiguous()
         save_file(tensors, str(tmp / "state.safetensors"))
         names = ["state.safetensors", *state.memory.store.save(tmp)]
         manifest = {
@@ -99,6 +104,10 @@ def load_context(folder: str | Path, model: HorizonLM, device: torch.device | st
         store = MemoryStore.load(folder, StoreConfig(**manifest["store_config"]), device)
     except (SafetensorError, OSError, RuntimeError) as err:
         raise HorizonError(f"saved context {folder} cannot be read: {err}") from err
+    last_key = tensors.pop(LAST_KEY, None)
+    if (last_key is None) != (model.memory is None or model.memory.write != "pair"):
+        raise HorizonError(f"saved context {folder}: the pair memory's last key is "
+                           f"{'missing' if last_key is None else 'present for a memory that is not in pair mode'}")
     state = state_from_tensors(tensors, manifest["state_header"])
-    memory = StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos)
+    memory = StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos, last_key=last_key)
     return replace(state, memory=memory), manifest

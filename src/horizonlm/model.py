@@ -112,11 +112,10 @@ class HorizonLM(nn.Module):
                 memory = self.memory.init_state(batch_size, device)
             elif batch_size != 1:
                 raise ValueError(f"a store-backed memory serves batch_size=1, got {batch_size}")
-            elif self.memory.write == "pair":
-                raise ValueError("memory_write='pair' is not served by a memory store yet; use the in-state memory")
             else:
                 store = MemoryStore(self.config.memory_dim, self.config.memory_dim, store_config, device)
-                memory = StoreMemoryState(store=store, entries=0, pos=0)
+                memory = StoreMemoryState(store=store, entries=0, pos=0,
+                                          last_key=self.memory.initial_last_key(1, device))
         return HorizonState(
             pos=0,
             blocks=tuple(block.init_state(batch_size, device) for block in self.blocks),

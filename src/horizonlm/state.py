@@ -67,6 +67,9 @@ class StoreMemoryState:
     """Entries ever added to the store when this state was made."""
     pos: int
     """Tokens of the stream seen so far."""
+    last_key: Tensor | None = None
+    """``memory_write="pair"``: the key the next entry takes, made from the last token read
+    (zeros at the stream start); None otherwise. (1, 1, Dk)"""
 
 
 @dataclass(frozen=True)
@@ -85,14 +88,16 @@ class HorizonState:
     """B: streams carried side by side."""
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> HorizonState:
-        """The same state with ``fn`` applied to each of its tensors (a store-backed memory,
-        which is not a tensor, is kept as it is)."""
+        """The same state with ``fn`` applied to each of its tensors (a memory store, which is
+        not a tensor, is kept as it is; a store-backed state's last key is mapped)."""
         blocks = tuple(BlockState(*(None if t is None else fn(t) for t in (b.ssm, b.conv))) for b in self.blocks)
         sup = None if self.supervisor is None else replace(self.supervisor, s=fn(self.supervisor.s))
         mem = self.memory
         if isinstance(mem, MemoryState):
             mem = replace(mem, keys=fn(mem.keys), values=fn(mem.values), chunk_ids=fn(mem.chunk_ids),
                           last_key=None if mem.last_key is None else fn(mem.last_key))
+        elif isinstance(mem, StoreMemoryState) and mem.last_key is not None:
+            mem = replace(mem, last_key=fn(mem.last_key))
         return replace(self, blocks=blocks, supervisor=sup, memory=mem)
 
     def detach(self) -> HorizonState:

@@ -71,12 +71,13 @@ def test_unlimited_store_keeps_every_entry_visible() -> None:
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
-def test_token_memory_in_an_unlimited_store_equals_in_state_memory() -> None:
-    """memory_write=token: the pending chunk's entries, invisible, must not crowd the K visible
-    ones out of the store's candidates; calls end inside chunks, and a stretch is stepped one
-    token at a time (so the store holds pending entries at almost every call)."""
-    model = make_horizon(dtype=torch.float32, memory_write="token", memory_capacity=1000,
-                         memory_query_block=7).eval()
+@pytest.mark.parametrize("write", ["token", "pair"])
+def test_token_writing_memory_in_an_unlimited_store_equals_in_state_memory(write: str) -> None:
+    """memory_write=token or pair: the pending chunk's entries, invisible, must not crowd the K
+    visible ones out of the store's candidates; calls end inside chunks, and a stretch is stepped
+    one token at a time (so the store holds pending entries at almost every call). In pair mode
+    the key carried beside the store must give each call's first entry its key."""
+    model = make_horizon(dtype=torch.float32, memory_write=write, memory_capacity=1000, memory_query_block=7).eval()
     tokens = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(2))
     sizes = [13, 30] + [1] * 20 + [37]
     with torch.no_grad():
@@ -90,18 +91,16 @@ def test_token_memory_in_an_unlimited_store_equals_in_state_memory() -> None:
     got = torch.cat(pieces, dim=1)
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     assert state.memory.store.positions.tolist() == want_state.memory.chunk_ids.tolist() == [p // 8 for p in range(100)]
+    torch.testing.assert_close(state.memory.store.keys, want_state.memory.keys[0], rtol=1e-5, atol=1e-6)
+    if write == "pair":
+        torch.testing.assert_close(state.memory.last_key, want_state.memory.last_key, rtol=1e-5, atol=1e-6)
+    else:
+        assert state.memory.last_key is None
 
 
-def test_token_memory_refuses_a_fifo_store() -> None:
-    model = make_horizon(dtype=torch.float32, memory_write="token").eval()
+@pytest.mark.parametrize("write", ["token", "pair"])
+def test_token_writing_memory_refuses_a_fifo_store(write: str) -> None:
+    model = make_horizon(dtype=torch.float32, memory_write=write).eval()
     state = model.init_state(1, store_config=StoreConfig(capacity=model.config.memory_capacity))
     with torch.no_grad(), pytest.raises(ValueError, match="memory_write"):
         model(torch.randint(0, 256, (1, 20)), state)
-
-
-def test_pair_memory_refuses_a_store() -> None:
-    """The pair memory carries its last key in the in-state memory only: a store is refused
-    clearly at the start, not silently read without it."""
-    model = make_horizon(dtype=torch.float32, memory_write="pair")
-    with pytest.raises(ValueError, match="pair"):
-        model.init_state(1, store_config=StoreConfig())

@@ -62,9 +62,16 @@ class RetrievalMemory(nn.Module):
         dim = weight.shape[0]
         empty = torch.zeros(batch_size, 0, dim, dtype=weight.dtype, device=device)  # (B, 0, Dk)
         ids = torch.zeros(0, dtype=torch.long, device=device)  # (0,)
-        last = (torch.zeros(batch_size, 1, dim, dtype=weight.dtype, device=device)  # (B, 1, Dk)
-                if self.write == "pair" else None)
-        return MemoryState(keys=empty, values=empty.clone(), chunk_ids=ids, pos=0, last_key=last)
+        return MemoryState(keys=empty, values=empty.clone(), chunk_ids=ids, pos=0,
+                           last_key=self.initial_last_key(batch_size, device))
+
+    def initial_last_key(self, batch_size: int, device: torch.device | None = None) -> Tensor | None:
+        """Pair mode: the key of the stream's first entry (no token precedes it), zeros; None otherwise."""
+        if self.write != "pair":
+            return None
+        weight = self.key.weight
+        device = device or weight.device
+        return torch.zeros(batch_size, 1, weight.shape[0], dtype=weight.dtype, device=device)  # (B, 1, Dk)
 
     def forward(self, h: Tensor, state: MemoryState | StoreMemoryState | None = None
                 ) -> tuple[Tensor, MemoryState | StoreMemoryState]:
@@ -134,20 +141,18 @@ class RetrievalMemory(nn.Module):
         are read. The window is the store's capacity (an unlimited store keeps every entry visible:
         a saved context); with an exact FIFO store of the model's ``memory_capacity`` this equals
         the in-state path. In token mode a FIFO store would evict by tokens, not chunks, and could
-        not equal it: token mode takes only stores that never evict (capacity 0 or keep_all)."""
+        not equal it: token and pair mode take only stores that never evict (capacity 0 or
+        keep_all). Pair mode carries its last key beside the store, in the state."""
         store = state.store
         if h.shape[0] != 1:
             raise ValueError(f"a store-backed memory serves batch_size=1, got {h.shape[0]}")
         if state.entries != store.first_id + len(store):
             raise ValueError("stale memory state: the store has grown since this state was made")
-        if self.write == "token" and store.config.capacity and store.config.policy == "fifo":
-            raise ValueError("memory_write='token' needs a memory store that never evicts (capacity 0 or policy "
-                             f"keep_all), got a FIFO store of capacity {store.config.capacity}: it would drop "
-                             "tokens, not whole chunks, and read other entries than the in-state memory")
-        if self.write == "pair":
-            raise ValueError("memory_write='pair' is not served by a memory store yet (it would carry the last "
-                             "key beside the store); use the in-state memory")
-        hn, layout, new_keys, new_values, new_ids, queries, _ = self.project(h, state.pos)
+        if self.write != "chunk" and store.config.capacity and store.config.policy == "fifo":
+            raise ValueError(f"memory_write={self.write!r} needs a memory store that never evicts (capacity 0 or "
+                             f"policy keep_all), got a FIFO store of capacity {store.config.capacity}: it would "
+                             "drop tokens, not whole chunks, and read other entries than the in-state memory")
+        hn, layout, new_keys, new_values, new_ids, queries, last_key = self.project(h, state.pos, state.last_key)
         new_keys, new_values, queries = new_keys[0].float(), new_values[0].float(), queries[0].float()  # (m, Dk)
         window = store.config.capacity or 1 << 62
         hidden = new_ids.numel() if self.write == "chunk" else state.pos % self.chunk_size
@@ -158,7 +163,8 @@ class RetrievalMemory(nn.Module):
             reads.append(self._read_store_block(store, q, seen, new_ids, new_keys, new_values, window, hidden))
         read = torch.cat(reads, dim=0)  # (L, Dv)
         store.add(new_keys, new_values, new_ids)
-        new_state = StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos + h.shape[1])
+        new_state = StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos + h.shape[1],
+                                     last_key=None if last_key is None else last_key.detach())
         return self._inject(h, hn, read.unsqueeze(0)), new_state
 
     def _read_store_block(self, store, q: Tensor, seen: Tensor, new_ids: Tensor, new_keys: Tensor,
