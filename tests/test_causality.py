@@ -31,12 +31,21 @@ def _check(outputs: torch.Tensor, changed_outputs: torch.Tensor, j: int) -> None
     assert after > 1e-6, f"changing token {j} had no effect from {j} on"
 
 
+def _random_span(model):
+    """The key span's filter starts as the identity; draw it so that it reaches back."""
+    with torch.no_grad():
+        model.memory.span_filter.normal_()
+    return model
+
+
 MODELS = {
     "horizon": lambda: make_horizon(),
     "horizon_supervisor_only": lambda: make_horizon(use_memory=False, use_ssm=False, use_conv=False),
     "horizon_memory_only": lambda: make_horizon(use_supervisor=False, use_ssm=False, use_conv=False),
     "horizon_token_memory": lambda: make_horizon(memory_write="token", memory_capacity=4),
     "horizon_pair_memory": lambda: make_horizon(memory_write="pair", memory_capacity=4),
+    "horizon_pair_memory_span": lambda: _random_span(make_horizon(memory_write="pair", memory_capacity=4,
+                                                                  memory_key_span=3)),
     "horizon_ssm_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_conv=False),
     "horizon_selective": lambda: make_horizon(ssm_kind="selective"),
     "horizon_ungated": lambda: make_horizon(ssm_gate="none"),

@@ -24,6 +24,7 @@ from .conftest import make_horizon, make_transformer
         (dict(ssm_kind="mamba"), "ssm_kind"),
         (dict(ssm_gate="glu"), "ssm_gate"),
         (dict(memory_write="tokens"), "memory_write"),
+        (dict(memory_key_span=0), "memory_key_span"),
         (dict(ssm_chunk=100), "ssm_chunk"),
         (dict(ssm_chunk=2048), "ssm_chunk"),
         (dict(ssm_chunk=0), "ssm_chunk"),

@@ -56,14 +56,19 @@ def test_horizon_one_token_at_a_time_equals_one_call(ssm_kind: str) -> None:
     _assert_same(steps, full)
 
 
-@pytest.mark.parametrize("write", ["token", "pair"])
+@pytest.mark.parametrize(("write", "span"), [("token", 1), ("pair", 1), ("pair", 4)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_token_memory_splits_and_steps_equal_one_call(seed: int, write: str) -> None:
-    """memory_write=token (and pair) over 150 tokens (~19 chunks, several times the 4-chunk
-    window, so FIFO eviction happens again and again), split at random places (mostly inside
-    chunks) and stepped one token at a time; the memory left is one call's, entry for entry."""
+def test_token_memory_splits_and_steps_equal_one_call(seed: int, write: str, span: int) -> None:
+    """memory_write=token (and pair, with a key span too) over 150 tokens (~19 chunks, several
+    times the 4-chunk window, so FIFO eviction happens again and again), split at random places
+    (mostly inside chunks) and stepped one token at a time; the memory left is one call's, entry
+    for entry."""
     length, capacity = 150, 4
-    model = make_horizon(dtype=torch.float32, seed=seed, memory_write=write, memory_capacity=capacity)
+    model = make_horizon(dtype=torch.float32, seed=seed, memory_write=write, memory_capacity=capacity,
+                         memory_key_span=span)
+    if span > 1:
+        with torch.no_grad():
+            model.memory.span_filter.normal_()  # not the identity it starts as
     tokens = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         full, full_state = model(tokens)
@@ -78,20 +83,24 @@ def test_token_memory_splits_and_steps_equal_one_call(seed: int, write: str) -> 
         torch.testing.assert_close(state.memory.keys, full_state.memory.keys, rtol=1e-4, atol=1e-5)
         if write == "pair":
             torch.testing.assert_close(state.memory.last_key, full_state.memory.last_key, rtol=1e-4, atol=1e-5)
+        if span > 1:
+            torch.testing.assert_close(state.memory.tail, full_state.memory.tail, rtol=1e-4, atol=1e-5)
 
 
 def test_pair_memory_state_saved_and_loaded_continues_the_stream() -> None:
-    """The pair memory's last key travels through ``state_to_tensors``: a stream resumed from
-    the saved state equals one never interrupted."""
+    """The pair memory's last key and the key span's tail travel through ``state_to_tensors``:
+    a stream resumed from the saved state equals one never interrupted."""
     from horizonlm.state_io import state_from_tensors, state_to_tensors
 
-    model = make_horizon(dtype=torch.float32, memory_write="pair", memory_capacity=4)
+    model = make_horizon(dtype=torch.float32, memory_write="pair", memory_capacity=4, memory_key_span=3)
+    with torch.no_grad():
+        model.memory.span_filter.normal_()
     tokens = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full, _ = model(tokens)
         first, state = model(tokens[:, :27])
         tensors, header = state_to_tensors(state)
-        assert "state.memory.last_key" in tensors
+        assert "state.memory.last_key" in tensors and "state.memory.tail" in tensors
         rest, _ = model(tokens[:, 27:], state_from_tensors(tensors, header))
     _assert_same(torch.cat([first, rest], dim=1), full)
 

@@ -75,6 +75,11 @@ class HorizonConfig:
     store: many key/value pairs per chunk); or ``pair``, one entry per token whose key comes from
     the token before it: the entry maps a context to what followed it (an induction lookup), so a
     query matches a key made from the same kind of token."""
+    memory_key_span: int = 1
+    """n: tokens of the memory's input that its keys and queries see, mixed by a learned causal
+    depthwise filter: a query sees tokens t-n+1..t, a pair key t-n..t-1. 1 keys on one token (an
+    exact lookup); a few give every key local context, with no long-range state in it, for text
+    where one token does not name a place (a passkey in prose). Values always come from token t."""
     memory_tau: float = 10.0
     """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
     memory_query_block: int = 1024
@@ -100,7 +105,7 @@ class HorizonConfig:
         for name in (
             "vocab_size", "d_model", "n_layers", "mlp_hidden", "ssm_state", "ssm_head_dim", "ssm_chunk",
             "conv_kernel", "conv_levels", "chunk_size", "supervisor_dim", "memory_dim",
-            "memory_topk", "memory_capacity", "memory_query_block",
+            "memory_topk", "memory_capacity", "memory_query_block", "memory_key_span",
         ):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,

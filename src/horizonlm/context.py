@@ -1,12 +1,12 @@
 """Saved contexts: the state of a model after reading any amount of text, on disk.
 
-A context folder holds ``state.safetensors`` (S4D states, conv buffers, supervisor state, the
-pair memory's last key), the memory (``memory.safetensors`` with keys, values and positions,
-plus ``memory.faiss`` for a FAISS backend) and ``manifest.json``: format version, the model
-fingerprint (config and weights hash), the stream position, what was read from which file, and
-the sha256 of every file. Loading refuses another model or a damaged file. A save is written to
-a temporary folder and renamed into place, so a kill during a save leaves the previous context
-intact.
+A context folder holds ``state.safetensors`` (S4D states, conv buffers, supervisor state, what
+the memory carries beside its store), the memory (``memory.safetensors`` with keys, values and
+positions, plus ``memory.faiss`` for a FAISS backend) and ``manifest.json``: format version, the
+model fingerprint (config and weights hash), the stream position, what was read from which
+file, and the sha256 of every file. Loading refuses another model or a damaged file. A save is
+written to a temporary folder and renamed into place, so a kill during a save leaves the previous
+context intact.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import check_files, replace_dir, sha256_file
@@ -31,8 +32,14 @@ from horizonlm.state import HorizonState, StoreMemoryState
 from horizonlm.state_io import state_from_tensors, state_to_tensors
 
 CONTEXT_FORMAT = 1
-LAST_KEY = "store.last_key"
-"""Name of the pair memory's last key in ``state.safetensors``."""
+CARRIED = {"store.last_key": "last_key", "store.tail": "tail"}
+"""What a store-backed memory carries beside its store (pair mode's last key, the key span's
+tail), by its name in ``state.safetensors``."""
+
+
+def carried_tensors(memory: StoreMemoryState) -> dict[str, Tensor]:
+    """The carried tensors a store-backed memory has, by file name."""
+    return {name: getattr(memory, field) for name, field in CARRIED.items() if getattr(memory, field) is not None}
 
 
 def model_fingerprint(model: HorizonLM) -> str:
@@ -54,8 +61,8 @@ def save_context(folder: str | Path, model: HorizonLM, state: HorizonState, extr
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         tensors, header = state_to_tensors(replace(state, memory=None).to("cpu"))
-        if state.memory.last_key is not None:
-            tensors[LAST_KEY] = state.memory.last_key.detach().cpu().contiguous()
+        for name, carried in carried_tensors(state.memory).items():
+            tensors[name] = carried.detach().cpu().contiguous()
         save_file(tensors, str(tmp / "state.safetensors"))
         names = ["state.safetensors", *state.memory.store.save(tmp)]
         manifest = {
@@ -104,10 +111,12 @@ def load_context(folder: str | Path, model: HorizonLM, device: torch.device | st
         store = MemoryStore.load(folder, StoreConfig(**manifest["store_config"]), device)
     except (SafetensorError, OSError, RuntimeError) as err:
         raise HorizonError(f"saved context {folder} cannot be read: {err}") from err
-    last_key = tensors.pop(LAST_KEY, None)
-    if (last_key is None) != (model.memory is None or model.memory.write != "pair"):
-        raise HorizonError(f"saved context {folder}: the pair memory's last key is "
-                           f"{'missing' if last_key is None else 'present for a memory that is not in pair mode'}")
+    carried = {field: tensors.pop(name, None) for name, field in CARRIED.items()}
+    expected = {"last_key": model.memory.initial_last_key(1), "tail": model.memory.initial_tail(1)}
+    for field, tensor in carried.items():
+        if (tensor is None) != (expected[field] is None):
+            raise HorizonError(f"saved context {folder}: the memory's {field} is "
+                               f"{'missing' if tensor is None else 'present, but this model carries none'}")
     state = state_from_tensors(tensors, manifest["state_header"])
-    memory = StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos, last_key=last_key)
+    memory = StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos, **carried)
     return replace(state, memory=memory), manifest

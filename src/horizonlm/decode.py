@@ -50,8 +50,7 @@ def state_tensors(state: HorizonState) -> list[Tensor]:
         out.append(state.supervisor.s)
     if isinstance(state.memory, MemoryState):
         out.extend([state.memory.keys, state.memory.values, state.memory.chunk_ids])
-        if state.memory.last_key is not None:
-            out.append(state.memory.last_key)
+        out.extend(t for t in (state.memory.last_key, state.memory.tail) if t is not None)
     return out
 
 

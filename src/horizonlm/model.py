@@ -91,7 +91,7 @@ class HorizonLM(nn.Module):
                            if config.use_supervisor else None)
         self.memory = (RetrievalMemory(config.d_model, config.memory_dim, config.chunk_size, config.memory_capacity,
                                        config.memory_topk, config.memory_tau, config.memory_query_block, config.norm_eps,
-                                       config.memory_write)
+                                       config.memory_write, config.memory_key_span)
                        if config.use_memory else None)
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -115,7 +115,8 @@ class HorizonLM(nn.Module):
             else:
                 store = MemoryStore(self.config.memory_dim, self.config.memory_dim, store_config, device)
                 memory = StoreMemoryState(store=store, entries=0, pos=0,
-                                          last_key=self.memory.initial_last_key(1, device))
+                                          last_key=self.memory.initial_last_key(1, device),
+                                          tail=self.memory.initial_tail(1, device))
         return HorizonState(
             pos=0,
             blocks=tuple(block.init_state(batch_size, device) for block in self.blocks),

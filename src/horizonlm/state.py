@@ -51,6 +51,9 @@ class MemoryState:
     last_key: Tensor | None = None
     """``memory_write="pair"``: the key made from the last token seen, which the next token's
     entry takes (zeros at the stream start); None otherwise. (B, 1, Dk)"""
+    tail: Tensor | None = None
+    """``memory_key_span`` n > 1: the memory's last n-1 normed inputs, which the next call's
+    keys and queries see (zeros at the stream start); None otherwise. (B, n-1, D)"""
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class StoreMemoryState:
     last_key: Tensor | None = None
     """``memory_write="pair"``: the key the next entry takes, made from the last token read
     (zeros at the stream start); None otherwise. (1, 1, Dk)"""
+    tail: Tensor | None = None
+    """``memory_key_span`` n > 1: the last n-1 normed inputs (see MemoryState.tail). (1, n-1, D)"""
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,15 @@ class HorizonState:
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> HorizonState:
         """The same state with ``fn`` applied to each of its tensors (a memory store, which is
-        not a tensor, is kept as it is; a store-backed state's last key is mapped)."""
+        not a tensor, is kept as it is; a store-backed state's last key and tail are mapped)."""
         blocks = tuple(BlockState(*(None if t is None else fn(t) for t in (b.ssm, b.conv))) for b in self.blocks)
         sup = None if self.supervisor is None else replace(self.supervisor, s=fn(self.supervisor.s))
         mem = self.memory
         if isinstance(mem, MemoryState):
-            mem = replace(mem, keys=fn(mem.keys), values=fn(mem.values), chunk_ids=fn(mem.chunk_ids),
-                          last_key=None if mem.last_key is None else fn(mem.last_key))
-        elif isinstance(mem, StoreMemoryState) and mem.last_key is not None:
-            mem = replace(mem, last_key=fn(mem.last_key))
+            mem = replace(mem, keys=fn(mem.keys), values=fn(mem.values), chunk_ids=fn(mem.chunk_ids))
+        if mem is not None:
+            mem = replace(mem, last_key=None if mem.last_key is None else fn(mem.last_key),
+                          tail=None if mem.tail is None else fn(mem.tail))
         return replace(self, blocks=blocks, supervisor=sup, memory=mem)
 
     def detach(self) -> HorizonState:
@@ -118,7 +123,8 @@ class HorizonState:
         sup = None if self.supervisor is None else replace(self.supervisor, s=rep(self.supervisor.s))
         mem = None if self.memory is None else replace(self.memory, keys=rep(self.memory.keys),
                                                         values=rep(self.memory.values),
-                                                        last_key=rep(self.memory.last_key))
+                                                        last_key=rep(self.memory.last_key),
+                                                        tail=rep(self.memory.tail))
         return replace(self, blocks=blocks, supervisor=sup, memory=mem, batch_size=batch_size)
 
     def to(self, device: torch.device | str) -> HorizonState:

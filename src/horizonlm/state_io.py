@@ -39,6 +39,8 @@ def state_to_tensors(state: HorizonState | KVState, prefix: str = "state.") -> t
         tensors[f"{prefix}memory.chunk_ids"] = state.memory.chunk_ids.contiguous()
         if state.memory.last_key is not None:
             tensors[f"{prefix}memory.last_key"] = state.memory.last_key.contiguous()
+        if state.memory.tail is not None:
+            tensors[f"{prefix}memory.tail"] = state.memory.tail.contiguous()
     header = {"kind": "horizon", "pos": state.pos, "batch_size": state.batch_size, "layers": len(state.blocks),
               "supervisor": state.supervisor is not None, "memory": isinstance(state.memory, MemoryState)}
     return tensors, header
@@ -58,7 +60,8 @@ def state_from_tensors(tensors: dict[str, Tensor], header: dict[str, Any], prefi
         sup = SupervisorState(s=tensors[f"{prefix}supervisor.s"], pos=pos) if header["supervisor"] else None
         mem = (MemoryState(keys=tensors[f"{prefix}memory.keys"], values=tensors[f"{prefix}memory.values"],
                            chunk_ids=tensors[f"{prefix}memory.chunk_ids"], pos=pos,
-                           last_key=tensors.get(f"{prefix}memory.last_key")) if header["memory"] else None)
+                           last_key=tensors.get(f"{prefix}memory.last_key"), tail=tensors.get(f"{prefix}memory.tail"))
+               if header["memory"] else None)
     except KeyError as err:
         raise HorizonError(f"saved model state is incomplete: missing {err}") from err
     return HorizonState(pos=pos, blocks=tuple(blocks), supervisor=sup, memory=mem, batch_size=batch)

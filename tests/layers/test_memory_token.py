@@ -5,6 +5,8 @@ those plus the pending ones of the incomplete chunk."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,9 +17,14 @@ from horizonlm.ops.reference import memory_read_ref
 C, D, DK, M, K, TAU = 4, 6, 5, 3, 3, 5.0
 
 
-def _memory(write: str = "token") -> RetrievalMemory:
+def _memory(write: str = "token", span: int = 1) -> RetrievalMemory:
+    """A memory in float64; with a key span, its filter drawn at random (it starts as the identity)."""
     torch.manual_seed(0)
-    return RetrievalMemory(D, DK, C, M, K, TAU, query_block=5, eps=1e-5, write=write).double()
+    mem = RetrievalMemory(D, DK, C, M, K, TAU, query_block=5, eps=1e-5, write=write, key_span=span).double()
+    if mem.span_filter is not None:
+        with torch.no_grad():
+            mem.span_filter.normal_()
+    return mem
 
 
 def _stream(mem: RetrievalMemory, h: torch.Tensor, sizes: list[int]):
@@ -29,10 +36,23 @@ def _stream(mem: RetrievalMemory, h: torch.Tensor, sizes: list[int]):
     return torch.cat(outs, dim=1), state  # (B, T, D)
 
 
+def _context(mem: RetrievalMemory, hn: torch.Tensor) -> torch.Tensor:
+    """What keys and queries are made from, written out: ``c_t = sum_j w_j * hn_{t-j}`` over the
+    key span (zeros before the stream start; tap n-1 of the filter is token t), or hn itself."""
+    if mem.span_filter is None:
+        return hn
+    n = mem.key_span
+    rows = []
+    for t in range(hn.shape[1]):
+        terms = [mem.span_filter[:, n - 1 - j] * hn[:, t - j] for j in range(n) if t - j >= 0]
+        rows.append(torch.stack(terms).sum(0))
+    return torch.stack(rows, dim=1)  # (B, T, D)
+
+
 def _entry_keys(mem: RetrievalMemory, hn: torch.Tensor) -> torch.Tensor:
     """Every token's key, written out: from the token itself (token mode) or from the token
     before it, a zero key for the stream's first token (pair mode)."""
-    keys = F.normalize(mem.key(hn), dim=-1)  # (B, T, Dk)
+    keys = F.normalize(mem.key(_context(mem, hn)), dim=-1)  # (B, T, Dk)
     if mem.write == "pair":
         keys = torch.stack([torch.zeros_like(keys[:, 0])] + [keys[:, t - 1] for t in range(1, keys.shape[1])], 1)
     return keys  # (B, T, Dk)
@@ -44,19 +64,20 @@ def _by_rule(mem: RetrievalMemory, h: torch.Tensor) -> torch.Tensor:
     hn = mem.norm(h)  # (B, T, D)
     keys = _entry_keys(mem, hn)  # (B, T, Dk)
     values = mem.value(hn)  # (B, T, Dv)
-    queries = F.normalize(mem.query(hn), dim=-1)  # (B, T, Dk)
+    queries = F.normalize(mem.query(_context(mem, hn)), dim=-1)  # (B, T, Dk)
     chunk_of = torch.arange(h.shape[1]) // C  # (T,): each entry's chunk, and each token's completed chunks
     read = memory_read_ref(queries, keys, values, chunk_of, chunk_of, M, K, TAU)  # (B, T, Dv)
     return h + torch.sigmoid(mem.gate(hn)) * mem.out(read)  # (B, T, D)
 
 
-@pytest.mark.parametrize("write", ["token", "pair"])
+@pytest.mark.parametrize(("write", "span"), [("token", 1), ("pair", 1), ("token", 3), ("pair", 3)])
 @pytest.mark.parametrize("sizes", [[50], [3, 9, 1, 22, 15], [4, 8, 12, 26], [1] * 50])
-def test_long_stream_equals_reference_and_keeps_the_window(sizes: list[int], write: str) -> None:
+def test_long_stream_equals_reference_and_keeps_the_window(sizes: list[int], write: str, span: int) -> None:
     """50 tokens = 12.5 chunks, four times the capacity: FIFO eviction happens several times,
     in calls that start and end inside chunks as well as on their boundaries (in pair mode the
-    key of each call's first entry comes from the call before)."""
-    mem = _memory(write)
+    key of each call's first entry comes from the call before; with a key span, the inputs the
+    filter reaches back to do, even across several one-token calls)."""
+    mem = _memory(write, span)
     length = sum(sizes)
     h = torch.randn(2, length, D, generator=torch.Generator().manual_seed(len(sizes)), dtype=torch.float64)
     with torch.no_grad():
@@ -69,10 +90,14 @@ def test_long_stream_equals_reference_and_keeps_the_window(sizes: list[int], wri
     torch.testing.assert_close(state.keys, keys[:, first:], rtol=1e-10, atol=1e-12)
     assert state.pos == length and not state.keys.requires_grad
     if write == "pair":
-        last = F.normalize(mem.key(mem.norm(h[:, -1:])), dim=-1)  # (B, 1, Dk)
+        last = F.normalize(mem.key(_context(mem, mem.norm(h))[:, -1:]), dim=-1)  # (B, 1, Dk)
         torch.testing.assert_close(state.last_key, last, rtol=1e-10, atol=1e-12)
     else:
         assert state.last_key is None
+    if span > 1:
+        torch.testing.assert_close(state.tail, mem.norm(h)[:, -(span - 1) :], rtol=1e-10, atol=1e-12)
+    else:
+        assert state.tail is None
 
 
 def test_pair_entry_holds_what_followed_its_key() -> None:
@@ -142,14 +167,57 @@ def test_own_chunk_is_invisible_even_to_an_identical_query(split: int | None) ->
     assert (out[:, later] - out_changed[:, later]).abs().max().item() > 1e-6
 
 
-@pytest.mark.parametrize("write", ["token", "pair"])
-def test_gradients_reach_key_and_value_from_entries_of_the_same_call(write: str) -> None:
+@pytest.mark.parametrize(("write", "span"), [("token", 1), ("pair", 1), ("pair", 3)])
+def test_gradients_reach_key_and_value_from_entries_of_the_same_call(write: str, span: int) -> None:
     """Every entry read here was written in this call (the state starts empty): the loss
-    reaches W_k and W_v through them."""
-    mem = _memory(write)
+    reaches W_k and W_v through them, and the key span's filter through keys and queries."""
+    mem = _memory(write, span)
     h = torch.randn(2, 5 * C + 2, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     out, state = mem(h)
     out.square().sum().backward()
-    for weight in (mem.key.weight, mem.value.weight):
+    for weight in (mem.key.weight, mem.value.weight) + (() if span == 1 else (mem.span_filter,)):
         assert weight.grad is not None and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
     assert not state.keys.requires_grad and not state.values.requires_grad  # no gradient across windows
+
+
+def test_key_span_gradients_match_finite_differences() -> None:
+    """The span filter's gradient against central differences, in float64, through a call that
+    starts from a carried tail (a tail drawn at random stands in for an earlier call)."""
+    mem = _memory("pair", 3)
+    h = torch.randn(1, 3 * C + 1, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    state = mem.init_state(1)
+    state = replace(state, tail=torch.randn_like(state.tail))
+    weight = mem.span_filter
+
+    def loss() -> torch.Tensor:
+        out, _ = mem(h, state)
+        return out.sin().sum()
+
+    loss().backward()
+    for index in [(0, 0), (2, 1), (D - 1, 2)]:
+        with torch.no_grad():
+            weight[index] += 1e-6
+            up = loss().item()
+            weight[index] -= 2e-6
+            down = loss().item()
+            weight[index] += 1e-6
+        assert weight.grad[index].item() == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-8)
+
+
+def test_key_span_starts_as_the_one_token_key() -> None:
+    """A fresh filter is the identity: a span-3 memory reads exactly as a span-1 one with the
+    same weights, so widening the span changes nothing until training moves the filter."""
+    torch.manual_seed(0)
+    one = RetrievalMemory(D, DK, C, M, K, TAU, query_block=5, eps=1e-5, write="pair").double()
+    torch.manual_seed(0)
+    three = RetrievalMemory(D, DK, C, M, K, TAU, query_block=5, eps=1e-5, write="pair", key_span=3).double()
+    h = torch.randn(2, 30, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(three(h)[0], one(h)[0], rtol=0, atol=0)
+
+
+def test_key_span_needs_its_tail() -> None:
+    mem = _memory("token", 3)
+    state = mem.init_state(1)
+    with pytest.raises(ValueError, match="memory_key_span"):
+        mem(torch.randn(1, 5, D, dtype=torch.float64), replace(state, tail=None))

@@ -151,12 +151,16 @@ def test_kill_during_save_keeps_previous(setup) -> None:
 
 
 def test_pair_memory_context_equals_one_stream(setup) -> None:
-    """A pair-mode memory saves the key its next entry takes beside the store: a context
-    ingested in windows that end mid-chunk, reloaded, continues exactly as one stream, and the
-    probe's first entry takes the carried key (zeros, were it dropped)."""
+    """A pair-mode memory with a key span saves the key its next entry takes and the inputs its
+    filter reaches back to beside the store: a context ingested in windows that end mid-chunk,
+    reloaded, continues exactly as one stream, and the probe's first entry takes the carried key
+    (zeros, were it dropped)."""
     root, files = setup
     torch.manual_seed(0)
-    pair = HorizonLM(HorizonConfig.preset("tiny", memory_capacity=4096, memory_write="pair", init_std=0.3))
+    pair = HorizonLM(HorizonConfig.preset("tiny", memory_capacity=4096, memory_write="pair", memory_key_span=4,
+                                          init_std=0.3))
+    with torch.no_grad():
+        pair.memory.span_filter.normal_()
     save_checkpoint(root / "pair", 1, pair, {"tokenizer": {"kind": "byte"}})
     ingest([str(f) for f in files[:2]], _cfg(root, checkpoint=str(root / "pair"), window=37))
     model = load_checkpoint(root / "pair").model.eval()
@@ -168,6 +172,7 @@ def test_pair_memory_context_equals_one_stream(setup) -> None:
         got, got_state = model(probe, state)
     torch.testing.assert_close(got, want[:, -probe.shape[1] :], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_state.memory.last_key, want_state.memory.last_key, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_state.memory.tail, want_state.memory.tail, rtol=1e-5, atol=1e-6)
     # The probe's first entry is keyed by the context's last byte: the carried key, not zeros.
     first = got_state.memory.store.keys[len(data)]  # (Dk,)
     torch.testing.assert_close(first, want_state.memory.keys[0, len(data)], rtol=1e-5, atol=1e-6)

@@ -54,14 +54,14 @@ class MemoryProbe:
         inside = (local >= 0) & (local < length)  # (B, P)
         if not bool(inside.any()):
             return
-        _, layout, new_keys, _, new_ids, queries, _ = module.project(h, state.pos, state.last_key)
-        keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
-        ids = torch.cat([state.chunk_ids, new_ids])  # (M+m,)
+        p = module.project(h, state.pos, state.last_key, state.tail)
+        keys = torch.cat([state.keys.to(p.keys.dtype), p.keys], dim=1)  # (B, M+m, Dk)
+        ids = torch.cat([state.chunk_ids, p.ids])  # (M+m,)
         _check_rebuilt(keys, ids, output[1])
         per_token = module.entries_per_chunk > 1  # one entry per token, stored in stream order up to pos + L
         first = state.pos + length - ids.numel()  # stream position of the oldest entry
         positions = torch.arange(first, state.pos + length, device=ids.device) if per_token else None  # (M+m,)
-        picked = memory_topk_ids(queries, keys, ids, layout.completed_before, module.capacity, module.top_k,
+        picked = memory_topk_ids(p.queries, keys, ids, p.layout.completed_before, module.capacity, module.top_k,
                                  module.query_block, positions)  # (B, L, K): positions, or chunk ids
         if picked.shape[-1] < module.top_k:
             picked = F.pad(picked, (0, module.top_k - picked.shape[-1]), value=-1)  # (B, L, K)

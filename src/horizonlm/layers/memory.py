@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from horizonlm.ops.causal_conv import causal_depthwise_conv
 from horizonlm.ops.chunks import ChunkLayout, chunk_layout
 from horizonlm.ops.memory_read import memory_read, visible_mask
 from horizonlm.state import MemoryState, StoreMemoryState
+
+
+class Projection(NamedTuple):
+    """What both read paths compute from a call's input (see :meth:`RetrievalMemory.project`)."""
+
+    hn: Tensor
+    """The normed input. (B, L, D)"""
+    layout: ChunkLayout
+    """Chunk positions of this call."""
+    keys: Tensor
+    """This call's entries' unit keys. (B, m, Dk)"""
+    values: Tensor
+    """This call's entries' values. (B, m, Dv)"""
+    ids: Tensor
+    """Each entry's chunk id. (m,)"""
+    queries: Tensor
+    """Every token's unit query. (B, L, Dk)"""
+    last_key: Tensor | None
+    """Pair mode: the key the next call's first entry takes. (B, 1, Dk)"""
+    tail: Tensor | None
+    """Key span n > 1: the last n-1 normed inputs, for the next call. (B, n-1, D)"""
 
 
 class RetrievalMemory(nn.Module):
@@ -25,7 +49,10 @@ class RetrievalMemory(nn.Module):
     the stream start; the last key is carried in the state), and its value from t: the entry
     says what followed a context, and a query built from token t meets keys built from tokens of
     the same kind, as an induction head does; a token-mode memory must first learn that shift
-    through W_k and W_q. Visibility is unchanged: a
+    through W_k and W_q. With a key span ``n > 1`` keys and queries are made from
+    ``c_t = sum_j w_j * norm(h_{t-j})``, j < n (a learned causal depthwise filter, which starts as
+    the identity ``c_t = norm(h_t)``) instead of ``norm(h_t)``, so a key names a few tokens of local
+    context; the last n-1 normed inputs are carried in the state. Visibility is unchanged: a
     token reads the entries of the last ``capacity`` chunks completed strictly before it, so the
     entries of its own, incomplete chunk wait in the state, invisible, until that chunk completes.
 
@@ -36,9 +63,10 @@ class RetrievalMemory(nn.Module):
     """
 
     def __init__(self, d_model: int, dim: int, chunk_size: int, capacity: int, top_k: int, tau: float,
-                 query_block: int, eps: float, write: str = "chunk") -> None:
+                 query_block: int, eps: float, write: str = "chunk", key_span: int = 1) -> None:
         super().__init__()
         self.write = write
+        self.key_span = key_span
         self.chunk_size = chunk_size
         self.capacity = capacity
         self.top_k = top_k
@@ -50,6 +78,9 @@ class RetrievalMemory(nn.Module):
         self.query = nn.Linear(d_model, dim, bias=False)
         self.gate = nn.Linear(d_model, d_model)
         self.out = nn.Linear(dim, d_model, bias=False)
+        # w_j of the key span's filter, tap n-1 on token t (see causal_conv): the identity at first.
+        self.span_filter = (nn.Parameter(F.one_hot(torch.full((d_model,), key_span - 1), key_span).float())
+                            if key_span > 1 else None)  # (D, n)
 
     @property
     def entries_per_chunk(self) -> int:
@@ -63,7 +94,17 @@ class RetrievalMemory(nn.Module):
         empty = torch.zeros(batch_size, 0, dim, dtype=weight.dtype, device=device)  # (B, 0, Dk)
         ids = torch.zeros(0, dtype=torch.long, device=device)  # (0,)
         return MemoryState(keys=empty, values=empty.clone(), chunk_ids=ids, pos=0,
-                           last_key=self.initial_last_key(batch_size, device))
+                           last_key=self.initial_last_key(batch_size, device),
+                           tail=self.initial_tail(batch_size, device))
+
+    def initial_tail(self, batch_size: int, device: torch.device | None = None) -> Tensor | None:
+        """Key span n > 1: the inputs before the stream start, zeros (as left padding); None otherwise."""
+        if self.span_filter is None:
+            return None
+        weight = self.key.weight
+        device = device or weight.device
+        shape = (batch_size, self.key_span - 1, weight.shape[1])
+        return torch.zeros(shape, dtype=weight.dtype, device=device)  # (B, n-1, D)
 
     def initial_last_key(self, batch_size: int, device: torch.device | None = None) -> Tensor | None:
         """Pair mode: the key of the stream's first entry (no token precedes it), zeros; None otherwise."""
@@ -79,20 +120,26 @@ class RetrievalMemory(nn.Module):
             state = self.init_state(h.shape[0], h.device)
         if isinstance(state, StoreMemoryState):
             return self._forward_store(h, state)
-        hn, layout, new_keys, new_values, new_ids, queries, last_key = self.project(h, state.pos, state.last_key)
-        if new_ids.numel() > 0:
-            keys = torch.cat([state.keys.to(new_keys.dtype), new_keys], dim=1)  # (B, M+m, Dk)
-            values = torch.cat([state.values.to(new_values.dtype), new_values], dim=1)  # (B, M+m, Dv)
-            ids = torch.cat([state.chunk_ids, new_ids])  # (M+m,)
+        p = self.project(h, state.pos, state.last_key, state.tail)
+        if p.ids.numel() > 0:
+            keys = torch.cat([state.keys.to(p.keys.dtype), p.keys], dim=1)  # (B, M+m, Dk)
+            values = torch.cat([state.values.to(p.values.dtype), p.values], dim=1)  # (B, M+m, Dv)
+            ids = torch.cat([state.chunk_ids, p.ids])  # (M+m,)
         else:  # chunk mode, no chunk ends here (most decode steps): the memory is read as it is, not copied
             keys, values, ids = state.keys, state.values, state.chunk_ids
-        read = memory_read(queries, keys, values, ids, layout.completed_before, self.capacity, self.top_k,
+        read = memory_read(p.queries, keys, values, ids, p.layout.completed_before, self.capacity, self.top_k,
                            self.tau, self.query_block)  # (B, L, Dv)
         keep = self._evicted(keys.shape[1], state.pos + h.shape[1])
         new_state = MemoryState(keys=keys[:, keep:].detach(), values=values[:, keep:].detach(),
-                                chunk_ids=ids[keep:], pos=state.pos + h.shape[1],
-                                last_key=None if last_key is None else last_key.detach())
-        return self._inject(h, hn, read), new_state
+                                chunk_ids=ids[keep:], pos=state.pos + h.shape[1], **self._carried(p))
+        return self._inject(h, p.hn, read), new_state
+
+    @staticmethod
+    def _carried(p: Projection) -> dict[str, Tensor | None]:
+        """What the next call needs from this one besides the entries, detached (no gradient
+        crosses windows)."""
+        return {"last_key": None if p.last_key is None else p.last_key.detach(),
+                "tail": None if p.tail is None else p.tail.detach()}
 
     def _evicted(self, entries: int, end: int) -> int:
         """How many of the oldest ``entries`` to drop after a call that ends at stream position
@@ -105,28 +152,36 @@ class RetrievalMemory(nn.Module):
         first = max(0, end // self.chunk_size - self.capacity) * self.chunk_size  # first position kept
         return max(0, entries - (end - first))
 
-    def project(self, h: Tensor, pos: int, last_key: Tensor | None = None
-                ) -> tuple[Tensor, ChunkLayout, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    def project(self, h: Tensor, pos: int, last_key: Tensor | None = None,
+                tail: Tensor | None = None) -> Projection:
         """What both read paths compute from ``h``: the normed input, the chunk layout of this
         call, this call's entries with their chunk ids (chunk mode: one per chunk that ends in
         the call; token and pair mode: one per token, tagged with the chunk it lies in), every
-        token's query, and (pair mode) the key the next call's first entry takes. ``last_key``
-        is that key from the call before (pair mode). Returns hn (B, L, D), layout, keys
-        (B, m, Dk), values (B, m, Dv), ids (m,), queries (B, L, Dk), last key (B, 1, Dk) or None."""
+        token's query, and what the next call needs: (pair mode) the key its first entry takes,
+        (key span n > 1) the last n-1 normed inputs. ``last_key`` and ``tail`` are those from the
+        call before."""
         layout = chunk_layout(pos, h.shape[1], self.chunk_size, h.device)
         hn = self.norm(h)  # (B, L, D)
+        context, new_tail = hn, None
+        if self.span_filter is not None:
+            if tail is None:
+                raise ValueError(f"memory_key_span={self.key_span} needs the inputs of the call before (state.tail)")
+            context = causal_depthwise_conv(hn, tail.to(hn.dtype), self.span_filter.to(hn.dtype))  # (B, L, D)
+            new_tail = torch.cat([tail.to(hn.dtype), hn], dim=1)[:, -(self.key_span - 1):]  # (B, n-1, D)
         if self.write == "chunk":
-            writers, new_ids = hn[:, layout.ends], layout.chunk_ids  # (B, m, D), (m,)
+            keyed, valued = context[:, layout.ends], hn[:, layout.ends]  # (B, m, D) twice
+            new_ids = layout.chunk_ids  # (m,)
         else:
-            writers, new_ids = hn, layout.completed_before  # (B, L, D), (L,): (pos + t) // C, token t's chunk
-        new_keys = F.normalize(self.key(writers), dim=-1)  # (B, m, Dk)
-        new_values = self.value(writers)  # (B, m, Dv)
-        queries = F.normalize(self.query(hn), dim=-1)  # (B, L, Dk)
+            keyed, valued, new_ids = context, hn, layout.completed_before  # (B, L, D) twice, (L,): token t's chunk
+        new_keys = F.normalize(self.key(keyed), dim=-1)  # (B, m, Dk)
+        new_values = self.value(valued)  # (B, m, Dv)
+        queries = F.normalize(self.query(context), dim=-1)  # (B, L, Dk)
         if self.write == "pair":
             if last_key is None:
                 raise ValueError("memory_write='pair' needs the last key of the call before (state.last_key)")
             new_keys, last_key = torch.cat([last_key.to(new_keys.dtype), new_keys[:, :-1]], dim=1), new_keys[:, -1:]
-        return hn, layout, new_keys, new_values, new_ids, queries, last_key if self.write == "pair" else None
+        return Projection(hn, layout, new_keys, new_values, new_ids, queries,
+                          last_key if self.write == "pair" else None, new_tail)
 
     def _inject(self, h: Tensor, hn: Tensor, read: Tensor) -> Tensor:
         """The gated add ``h + sigmoid(W_g norm(h)) * W_o r``. read: (B, L, Dv) -> (B, L, D)."""
@@ -152,8 +207,9 @@ class RetrievalMemory(nn.Module):
             raise ValueError(f"memory_write={self.write!r} needs a memory store that never evicts (capacity 0 or "
                              f"policy keep_all), got a FIFO store of capacity {store.config.capacity}: it would "
                              "drop tokens, not whole chunks, and read other entries than the in-state memory")
-        hn, layout, new_keys, new_values, new_ids, queries, last_key = self.project(h, state.pos, state.last_key)
-        new_keys, new_values, queries = new_keys[0].float(), new_values[0].float(), queries[0].float()  # (m, Dk)
+        p = self.project(h, state.pos, state.last_key, state.tail)
+        layout, new_ids = p.layout, p.ids
+        new_keys, new_values, queries = p.keys[0].float(), p.values[0].float(), p.queries[0].float()  # (m, Dk)
         window = store.config.capacity or 1 << 62
         hidden = new_ids.numel() if self.write == "chunk" else state.pos % self.chunk_size
         reads = []
@@ -164,8 +220,8 @@ class RetrievalMemory(nn.Module):
         read = torch.cat(reads, dim=0)  # (L, Dv)
         store.add(new_keys, new_values, new_ids)
         new_state = StoreMemoryState(store=store, entries=store.first_id + len(store), pos=state.pos + h.shape[1],
-                                     last_key=None if last_key is None else last_key.detach())
-        return self._inject(h, hn, read.unsqueeze(0)), new_state
+                                     **self._carried(p))
+        return self._inject(h, p.hn, read.unsqueeze(0)), new_state
 
     def _read_store_block(self, store, q: Tensor, seen: Tensor, new_ids: Tensor, new_keys: Tensor,
                           new_values: Tensor, window: int, hidden: int) -> Tensor:
