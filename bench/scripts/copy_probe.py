@@ -8,6 +8,10 @@ accuracy. Writes a JSON curve; used to tell "cannot" from "not yet" for the pass
 
     python bench/scripts/copy_probe.py --steps 9000 --out bench/results/passkey_cpu_probe.json
     python bench/scripts/copy_probe.py --plot A.json B.json --out curves.png
+
+``--save DIR`` keeps the trained model as a checkpoint, so ``horizon passkey --checkpoint DIR``
+can ask it for keys in longer prompts than it was trained on; ``--init DIR`` continues from one
+(e.g. with longer windows).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from horizonlm import HorizonConfig, HorizonLM
+from horizonlm.checkpoint import load_checkpoint, save_checkpoint
 from horizonlm.data.needles import needle, question
 from horizonlm.data.sources import shakespeare
 from horizonlm.fileio import atomic_write_json
@@ -86,14 +91,20 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="results JSON (with --plot: the PNG)")
     p.add_argument("--plot", nargs="+", help="plot these probe results instead of training")
+    p.add_argument("--save", help="checkpoint folder for the trained model (must not exist yet)")
+    p.add_argument("--init", help="start from this checkpoint (a curriculum: short windows first) instead of "
+                                  "--preset/--overrides")
     args = p.parse_args()
     if args.plot:
         plot(args.plot, args.out)
         return
+    if args.save and Path(args.save).exists():
+        p.error(f"{args.save} exists; choose another --save folder")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     text = np.frombuffer(shakespeare().splits["train"], dtype=np.uint8)
-    model = HorizonLM(HorizonConfig.preset(args.preset, **json.loads(args.overrides)))
+    model = (load_checkpoint(args.init).model if args.init
+             else HorizonLM(HorizonConfig.preset(args.preset, **json.loads(args.overrides))))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     held_x, held_y = batch(text, np.random.default_rng(10_000 + args.seed), 128, args.length)
@@ -116,6 +127,8 @@ def main() -> None:
             print(json.dumps(curve[-1]), flush=True)
             atomic_write_json(args.out, result)
         if step == args.steps:
+            if args.save:
+                save_checkpoint(args.save, step, model, {"tokenizer": {"kind": "byte"}})
             break
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 50)
