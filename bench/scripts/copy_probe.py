@@ -65,7 +65,7 @@ def plot(paths: list[str], out: str) -> None:
     for path in paths:
         result = json.loads(open(path).read())
         steps = [r["step"] for r in result["curve"]]
-        label = result["args"]["overrides"]
+        label = Path(path).stem  # the file names what was run; its overrides are in the JSON
         ax.plot(steps, [r["digit"] for r in result["curve"]], label=f"digits right {label}")
         ax.plot(steps, [r["exact"] for r in result["curve"]], "--", label=f"exact {label}")
     ax.axhline(0.1, color="grey", lw=0.8)
