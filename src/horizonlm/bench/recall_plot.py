@@ -1,7 +1,9 @@
 """The figure of ``horizon bench recall``, drawn from every entry of the results file: rung 1
 accuracy against width (one panel per test cell) and its hit rate against width; rung 2
 accuracy and hit rate against the gap (dashed: the hit rate of a random read; dotted: how
-often the read took the answer token's own entry, where every token writes one)."""
+often the read took the answer token's own entry, where every token writes one). Entries
+measured on different devices (a GPU, this CPU) get panels of their own, titled by device:
+their budgets differ, and one panel of both would compare what is not comparable."""
 
 from __future__ import annotations
 
@@ -50,23 +52,30 @@ def _rung2(key: str):
     return point
 
 
+def _device(entry: dict[str, Any]) -> str:
+    """Where an entry was measured, as its environment records it."""
+    return str(entry.get("environment", {}).get("device") or "unknown device")
+
+
 def _panels(entries: list[dict[str, Any]]) -> list[tuple[str, str, str, Any, Any, Any]]:
-    """(title, x label, y label, series, dashed series, dotted series) of every panel that has data."""
-    rung1 = [e for e in entries if e["rung"] == 1]
-    rung2 = [e for e in entries if e["rung"] == 2]
+    """(title, x label, y label, series, dashed series, dotted series) of every panel that has
+    data, the panels of each device together."""
     panels = []
-    for seq_len, pairs in sorted({(c["seq_len"], c["pairs"]) for e in rung1 for c in e["cells"]}):
-        panels.append((f"rung 1: L={seq_len}, {pairs} pairs", "width", "accuracy",
-                       _by_series(rung1, _rung1_cell(seq_len, pairs)), {}, {}))
-    if rung1:
-        panels.append(("rung 1: retrieval hit rate", "width", "hit rate (mean over cells)",
-                       _by_series(rung1, _rung1_hits), {}, {}))
-    if rung2:
-        panels.append(("rung 2: cross-window recall", "gap (tokens)", "accuracy",
-                       _by_series(rung2, _rung2("accuracy")), {}, {}))
-        panels.append(("rung 2: retrieval hit rate", "gap (tokens)", "hit rate",
-                       _by_series(rung2, _rung2("hit_rate")), _by_series(rung2, _rung2("hit_chance")),
-                       _by_series(rung2, _rung2("entry_hit_rate"))))
+    for device in sorted({_device(e) for e in entries}):
+        rung1 = [e for e in entries if e["rung"] == 1 and _device(e) == device]
+        rung2 = [e for e in entries if e["rung"] == 2 and _device(e) == device]
+        for seq_len, pairs in sorted({(c["seq_len"], c["pairs"]) for e in rung1 for c in e["cells"]}):
+            panels.append((f"{device}, rung 1: L={seq_len}, {pairs} pairs", "width", "accuracy",
+                           _by_series(rung1, _rung1_cell(seq_len, pairs)), {}, {}))
+        if rung1:
+            panels.append((f"{device}, rung 1: retrieval hit rate", "width", "hit rate (mean over cells)",
+                           _by_series(rung1, _rung1_hits), {}, {}))
+        if rung2:
+            panels.append((f"{device}, rung 2: cross-window recall", "gap (tokens)", "accuracy",
+                           _by_series(rung2, _rung2("accuracy")), {}, {}))
+            panels.append((f"{device}, rung 2: retrieval hit rate", "gap (tokens)", "hit rate",
+                           _by_series(rung2, _rung2("hit_rate")), _by_series(rung2, _rung2("hit_chance")),
+                           _by_series(rung2, _rung2("entry_hit_rate"))))
     return panels
 
 
@@ -92,6 +101,7 @@ def plot_recall(results: dict[str, Any], path: Path) -> None:
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (title, xlabel, ylabel, lines, dashed, dotted) in zip(axes.flat, panels):
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # up to 20 series before a colour repeats
         for name, points in lines.items():
             drawn = ax.plot(*zip(*points), marker="o", label=name)
             if name in dashed:
