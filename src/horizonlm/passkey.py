@@ -290,7 +290,7 @@ def plot_passkey(results: dict[str, Any], path: Path) -> None:
             if c["status"] == "ok":
                 grid[depths.index(c["depth"]), lengths.index(c["length"])] = c["accuracy"]
         ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("depth")
