@@ -112,7 +112,7 @@ def load_context(folder: str | Path, model: HorizonLM, device: torch.device | st
     except (SafetensorError, OSError, RuntimeError) as err:
         raise HorizonError(f"saved context {folder} cannot be read: {err}") from err
     carried = {field: tensors.pop(name, None) for name, field in CARRIED.items()}
-    expected = {"last_key": model.memory.initial_last_key(1), "tail": model.memory.initial_tail(1)}
+    expected = model.memory.initial_carried(1)
     for field, tensor in carried.items():
         if (tensor is None) != (expected[field] is None):
             raise HorizonError(f"saved context {folder}: the memory's {field} is "

@@ -114,9 +114,7 @@ class HorizonLM(nn.Module):
                 raise ValueError(f"a store-backed memory serves batch_size=1, got {batch_size}")
             else:
                 store = MemoryStore(self.config.memory_dim, self.config.memory_dim, store_config, device)
-                memory = StoreMemoryState(store=store, entries=0, pos=0,
-                                          last_key=self.memory.initial_last_key(1, device),
-                                          tail=self.memory.initial_tail(1, device))
+                memory = StoreMemoryState(store=store, entries=0, pos=0, **self.memory.initial_carried(1, device))
         return HorizonState(
             pos=0,
             blocks=tuple(block.init_state(batch_size, device) for block in self.blocks),

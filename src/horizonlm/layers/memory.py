@@ -94,25 +94,21 @@ class RetrievalMemory(nn.Module):
         empty = torch.zeros(batch_size, 0, dim, dtype=weight.dtype, device=device)  # (B, 0, Dk)
         ids = torch.zeros(0, dtype=torch.long, device=device)  # (0,)
         return MemoryState(keys=empty, values=empty.clone(), chunk_ids=ids, pos=0,
-                           last_key=self.initial_last_key(batch_size, device),
-                           tail=self.initial_tail(batch_size, device))
+                           **self.initial_carried(batch_size, device))
 
-    def initial_tail(self, batch_size: int, device: torch.device | None = None) -> Tensor | None:
-        """Key span n > 1: the inputs before the stream start, zeros (as left padding); None otherwise."""
-        if self.span_filter is None:
-            return None
+    def initial_carried(self, batch_size: int, device: torch.device | None = None) -> dict[str, Tensor | None]:
+        """What a memory state carries besides its entries, at the stream start, by field name:
+        ``last_key`` (pair mode: the key of the first entry, which no token precedes) and
+        ``tail`` (key span n > 1: the inputs before the start, as left padding), zeros where the
+        memory has them, None where it does not. The in-state and the store-backed state share it."""
         weight = self.key.weight
         device = device or weight.device
-        shape = (batch_size, self.key_span - 1, weight.shape[1])
-        return torch.zeros(shape, dtype=weight.dtype, device=device)  # (B, n-1, D)
-
-    def initial_last_key(self, batch_size: int, device: torch.device | None = None) -> Tensor | None:
-        """Pair mode: the key of the stream's first entry (no token precedes it), zeros; None otherwise."""
-        if self.write != "pair":
-            return None
-        weight = self.key.weight
-        device = device or weight.device
-        return torch.zeros(batch_size, 1, weight.shape[0], dtype=weight.dtype, device=device)  # (B, 1, Dk)
+        dim_key, dim_in = weight.shape
+        last_key = (torch.zeros(batch_size, 1, dim_key, dtype=weight.dtype, device=device)  # (B, 1, Dk)
+                    if self.write == "pair" else None)
+        tail = (torch.zeros(batch_size, self.key_span - 1, dim_in, dtype=weight.dtype, device=device)  # (B, n-1, D)
+                if self.span_filter is not None else None)
+        return {"last_key": last_key, "tail": tail}
 
     def forward(self, h: Tensor, state: MemoryState | StoreMemoryState | None = None
                 ) -> tuple[Tensor, MemoryState | StoreMemoryState]:
@@ -166,8 +162,10 @@ class RetrievalMemory(nn.Module):
         if self.span_filter is not None:
             if tail is None:
                 raise ValueError(f"memory_key_span={self.key_span} needs the inputs of the call before (state.tail)")
-            context = causal_depthwise_conv(hn, tail.to(hn.dtype), self.span_filter.to(hn.dtype))  # (B, L, D)
-            new_tail = torch.cat([tail.to(hn.dtype), hn], dim=1)[:, -(self.key_span - 1):]  # (B, n-1, D)
+            tail = tail.to(hn.dtype)  # (B, n-1, D)
+            context = causal_depthwise_conv(hn, tail, self.span_filter.to(hn.dtype))  # (B, L, D)
+            # The last n-1 inputs: the tail's newest rows where this call is shorter than n-1.
+            new_tail = torch.cat([tail[:, hn.shape[1]:], hn[:, -(self.key_span - 1):]], dim=1)  # (B, n-1, D)
         if self.write == "chunk":
             keyed, valued = context[:, layout.ends], hn[:, layout.ends]  # (B, m, D) twice
             new_ids = layout.chunk_ids  # (m,)
