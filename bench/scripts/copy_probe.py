@@ -11,7 +11,7 @@ accuracy. Writes a JSON curve; used to tell "cannot" from "not yet" for the pass
 
 ``--save DIR`` keeps the trained model as a checkpoint, so ``horizon passkey --checkpoint DIR``
 can ask it for keys in longer prompts than it was trained on; ``--init DIR`` continues from one
-(e.g. with longer windows).
+(e.g. with longer windows). An existing ``--out`` is kept unless ``--replace`` is given.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from horizonlm import HorizonConfig, HorizonLM
 from horizonlm.checkpoint import load_checkpoint, save_checkpoint
 from horizonlm.data.needles import needle, question
 from horizonlm.data.sources import shakespeare
+from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json
 
 
@@ -94,7 +95,10 @@ def main() -> None:
     p.add_argument("--save", help="checkpoint folder for the trained model (must not exist yet)")
     p.add_argument("--init", help="start from this checkpoint (a curriculum: short windows first) instead of "
                                   "--preset/--overrides")
+    p.add_argument("--replace", action="store_true", help="overwrite an existing --out")
     args = p.parse_args()
+    if Path(args.out).exists() and not args.replace:
+        p.error(f"{args.out} exists; pass --replace to overwrite it, or choose another --out")
     if args.plot:
         plot(args.plot, args.out)
         return
@@ -103,8 +107,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     text = np.frombuffer(shakespeare().splits["train"], dtype=np.uint8)
-    model = (load_checkpoint(args.init).model if args.init
-             else HorizonLM(HorizonConfig.preset(args.preset, **json.loads(args.overrides))))
+    try:
+        model = (load_checkpoint(args.init).model if args.init
+                 else HorizonLM(HorizonConfig.preset(args.preset, **json.loads(args.overrides))))
+    except (HorizonError, ValueError) as err:  # no checkpoint, bad JSON or settings: say so, train nothing
+        p.error(str(err))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     held_x, held_y = batch(text, np.random.default_rng(10_000 + args.seed), 128, args.length)
