@@ -5,12 +5,7 @@
 # own 2-point learning-rate sweep (15 s per rate) and the same 2.5-minute budget.
 # Results: $1/recall_gpu.json, written after every scored cell; logs beside it, appended to.
 set -uo pipefail
-out=$1
-horizon="python3 -m horizonlm.cli"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt"
-# Entries record HORIZON_COMMIT as their commit: set it where the checkout's .git is not the code
-# that runs (a copied working tree); otherwise `git rev-parse HEAD` is used.
-export HORIZON_COMMIT=${HORIZON_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+source "$(dirname "$0")/recall_gpu_setup.sh" "$1"
 common=(--rungs 1 --widths 128 --layers 2 --cells 256:16,512:32,1024:64 --vocab-size 8192
         --lrs 0.001,0.003 --batch-size 64 --sweep-minutes 0.25 --minutes 2.5 --out "$out/recall_gpu.json")
 $horizon bench recall "${common[@]}" --models horizon_pair_memory --label gpu-pair-c16-k32 \

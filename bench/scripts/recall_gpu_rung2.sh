@@ -7,12 +7,7 @@
 # contrast); the pair memory with width-32 keys, read one, to 256K (the control for the width).
 # Results: $1/recall_gpu.json, written after every scored cell; logs beside it, appended to.
 set -uo pipefail
-out=$1
-horizon="python3 -m horizonlm.cli"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt"
-# Entries record HORIZON_COMMIT as their commit: set it where the checkout's .git is not the code
-# that runs (a copied working tree); otherwise `git rev-parse HEAD` is used.
-export HORIZON_COMMIT=${HORIZON_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+source "$(dirname "$0")/recall_gpu_setup.sh" "$1"
 common=(--rungs 2 --cross-width 64 --cross-pairs 16 --vocab-size 512 --window 256 --train-gaps 0,128,512
         --lrs 0.001,0.003 --sweep-steps 150 --sweep-minutes 0 --steps 2500 --minutes 1.5 --batch-size 32
         --cross-eval-sequences 16 --eval-batch 16 --out "$out/recall_gpu.json")
