@@ -25,6 +25,8 @@ from .conftest import make_horizon, make_transformer
         (dict(ssm_gate="glu"), "ssm_gate"),
         (dict(memory_write="tokens"), "memory_write"),
         (dict(memory_key_span=0), "memory_key_span"),
+        (dict(memory_tie_query=True), "memory_tie_query"),
+        (dict(memory_tie_query=1, memory_write="pair"), "memory_tie_query"),
         (dict(ssm_chunk=100), "ssm_chunk"),
         (dict(ssm_chunk=2048), "ssm_chunk"),
         (dict(ssm_chunk=0), "ssm_chunk"),

@@ -35,19 +35,21 @@ class Oracle(nn.Module):
         self.wrong = wrong
 
     def forward(self, tokens: torch.Tensor, state=None):
-        seen = (state or b"") + bytes(tokens[0].tolist())
-        text = seen.decode("utf-8", errors="replace")
-        asked = re.search(r"What is the pass key(?: for the (\w+) door)?\? The pass key(?: for the \w+ door)? is(.*)$", text)
-        nxt = ord(" ")
-        if asked:
-            door, answered = asked.group(1), asked.group(2)
-            pattern = rf"pass key for the {door} door is (\d{{5}})" if door else r"pass key is (\d{5})"
-            key = "00000" if self.wrong else re.search(pattern, text).group(1)
-            reply = " " + key + "."
-            nxt = ord(reply[len(answered)]) if len(answered) < len(reply) else ord(".")
-        logits = torch.full((1, tokens.shape[1], 256), -1e9)
-        logits[0, -1, nxt] = 0
+        seen = [(old + bytes(row)) for old, row in zip(state or [b""] * tokens.shape[0], tokens.tolist())]
+        logits = torch.full((tokens.shape[0], tokens.shape[1], 256), -1e9)  # (B, T, V)
+        for row, text in enumerate(seen):
+            logits[row, -1, self._next(text.decode("utf-8", errors="replace"))] = 0
         return logits, seen
+
+    def _next(self, text: str) -> int:
+        asked = re.search(r"What is the pass key(?: for the (\w+) door)?\? The pass key(?: for the \w+ door)? is(.*)$", text)
+        if not asked:
+            return ord(" ")
+        door, answered = asked.group(1), asked.group(2)
+        pattern = rf"pass key for the {door} door is (\d{{5}})" if door else r"pass key is (\d{5})"
+        key = "00000" if self.wrong else re.search(pattern, text).group(1)
+        reply = " " + key + "."
+        return ord(reply[len(answered)]) if len(answered) < len(reply) else ord(".")
 
 
 @pytest.mark.parametrize("keys", [1, 4])
@@ -60,14 +62,41 @@ def test_prompt_has_exact_length_and_one_asked_key(keys: int) -> None:
         assert prompt.count(b"Remember it.") == keys
 
 
-def test_oracle_scores_100_and_wrong_model_0() -> None:
-    cfg = PasskeyConfig(lengths="1024,4096", depths="0,50,100", trials=3, window=1000, keys=4)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_oracle_scores_100_and_wrong_model_0(batch: int) -> None:
+    cfg = PasskeyConfig(lengths="1024,4096", depths="0,50,100", trials=3, window=1000, keys=4, batch=batch)
     right = run_passkey(Oracle(), HAYSTACK, cfg, torch.device("cpu"), "oracle")
     wrong = run_passkey(Oracle(wrong=True), HAYSTACK, cfg, torch.device("cpu"), "wrong")
     assert {c["accuracy"] for c in right["cells"]} == {1.0}
     assert {c["accuracy"] for c in wrong["cells"]} == {0.0}
     assert {c["digit_accuracy"] for c in right["cells"]} == {1.0}
     assert all(c["examples"][0][1].startswith(f" {c['examples'][0][0]}.") for c in right["cells"])
+
+
+def test_trials_side_by_side_answer_as_one_at_a_time() -> None:
+    """A real model (tiny preset, memory on): feeding a cell's trials as one batch gives every
+    trial the reply it gets alone, so ``batch`` changes the speed, never the score."""
+    torch.manual_seed(0)
+    model = HorizonLM(HorizonConfig.preset("tiny"))
+    alone = run_passkey(model, HAYSTACK, PasskeyConfig(lengths="700", depths="0,100", trials=3, window=256,
+                                                       progress=False), torch.device("cpu"), "tiny")
+    together = run_passkey(model, HAYSTACK, PasskeyConfig(lengths="700", depths="0,100", trials=3, window=256,
+                                                          batch=3, progress=False), torch.device("cpu"), "tiny")
+    assert [c["examples"] for c in alone["cells"]] == [c["examples"] for c in together["cells"]]
+
+
+def test_read_topk_sets_the_memory_read_and_refuses_a_model_without_memory() -> None:
+    from horizonlm import TransformerConfig, TransformerLM
+    from horizonlm.errors import HorizonError
+    from horizonlm.passkey import set_read_topk
+
+    model = HorizonLM(HorizonConfig.preset("tiny"))
+    set_read_topk(model, 1)
+    assert model.memory.top_k == 1
+    with pytest.raises(HorizonError, match="memory_capacity"):
+        set_read_topk(model, model.memory.capacity + 1)
+    with pytest.raises(HorizonError, match="has none"):
+        set_read_topk(TransformerLM(TransformerConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden=32)), 1)
 
 
 def test_scoring() -> None:

@@ -317,12 +317,14 @@ def cmd_passkey(args: argparse.Namespace) -> int:
         results_path,
         run_passkey,
         save_results,
+        set_read_topk,
     )
 
     cfg = build_config(PasskeyConfig, args)
     device = resolve_device(cfg.device)
     ckpt = load_checkpoint(cfg.checkpoint)
     require_byte_level(ckpt.info.get("tokenizer", {}), f"passkey prompts are raw bytes; checkpoint {ckpt.path}")
+    set_read_topk(ckpt.model, cfg.read_topk)
     label = cfg.label or ckpt.info["kind"]
     out = results_path(cfg, ckpt.path)
     check_new_entry(out, entry_name(label, cfg.keys), cfg.overwrite)

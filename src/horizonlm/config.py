@@ -80,6 +80,12 @@ class HorizonConfig:
     depthwise filter: a query sees tokens t-n+1..t, a pair key t-n..t-1. 1 keys on one token (an
     exact lookup); a few give every key local context, with no long-range state in it, for text
     where one token does not name a place (a passkey in prose). Values always come from token t."""
+    memory_tie_query: bool = False
+    """Queries use the key projection (W_q = W_k); only with ``memory_write=pair``. A query is then
+    the key its own context would make, so a context seen before (the same n tokens of the key
+    span) scores exactly 1 against the entry that followed it, however far back, with nothing to
+    learn; untied, W_q must learn to meet W_k for each kind of context (a passkey's first digit,
+    after "is ", never was)."""
     memory_tau: float = 10.0
     """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
     memory_query_block: int = 1024
@@ -125,6 +131,11 @@ class HorizonConfig:
         _require(self.memory_topk <= self.memory_capacity, "memory_topk",
                  f"must not exceed memory_capacity={self.memory_capacity}", self.memory_topk)
         _require(self.memory_tau > 0, "memory_tau", "must be positive", self.memory_tau)
+        _require(isinstance(self.memory_tie_query, bool), "memory_tie_query", "must be true or false",
+                 self.memory_tie_query)
+        _require(not self.memory_tie_query or self.memory_write == "pair", "memory_tie_query",
+                 "needs memory_write='pair' (a tied query in chunk or token mode finds its own kind of "
+                 "entry, not what followed it)", self.memory_tie_query)
         _require(self.norm_eps > 0, "norm_eps", "must be positive", self.norm_eps)
         _require(self.init_std > 0, "init_std", "must be positive", self.init_std)
         if self.global_layer is not None:

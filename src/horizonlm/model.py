@@ -91,7 +91,7 @@ class HorizonLM(nn.Module):
                            if config.use_supervisor else None)
         self.memory = (RetrievalMemory(config.d_model, config.memory_dim, config.chunk_size, config.memory_capacity,
                                        config.memory_topk, config.memory_tau, config.memory_query_block, config.norm_eps,
-                                       config.memory_write, config.memory_key_span)
+                                       config.memory_write, config.memory_key_span, config.memory_tie_query)
                        if config.use_memory else None)
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)

@@ -51,6 +51,11 @@ class PasskeyConfig:
     """Seed of keys, offsets and the other keys' depths."""
     window: int = 65536
     """Prompt tokens fed per call."""
+    batch: int = 1
+    """Trials of a cell fed side by side (they share the length); more fill a GPU better."""
+    read_topk: int = 0
+    """Entries each memory read takes while answering (0: as the model was trained); 1 reads only
+    the best match. A HorizonLM with memory only."""
     max_length: int = 0
     """Skip cells longer than this (0: none); reported as not run."""
     label: str = ""
@@ -68,10 +73,10 @@ class PasskeyConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.keys <= len(DOORS):
             raise ValueError(f"keys must be in [1, {len(DOORS)}], got {self.keys}")
-        for name in ("trials", "window"):
+        for name in ("trials", "window", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_length", "seed"):
+        for name in ("max_length", "seed", "read_topk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -124,21 +129,36 @@ def build_prompt(haystack: bytes, length: int, depth: float, n_keys: int, rng: r
 
 
 @torch.no_grad()
-def answer(model: nn.Module, prompt: bytes, window: int, device: torch.device, new_tokens: int = 8) -> str:
-    """Feed the prompt in windows with the state carried, then decode greedily."""
+def answer(model: nn.Module, prompts: list[bytes], window: int, device: torch.device,
+           new_tokens: int = 8) -> list[str]:
+    """Feed prompts of one length side by side in windows with the state carried, then decode
+    each greedily."""
     state, logits = None, None
-    data = np.frombuffer(prompt, dtype=np.uint8)
+    data = np.stack([np.frombuffer(p, dtype=np.uint8) for p in prompts])  # (B, T)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
-        for start in range(0, len(data), window):
-            x = torch.from_numpy(data[start : start + window].astype(np.int64)).unsqueeze(0).to(device)  # (1, T)
+        for start in range(0, data.shape[1], window):
+            x = torch.from_numpy(data[:, start : start + window].astype(np.int64)).to(device)  # (B, T)
             logits, state = model(x, state)
         out = []
         for _ in range(new_tokens):
-            token = logits[:, -1].float().argmax(-1, keepdim=True)  # (1, 1)
-            out.append(int(token))
+            token = logits[:, -1].float().argmax(-1, keepdim=True)  # (B, 1)
+            out.append(token)
             logits, state = model(token, state)
-    return bytes(out).decode("utf-8", errors="replace")
+    replies = torch.cat(out, dim=1).tolist()  # B lists of new_tokens ints
+    return [bytes(reply).decode("utf-8", errors="replace") for reply in replies]
+
+
+def set_read_topk(model: nn.Module, top_k: int) -> None:
+    """Make every memory read take ``top_k`` entries (0: leave it as trained)."""
+    if not top_k:
+        return
+    memory = getattr(model, "memory", None)
+    if memory is None:
+        raise HorizonError(f"read_topk={top_k} needs a HorizonLM with its memory; this model has none")
+    if top_k > memory.capacity:
+        raise HorizonError(f"read_topk={top_k} exceeds the model's memory_capacity={memory.capacity}")
+    memory.top_k = top_k
 
 
 def score(reply: str, key: int) -> bool:
@@ -179,23 +199,24 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
               depth: int, bar: tqdm) -> dict[str, Any]:
     """``cfg.trials`` prompts of one length with the asked key at one depth, scored."""
     rng = random.Random(f"{cfg.seed}-{length}-{depth}-{cfg.keys}")
-    correct, digits, seconds, examples = 0, 0, [], []
-    for _ in range(cfg.trials):
-        prompt, key = build_prompt(haystack, length, depth, cfg.keys, rng)
-        t0 = time.perf_counter()
+    asked = [build_prompt(haystack, length, depth, cfg.keys, rng) for _ in range(cfg.trials)]
+    replies, t0 = [], time.perf_counter()
+    for first in range(0, len(asked), cfg.batch):
+        group = asked[first : first + cfg.batch]
         try:
-            reply = answer(model, prompt, cfg.window, device)
+            replies += answer(model, [prompt for prompt, _ in group], cfg.window, device)
         except torch.cuda.OutOfMemoryError:
             return {"length": length, "depth": depth, "status": "OOM"}
-        seconds.append(time.perf_counter() - t0)
-        correct += score(reply, key)
-        digits += digits_right(reply, key)
-        examples.append([key, reply])
-        bar.update(1)
+        bar.update(len(group))
+    seconds = time.perf_counter() - t0
+    keys = [key for _, key in asked]
+    correct = sum(score(reply, key) for reply, key in zip(replies, keys))
+    digits = sum(digits_right(reply, key) for reply, key in zip(replies, keys))
+    examples = [[key, reply] for key, reply in zip(keys, replies)]
     bar.set_postfix(last=f"{length // 1024}K at {depth}%: {correct}/{cfg.trials}")
     return {"length": length, "depth": depth, "status": "ok", "trials": cfg.trials, "accuracy": correct / cfg.trials,
-            "digit_accuracy": digits / (5 * cfg.trials), "seconds_per_trial": sum(seconds) / len(seconds),
-            "examples": examples[:3]}
+            "digit_accuracy": digits / (5 * cfg.trials), "seconds_per_trial": seconds / cfg.trials,
+            "examples": examples}
 
 
 def format_table(name: str, entry: dict[str, Any]) -> str:

@@ -17,10 +17,11 @@ from horizonlm.ops.reference import memory_read_ref
 C, D, DK, M, K, TAU = 4, 6, 5, 3, 3, 5.0
 
 
-def _memory(write: str = "token", span: int = 1) -> RetrievalMemory:
+def _memory(write: str = "token", span: int = 1, tie: bool = False, capacity: int = M, top_k: int = K) -> RetrievalMemory:
     """A memory in float64; with a key span, its filter drawn at random (it starts as the identity)."""
     torch.manual_seed(0)
-    mem = RetrievalMemory(D, DK, C, M, K, TAU, query_block=5, eps=1e-5, write=write, key_span=span).double()
+    mem = RetrievalMemory(D, DK, C, capacity, top_k, TAU, query_block=5, eps=1e-5, write=write, key_span=span,
+                          tie_query=tie).double()
     if mem.span_filter is not None:
         with torch.no_grad():
             mem.span_filter.normal_()
@@ -221,3 +222,45 @@ def test_key_span_needs_its_tail() -> None:
     state = mem.init_state(1)
     with pytest.raises(ValueError, match="memory_key_span"):
         mem(torch.randn(1, 5, D, dtype=torch.float64), replace(state, tail=None))
+
+
+@pytest.mark.parametrize("span", [1, 3])
+def test_tied_query_is_the_untied_memory_with_w_q_set_to_w_k(span: int) -> None:
+    """A tied memory reads, streams and carries exactly as an untied one whose W_q is a copy of
+    W_k, and W_k's gradient is the sum of the untied W_k's and W_q's (one matrix, two uses)."""
+    tied = _memory("pair", span, tie=True)
+    untied = _memory("pair", span)
+    assert tied.query is None
+    with torch.no_grad():
+        untied.load_state_dict(tied.state_dict(), strict=False)
+        untied.query.weight.copy_(tied.key.weight)
+    h = torch.randn(2, 30, D, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    sizes = [7, 1, 22]
+    got, got_state = _stream(tied, h, sizes)
+    want, want_state = _stream(untied, h, sizes)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_state.keys, want_state.keys, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_state.last_key, want_state.last_key, rtol=1e-12, atol=1e-12)
+    got.sin().sum().backward()
+    want.sin().sum().backward()
+    torch.testing.assert_close(tied.key.weight.grad, untied.key.weight.grad + untied.query.weight.grad,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_tied_query_finds_what_followed_a_repeated_context_far_back() -> None:
+    """Tied, pair mode, key span 3 (filter drawn at random), top-1 read: a token whose last three
+    tokens repeat tokens 10-12 reads exactly the value of token 13, the entry keyed by that
+    context, 80 tokens later; changing any token outside 10-13 leaves its output as it was, and
+    changing token 13 (the value) does not (so the check can fail)."""
+    mem = _memory("pair", 3, tie=True, capacity=50, top_k=1)
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(1, 100, D, generator=g, dtype=torch.float64)  # (1, T, D)
+    asker = 95
+    h[:, asker - 2 : asker + 1] = h[:, 10:13]
+    with torch.no_grad():
+        base = mem(h)[0][:, asker]  # (1, D)
+        for changed_at, same in [(5, True), (30, True), (60, True), (13, False)]:
+            other = h.clone()
+            other[:, changed_at] += torch.randn(D, generator=g, dtype=torch.float64)
+            moved = (mem(other)[0][:, asker] - base).abs().max().item()
+            assert (moved == 0.0) if same else (moved > 1e-6), (changed_at, moved)

@@ -52,7 +52,10 @@ class RetrievalMemory(nn.Module):
     through W_k and W_q. With a key span ``n > 1`` keys and queries are made from
     ``c_t = sum_j w_j * norm(h_{t-j})``, j < n (a learned causal depthwise filter, which starts as
     the identity ``c_t = norm(h_t)``) instead of ``norm(h_t)``, so a key names a few tokens of local
-    context; the last n-1 normed inputs are carried in the state. Visibility is unchanged: a
+    context; the last n-1 normed inputs are carried in the state. With ``tie_query`` queries use
+    W_k (``q_t = normalize(W_k c_t)``): in pair mode a context seen before then scores exactly 1
+    against the entry that followed it, at any distance, before any training (an exact n-gram
+    match); untied, W_q must learn to meet W_k for each kind of context. Visibility is unchanged: a
     token reads the entries of the last ``capacity`` chunks completed strictly before it, so the
     entries of its own, incomplete chunk wait in the state, invisible, until that chunk completes.
 
@@ -63,7 +66,8 @@ class RetrievalMemory(nn.Module):
     """
 
     def __init__(self, d_model: int, dim: int, chunk_size: int, capacity: int, top_k: int, tau: float,
-                 query_block: int, eps: float, write: str = "chunk", key_span: int = 1) -> None:
+                 query_block: int, eps: float, write: str = "chunk", key_span: int = 1,
+                 tie_query: bool = False) -> None:
         super().__init__()
         self.write = write
         self.key_span = key_span
@@ -75,7 +79,9 @@ class RetrievalMemory(nn.Module):
         self.norm = nn.RMSNorm(d_model, eps=eps)
         self.key = nn.Linear(d_model, dim, bias=False)
         self.value = nn.Linear(d_model, dim, bias=False)
-        self.query = nn.Linear(d_model, dim, bias=False)
+        # Tied (W_q = W_k): a query is the key its own context would make, so a repeated context
+        # scores exactly 1 against the entry that followed it, with nothing to learn.
+        self.query = None if tie_query else nn.Linear(d_model, dim, bias=False)
         self.gate = nn.Linear(d_model, d_model)
         self.out = nn.Linear(dim, d_model, bias=False)
         # w_j of the key span's filter, tap n-1 on token t (see causal_conv): the identity at first.
@@ -173,7 +179,7 @@ class RetrievalMemory(nn.Module):
             keyed, valued, new_ids = context, hn, layout.completed_before  # (B, L, D) twice, (L,): token t's chunk
         new_keys = F.normalize(self.key(keyed), dim=-1)  # (B, m, Dk)
         new_values = self.value(valued)  # (B, m, Dv)
-        queries = F.normalize(self.query(context), dim=-1)  # (B, L, Dk)
+        queries = F.normalize((self.key if self.query is None else self.query)(context), dim=-1)  # (B, L, Dk)
         if self.write == "pair":
             if last_key is None:
                 raise ValueError("memory_write='pair' needs the last key of the call before (state.last_key)")
