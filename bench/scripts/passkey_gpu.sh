@@ -4,7 +4,8 @@
 # recipe, each `--max-minutes 5`), packs each model's weights as OUT/ck-NAME.tar.gz (for the long
 # prompts of passkey_gpu_long.sh), then asks each for keys: HorizonLM at 1K-256K with 1 and 4
 # keys (read as trained, and reading the best entry only), the transformer inside its 2K
-# training window. Results, plots and logs: OUT/results.tar.gz.
+# training window, until PASSKEY_SECONDS (default 550) after the start (a cell's results are
+# saved as it ends). Results, plots and logs: OUT/results.tar.gz.
 #   bash bench/scripts/passkey_gpu.sh OUT [flags for every `horizon train`]
 set -euo pipefail
 source bench/scripts/recall_gpu_setup.sh "$1"
@@ -24,9 +25,11 @@ train tied &
 train untied --model-overrides '{"memory_tie_query": false}' &
 train transformer --model transformer --model-overrides '{}' &
 wait
+deadline=$((SECONDS + ${PASSKEY_SECONDS:-550} - 10))  # the asking stops in time to pack the results
 ask() {  # name label keys lengths flags...
-  local name=$1 label=$2 keys=$3 lengths=$4; shift 4
-  timeout 200 $horizon passkey --checkpoint "runs/pk-$name" --source .carry/novels --label "$label" --keys "$keys" \
+  local name=$1 label=$2 keys=$3 lengths=$4 left=$((deadline - SECONDS)); shift 4
+  if ((left < 5)); then echo "passkey $label $keys keys: not run (PASSKEY_SECONDS spent)" >> "$work/passkey-$name.log"; return; fi
+  timeout $left $horizon passkey --checkpoint "runs/pk-$name" --source .carry/novels --label "$label" --keys "$keys" \
     --lengths "$lengths" --trials 4 --batch 4 --out "$work/passkey-$name.json" --no-progress "$@" \
     >> "$work/passkey-$name.log" 2>&1 || echo "passkey $label $keys keys: exit $?" >> "$work/passkey-$name.log"
 }
