@@ -25,7 +25,7 @@ train tied &
 train untied --model-overrides '{"memory_tie_query": false}' &
 train transformer --model transformer --model-overrides '{}' &
 wait
-deadline=$((SECONDS + ${PASSKEY_SECONDS:-550} - 10))  # the asking stops in time to pack the results
+deadline=$((${PASSKEY_SECONDS:-550} - 10))  # the asking stops in time to pack the results
 ask() {  # name label keys lengths flags...
   local name=$1 label=$2 keys=$3 lengths=$4 left=$((deadline - SECONDS)); shift 4
   if ((left < 5)); then echo "passkey $label $keys keys: not run (PASSKEY_SECONDS spent)" >> "$work/passkey-$name.log"; return; fi
