@@ -46,6 +46,9 @@ MODELS = {
     "horizon_pair_memory": lambda: make_horizon(memory_write="pair", memory_capacity=4),
     "horizon_pair_memory_span": lambda: _random_span(make_horizon(memory_write="pair", memory_capacity=4,
                                                                   memory_key_span=3)),
+    "horizon_passkey_memory": lambda: _random_span(make_horizon(
+        memory_write="pair", memory_capacity=4, memory_key_span=3, memory_tie_query=True,
+        memory_before_supervisor=True, global_layer=0)),
     "horizon_ssm_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_conv=False),
     "horizon_selective": lambda: make_horizon(ssm_kind="selective"),
     "horizon_ungated": lambda: make_horizon(ssm_gate="none"),

@@ -27,6 +27,7 @@ from .conftest import make_horizon, make_transformer
         (dict(memory_key_span=0), "memory_key_span"),
         (dict(memory_tie_query=True), "memory_tie_query"),
         (dict(memory_tie_query=1, memory_write="pair"), "memory_tie_query"),
+        (dict(memory_before_supervisor="yes"), "memory_before_supervisor"),
         (dict(ssm_chunk=100), "ssm_chunk"),
         (dict(ssm_chunk=2048), "ssm_chunk"),
         (dict(ssm_chunk=0), "ssm_chunk"),

@@ -56,16 +56,21 @@ def test_horizon_one_token_at_a_time_equals_one_call(ssm_kind: str) -> None:
     _assert_same(steps, full)
 
 
-@pytest.mark.parametrize(("write", "span"), [("token", 1), ("pair", 1), ("pair", 4)])
+PASSKEY_MEMORY = dict(memory_tie_query=True, memory_before_supervisor=True, global_layer=0)
+"""The memory of configs/passkey_pair.yaml (with pair writes and a key span)."""
+
+
+@pytest.mark.parametrize(("write", "span", "extra"), [("token", 1, {}), ("pair", 1, {}), ("pair", 4, {}),
+                                                      ("pair", 4, PASSKEY_MEMORY)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_token_memory_splits_and_steps_equal_one_call(seed: int, write: str, span: int) -> None:
-    """memory_write=token (and pair, with a key span too) over 150 tokens (~19 chunks, several
-    times the 4-chunk window, so FIFO eviction happens again and again), split at random places
-    (mostly inside chunks) and stepped one token at a time; the memory left is one call's, entry
-    for entry."""
+def test_token_memory_splits_and_steps_equal_one_call(seed: int, write: str, span: int, extra: dict) -> None:
+    """memory_write=token (and pair, with a key span too, and the passkey recipe's tied query,
+    placement and order) over 150 tokens (~19 chunks, several times the 4-chunk window, so FIFO
+    eviction happens again and again), split at random places (mostly inside chunks) and stepped
+    one token at a time; the memory left is one call's, entry for entry."""
     length, capacity = 150, 4
     model = make_horizon(dtype=torch.float32, seed=seed, memory_write=write, memory_capacity=capacity,
-                         memory_key_span=span)
+                         memory_key_span=span, **extra)
     if span > 1:
         with torch.no_grad():
             model.memory.span_filter.normal_()  # not the identity it starts as
@@ -85,6 +90,20 @@ def test_token_memory_splits_and_steps_equal_one_call(seed: int, write: str, spa
             torch.testing.assert_close(state.memory.last_key, full_state.memory.last_key, rtol=1e-4, atol=1e-5)
         if span > 1:
             torch.testing.assert_close(state.memory.tail, full_state.memory.tail, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_before_supervisor_keys_on_the_token_stream_alone() -> None:
+    """Memory first, before block 0: its entries are the same whatever the supervisor holds
+    (here its weights redrawn); after the supervisor (the default order) they are not."""
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    for first in (True, False):
+        model = make_horizon(memory_write="pair", memory_before_supervisor=first, global_layer=0)
+        with torch.no_grad():
+            keys = model(tokens)[1].memory.keys  # (1, M, Dk)
+            for weight in model.supervisor.parameters():
+                weight.normal_()
+            moved = (model(tokens)[1].memory.keys - keys).abs().max().item()
+        assert (moved == 0.0) if first else (moved > 1e-6), (first, moved)
 
 
 def test_pair_memory_state_saved_and_loaded_continues_the_stream() -> None:

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Rung 3 of issue #12 on one GPU, first half: trains configs/passkey_pair.yaml three ways side
-# by side (HorizonLM with the tied query, with an untied one, and the transformer on the same
-# recipe, each `--max-minutes 5`), packs each model's weights as OUT/ck-NAME.tar.gz (for the long
-# prompts of passkey_gpu_long.sh), then asks each for keys: HorizonLM at 1K-256K with 1 and 4
-# keys (read as trained, and reading the best entry only), the transformer inside its 2K
-# training window, until PASSKEY_SECONDS (default 550) after the start (a cell's results are
-# saved as it ends). Results, plots and logs: OUT/results.tar.gz.
+# Rung 3 of issue #12 on one GPU: trains configs/passkey_pair.yaml (HorizonLM) and the
+# transformer on the same recipe at two learning rates (1e-3, 6e-3), side by side on one GPU,
+# packs HorizonLM's weights as OUT/ck-horizon.tar.gz (for passkey_gpu_ask.sh), then asks: the
+# transformers inside their 2K training window (1 and 4 keys), HorizonLM as trained to 256K
+# (1 key), and HorizonLM reading its best entry only (--read-topk 1) from 1K to 1M tokens, 1 key
+# then 4 keys, until PASSKEY_SECONDS (default 550) after the start (each cell is saved as it
+# ends). Results, plots and logs: OUT/results.tar.gz.
 #   bash bench/scripts/passkey_gpu.sh OUT [flags for every `horizon train`]
 set -euo pipefail
 source bench/scripts/recall_gpu_setup.sh "$1"
@@ -16,27 +16,20 @@ $horizon prepare novels --source .carry/novels --out runs/data/novels > "$work/p
 train() {  # name flags...
   local name=$1; shift
   $horizon train --config configs/passkey_pair.yaml --out "runs/pk-$name" "$@" "${extra[@]}" > "$work/train-$name.log" 2>&1
-  python3 -c "import sys; from horizonlm.checkpoint import load_checkpoint, save_checkpoint as save
-c = load_checkpoint(sys.argv[1]); save(sys.argv[2], c.info['step'], c.model,
-     {k: c.info[k] for k in ('tokenizer', 'train_config', 'tokens_seen', 'data')})" "runs/pk-$name" "runs/ck-$name"
-  tar -czf "$out/ck-$name.tar.gz" -C runs "ck-$name"  # the weights without the optimizer and carried state
 }
-train tied &
-train untied --model-overrides '{"memory_tie_query": false}' &
-train transformer --model transformer --model-overrides '{}' &
+train horizon &
+train transformer-lr1e-3 --model transformer --model-overrides '{}' --lr 0.001 &
+train transformer-lr6e-3 --model transformer --model-overrides '{}' --lr 0.006 &
 wait
-deadline=$((${PASSKEY_SECONDS:-550} - 10))  # the asking stops in time to pack the results
-ask() {  # name label keys lengths flags...
-  local name=$1 label=$2 keys=$3 lengths=$4 left=$((deadline - SECONDS)); shift 4
-  if ((left < 5)); then echo "passkey $label $keys keys: not run (PASSKEY_SECONDS spent)" >> "$work/passkey-$name.log"; return; fi
-  timeout $left $horizon passkey --checkpoint "runs/pk-$name" --source .carry/novels --label "$label" --keys "$keys" \
-    --lengths "$lengths" --trials 4 --batch 4 --out "$work/passkey-$name.json" --no-progress "$@" \
-    >> "$work/passkey-$name.log" 2>&1 || echo "passkey $label $keys keys: exit $?" >> "$work/passkey-$name.log"
-}
-long=1024,4096,16384,65536,262144
-(ask tied tied-read1 1 $long --read-topk 1; ask tied tied-read1 4 $long --read-topk 1
- ask tied tied 1 $long; ask tied tied 4 $long) &
-(ask untied untied-read1 1 $long --read-topk 1; ask untied untied 1 $long; ask untied untied-read1 4 65536 --read-topk 1) &
-(ask transformer transformer 1 1024,2048; ask transformer transformer 4 1024,2048) &
+python3 bench/scripts/weights_only.py runs/pk-horizon runs/ck-horizon
+tar -czf "$out/ck-horizon.tar.gz" -C runs ck-horizon
+source bench/scripts/passkey_gpu_asking.sh
+(ask transformer-lr1e-3 pk-transformer-lr1e-3 transformer-lr1e-3 1 1024,2048
+ ask transformer-lr1e-3 pk-transformer-lr1e-3 transformer-lr1e-3 4 1024,2048
+ ask transformer-lr6e-3 pk-transformer-lr6e-3 transformer-lr6e-3 1 1024,2048
+ ask transformer-lr6e-3 pk-transformer-lr6e-3 transformer-lr6e-3 4 1024,2048
+ ask horizon pk-horizon horizon 1 1024,4096,16384,65536,262144) &
+(ask horizon-read1 pk-horizon horizon-read1 1 1024,4096,16384,65536,262144,1048576 --read-topk 1
+ ask horizon-read1 pk-horizon horizon-read1 4 1024,4096,16384,65536,262144,1048576 --read-topk 1) &
 wait
-cp "$out/gpu.txt" "$work/" && tar -czf "$out/results.tar.gz" -C runs pk-gpu $(cd runs && ls -d pk-*/log.jsonl pk-*/config.json)
+pack

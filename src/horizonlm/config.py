@@ -86,6 +86,11 @@ class HorizonConfig:
     span) scores exactly 1 against the entry that followed it, however far back, with nothing to
     learn; untied, W_q must learn to meet W_k for each kind of context (a passkey's first digit,
     after "is ", never was)."""
+    memory_before_supervisor: bool = False
+    """Run the memory before the supervisor rather than after it. After it, every key and query
+    carries the supervisor's running state, which differs between a fact written near the stream
+    start (a fresh GRU) and a question asked a long way later: with ``global_layer=0`` the memory
+    first keys on the token stream alone, the same wherever a context occurs."""
     memory_tau: float = 10.0
     """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
     memory_query_block: int = 1024
@@ -133,6 +138,8 @@ class HorizonConfig:
         _require(self.memory_tau > 0, "memory_tau", "must be positive", self.memory_tau)
         _require(isinstance(self.memory_tie_query, bool), "memory_tie_query", "must be true or false",
                  self.memory_tie_query)
+        _require(isinstance(self.memory_before_supervisor, bool), "memory_before_supervisor",
+                 "must be true or false", self.memory_before_supervisor)
         _require(not self.memory_tie_query or self.memory_write == "pair", "memory_tie_query",
                  "needs memory_write='pair' (a tied query in chunk or token mode finds its own kind of "
                  "entry, not what followed it)", self.memory_tie_query)

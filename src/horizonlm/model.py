@@ -134,11 +134,15 @@ class HorizonLM(nn.Module):
             raise ValueError("state was made by a model with other use_supervisor/use_memory settings")
 
     def _global(self, h: Tensor, state: HorizonState) -> tuple[Tensor, object, object]:
-        """Supervisor, then memory (whose summaries and queries see the supervisor's injection)."""
+        """Supervisor, then memory (whose keys and queries see the supervisor's injection); with
+        ``memory_before_supervisor`` the memory first, its keys made from the blocks' output alone."""
         sup_state, mem_state = state.supervisor, state.memory
+        first = self.memory is not None and self.config.memory_before_supervisor
+        if first:
+            h, mem_state = self.memory(h, state.memory)  # (B, L, D)
         if self.supervisor is not None:
             h, sup_state = self.supervisor(h, state.supervisor)  # (B, L, D)
-        if self.memory is not None:
+        if self.memory is not None and not first:
             h, mem_state = self.memory(h, state.memory)  # (B, L, D)
         return h, sup_state, mem_state
 
