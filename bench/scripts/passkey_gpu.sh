@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rung 3 of issue #12 on one GPU: trains configs/passkey_pair.yaml (HorizonLM) and the
 # transformer on the same recipe at two learning rates (1e-3, 6e-3), side by side on one GPU,
-# packs HorizonLM's weights as OUT/ck-horizon.tar.gz (for passkey_gpu_ask.sh), then asks: the
+# packs HorizonLM's weights as OUT/ck-horizon.tar.gz (for passkey_gpu_finish.sh), then asks: the
 # transformers inside their 2K training window (1 and 4 keys), HorizonLM as trained to 256K
 # (1 key), and HorizonLM reading its best entry only (--read-topk 1) from 1K to 1M tokens, 1 key
 # then 4 keys, until PASSKEY_SECONDS (default 550) after the start (each cell is saved as it
