@@ -17,6 +17,7 @@ from horizonlm.cli import main
 from horizonlm.data.sources import shakespeare
 from horizonlm.passkey import (
     PasskeyConfig,
+    answer_with_hits,
     build_prompt,
     digits_right,
     run_passkey,
@@ -97,6 +98,59 @@ def test_read_topk_sets_the_memory_read_and_refuses_a_model_without_memory() -> 
         set_read_topk(model, model.memory.capacity + 1)
     with pytest.raises(HorizonError, match="has none"):
         set_read_topk(TransformerLM(TransformerConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden=32)), 1)
+
+
+class Forced(nn.Module):
+    """A real HorizonLM whose greedy reply is forced to the right answer (" 48213."): its memory
+    does the reading, so the hit record of :func:`answer_with_hits` can be checked exactly."""
+
+    def __init__(self, inner: HorizonLM, prompt_length: int, answers: list[bytes]) -> None:
+        super().__init__()
+        self.inner, self.memory = inner, inner.memory
+        self.prompt_length, self.answers = prompt_length, answers
+
+    def forward(self, tokens: torch.Tensor, state=None):
+        logits, state = self.inner(tokens, state)
+        at = state.pos - self.prompt_length  # index of the reply byte these logits predict
+        if at >= 0:
+            logits = torch.full_like(logits, -1e9)  # (B, T, V)
+            for row, reply in enumerate(self.answers):
+                logits[row, -1, reply[min(at, len(reply) - 1)]] = 0
+        return logits, state
+
+
+@pytest.mark.parametrize("keys", [1, 4])
+def test_hits_record_whether_the_memory_read_the_facts_digits(keys: int) -> None:
+    """The passkey recipe's memory (pair writes keyed by 16 bytes through the shared W_k, before
+    the first block and the supervisor), untrained but with its span filter drawn at random (it
+    starts as the identity, a one-byte key), reading one entry: every digit's query repeats the
+    16 bytes before that digit in the fact, so it reads exactly that digit's entry (hit 1 for
+    all five). Keyed by one byte, the first digit's query (a space) meets every entry that
+    followed a space, and its read misses (later digits meet any entry after the same digit, right
+    for one key, often another key's with four); with its own query projection and one-byte keys
+    (untrained) it misses them all: the record can say no."""
+    rng = random.Random(1)
+    asked = [build_prompt(HAYSTACK, 2000, depth, keys, rng) for depth in (0, 40, 100)]
+    prompts, answers = [p for p, _ in asked], [f" {k}.".encode() for _, k in asked]
+    recipe = dict(chunk_size=8, memory_write="pair", memory_key_span=16, memory_tie_query=True, global_layer=0,
+                  memory_before_supervisor=True, memory_capacity=512, memory_topk=1)
+    one_byte = {**recipe, "memory_key_span": 1}
+    untied = {**one_byte, "memory_tie_query": False}
+    for overrides, want in [(recipe, "all"), (one_byte, "not the first"), (untied, "few")]:
+        torch.manual_seed(0)
+        model = Forced(HorizonLM(HorizonConfig.preset("tiny", **overrides)), 2000, answers)
+        if model.memory.span_filter is not None:
+            with torch.no_grad():
+                model.memory.span_filter.normal_()
+        replies, hits = answer_with_hits(model, prompts, [k for _, k in asked], 512, torch.device("cpu"))
+        assert [r[:7] for r in replies] == [a.decode() for a in answers]
+        assert hits.shape == (3, 5)
+        if want == "all":
+            assert hits.all()
+        elif want == "not the first":
+            assert not hits[:, 0].any()
+        else:
+            assert hits.float().mean().item() < 0.5
 
 
 def test_scoring() -> None:

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from horizonlm.bench.common import parse_ints, save_figure
+from horizonlm.bench.recall_probe import MemoryProbe
 from horizonlm.checkpoint import run_folder
 from horizonlm.data.needles import DOORS, needle, question
 from horizonlm.errors import HorizonError
@@ -149,6 +150,32 @@ def answer(model: nn.Module, prompts: list[bytes], window: int, device: torch.de
     return [bytes(reply).decode("utf-8", errors="replace") for reply in replies]
 
 
+def digit_positions(prompt: bytes, key: int) -> list[int]:
+    """Where the asked key's five digits stand in the fact ("... is 48213."), its first statement."""
+    start = prompt.find(f" {key}.".encode()) + 1
+    if start == 0:
+        raise HorizonError(f"key {key} is not stated in the prompt")
+    return list(range(start, start + 5))
+
+
+def answer_with_hits(model: nn.Module, prompts: list[bytes], keys: list[int], window: int,
+                     device: torch.device) -> tuple[list[str], Tensor | None]:
+    """:func:`answer`, and for a model with a memory, per prompt and answer digit (B, 5): whether
+    the memory's top-K read, at the token that predicts the digit, held the entry written at that
+    digit in the fact (token and pair mode) or its chunk (chunk mode). Read free-running: after a
+    wrong digit the model asks about its own reply."""
+    memory = getattr(model, "memory", None)
+    if memory is None:
+        return answer(model, prompts, window, device), None
+    length = len(prompts[0])
+    query_pos = torch.arange(length, length + 5, device=device).expand(len(prompts), 5)  # (B, 5): " ", 4 digits
+    answer_pos = torch.tensor([digit_positions(p, k) for p, k in zip(prompts, keys)], device=device)  # (B, 5)
+    with MemoryProbe(memory, query_pos) as probe:
+        replies = answer(model, prompts, window, device)
+    found = probe.outcome(answer_pos)
+    return replies, (found["hit_entry"] if memory.entries_per_chunk > 1 else found["hit"])  # (B, 5)
+
+
 def set_read_topk(model: nn.Module, top_k: int) -> None:
     """Make every memory read take ``top_k`` entries (0: leave it as trained)."""
     if not top_k:
@@ -200,23 +227,29 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
     """``cfg.trials`` prompts of one length with the asked key at one depth, scored."""
     rng = random.Random(f"{cfg.seed}-{length}-{depth}-{cfg.keys}")
     asked = [build_prompt(haystack, length, depth, cfg.keys, rng) for _ in range(cfg.trials)]
-    replies, t0 = [], time.perf_counter()
+    keys = [key for _, key in asked]
+    replies, hits, t0 = [], [], time.perf_counter()
     for first in range(0, len(asked), cfg.batch):
         group = asked[first : first + cfg.batch]
         try:
-            replies += answer(model, [prompt for prompt, _ in group], cfg.window, device)
+            got, hit = answer_with_hits(model, [prompt for prompt, _ in group], [key for _, key in group],
+                                        cfg.window, device)
         except torch.cuda.OutOfMemoryError:
             return {"length": length, "depth": depth, "status": "OOM"}
+        replies += got
+        if hit is not None:
+            hits.append(hit.cpu())
         bar.update(len(group))
     seconds = time.perf_counter() - t0
-    keys = [key for _, key in asked]
     correct = sum(score(reply, key) for reply, key in zip(replies, keys))
     digits = sum(digits_right(reply, key) for reply, key in zip(replies, keys))
-    examples = [[key, reply] for key, reply in zip(keys, replies)]
     bar.set_postfix(last=f"{length // 1024}K at {depth}%: {correct}/{cfg.trials}")
-    return {"length": length, "depth": depth, "status": "ok", "trials": cfg.trials, "accuracy": correct / cfg.trials,
+    cell = {"length": length, "depth": depth, "status": "ok", "trials": cfg.trials, "accuracy": correct / cfg.trials,
             "digit_accuracy": digits / (5 * cfg.trials), "seconds_per_trial": seconds / cfg.trials,
-            "examples": examples}
+            "examples": [[key, reply] for key, reply in zip(keys, replies)]}
+    if hits:
+        cell["memory_hit_by_digit"] = torch.cat(hits).float().mean(0).tolist()  # 5 rates, the first digit first
+    return cell
 
 
 def format_table(name: str, entry: dict[str, Any]) -> str:
@@ -316,8 +349,15 @@ def plot_passkey(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("depth")
         ax.set_title(name, fontsize=9)
+        hits = {(c["length"], c["depth"]): c["memory_hit_by_digit"] for c in entry["cells"] if "memory_hit_by_digit" in c}
         for i in range(len(depths)):
             for j in range(len(lengths)):
-                ax.text(j, i, "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=7)
+                shown = "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0%}"
+                if (lengths[j], depths[i]) in hits:  # the memory read the fact's digit: first digit, all five
+                    rates = hits[(lengths[j], depths[i])]
+                    shown += f"\nhit {rates[0]:.0%}/{sum(rates) / len(rates):.0%}"
+                ax.text(j, i, shown, ha="center", va="center", fontsize=6 if hits else 7)
+        if hits:
+            ax.set_title(f"{name}\n(hit: memory read the fact's entry, first digit / all five)", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
