@@ -159,7 +159,8 @@ NUMERIC_BAD = {
     "eval": {"window": ["0"], "reset_every": ["-1", "3"], "max_tokens": ["-1"]},
     "generate": {"tokens": ["-1"], "temperature": ["-1", "nan", "inf"], "top_k": ["-1"], "top_p": ["0", "1.5"],
                  "seed": ["-1"], "window": ["0"]},
-    "passkey": {"trials": ["0"], "keys": ["0"], "seed": ["-1"], "window": ["0"], "max_length": ["-1"]},
+    "passkey": {"trials": ["0"], "keys": ["0"], "seed": ["-1"], "window": ["0"], "max_length": ["-1"], "batch": ["0"],
+                "read_topk": ["-1"]},
     "prepare shakespeare": {"bpe_vocab": ["256"]},
 }
 
