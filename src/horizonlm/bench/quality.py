@@ -50,6 +50,11 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "horizon_token_memory": ("horizon", {"memory_write": "token", "memory_capacity": 64}),
     # The same store with each entry keyed by the token before it (an induction lookup).
     "horizon_pair_memory": ("horizon", {"memory_write": "pair", "memory_capacity": 64}),
+    # The memory of configs/passkey_pair.yaml at the preset's chunk length: pair entries keyed by 16
+    # tokens through the shared W_k, before the first block and the supervisor.
+    "horizon_passkey_memory": ("horizon", {"memory_write": "pair", "memory_capacity": 64, "memory_key_span": 16,
+                                           "memory_tie_query": True, "global_layer": 0,
+                                           "memory_before_supervisor": True}),
 }
 
 
