@@ -8,11 +8,11 @@
 # ends). Results, plots and logs: OUT/results.tar.gz.
 #   bash bench/scripts/passkey_gpu.sh OUT [flags for every `horizon train`]
 set -euo pipefail
-source bench/scripts/recall_gpu_setup.sh "$1"
+source "$(dirname "$0")/recall_gpu_setup.sh" "$1"
+source "$(dirname "$0")/passkey_gpu_asking.sh"
 shift
 extra=("$@")
-work=runs/pk-gpu && mkdir -p "$work"
-$horizon prepare novels --source .carry/novels --out runs/data/novels > "$work/prepare.log" 2>&1
+prepare
 train() {  # name flags...
   local name=$1; shift
   $horizon train --config configs/passkey_pair.yaml --out "runs/pk-$name" "$@" "${extra[@]}" > "$work/train-$name.log" 2>&1
@@ -23,7 +23,6 @@ train transformer-lr6e-3 --model transformer --model-overrides '{}' --lr 0.006 &
 wait
 python3 bench/scripts/weights_only.py runs/pk-horizon runs/ck-horizon
 tar -czf "$out/ck-horizon.tar.gz" -C runs ck-horizon
-source bench/scripts/passkey_gpu_asking.sh
 (ask transformer-lr1e-3 pk-transformer-lr1e-3 transformer-lr1e-3 1 1024,2048
  ask transformer-lr1e-3 pk-transformer-lr1e-3 transformer-lr1e-3 4 1024,2048
  ask transformer-lr6e-3 pk-transformer-lr6e-3 transformer-lr6e-3 1 1024,2048

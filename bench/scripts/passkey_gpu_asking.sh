@@ -1,4 +1,5 @@
-# Sourced by passkey_gpu*.sh after recall_gpu_setup.sh: `ask` runs `horizon passkey` on
+# Sourced by passkey_gpu*.sh after recall_gpu_setup.sh: `prepare` makes runs/data/novels from
+# the carried corpus (.carry/novels), logging to runs/pk-gpu; `ask` runs `horizon passkey` on
 # runs/pk-NAME (4 trials per cell, side by side) into runs/pk-gpu/passkey-FILE.json, stopping at
 # PASSKEY_SECONDS (default 550) after the script's start; `pack` puts the results, plots, logs and
 # the runs' logs into OUT/results.tar.gz.
@@ -10,6 +11,9 @@ ask() {  # file run label keys lengths flags...
   timeout $left $horizon passkey --checkpoint "runs/$run" --source .carry/novels --label "$label" --keys "$keys" \
     --lengths "$lengths" --trials 4 --batch 4 --out "$work/passkey-$file.json" --no-progress "$@" \
     >> "$work/passkey-$file.log" 2>&1 || echo "passkey $label $keys keys: exit $?" >> "$work/passkey-$file.log"
+}
+prepare() {
+  $horizon prepare novels --source .carry/novels --out runs/data/novels > "$work/prepare.log" 2>&1
 }
 pack() {
   cp "$out/gpu.txt" "$work/"

@@ -6,10 +6,10 @@
 # Results: OUT/results.tar.gz.
 #   bash bench/scripts/passkey_gpu_finish.sh OUT
 set -euo pipefail
-source bench/scripts/recall_gpu_setup.sh "$1"
+source "$(dirname "$0")/recall_gpu_setup.sh" "$1"
+source "$(dirname "$0")/passkey_gpu_asking.sh"
 mkdir -p runs && tar -xzf .carry/ck-horizon.tar.gz -C runs
-source bench/scripts/passkey_gpu_asking.sh
-$horizon prepare novels --source .carry/novels --out runs/data/novels > "$work/prepare.log" 2>&1
+prepare
 long() {  # lr
   local name=transformer-6k-lr$1
   $horizon train --config configs/passkey_pair.yaml --out "runs/pk-$name" --model transformer --model-overrides '{}' \
