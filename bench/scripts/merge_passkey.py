@@ -12,12 +12,12 @@ in ``git_commit_recorded``. An existing ``--out`` is kept unless ``--replace`` i
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
-from horizonlm.fileio import atomic_write_json
-from horizonlm.passkey import plot_passkey
+from horizonlm.errors import HorizonError
+from horizonlm.fileio import atomic_write_json, existing_file
+from horizonlm.passkey import plot_passkey, read_results
 
 TAKE = re.compile(r"^(?P<file>[^:]+):(?P<entry>[^=@]+)(?:=(?P<name>[^@]+))?(?:@(?P<commit>[0-9a-f]{7,40}))?$")
 
@@ -36,7 +36,10 @@ def main() -> None:
         match = TAKE.match(take)
         if match is None:
             p.error(f"--take {take!r} is not FILE:ENTRY[=NEW NAME][@COMMIT]")
-        source = json.loads(Path(match["file"]).read_text())["models"]
+        try:  # the passkey bench's own reader: a missing file or one that is not results is an error
+            source = read_results(existing_file(match["file"], "--take"), "--take")["models"]
+        except HorizonError as err:
+            p.error(str(err))
         if match["entry"] not in source:
             p.error(f"{match['file']} has no entry {match['entry']!r} (it has {sorted(source)})")
         entry = dict(source[match["entry"]])

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from horizonlm.checkpoint import load_checkpoint, save_checkpoint
+from horizonlm.errors import HorizonError
 
 KEPT = ("tokenizer", "train_config", "tokens_seen", "data")
 """Fields of checkpoint.json that describe the model and its training, not the run's state."""
@@ -22,7 +23,10 @@ def main() -> None:
     args = p.parse_args()
     if Path(args.out).exists():
         p.error(f"{args.out} exists; choose another folder")
-    ckpt = load_checkpoint(args.run)
+    try:
+        ckpt = load_checkpoint(args.run)
+    except HorizonError as err:  # no checkpoint there, or a corrupt one: say so, write nothing
+        p.error(str(err))
     save_checkpoint(args.out, ckpt.info["step"], ckpt.model, {k: ckpt.info[k] for k in KEPT if k in ckpt.info})
 
 

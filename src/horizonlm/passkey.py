@@ -289,19 +289,19 @@ def results_path(cfg: PasskeyConfig, checkpoint_folder: Path) -> Path:
     return Path(cfg.out) if cfg.out else run_folder(checkpoint_folder) / "passkey.json"
 
 
-def read_results(path: Path) -> dict[str, Any]:
+def read_results(path: Path, what: str = "--out") -> dict[str, Any]:
     """The results file (empty results when there is none); a file that is not one is refused,
-    never replaced."""
+    never replaced. ``what`` names the flag that gave the path, for the message."""
     if not path.exists():
         return {"models": {}}
-    existing_file(path, "--out")
+    existing_file(path, what)
     try:
         results = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise HorizonError(f"--out {path} is not a passkey results file (not valid JSON: {err}); "
-                           "give another --out") from err
+        raise HorizonError(f"{what} {path} is not a passkey results file (not valid JSON: {err}); "
+                           f"give another {what}") from err
     if not isinstance(results, dict) or not isinstance(results.get("models"), dict):
-        raise HorizonError(f"--out {path} is not a passkey results file (no 'models' mapping); give another --out")
+        raise HorizonError(f"{what} {path} is not a passkey results file (no 'models' mapping); give another {what}")
     return results
 
 
