@@ -31,24 +31,14 @@ def _check(outputs: torch.Tensor, changed_outputs: torch.Tensor, j: int) -> None
     assert after > 1e-6, f"changing token {j} had no effect from {j} on"
 
 
-def _random_span(model):
-    """The key span's filter starts as the identity; draw it so that it reaches back."""
-    with torch.no_grad():
-        model.memory.span_filter.normal_()
-    return model
-
-
 MODELS = {
     "horizon": lambda: make_horizon(),
     "horizon_supervisor_only": lambda: make_horizon(use_memory=False, use_ssm=False, use_conv=False),
     "horizon_memory_only": lambda: make_horizon(use_supervisor=False, use_ssm=False, use_conv=False),
-    "horizon_token_memory": lambda: make_horizon(memory_write="token", memory_capacity=4),
-    "horizon_pair_memory": lambda: make_horizon(memory_write="pair", memory_capacity=4),
-    "horizon_pair_memory_span": lambda: _random_span(make_horizon(memory_write="pair", memory_capacity=4,
-                                                                  memory_key_span=3)),
-    "horizon_passkey_memory": lambda: _random_span(make_horizon(
-        memory_write="pair", memory_capacity=4, memory_key_span=3, memory_tie_query=True,
-        memory_before_supervisor=True, global_layer=0)),
+    "horizon_induction_memory_small": lambda: make_horizon(memory_capacity=4),
+    "horizon_induction_memory_one_token": lambda: make_horizon(memory_capacity=4, memory_key_span=1),
+    "horizon_chunk_memory": lambda: make_horizon(memory_kind="chunk", memory_key_span=1),
+    "horizon_chunk_memory_span": lambda: make_horizon(memory_kind="chunk", memory_key_span=3),
     "horizon_ssm_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_conv=False),
     "horizon_selective": lambda: make_horizon(ssm_kind="selective"),
     "horizon_ungated": lambda: make_horizon(ssm_gate="none"),
@@ -78,14 +68,14 @@ def _components():
         "multires_conv": MultiResConv(d, cfg.conv_kernel, cfg.conv_levels),
         "supervisor": RecurrentSupervisor(d, cfg.supervisor_dim, cfg.chunk_size, cfg.norm_eps),
         "memory": RetrievalMemory(d, cfg.memory_dim, cfg.chunk_size, cfg.memory_capacity, cfg.memory_topk,
-                                  cfg.memory_tau, 16, cfg.norm_eps),
-        "memory_token": RetrievalMemory(d, cfg.memory_dim, cfg.chunk_size, 4, cfg.memory_topk, cfg.memory_tau, 16,
-                                        cfg.norm_eps, write="token"),
+                                  cfg.memory_tau, 16, cfg.norm_eps, key_span=cfg.memory_key_span),
+        "memory_chunk": RetrievalMemory(d, cfg.memory_dim, cfg.chunk_size, 4, cfg.memory_topk, cfg.memory_tau, 16,
+                                        cfg.norm_eps, kind="chunk"),
     }
 
 
 @pytest.mark.parametrize("name", ["s4d", "s4d_ungated", "selective", "multires_conv", "supervisor", "memory",
-                                  "memory_token"])
+                                  "memory_chunk"])
 def test_component_is_causal(name: str) -> None:
     torch.manual_seed(3)
     layer = _components()[name].double()

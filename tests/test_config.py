@@ -23,11 +23,8 @@ from .conftest import make_horizon, make_transformer
         (dict(ssm_dt_min=0.5, ssm_dt_max=0.1), "ssm_dt_min"),
         (dict(ssm_kind="mamba"), "ssm_kind"),
         (dict(ssm_gate="glu"), "ssm_gate"),
-        (dict(memory_write="tokens"), "memory_write"),
+        (dict(memory_kind="pair"), "memory_kind"),
         (dict(memory_key_span=0), "memory_key_span"),
-        (dict(memory_tie_query=True), "memory_tie_query"),
-        (dict(memory_tie_query=1, memory_write="pair"), "memory_tie_query"),
-        (dict(memory_before_supervisor="yes"), "memory_before_supervisor"),
         (dict(ssm_chunk=100), "ssm_chunk"),
         (dict(ssm_chunk=2048), "ssm_chunk"),
         (dict(ssm_chunk=0), "ssm_chunk"),
@@ -104,4 +101,11 @@ def test_config_of_the_earlier_block_is_refused_by_name() -> None:
     old = {**HorizonConfig.preset("tiny").to_dict(), "ssm_fft_chunk": 16}
     del old["ssm_chunk"]
     with pytest.raises(ValueError, match="earlier HorizonLM.*retrain"):
+        HorizonConfig.from_dict(old)
+
+
+@pytest.mark.parametrize("field", ["memory_write", "memory_tie_query", "memory_before_supervisor"])
+def test_config_of_a_retired_memory_is_refused_by_name(field: str) -> None:
+    old = {**HorizonConfig.preset("tiny").to_dict(), field: "pair" if field == "memory_write" else True}
+    with pytest.raises(ValueError, match=f"earlier HorizonLM.*{field}.*retrain"):
         HorizonConfig.from_dict(old)

@@ -22,8 +22,9 @@ def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("start", [0, 5, 7])
 def test_decoder_matches_model_steps(start: int) -> None:
-    """From a chunk's first token, mid-chunk and a chunk's last token, past FIFO eviction."""
-    model = make_horizon().eval()
+    """From a chunk's first token, mid-chunk and a chunk's last token, past FIFO eviction (the chunk
+    memory, whose entries change only at chunk ends, so the steps between replay a graph)."""
+    model = make_horizon(memory_kind="chunk").eval()
     chunk, capacity = model.config.chunk_size, model.config.memory_capacity
     end = (capacity + 1) * chunk + 3  # more completed chunks than the memory holds
     tokens = _tokens(2, end)
@@ -45,10 +46,10 @@ def test_decoder_matches_model_steps(start: int) -> None:
     assert decoder.captures == len({p // chunk for p in replayed})  # one replay per chunk, not per step
 
 
-def test_decoder_with_token_memory_steps_eagerly_and_matches_one_call() -> None:
-    """memory_write=token writes an entry every step, so no step replays; the logits are the
+def test_decoder_with_induction_memory_steps_eagerly_and_matches_one_call() -> None:
+    """The induction memory writes an entry every step, so no step replays; the logits are the
     model's one-call logits, past FIFO eviction."""
-    model = make_horizon(memory_write="token", memory_capacity=4).eval()
+    model = make_horizon(memory_capacity=4).eval()
     end = 6 * model.config.chunk_size + 3
     tokens = _tokens(2, end, seed=3)
     with torch.no_grad():

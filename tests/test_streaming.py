@@ -43,7 +43,9 @@ def test_horizon_random_splits_equal_one_call(seed: int, ssm_kind: str) -> None:
     _assert_same(pieces, full)
     assert piece_state.pos == full_state.pos == LENGTH
     torch.testing.assert_close(piece_state.memory.keys, full_state.memory.keys, rtol=1e-4, atol=1e-5)
-    assert full_state.memory.keys.shape[1] == model.config.memory_capacity  # evicted down to M
+    chunk, capacity = model.config.chunk_size, model.config.memory_capacity
+    # evicted down to the last M completed chunks' entries, one per token, plus the pending ones
+    assert full_state.memory.keys.shape[1] == LENGTH - (LENGTH // chunk - capacity) * chunk
 
 
 @pytest.mark.parametrize("ssm_kind", ["s4d", "selective"])
@@ -56,24 +58,18 @@ def test_horizon_one_token_at_a_time_equals_one_call(ssm_kind: str) -> None:
     _assert_same(steps, full)
 
 
-PASSKEY_MEMORY = dict(memory_tie_query=True, memory_before_supervisor=True, global_layer=0)
-"""The memory of configs/passkey_pair.yaml (with pair writes and a key span)."""
-
-
-@pytest.mark.parametrize(("write", "span", "extra"), [("token", 1, {}), ("pair", 1, {}), ("pair", 4, {}),
-                                                      ("pair", 4, PASSKEY_MEMORY)])
+# A one-token key before the first block ties exactly wherever a token repeats (often, in 150 random
+# bytes): equal scores rank newest first, so the pieces still read the one call's entries.
+@pytest.mark.parametrize(("kind", "span"), [("induction", 1), ("induction", 4), ("chunk", 1), ("chunk", 4)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_token_memory_splits_and_steps_equal_one_call(seed: int, write: str, span: int, extra: dict) -> None:
-    """memory_write=token (and pair, with a key span too, and the passkey recipe's tied query,
-    placement and order) over 150 tokens (~19 chunks, several times the 4-chunk window, so FIFO
-    eviction happens again and again), split at random places (mostly inside chunks) and stepped
-    one token at a time; the memory left is one call's, entry for entry."""
+def test_memory_splits_and_steps_equal_one_call(seed: int, kind: str, span: int) -> None:
+    """The induction memory (and the chunk memory, with a key span too) over 150 tokens (~19
+    chunks, several times the 4-chunk window, so FIFO eviction happens again and again), split at
+    random places (mostly inside chunks) and stepped one token at a time; the memory left is one
+    call's, entry for entry."""
     length, capacity = 150, 4
-    model = make_horizon(dtype=torch.float32, seed=seed, memory_write=write, memory_capacity=capacity,
-                         memory_key_span=span, **extra)
-    if span > 1:
-        with torch.no_grad():
-            model.memory.span_filter.normal_()  # not the identity it starts as
+    model = make_horizon(dtype=torch.float32, seed=seed, memory_kind=kind, memory_capacity=capacity,
+                         memory_key_span=span)
     tokens = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         full, full_state = model(tokens)
@@ -82,38 +78,38 @@ def test_token_memory_splits_and_steps_equal_one_call(seed: int, write: str, spa
     _assert_same(pieces, full)
     _assert_same(steps, full)
     chunk = model.config.chunk_size
-    want_ids = [p // chunk for p in range((length // chunk - capacity) * chunk, length)]
+    per_chunk = [p // chunk for p in range((length // chunk - capacity) * chunk, length)]
+    want_ids = per_chunk if kind == "induction" else list(range(length // chunk - capacity, length // chunk))
     for state in (full_state, piece_state, step_state):
-        assert state.memory.chunk_ids.tolist() == want_ids  # the last M chunks and the pending tokens
+        assert state.memory.chunk_ids.tolist() == want_ids  # the last M chunks (and the pending tokens)
         torch.testing.assert_close(state.memory.keys, full_state.memory.keys, rtol=1e-4, atol=1e-5)
-        if write == "pair":
+        if kind == "induction":
             torch.testing.assert_close(state.memory.last_key, full_state.memory.last_key, rtol=1e-4, atol=1e-5)
         if span > 1:
             torch.testing.assert_close(state.memory.tail, full_state.memory.tail, rtol=1e-4, atol=1e-5)
 
 
-def test_memory_before_supervisor_keys_on_the_token_stream_alone() -> None:
-    """Memory first, before block 0: its entries are the same whatever the supervisor holds
-    (here its weights redrawn); after the supervisor (the default order) they are not."""
+def test_induction_memory_keys_on_the_token_stream_alone() -> None:
+    """The induction memory reads before block 0 and the supervisor: its entries are the same
+    whatever the blocks and the supervisor hold (here their weights redrawn); the chunk memory's,
+    read after them, are not."""
     tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
-    for first in (True, False):
-        model = make_horizon(memory_write="pair", memory_before_supervisor=first, global_layer=0)
+    for kind in ("induction", "chunk"):
+        model = make_horizon(memory_kind=kind)
         with torch.no_grad():
             keys = model(tokens)[1].memory.keys  # (1, M, Dk)
-            for weight in model.supervisor.parameters():
+            for weight in [*model.supervisor.parameters(), *model.blocks[0].parameters()]:
                 weight.normal_()
             moved = (model(tokens)[1].memory.keys - keys).abs().max().item()
-        assert (moved == 0.0) if first else (moved > 1e-6), (first, moved)
+        assert (moved == 0.0) if kind == "induction" else (moved > 1e-6), (kind, moved)
 
 
-def test_pair_memory_state_saved_and_loaded_continues_the_stream() -> None:
-    """The pair memory's last key and the key span's tail travel through ``state_to_tensors``:
+def test_induction_memory_state_saved_and_loaded_continues_the_stream() -> None:
+    """The induction memory's last key and the key span's tail travel through ``state_to_tensors``:
     a stream resumed from the saved state equals one never interrupted."""
     from horizonlm.state_io import state_from_tensors, state_to_tensors
 
-    model = make_horizon(dtype=torch.float32, memory_write="pair", memory_capacity=4, memory_key_span=3)
-    with torch.no_grad():
-        model.memory.span_filter.normal_()
+    model = make_horizon(dtype=torch.float32, memory_capacity=4, memory_key_span=3)
     tokens = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full, _ = model(tokens)

@@ -14,7 +14,10 @@ def _require(condition: bool, name: str, message: str, value: Any) -> None:
 
 SSM_KINDS = ("s4d", "selective")
 SSM_GATES = ("silu", "none")
-MEMORY_WRITES = ("chunk", "token", "pair")
+MEMORY_KINDS = ("induction", "chunk")
+# Fields of earlier memory designs (retired by measurement, see README): a checkpoint that has them
+# was made with another memory and its weights do not fit this one.
+RETIRED_FIELDS = ("memory_write", "memory_tie_query", "memory_before_supervisor")
 
 
 @dataclass
@@ -66,37 +69,29 @@ class HorizonConfig:
     memory_topk: int = 8
     """K: entries read per token."""
     memory_capacity: int = 4096
-    """M: completed chunks whose entries the memory holds before FIFO eviction (one entry each
-    with ``memory_write=chunk``; with ``token`` or ``pair``, one per token, plus the current chunk's
-    so far)."""
-    memory_write: str = "chunk"
-    """What the memory writes: ``chunk``, one entry per completed chunk (its last token, DESIGN.md
-    part 4); ``token``, one entry per token, visible once its chunk completes (an associative
-    store: many key/value pairs per chunk); or ``pair``, one entry per token whose key comes from
-    the token before it: the entry maps a context to what followed it (an induction lookup), so a
-    query matches a key made from the same kind of token."""
-    memory_key_span: int = 1
+    """M: completed chunks whose entries the memory holds before FIFO eviction (one entry each for
+    the ``chunk`` memory; C per chunk for the ``induction`` memory, plus the current chunk's so far).
+    Training reads every visible entry for every token, so the presets keep it small (8K tokens at
+    the base preset); ``horizon passkey --memory-capacity`` raises it for asking (weights do not
+    depend on it)."""
+    memory_kind: str = "induction"
+    """``induction`` (the default, DESIGN.md part 4): every token t writes an entry whose key names
+    the n tokens before it and whose value comes from t; queries go through the same W_k, so a
+    context seen before meets what followed it at any distance; it reads before the first block,
+    from the token stream alone, with a learned null entry so an empty or unmatched read is zero.
+    ``chunk`` is the paper's literal memory (the ablation): one entry per completed chunk, keyed by
+    its last token's hidden state, with its own W_q, read where the supervisor sits."""
+    memory_key_span: int = 16
     """n: tokens of the memory's input that its keys and queries see, mixed by a learned causal
-    depthwise filter: a query sees tokens t-n+1..t, a pair key t-n..t-1. 1 keys on one token (an
-    exact lookup); a few give every key local context, with no long-range state in it, for text
-    where one token does not name a place (a passkey in prose). Values always come from token t."""
-    memory_tie_query: bool = False
-    """Queries use the key projection (W_q = W_k); only with ``memory_write=pair``. A query is then
-    the key its own context would make, so a context seen before (the same n tokens of the key
-    span) scores exactly 1 against the entry that followed it, however far back, with nothing to
-    learn; untied, W_q must learn to meet W_k for each kind of context (a passkey's first digit,
-    after "is ", never was)."""
-    memory_before_supervisor: bool = False
-    """Run the memory before the supervisor rather than after it. After it, every key and query
-    carries the supervisor's running state, which differs between a fact written near the stream
-    start (a fresh GRU) and a question asked a long way later: with ``global_layer=0`` the memory
-    first keys on the token stream alone, the same wherever a context occurs."""
+    depthwise filter: a query sees tokens t-n+1..t, an induction key t-n..t-1. A few bytes name a
+    place in prose (one byte cannot: the byte before a passkey's first digit is a space). Values
+    always come from token t."""
     memory_tau: float = 10.0
     """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
     memory_query_block: int = 1024
     """Queries searched at once; bounds the score matrix at B*block*M."""
     global_layer: int | None = None
-    """Blocks before the supervisor and memory; None means the middle (n_layers // 2)."""
+    """Blocks before the supervisor (and the ``chunk`` memory); None means the middle (n_layers // 2)."""
     use_ssm: bool = True
     """Switch for the S4D sublayer of every block."""
     use_conv: bool = True
@@ -123,8 +118,8 @@ class HorizonConfig:
                      "must be a positive integer", value)
         _require(self.ssm_kind in SSM_KINDS, "ssm_kind", f"must be one of {SSM_KINDS}", self.ssm_kind)
         _require(self.ssm_gate in SSM_GATES, "ssm_gate", f"must be one of {SSM_GATES}", self.ssm_gate)
-        _require(self.memory_write in MEMORY_WRITES, "memory_write", f"must be one of {MEMORY_WRITES}",
-                 self.memory_write)
+        _require(self.memory_kind in MEMORY_KINDS, "memory_kind", f"must be one of {MEMORY_KINDS}",
+                 self.memory_kind)
         if self.ssm_kind == "s4d":
             _require(self.ssm_state % 2 == 0, "ssm_state", "must be even for s4d (conjugate pairs)", self.ssm_state)
         else:
@@ -136,13 +131,6 @@ class HorizonConfig:
         _require(self.memory_topk <= self.memory_capacity, "memory_topk",
                  f"must not exceed memory_capacity={self.memory_capacity}", self.memory_topk)
         _require(self.memory_tau > 0, "memory_tau", "must be positive", self.memory_tau)
-        _require(isinstance(self.memory_tie_query, bool), "memory_tie_query", "must be true or false",
-                 self.memory_tie_query)
-        _require(isinstance(self.memory_before_supervisor, bool), "memory_before_supervisor",
-                 "must be true or false", self.memory_before_supervisor)
-        _require(not self.memory_tie_query or self.memory_write == "pair", "memory_tie_query",
-                 "needs memory_write='pair' (a tied query in chunk or token mode finds its own kind of "
-                 "entry, not what followed it)", self.memory_tie_query)
         _require(self.norm_eps > 0, "norm_eps", "must be positive", self.norm_eps)
         _require(self.init_std > 0, "init_std", "must be positive", self.init_std)
         if self.global_layer is not None:
@@ -164,6 +152,10 @@ class HorizonConfig:
         if "ssm_fft_chunk" in unknown:
             raise ValueError("this model was made by an earlier HorizonLM (ungated FFT S4D block, field "
                              "ssm_fft_chunk); its weights do not fit the current gated SSM sublayer: retrain it")
+        retired = sorted(set(unknown) & set(RETIRED_FIELDS))
+        if retired:
+            raise ValueError(f"this model was made by an earlier HorizonLM whose memory had the settings "
+                             f"{', '.join(retired)}; the memory is now one induction design (memory_kind): retrain it")
         if unknown:
             raise ValueError(f"unknown HorizonConfig fields: {', '.join(unknown)}")
         return cls(**values)
@@ -180,13 +172,13 @@ class HorizonConfig:
 # about 2D/3 to pay for them, so a preset keeps the parameter count of the original block.
 HORIZON_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=32, n_layers=2, mlp_hidden=43, ssm_state=8, ssm_head_dim=8, ssm_chunk=8, conv_levels=3,
-                 chunk_size=8, supervisor_dim=16, memory_dim=8, memory_topk=4, memory_capacity=6),
+                 chunk_size=8, supervisor_dim=16, memory_dim=8, memory_topk=4, memory_capacity=6, memory_key_span=3),
     "cpu": dict(d_model=128, n_layers=3, mlp_hidden=299, ssm_state=16, ssm_head_dim=32, ssm_chunk=64, chunk_size=64,
-                supervisor_dim=128, memory_dim=32, memory_topk=8, memory_capacity=1024),
+                supervisor_dim=128, memory_dim=32, memory_topk=8, memory_capacity=64),
     "small": dict(d_model=256, n_layers=4, mlp_hidden=533, ssm_state=32, chunk_size=64,
-                  supervisor_dim=256, memory_dim=64, memory_topk=8, memory_capacity=1024),
+                  supervisor_dim=256, memory_dim=64, memory_topk=8, memory_capacity=64),
     "base": dict(d_model=768, n_layers=16, mlp_hidden=1536, ssm_state=64,
-                 chunk_size=128, supervisor_dim=768, memory_dim=128, memory_topk=8, memory_capacity=8192,
+                 chunk_size=128, supervisor_dim=768, memory_dim=128, memory_topk=8, memory_capacity=64,
                  memory_query_block=4096),
 }
 
@@ -254,4 +246,4 @@ class TransformerConfig:
         return cls(**{**base.to_dict(), **wide, **overrides})
 
 
-__all__ = ["HorizonConfig", "TransformerConfig", "HORIZON_PRESETS", "SSM_KINDS", "SSM_GATES", "MEMORY_WRITES"]
+__all__ = ["HorizonConfig", "TransformerConfig", "HORIZON_PRESETS", "SSM_KINDS", "SSM_GATES", "MEMORY_KINDS"]

@@ -15,7 +15,7 @@ the exact position: the chunk clock stands still, the supervisor state is only r
 memory is read, not written. So one replay, captured at the first such step of a chunk, serves
 every other step of that chunk; the step that completes a chunk (GRU update, memory write) runs
 eagerly (its work depends on the chunk's index and the memory grows by one entry). With
-``memory_write="token"`` (or ``"pair"``) every step writes a memory entry, so the memory is not
+the induction memory (``memory_kind="induction"``) every step writes a memory entry, so the memory is not
 constant inside a chunk: every step runs eagerly.
 
 Transformer: its step writes into a :class:`horizonlm.baseline.StaticKVCache` at a position held
@@ -106,7 +106,7 @@ class GraphedDecoder:
 
     Steps inside a chunk replay (a CUDA graph on a GPU); chunk-end steps, states whose memory
     lives in a store (searched on the host side) and a memory that writes every token
-    (``memory_write="token"`` or ``"pair"``) run the model eagerly.
+    (the induction memory) run the model eagerly.
     """
 
     def __init__(self, model: HorizonLM, state: HorizonState, bf16: bool = True) -> None:
@@ -115,7 +115,7 @@ class GraphedDecoder:
         self.model = model
         self.state = state.clone()
         self.use_graphs = model.embed.weight.is_cuda
-        token_writes = model.memory is not None and model.memory.write != "chunk"
+        token_writes = model.memory is not None and model.memory.kind == "induction"
         self.replays = not isinstance(state.memory, StoreMemoryState) and not token_writes
         self.bf16 = bf16 and self.use_graphs
         self.replay: Callable[[], Tensor] | None = None

@@ -1,5 +1,5 @@
-"""HorizonLM: pre-norm residual blocks of S4D + multi-resolution convolution + GLU MLP, with a
-recurrent supervisor and a retrieval memory after the middle block (DESIGN.md)."""
+"""HorizonLM: pre-norm residual blocks of S4D + multi-resolution convolution + GLU MLP, an
+induction memory before the first block and a recurrent supervisor after the middle one (DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class HorizonLM(nn.Module):
                            if config.use_supervisor else None)
         self.memory = (RetrievalMemory(config.d_model, config.memory_dim, config.chunk_size, config.memory_capacity,
                                        config.memory_topk, config.memory_tau, config.memory_query_block, config.norm_eps,
-                                       config.memory_write, config.memory_key_span, config.memory_tie_query)
+                                       config.memory_kind, config.memory_key_span)
                        if config.use_memory else None)
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -133,19 +133,6 @@ class HorizonLM(nn.Module):
         if (state.supervisor is None) != (self.supervisor is None) or (state.memory is None) != (self.memory is None):
             raise ValueError("state was made by a model with other use_supervisor/use_memory settings")
 
-    def _global(self, h: Tensor, state: HorizonState) -> tuple[Tensor, object, object]:
-        """Supervisor, then memory (whose keys and queries see the supervisor's injection); with
-        ``memory_before_supervisor`` the memory first, its keys made from the blocks' output alone."""
-        sup_state, mem_state = state.supervisor, state.memory
-        first = self.memory is not None and self.config.memory_before_supervisor
-        if first:
-            h, mem_state = self.memory(h, state.memory)  # (B, L, D)
-        if self.supervisor is not None:
-            h, sup_state = self.supervisor(h, state.supervisor)  # (B, L, D)
-        if self.memory is not None and not first:
-            h, mem_state = self.memory(h, state.memory)  # (B, L, D)
-        return h, sup_state, mem_state
-
     def forward(self, tokens: Tensor, state: HorizonState | None = None) -> tuple[Tensor, HorizonState]:
         check_tokens(tokens, self.config.vocab_size)
         batch, length = tokens.shape
@@ -154,14 +141,21 @@ class HorizonLM(nn.Module):
         self._check_state(state, batch)
         h = self.embed(tokens.long())  # (B, L, D)
         sup_state, mem_state = state.supervisor, state.memory
+        # The induction memory reads before the first block, from the token stream alone; the
+        # chunk memory reads where the supervisor sits, after it (DESIGN.md part 4).
+        induction = self.memory is not None and self.config.memory_kind == "induction"
+        if induction:
+            h, mem_state = self.memory(h, state.memory)  # (B, L, D)
         block_states = []
-        for i, block in enumerate(self.blocks):
+        for i in range(len(self.blocks) + 1):
             if i == self.config.global_at:
-                h, sup_state, mem_state = self._global(h, state)  # (B, L, D)
-            h, block_state = block(h, state.blocks[i])  # (B, L, D)
-            block_states.append(block_state)
-        if self.config.global_at == len(self.blocks):
-            h, sup_state, mem_state = self._global(h, state)  # (B, L, D)
+                if self.supervisor is not None:
+                    h, sup_state = self.supervisor(h, state.supervisor)  # (B, L, D)
+                if self.memory is not None and not induction:
+                    h, mem_state = self.memory(h, state.memory)  # (B, L, D)
+            if i < len(self.blocks):
+                h, block_state = self.blocks[i](h, state.blocks[i])  # (B, L, D)
+                block_states.append(block_state)
         logits = self.head(self.final_norm(h))  # (B, L, V)
         new_state = HorizonState(pos=state.pos + length, blocks=tuple(block_states), supervisor=sup_state,
                                  memory=mem_state, batch_size=batch)

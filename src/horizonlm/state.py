@@ -37,7 +37,7 @@ class SupervisorState:
 @dataclass(frozen=True)
 class MemoryState:
     """The retrieval memory: the entries of the most recent ``capacity`` completed chunks, oldest
-    first (one per chunk; with ``memory_write="token"`` or ``"pair"`` one per token, plus the
+    first (one per chunk for the chunk memory; for the induction memory one per token, plus the
     tokens of the incomplete chunk so far, invisible until it completes)."""
 
     keys: Tensor
@@ -49,7 +49,7 @@ class MemoryState:
     pos: int
     """Tokens of the stream seen so far."""
     last_key: Tensor | None = None
-    """``memory_write="pair"``: the key made from the last token seen, which the next token's
+    """The induction memory: the key made from the last token seen, which the next token's
     entry takes (zeros at the stream start); None otherwise. (B, 1, Dk)"""
     tail: Tensor | None = None
     """``memory_key_span`` n > 1: the memory's last n-1 normed inputs, which the next call's
@@ -71,7 +71,7 @@ class StoreMemoryState:
     pos: int
     """Tokens of the stream seen so far."""
     last_key: Tensor | None = None
-    """``memory_write="pair"``: the key the next entry takes, made from the last token read
+    """The induction memory: the key the next entry takes, made from the last token read
     (zeros at the stream start); None otherwise. (1, 1, Dk)"""
     tail: Tensor | None = None
     """``memory_key_span`` n > 1: the last n-1 normed inputs (see MemoryState.tail). (1, n-1, D)"""

@@ -157,10 +157,7 @@ def test_pair_memory_context_equals_one_stream(setup) -> None:
     (zeros, were it dropped)."""
     root, files = setup
     torch.manual_seed(0)
-    pair = HorizonLM(HorizonConfig.preset("tiny", memory_capacity=4096, memory_write="pair", memory_key_span=4,
-                                          init_std=0.3))
-    with torch.no_grad():
-        pair.memory.span_filter.normal_()
+    pair = HorizonLM(HorizonConfig.preset("tiny", memory_capacity=4096, memory_key_span=4, init_std=0.3))
     save_checkpoint(root / "pair", 1, pair, {"tokenizer": {"kind": "byte"}})
     ingest([str(f) for f in files[:2]], _cfg(root, checkpoint=str(root / "pair"), window=37))
     model = load_checkpoint(root / "pair").model.eval()

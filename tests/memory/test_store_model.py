@@ -13,7 +13,8 @@ from ..conftest import make_horizon
 
 @pytest.mark.parametrize("backend", ["torch", "faiss_flat"])
 def test_store_backends_match_in_state_memory(backend: str) -> None:
-    model = make_horizon(dtype=torch.float32, memory_query_block=7).eval()  # several query blocks per call
+    # The chunk memory: a FIFO store evicts whole entries, as its in-state memory does.
+    model = make_horizon(dtype=torch.float32, memory_kind="chunk", memory_query_block=7).eval()  # several blocks per call
     tokens = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, _ = model(tokens)
@@ -71,18 +72,15 @@ def test_unlimited_store_keeps_every_entry_visible() -> None:
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize(("write", "span"), [("token", 1), ("pair", 1), ("pair", 3)])
-def test_token_writing_memory_in_an_unlimited_store_equals_in_state_memory(write: str, span: int) -> None:
-    """memory_write=token or pair: the pending chunk's entries, invisible, must not crowd the K
+@pytest.mark.parametrize("span", [1, 3])
+def test_induction_memory_in_an_unlimited_store_equals_in_state_memory(span: int) -> None:
+    """The induction memory: the pending chunk's entries, invisible, must not crowd the K
     visible ones out of the store's candidates; calls end inside chunks, and a stretch is stepped
-    one token at a time (so the store holds pending entries at almost every call). In pair mode
-    the key carried beside the store must give each call's first entry its key, and with a key
-    span the carried inputs its filter."""
-    model = make_horizon(dtype=torch.float32, memory_write=write, memory_capacity=1000, memory_query_block=7,
+    one token at a time (so the store holds pending entries at almost every call). The key
+    carried beside the store must give each call's first entry its key, and with a key span the
+    carried inputs its filter."""
+    model = make_horizon(dtype=torch.float32, memory_capacity=1000, memory_query_block=7,
                          memory_key_span=span).eval()
-    if span > 1:
-        with torch.no_grad():
-            model.memory.span_filter.normal_()
     tokens = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(2))
     sizes = [13, 30] + [1] * 20 + [37]
     with torch.no_grad():
@@ -99,15 +97,13 @@ def test_token_writing_memory_in_an_unlimited_store_equals_in_state_memory(write
     torch.testing.assert_close(state.memory.store.keys, want_state.memory.keys[0], rtol=1e-5, atol=1e-6)
     for field in ("last_key", "tail"):
         carried, want_carried = getattr(state.memory, field), getattr(want_state.memory, field)
-        assert (carried is None) == (want_carried is None) == (field == "last_key" and write != "pair"
-                                                                 or field == "tail" and span == 1)
+        assert (carried is None) == (want_carried is None) == (field == "tail" and span == 1)
         if carried is not None:
             torch.testing.assert_close(carried, want_carried, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("write", ["token", "pair"])
-def test_token_writing_memory_refuses_a_fifo_store(write: str) -> None:
-    model = make_horizon(dtype=torch.float32, memory_write=write).eval()
+def test_induction_memory_refuses_a_fifo_store() -> None:
+    model = make_horizon(dtype=torch.float32).eval()
     state = model.init_state(1, store_config=StoreConfig(capacity=model.config.memory_capacity))
-    with torch.no_grad(), pytest.raises(ValueError, match="memory_write"):
+    with torch.no_grad(), pytest.raises(ValueError, match="never evicts"):
         model(torch.randint(0, 256, (1, 20)), state)

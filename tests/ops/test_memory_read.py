@@ -50,3 +50,17 @@ def test_chunk_layout_counts_from_stream_start() -> None:
     assert layout.chunk_ids.tolist() == [1, 2]
     assert layout.completed_before.tolist() == [1, 1, 2, 2, 2, 2, 3]
     assert layout.completed_in_call_before.tolist() == [0, 0, 1, 1, 1, 1, 2]
+
+
+def test_equal_scores_rank_newest_first_wherever_the_entries_sit() -> None:
+    """Five entries tie for three places: the newest three are read, and the same ones when the
+    matrix has invisible columns before them (a stream read in one call) or not (in pieces)."""
+    from horizonlm.ops.topk_search import topk_newest_first
+
+    tied = torch.tensor([[0.2, 0.7, 0.7, 0.9, 0.7, 0.7, 0.7, 0.1]])  # (1, M)
+    top, index = topk_newest_first(tied, 3)
+    assert sorted(index[0].tolist()) == [3, 5, 6] and top[0].tolist() == pytest.approx([0.9, 0.7, 0.7])
+    padded = torch.cat([torch.full((1, 5), float("-inf")), tied], dim=1)  # (1, 5 + M)
+    assert sorted((topk_newest_first(padded, 3)[1][0] - 5).tolist()) == [3, 5, 6]
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]]).flip(-1)  # reversed ages: the oldest ties now win
+    assert sorted(topk_newest_first(tied, 3, positions)[1][0].tolist()) == [1, 2, 3]

@@ -44,17 +44,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # The pure-torch SSD keeps (B, H, chunks, T, T) decay tensors for backward in every block: at
     # 16 x 8192 tokens on the base preset they overflow the H200's 140 GiB, so each block is recomputed.
     "horizon_selective": ("horizon", {"ssm_kind": "selective", "ssm_recompute": True}),
-    # Every token writes a memory entry (an associative store); 64 chunks (8K tokens at the base
-    # preset's C = 128) keep the read near the cost of one window. Raise memory_capacity
-    # (bench recall --model-overrides) for cross-window gaps longer than that.
-    "horizon_token_memory": ("horizon", {"memory_write": "token", "memory_capacity": 64}),
-    # The same store with each entry keyed by the token before it (an induction lookup).
-    "horizon_pair_memory": ("horizon", {"memory_write": "pair", "memory_capacity": 64}),
-    # The memory of configs/passkey_pair.yaml at the preset's chunk length: pair entries keyed by 16
-    # tokens through the shared W_k, before the first block and the supervisor.
-    "horizon_passkey_memory": ("horizon", {"memory_write": "pair", "memory_capacity": 64, "memory_key_span": 16,
-                                           "memory_tie_query": True, "global_layer": 0,
-                                           "memory_before_supervisor": True}),
+    # The paper's literal memory, the default before the induction memory: one entry per completed
+    # chunk (its last token's state) read after the supervisor, 8192 chunks (1M tokens at base).
+    "horizon_chunk_memory": ("horizon", {"memory_kind": "chunk", "memory_key_span": 1, "memory_capacity": 8192}),
 }
 
 

@@ -96,13 +96,13 @@ class SpeedConfig:
 def chunk_end_modules(model: nn.Module) -> list[nn.Module]:
     """HorizonLM's projections applied once per completed chunk, to its last token only: the
     supervisor's summary and GRU, the memory's key and value (per token when every token writes,
-    ``memory_write="token"``)."""
+    the induction memory)."""
     if not isinstance(model, HorizonLM):
         return []
     out: list[nn.Module] = []
     if model.supervisor is not None:
         out += [model.supervisor.summary, model.supervisor.gru]
-    if model.memory is not None and model.memory.write == "chunk":
+    if model.memory is not None and model.memory.kind == "chunk":
         out += [model.memory.key, model.memory.value]
     return out
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from horizonlm.ops.topk_search import topk_newest_first
+
 
 def visible_mask(entry_ids: Tensor, completed_before: Tensor, capacity: int) -> Tensor:
     """(L, M) bool: entry m is visible to token t."""
@@ -22,11 +24,28 @@ def visible_mask(entry_ids: Tensor, completed_before: Tensor, capacity: int) -> 
 def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capacity: int,
                  k: int) -> tuple[Tensor, Tensor]:
     """The K best visible entries of a block of queries: scores (-inf where fewer than K are
-    visible) and indices into ``keys``. One selection serves the read and the diagnostics."""
+    visible) and indices into ``keys``; equal scores rank newest first (:func:`topk_newest_first`;
+    entries are kept in stream order). One selection serves the read and the diagnostics."""
     scores = torch.einsum("bld,bmd->blm", q, keys)  # (B, Lb, M)
     mask = visible_mask(entry_ids, seen, capacity)  # (Lb, M)
     scores = scores.masked_fill(~mask, float("-inf"))  # (B, Lb, M)
-    return scores.topk(k, dim=-1)  # (B, Lb, K) twice
+    return topk_newest_first(scores, k)  # (B, Lb, K) twice
+
+
+def read_weights(top_scores: Tensor, tau: float, null_score: Tensor | None = None) -> Tensor:
+    """Softmax weights of the K best scores (-inf where fewer than K are visible, weight 0 there).
+
+    With ``null_score`` s_0 a null entry of value zero joins the softmax with logit ``tau * s_0``:
+    ``w_j = exp(tau s_j) / (exp(tau s_0) + sum_i exp(tau s_i))``, so a read whose best matches
+    score below s_0 fades towards zero instead of averaging whatever was nearest, and a token
+    with nothing visible reads exactly what an unmatched token reads in training (zero).
+    top_scores: (..., K). Returns (..., K)."""
+    valid = torch.isfinite(top_scores)  # (..., K)
+    logits = (tau * top_scores).masked_fill(~valid, -1e4)  # (..., K); finite, so no NaN anywhere
+    if null_score is None:
+        return torch.softmax(logits, dim=-1) * valid  # (..., K); all zero where nothing is visible
+    null = (tau * null_score).to(logits.dtype).expand(*logits.shape[:-1], 1)  # (..., 1)
+    return torch.softmax(torch.cat([logits, null], dim=-1), dim=-1)[..., :-1] * valid  # (..., K)
 
 
 def memory_read(
@@ -39,11 +58,14 @@ def memory_read(
     top_k: int,
     tau: float,
     block: int = 1024,
+    null_score: Tensor | None = None,
 ) -> Tensor:
-    """``r_t = sum_{j in topK} softmax(tau * q_t . k_j) v_j`` over the visible entries.
+    """``r_t = sum_{j in topK} softmax(tau * q_t . k_j) v_j`` over the visible entries, with the
+    null entry of :func:`read_weights` in the softmax when ``null_score`` is given.
 
     queries: (B, L, Dk), keys: (B, M, Dk), values: (B, M, Dv), entry_ids: (M,),
-    completed_before: (L,). A token with no visible entry reads zeros. Returns (B, L, Dv).
+    completed_before: (L,), null_score: (1,) or None. A token with no visible entry reads zeros.
+    Returns (B, L, Dv).
     """
     batch, length, _ = queries.shape
     n_entries = keys.shape[1]
@@ -55,9 +77,7 @@ def memory_read(
     for start in range(0, length, block):
         q = queries[:, start : start + block]  # (B, Lb, Dk)
         top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k)
-        valid = torch.isfinite(top_scores)  # (B, Lb, K)
-        logits = (tau * top_scores).masked_fill(~valid, -1e4)  # (B, Lb, K); finite, so no NaN anywhere
-        weights = torch.softmax(logits, dim=-1) * valid  # (B, Lb, K); all zero where nothing is visible
+        weights = read_weights(top_scores, tau, null_score)  # (B, Lb, K)
         picked = values[batch_index, top_index]  # (B, Lb, K, Dv)
         reads.append(torch.einsum("blk,blkd->bld", weights, picked))  # (B, Lb, Dv)
     return torch.cat(reads, dim=1)  # (B, L, Dv)

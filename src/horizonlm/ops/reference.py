@@ -50,19 +50,25 @@ def memory_read_ref(
     capacity: int,
     top_k: int,
     tau: float,
+    null_score: Tensor | None = None,
 ) -> Tensor:
-    """Brute force: for every token, score every visible entry, sort, softmax over the best K."""
+    """Brute force: for every token, score every visible entry, sort, softmax over the best K
+    (and, with ``null_score``, a null entry of value zero and score ``null_score``)."""
     batch, length, _ = queries.shape
     out = queries.new_zeros(batch, length, values.shape[-1])  # (B, L, Dv)
     for b in range(batch):
         for t in range(length):
             seen = int(completed_before[t])
-            visible = [m for m in range(keys.shape[1]) if seen - capacity <= int(entry_ids[m]) < seen]
+            # newest first, so that a stable sort ranks equal scores newest first
+            visible = [m for m in reversed(range(keys.shape[1])) if seen - capacity <= int(entry_ids[m]) < seen]
             if not visible:
                 continue
             scores = torch.stack([queries[b, t] @ keys[b, m] for m in visible])  # (V,)
-            order = torch.argsort(scores, descending=True)[:top_k]  # (K,)
-            weights = torch.softmax(tau * scores[order], dim=0)  # (K,)
+            order = torch.argsort(scores, descending=True, stable=True)[:top_k]  # (K,)
+            logits = tau * scores[order]  # (K,)
+            if null_score is not None:
+                logits = torch.cat([logits, (tau * null_score).reshape(1).to(logits.dtype)])  # (K+1,)
+            weights = torch.softmax(logits, dim=0)[: len(order)]  # (K,)
             picked = torch.stack([values[b, visible[i]] for i in order.tolist()])  # (K, Dv)
             out[b, t] = weights @ picked
     return out

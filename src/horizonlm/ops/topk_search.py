@@ -7,6 +7,30 @@ import torch
 from torch import Tensor
 
 
+def topk_newest_first(scores: Tensor, k: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``scores.topk(k)`` along the last dim, except that equal scores rank newest first (the
+    larger ``positions``, by default the larger column index): which of several exactly equal
+    scores fills the k-th place is then a property of the entries, not of where they sit in the
+    matrix, so a stream read in one call and in pieces picks the same entries (identical contexts
+    make identical keys, so exact ties are common). Only rows with a tie at the k-th place are
+    re-ranked, by a stable sort. scores: (..., M), positions: (..., M) or None.
+    Returns scores (..., k) descending and int64 column indices (..., k)."""
+    top, index = scores.topk(k, dim=-1)  # (..., k)
+    kth = top[..., -1:]  # (..., 1)
+    tied = torch.isfinite(kth[..., 0]) & ((scores >= kth).sum(-1) > k)  # (...,): more than k reach the k-th score
+    if not bool(tied.any()):
+        return top, index
+    rows = scores[tied]  # (R, M)
+    if positions is None:
+        positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)  # (..., M)
+    by_age = positions[tied].argsort(dim=-1, descending=True, stable=True)  # (R, M): newest first
+    by_score = rows.gather(-1, by_age).argsort(dim=-1, descending=True, stable=True)  # (R, M)
+    order = by_age.gather(-1, by_score[:, :k])  # (R, k)
+    top, index = top.clone(), index.clone()
+    top[tied], index[tied] = rows.gather(-1, order), order
+    return top, index
+
+
 def exact_topk(queries: Tensor, keys: Tensor, k: int, key_block: int = 1 << 20) -> tuple[Tensor, Tensor]:
     """Top-``k`` keys by ``q . key`` for every query. queries: (Q, D), keys: (M, D).
 
@@ -20,14 +44,14 @@ def exact_topk(queries: Tensor, keys: Tensor, k: int, key_block: int = 1 << 20) 
     for start in range(0, n, key_block):
         block = keys[start : start + key_block]  # (Mb, D)
         scores = (queries @ block.T).float()  # (Q, Mb)
-        top_s, top_i = scores.topk(min(k, block.shape[0]), dim=-1)  # (Q, k)
+        top_s, top_i = topk_newest_first(scores, min(k, block.shape[0]))  # (Q, k)
         top_i = top_i + start  # (Q, k)
         if best_scores is None:
             best_scores, best_index = top_s, top_i
             continue
         merged_s = torch.cat([best_scores, top_s], dim=-1)  # (Q, 2k)
         merged_i = torch.cat([best_index, top_i], dim=-1)  # (Q, 2k)
-        best_scores, order = merged_s.topk(k, dim=-1)  # (Q, k)
+        best_scores, order = topk_newest_first(merged_s, k, merged_i)  # (Q, k)
         best_index = merged_i.gather(-1, order)  # (Q, k)
     return best_scores, best_index
 
