@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -153,3 +155,24 @@ def test_transformer_kv_cache_equals_one_call(seed: int) -> None:
     _assert_same(pieces, full)
     _assert_same(steps, full)
     assert state.keys[0].shape[2] == 40
+
+
+def test_reset_streams_zeroes_only_the_chosen_streams() -> None:
+    """A stream restarted cold (``reset_streams``) carries nothing of its past: its logits from
+    there on equal a fresh stream's at the same chunk phase (its zeroed memory entries add nothing);
+    the other stream keeps its state exactly."""
+    model = make_horizon(dtype=torch.float64)
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(4))
+    chunk = model.config.chunk_size
+    with torch.no_grad():
+        _, state = model(tokens[:, : 3 * chunk])
+        reset = state.reset_streams(torch.tensor([False, True]))
+        kept, _ = model(tokens[:, 3 * chunk :], state)
+        got, _ = model(tokens[:, 3 * chunk :], reset)
+        fresh = replace(model.init_state(2), pos=3 * chunk)
+        fresh = replace(fresh, supervisor=replace(fresh.supervisor, pos=3 * chunk),
+                        memory=replace(fresh.memory, pos=3 * chunk))
+        cold, _ = model(tokens[:, 3 * chunk :], fresh)
+    torch.testing.assert_close(got[0], kept[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], cold[1], rtol=1e-3, atol=1e-3)
+    assert (got[1] - kept[1]).abs().max().item() > 1e-3  # the check can fail: the past did matter

@@ -316,23 +316,23 @@ def cmd_passkey(args: argparse.Namespace) -> int:
         plot_passkey,
         results_path,
         run_passkey,
+        prepare_model,
         save_results,
-        set_read_topk,
     )
 
     cfg = build_config(PasskeyConfig, args)
     device = resolve_device(cfg.device)
     ckpt = load_checkpoint(cfg.checkpoint)
     require_byte_level(ckpt.info.get("tokenizer", {}), f"passkey prompts are raw bytes; checkpoint {ckpt.path}")
-    set_read_topk(ckpt.model, cfg.read_topk)
+    prepare_model(ckpt.model, cfg)
     label = cfg.label or ckpt.info["kind"]
     out = results_path(cfg, ckpt.path)
-    check_new_entry(out, entry_name(label, cfg.keys), cfg.overwrite)
+    check_new_entry(out, entry_name(label, cfg.keys, cfg.wording), cfg.overwrite)
     env = environment()
     entry = run_passkey(ckpt.model.to(device), load_haystack(cfg), cfg, device, label,
                         on_cell=lambda partial: save_results(out, label, partial, env))
     plot_passkey(save_results(out, label, entry, env), out.with_suffix(".png"))
-    print(format_table(entry_name(label, cfg.keys), entry))
+    print(format_table(entry_name(label, cfg.keys, cfg.wording), entry))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

@@ -1,10 +1,18 @@
 """``horizon passkey``: find a fact stated once, far back in real prose.
 
-A random 5-digit key is stated once ("The pass key is 48213. Remember it. 48213 is the pass
-key.") at a given depth of a haystack of real text; the prompt ends with a question; the model
-decodes greedily and scores when all five digits match. With ``keys > 1``, several labelled keys
-are hidden and the question names one. Prompts are byte-level and fed in windows with the
-state carried, so a HorizonLM reads a million-token prompt at constant memory.
+A random 5-digit key is stated once at a given depth of a haystack of real text; the prompt
+ends with a question; the model decodes greedily and scores when its reply's first number is
+exactly the key. With ``keys > 1``, several labelled keys are hidden and the question names one.
+Two wordings: ``benchmark`` ("The pass key is 48213. Remember it. 48213 is the pass key.",
+:mod:`horizonlm.data.needles`) and ``heldout`` (the held-out phrasings of
+:mod:`horizonlm.data.episodes`); the training mix states neither. Prompts are byte-level and fed
+in windows with the state carried, so a HorizonLM reads a million-token prompt at constant memory.
+
+The causal check (``causal_check``) asks each prompt twice more: with the memory's read removed
+(its gated add dropped at every token), and with the values of the fact's digit entries replaced
+by those another key's digits write (the induction memory reads before the first block, so a
+digit's value is a function of the digit alone). An answer that fails without the read and
+follows the swapped values came from the memory.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import json
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,7 @@ from tqdm import tqdm
 from horizonlm.bench.common import parse_ints, save_figure
 from horizonlm.bench.recall_probe import MemoryProbe
 from horizonlm.checkpoint import run_folder
+from horizonlm.data.episodes import make_fact
 from horizonlm.data.needles import DOORS, needle, question
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json, existing_file
@@ -59,6 +68,14 @@ class PasskeyConfig:
     the best match. A HorizonLM with memory only."""
     max_length: int = 0
     """Skip cells longer than this (0: none); reported as not run."""
+    wording: str = "benchmark"
+    """``benchmark`` (the needle sentences) or ``heldout`` (phrasings the training mix never states)."""
+    causal_check: bool = False
+    """Ask every prompt again with the memory's read removed and with the fact's digit entries
+    holding another key's values (the induction memory; three times the cost)."""
+    memory_capacity: int = 0
+    """Chunks the memory keeps while asking (0: as trained). Training keeps a few windows; a
+    1M-token prompt needs 1M / chunk_size for the fact to stay visible. Weights do not depend on it."""
     label: str = ""
     """Name of the model in the results (default: the checkpoint's kind)."""
     out: str = ""
@@ -77,7 +94,9 @@ class PasskeyConfig:
         for name in ("trials", "window", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_length", "seed", "read_topk"):
+        if self.wording not in ("benchmark", "heldout"):
+            raise ValueError(f"wording must be benchmark or heldout, got {self.wording!r}")
+        for name in ("max_length", "seed", "read_topk", "memory_capacity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -96,7 +115,28 @@ class PasskeyConfig:
             raise ValueError(f"depths must lie in [0, 100], got {self.depths}")
 
 
-def build_prompt(haystack: bytes, length: int, depth: float, n_keys: int, rng: random.Random) -> tuple[bytes, int]:
+@dataclass(frozen=True)
+class Prompt:
+    """One passkey prompt."""
+
+    text: bytes
+    key: int
+    """The asked key."""
+    question_at: int
+    """Where the question starts (the prompt's last bytes)."""
+
+
+def _statements(keys: list[int], doors: list[str | None], wording: str, rng: random.Random) -> tuple[list[bytes], bytes]:
+    """The facts and the question asking the first key, in the benchmark's or a held-out wording."""
+    if wording == "benchmark":
+        return [needle(k, d).encode() for k, d in zip(keys, doors)], question(doors[0]).encode()
+    labels = [f"the {d} door" if d else f"the {rng.choice(DOORS)} door" for d in doors]
+    facts = [make_fact(rng, label, str(key), held_out=True) for label, key in zip(labels, keys)]
+    return [f.statement.encode() for f in facts], facts[0].question.encode()
+
+
+def build_prompt(haystack: bytes, length: int, depth: float, n_keys: int, rng: random.Random,
+                 wording: str = "benchmark") -> Prompt:
     """A prompt of exactly ``length`` bytes and the key it asks for.
 
     The haystack slice starts at a random offset (wrapping around); the asked key sits at
@@ -105,8 +145,7 @@ def build_prompt(haystack: bytes, length: int, depth: float, n_keys: int, rng: r
     doors = rng.sample(DOORS, n_keys) if n_keys > 1 else [None]
     keys = [rng.randint(10000, 99999) for _ in doors]
     asked = 0
-    needles = [needle(k, d).encode() for k, d in zip(keys, doors)]
-    tail = question(doors[asked]).encode()
+    needles, tail = _statements(keys, doors, wording, rng)
     filler = length - sum(map(len, needles)) - len(tail)
     if filler < 0:
         raise HorizonError(f"length {length} is too short for {n_keys} key(s) and the question")
@@ -126,36 +165,100 @@ def build_prompt(haystack: bytes, length: int, depth: float, n_keys: int, rng: r
         prev = cuts[i]
     prompt = b"".join(parts) + body[prev:] + tail
     assert len(prompt) == length
-    return prompt, keys[asked]
+    return Prompt(prompt, keys[asked], length - len(tail))
 
 
 @torch.no_grad()
-def answer(model: nn.Module, prompts: list[bytes], window: int, device: torch.device,
-           new_tokens: int = 8) -> list[str]:
-    """Feed prompts of one length side by side in windows with the state carried, then decode
-    each greedily."""
-    state, logits = None, None
-    data = np.stack([np.frombuffer(p, dtype=np.uint8) for p in prompts])  # (B, T)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with autocast:
+def feed(model: nn.Module, data: np.ndarray, window: int, device: torch.device, state: Any = None
+         ) -> tuple[Tensor, Any]:
+    """Prompts of one length (B, T) side by side in windows, the state carried: the last logits
+    (B, V) and the state."""
+    logits = None
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for start in range(0, data.shape[1], window):
             x = torch.from_numpy(data[:, start : start + window].astype(np.int64)).to(device)  # (B, T)
             logits, state = model(x, state)
-        out = []
+    return logits[:, -1].float(), state  # (B, V)
+
+
+@torch.no_grad()
+def decode(model: nn.Module, logits: Tensor, state: Any, device: torch.device, new_tokens: int = 8) -> list[str]:
+    """Greedy continuation from the last logits (B, V) and state."""
+    out = []
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for _ in range(new_tokens):
-            token = logits[:, -1].float().argmax(-1, keepdim=True)  # (B, 1)
+            token = logits.argmax(-1, keepdim=True)  # (B, 1)
             out.append(token)
-            logits, state = model(token, state)
+            step, state = model(token, state)
+            logits = step[:, -1].float()  # (B, V)
     replies = torch.cat(out, dim=1).tolist()  # B lists of new_tokens ints
     return [bytes(reply).decode("utf-8", errors="replace") for reply in replies]
 
 
+def answer(model: nn.Module, prompts: list[bytes], window: int, device: torch.device,
+           new_tokens: int = 8) -> list[str]:
+    """Feed prompts of one length side by side in windows with the state carried, then decode
+    each greedily."""
+    data = np.stack([np.frombuffer(p, dtype=np.uint8) for p in prompts])  # (B, T)
+    logits, state = feed(model, data, window, device)
+    return decode(model, logits, state, device, new_tokens)
+
+
+class read_removed:
+    """Within this context the memory's gated add is dropped (its state still grows), so the
+    model answers from everything but the read."""
+
+    def __init__(self, memory: nn.Module) -> None:
+        self.memory, self._handle = memory, None
+
+    def __enter__(self) -> read_removed:
+        self._handle = self.memory.register_forward_hook(lambda module, args, output: (args[0], output[1]))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
+def digit_values(model: nn.Module, digits: str, device: torch.device) -> Tensor:
+    """The values the induction memory writes at these digits: ``W_v norm(embed(d))``, as it reads
+    before the first block. (n, Dv)"""
+    tokens = torch.tensor([list(digits.encode())], device=device)  # (1, n)
+    memory = model.memory
+    return memory.value(memory.norm(model.embed(tokens)))[0]  # (n, Dv)
+
+
+@torch.no_grad()
+def swapped_answer(model: nn.Module, prompts: list[Prompt], swap_keys: list[int], window: int,
+                   device: torch.device) -> list[str | None]:
+    """Answers after the asked fact's five digit entries were given the values of ``swap_keys``'
+    digits, just before the question is read. None where the fact's entries were evicted."""
+    data = np.stack([np.frombuffer(p.text, dtype=np.uint8) for p in prompts])  # (B, T)
+    question_at = prompts[0].question_at
+    if any(p.question_at != question_at for p in prompts):  # questions of other lengths: one by one
+        return [swapped_answer(model, [p], [k], window, device)[0] for p, k in zip(prompts, swap_keys)]
+    _, state = feed(model, data[:, :question_at], window, device)
+    mem = state.memory
+    first = mem.pos - mem.values.shape[1]  # stream position of the oldest entry kept
+    values = mem.values.clone()  # (B, M, Dv)
+    usable = []
+    for b, (prompt, swap) in enumerate(zip(prompts, swap_keys)):
+        at = digit_positions(prompt.text, prompt.key)
+        usable.append(at[0] >= first)
+        if usable[-1]:
+            values[b, [p - first for p in at]] = digit_values(model, str(swap), device).to(values.dtype)
+    state = replace(state, memory=replace(mem, values=values))
+    logits, state = feed(model, data[:, question_at:], window, device, state)
+    replies = decode(model, logits, state, device)
+    return [reply if ok else None for reply, ok in zip(replies, usable)]
+
+
 def digit_positions(prompt: bytes, key: int) -> list[int]:
-    """Where the asked key's five digits stand in the fact ("... is 48213."), its first statement."""
-    start = prompt.find(f" {key}.".encode()) + 1
-    if start == 0:
+    """Where the asked key's five digits stand in its first statement (a run of exactly those
+    digits, not part of a longer number)."""
+    found = re.search(rb"(?<![0-9])" + str(key).encode() + rb"(?![0-9])", prompt)
+    if found is None:
         raise HorizonError(f"key {key} is not stated in the prompt")
-    return list(range(start, start + 5))
+    return list(range(found.start(), found.start() + 5))
 
 
 def answer_with_hits(model: nn.Module, prompts: list[bytes], keys: list[int], window: int,
@@ -176,6 +279,25 @@ def answer_with_hits(model: nn.Module, prompts: list[bytes], keys: list[int], wi
     return replies, (found["hit_entry"] if memory.entries_per_chunk > 1 else found["hit"])  # (B, 5)
 
 
+def prepare_model(model: nn.Module, cfg: PasskeyConfig) -> None:
+    """Set the model's memory for asking as ``cfg`` says (read_topk, memory_capacity), and refuse
+    a causal check the model cannot take, before any work."""
+    set_read_topk(model, cfg.read_topk)
+    memory = getattr(model, "memory", None)
+    if cfg.causal_check and (memory is None or memory.kind != "induction"):
+        raise HorizonError("causal_check swaps the values of the induction memory's entries; this model has "
+                           f"{'no memory' if memory is None else f'the {memory.kind} memory'}")
+    if cfg.memory_capacity:
+        if memory is None:
+            raise HorizonError(f"memory_capacity={cfg.memory_capacity} needs a HorizonLM with its memory")
+        if memory.top_k > cfg.memory_capacity:
+            raise HorizonError(f"memory_capacity={cfg.memory_capacity} is below the read's top-K ({memory.top_k})")
+        memory.capacity = cfg.memory_capacity
+        # Bound the score matrix (batch x query block x entries) to about 2^28 elements.
+        entries = cfg.memory_capacity * memory.entries_per_chunk
+        memory.query_block = max(16, min(memory.query_block, (1 << 28) // (cfg.batch * entries)))
+
+
 def set_read_topk(model: nn.Module, top_k: int) -> None:
     """Make every memory read take ``top_k`` entries (0: leave it as trained)."""
     if not top_k:
@@ -188,10 +310,10 @@ def set_read_topk(model: nn.Module, top_k: int) -> None:
     memory.top_k = top_k
 
 
-def score(reply: str, key: int) -> bool:
-    """Exact match of all five digits: the first 5-digit number in the reply."""
-    found = re.search(r"\d{5}", reply)
-    return found is not None and int(found.group()) == key
+def score(reply: str | None, key: int) -> bool:
+    """The reply's first number is exactly the key: all five digits, no more ("482130" fails)."""
+    found = re.search(r"\d+", reply or "")
+    return found is not None and found.group() == str(key)
 
 
 def digits_right(reply: str, key: int) -> int:
@@ -225,15 +347,19 @@ def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: t
 def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: torch.device, length: int,
               depth: int, bar: tqdm) -> dict[str, Any]:
     """``cfg.trials`` prompts of one length with the asked key at one depth, scored."""
-    rng = random.Random(f"{cfg.seed}-{length}-{depth}-{cfg.keys}")
-    asked = [build_prompt(haystack, length, depth, cfg.keys, rng) for _ in range(cfg.trials)]
-    keys = [key for _, key in asked]
-    replies, hits, t0 = [], [], time.perf_counter()
+    rng = random.Random(f"{cfg.seed}-{length}-{depth}-{cfg.keys}-{cfg.wording}")
+    asked = [build_prompt(haystack, length, depth, cfg.keys, rng, cfg.wording) for _ in range(cfg.trials)]
+    keys = [p.key for p in asked]
+    swap_keys = [rng.randint(10000, 99999) for _ in asked]
+    replies, hits, without_read, swapped, t0 = [], [], [], [], time.perf_counter()
     for first in range(0, len(asked), cfg.batch):
         group = asked[first : first + cfg.batch]
         try:
-            got, hit = answer_with_hits(model, [prompt for prompt, _ in group], [key for _, key in group],
-                                        cfg.window, device)
+            got, hit = answer_with_hits(model, [p.text for p in group], [p.key for p in group], cfg.window, device)
+            if cfg.causal_check:
+                with read_removed(model.memory):
+                    without_read += answer(model, [p.text for p in group], cfg.window, device)
+                swapped += swapped_answer(model, group, swap_keys[first : first + cfg.batch], cfg.window, device)
         except torch.cuda.OutOfMemoryError:
             return {"length": length, "depth": depth, "status": "OOM"}
         replies += got
@@ -249,7 +375,21 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
             "examples": [[key, reply] for key, reply in zip(keys, replies)]}
     if hits:
         cell["memory_hit_by_digit"] = torch.cat(hits).float().mean(0).tolist()  # 5 rates, the first digit first
+    if cfg.causal_check:
+        cell["causal_check"] = causal_summary(keys, replies, without_read, swap_keys, swapped)
     return cell
+
+
+def causal_summary(keys: list[int], replies: list[str], without_read: list[str], swap_keys: list[int],
+                   swapped: list[str | None]) -> dict[str, Any]:
+    """Whether the answers follow the memory: accuracy with the read removed, and with the fact's
+    entries swapped the share of replies that are the swapped-in key (and that stay the original)."""
+    asked = [i for i, reply in enumerate(swapped) if reply is not None]
+    return {"accuracy_without_read": sum(map(score, without_read, keys)) / len(keys),
+            "swap_trials": len(asked),
+            "follows_swap": sum(score(swapped[i], swap_keys[i]) for i in asked) / max(1, len(asked)),
+            "keeps_original_under_swap": sum(score(swapped[i], keys[i]) for i in asked) / max(1, len(asked)),
+            "examples": [[keys[i], without_read[i], swap_keys[i], swapped[i]] for i in range(len(keys))]}
 
 
 def format_table(name: str, entry: dict[str, Any]) -> str:
@@ -279,9 +419,10 @@ def load_haystack(cfg: PasskeyConfig) -> bytes:
     return data
 
 
-def entry_name(label: str, keys: int) -> str:
-    """The name of a model's entry in the results file: its label and number of keys."""
-    return f"{label} ({keys} key{'s' if keys > 1 else ''})"
+def entry_name(label: str, keys: int, wording: str = "benchmark") -> str:
+    """The name of a model's entry in the results file: its label, number of keys and wording."""
+    held_out = ", held-out wording" if wording == "heldout" else ""
+    return f"{label} ({keys} key{'s' if keys > 1 else ''}{held_out})"
 
 
 def results_path(cfg: PasskeyConfig, checkpoint_folder: Path) -> Path:
@@ -319,7 +460,8 @@ def save_results(path: str | Path, label: str, entry: dict[str, Any], environmen
     the whole results. Called after every cell, so it writes JSON only (plot once at the end)."""
     path = Path(path)
     results = read_results(path)
-    results["models"][entry_name(label, entry["keys"])] = {**entry, "environment": environment}
+    name = entry_name(label, entry["keys"], entry["config"].get("wording", "benchmark"))
+    results["models"][name] = {**entry, "environment": environment}
     atomic_write_json(path, results)
     return results
 

@@ -109,6 +109,22 @@ class HorizonState:
         """Cut the autograd graph (truncated backprop through time between windows)."""
         return self.map_tensors(Tensor.detach)
 
+    def reset_streams(self, fresh: Tensor) -> HorizonState:
+        """The state with the streams where ``fresh`` (B,) is true zeroed, as at a stream's start:
+        SSM states, convolution buffers, supervisor state, the memory's carried key and tail, and
+        its entries (zero values add nothing to a read; zero keys score 0, below the null entry).
+        The chunk clock is shared by the batch and keeps running."""
+        if isinstance(self.memory, StoreMemoryState):
+            raise ValueError("a state whose memory lives in a store holds one stream; start a new state instead")
+        keep = (~fresh).to(torch.float32)  # (B,)
+
+        def zero(t: Tensor) -> Tensor:
+            if t.dtype == torch.int64:  # chunk ids: shared by the batch
+                return t
+            return t * keep.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))  # (B, ...)
+
+        return self.map_tensors(zero)
+
     def expand(self, batch_size: int) -> HorizonState:
         """A batch-1 state repeated ``batch_size`` times (many continuations of one context)."""
         if self.batch_size != 1:

@@ -93,6 +93,10 @@ class TrainConfig:
     earlier window). Writing the memory learns only from these: carried entries are detached."""
     retrieval_keys: int = 1
     """Episodes hide 1 to this many labelled keys (one unlabelled key when 1)."""
+    reset_stream_every: int = 0
+    """Give each stream a fresh state every this many windows, staggered over the streams (stream
+    b at steps where ``(step + b * reset_stream_every // B) % reset_stream_every == 0``), as at a
+    book's start, so that every step some streams read from an empty memory (0: never)."""
     reset_every: int = 0
     """Start from a fresh state every this many windows (0: only when the streams start over).
     Passkey training sets it to ``retrieval_every``: each episode then starts with an empty
@@ -153,7 +157,7 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "steps", "eval_window"):
             _check_range(name, getattr(self, name), low=1)
         for name in ("warmup", "eval_every", "eval_tokens", "save_every", "stop_after", "retrieval_every",
-                     "reset_every", "seed", "max_minutes", "weight_decay", "grad_clip"):
+                     "reset_every", "reset_stream_every", "seed", "max_minutes", "weight_decay", "grad_clip"):
             _check_range(name, getattr(self, name), low=0)
         for name in ("min_lr_ratio", "retrieval_rate", "retrieval_same_window"):
             _check_range(name, getattr(self, name), low=0, high=1)
@@ -578,6 +582,8 @@ class _Trainer:
         t0 = time.perf_counter()
         if self.data.batcher.starts_epoch(step) or (cfg.reset_every and step % cfg.reset_every == 0):
             self.carried = None
+        if cfg.reset_stream_every and self.carried is not None:
+            self.carried = self.carried.reset_streams(self._fresh_streams(step))
         x, y, weight = self.data.batcher.batch(step)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         factor = lr_factor(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
@@ -602,6 +608,13 @@ class _Trainer:
             record["answer_digit_accuracy"] = answer_acc  # this process's rows
         self.log.write(record)
         return {**record, "seconds": dt}
+
+    def _fresh_streams(self, step: int) -> Tensor:
+        """Which of this process's streams start afresh at ``step`` (see ``reset_stream_every``). (B,)"""
+        every = self.cfg.reset_stream_every
+        first = self.data.batcher.first_stream
+        streams = torch.arange(first, first + self.data.batcher.local_batch)  # (B,)
+        return ((step + streams * every // self.cfg.batch_size) % every == 0).to(self.device)  # (B,)
 
     def _backward(self, logits: Tensor, y: Tensor, weight: Tensor | None) -> tuple[float, float | None]:
         """Backpropagate the objective; returns the mean loss over all ranks (stopping on a

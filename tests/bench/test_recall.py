@@ -117,12 +117,12 @@ def test_memory_topk_ids_is_the_reads_selection() -> None:
             torch.testing.assert_close(only, full)
 
 
-@pytest.mark.parametrize("write", ["chunk", "pair"])
-def test_probe_sees_the_same_reads_in_windows_as_in_one_call(write: str) -> None:
+@pytest.mark.parametrize("kind", ["chunk", "induction"])
+def test_probe_sees_the_same_reads_in_windows_as_in_one_call(kind: str) -> None:
     """Chunk ids (and, one entry per token, entry positions) of the reads do not depend on how
     the stream is cut; an entry's position lies in the chunk reported for it."""
     torch.manual_seed(0)
-    model = HorizonLM(HorizonConfig.preset("tiny", vocab_size=64, memory_capacity=64, memory_write=write)).double()
+    model = HorizonLM(HorizonConfig.preset("tiny", vocab_size=64, memory_capacity=64, memory_kind=kind)).double()
     batch = gap_batch(2, 4, 40, Filler(64, pair_vocab(64, "random")), batch_generator(0, "test", 2, 1), "cpu")
     selected, positions = [], []
     for window in (batch.tokens.shape[1], 8, 13):
@@ -134,11 +134,11 @@ def test_probe_sees_the_same_reads_in_windows_as_in_one_call(write: str) -> None
         positions.append(probe.selected_pos)
         outcome = probe.outcome(batch.answer_pos)
         assert outcome["applicable"].all() and not outcome["evicted"].any()
-        assert not outcome["hit_entry"].any() or write == "pair"
+        assert not outcome["hit_entry"].any() or kind == "induction"
     assert (selected[0] >= 0).all()
     assert torch.equal(selected[0], selected[1]) and torch.equal(selected[0], selected[2])
     assert torch.equal(positions[0], positions[1]) and torch.equal(positions[0], positions[2])
-    if write == "pair":
+    if kind == "induction":
         assert (positions[0] >= 0).all()
         assert torch.equal(positions[0] // model.config.chunk_size, selected[0])
     else:
@@ -287,16 +287,16 @@ def test_cli_reports_a_corrupt_results_file(tmp_path: Path, capsys) -> None:
     assert out.read_text() == "{not json"
 
 
-@pytest.mark.parametrize("write", ["chunk", "token"])
-def test_probe_chance_is_that_of_a_random_read(write: str) -> None:
+@pytest.mark.parametrize("kind", ["chunk", "induction"])
+def test_probe_chance_is_that_of_a_random_read(kind: str) -> None:
     """A read of K entries drawn at random hits the answer's chunk (E entries of N visible) with
     probability 1 - C(N-E, K) / C(N, K), counted here by math.comb (1 when N <= K)."""
-    model = HorizonLM(HorizonConfig.preset("tiny", vocab_size=64, memory_capacity=5, memory_write=write))
+    model = HorizonLM(HorizonConfig.preset("tiny", vocab_size=64, memory_capacity=5, memory_kind=kind))
     mem = model.memory
     query_pos = torch.tensor([[0, 8, 17, 30, 47, 200]])  # (1, P): 0, 1, 2, 3, 5 and (capped) 5 chunks seen
     with MemoryProbe(mem, query_pos) as probe:
         chance = probe.outcome(torch.zeros_like(query_pos))["chance"][0].tolist()
-    per_chunk = mem.chunk_size if write == "token" else 1
+    per_chunk = mem.chunk_size if kind == "induction" else 1
     want = []
     for pos in query_pos[0].tolist():
         n = min(pos // mem.chunk_size, mem.capacity) * per_chunk

@@ -78,6 +78,20 @@ class QualityConfig:
     """Window when streaming the test sets (state carried between windows)."""
     max_eval_tokens: int = 0
     """Score at most this many tokens of each test set (0: all)."""
+    reset_stream_every: int = 64
+    """Every model's training gives each stream a fresh state every this many windows, staggered
+    (about a novel's length at 8K-byte windows), so models also learn to start a book cold."""
+    recall_every: int = 0
+    """Windows per recall episode in every model's training mix (generated facts and questions,
+    :mod:`horizonlm.data.episodes`; 0: prose only). The same data for every model."""
+    recall_rate: float = 1.0
+    """Share of (stream, episode) pairs that carry facts and a question."""
+    recall_keys: int = 4
+    """Facts per episode: 1 to this many."""
+    recall_weight: float = 5.0
+    """Loss weight of the answer's target bytes."""
+    recall_same_window: float = 0.5
+    """Share of episodes whose facts are in the question's window (the rest: an earlier window)."""
     position_bins: int = 16
     """Log-spaced bins of position within a book for the by-position curve."""
     runs: str = "runs/quality"
@@ -119,7 +133,10 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) 
     tcfg = TrainConfig(data=cfg.data, out=str(out), model=kind, preset=cfg.preset, model_overrides=overrides,
                        batch_size=cfg.batch_size, seq_len=cfg.seq_len, steps=steps, max_minutes=minutes, lr=lr,
                        ssm_lr=min(lr, 1e-3), eval_every=0, eval_tokens=min(1_000_000, cfg.max_eval_tokens or 10**9),
-                       eval_window=cfg.eval_window, save_every=0, device=cfg.device, progress=False)
+                       eval_window=cfg.eval_window, save_every=0, device=cfg.device, progress=False,
+                       reset_stream_every=cfg.reset_stream_every, retrieval_every=cfg.recall_every,
+                       retrieval_rate=cfg.recall_rate, retrieval_keys=cfg.recall_keys,
+                       retrieval_weight=cfg.recall_weight, retrieval_same_window=cfg.recall_same_window)
     tcfg.steps = _estimate_steps(tcfg)
     summary = train(tcfg)
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]

@@ -8,6 +8,7 @@ a resumed run sees exactly the data an uninterrupted one would.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from horizonlm.data.needles import DOORS, needle, question
+from horizonlm.data.episodes import draw_episode, longest_fact
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import sha256_file
 
@@ -53,65 +54,62 @@ def open_split(data_dir: str | Path, split: str, verify: bool = False) -> np.mem
 
 @dataclass
 class RetrievalMix:
-    """Passkey episodes written into the training stream (the benchmark's own sentences).
+    """Recall episodes written into the training stream (generated, :mod:`horizonlm.data.episodes`).
 
     Each stream's windows are grouped in episodes of ``every`` windows. With probability
-    ``rate`` an episode states 1 to ``max_keys`` random 5-digit keys (labelled by door when
-    more than one) and asks for one of them at the end of its last window, with the answer as
-    the target. With probability ``same_window`` the keys are stated in the question's own
-    window: only there does writing the memory get a gradient, because entries carried from
-    earlier windows are detached. Otherwise they are stated in an earlier window, so the key
-    can only travel through the carried state (memory, supervisor, S4D). Everything is a pure
-    function of (seed, stream, episode), so resumed runs see the same data.
+    ``rate`` an episode states 1 to ``max_keys`` labelled facts (phrasing, labels and values
+    drawn from the training grammar, never the benchmark's sentences or the held-out phrasings)
+    and asks for one of them at the end of its last window, with the answer as the target. With
+    probability ``same_window`` the facts are stated in the question's own window: only there
+    does writing the memory get a gradient, because entries carried from earlier windows are
+    detached. Otherwise they are stated in an earlier window, so the fact can only travel
+    through the carried state (memory, supervisor, S4D). Everything is a pure function of
+    (seed, stream, episode), so resumed runs see the same data.
     """
 
     every: int
     """Windows per episode; the question ends the last one."""
     rate: float
-    """Probability that an episode carries keys and a question."""
+    """Probability that an episode carries facts and a question."""
     seed: int = 0
-    """Seed of keys, labels and places (with the stream and episode index)."""
+    """Seed of facts, labels and places (with the stream and episode index)."""
     answer_weight: float = 1.0
     """Loss weight of the answer's targets."""
     same_window: float = 0.0
-    """Probability that the keys are stated in the question's window."""
+    """Probability that the facts are stated in the question's window."""
     max_keys: int = 1
-    """Keys per episode are drawn from 1..max_keys."""
+    """Facts per episode are drawn from 1..max_keys."""
 
     def longest(self) -> int:
         """Bytes the facts and the question can take in one window."""
-        longest_needle = max(len(needle(99999, d)) for d in (None, *DOORS))
-        return self.max_keys * longest_needle + len(question(DOORS[0])) + len(" 99999.")
+        return longest_fact(self.max_keys)
 
     def apply(self, window: np.ndarray, stream: int, index: int) -> np.ndarray | None:
         """Edit ``window`` (L+1 tokens) in place; returns per-target loss weights (L,) or None."""
         episode, step = divmod(index, self.every)
-        rng = np.random.default_rng([self.seed, stream, episode])
+        rng = random.Random(f"{self.seed}-{stream}-{episode}")
         if rng.random() >= self.rate:
             return None
-        n_keys = int(rng.integers(1, self.max_keys + 1))
-        doors = [str(d) for d in rng.choice(DOORS, n_keys, replace=False)] if n_keys > 1 else [None]
-        keys = [int(k) for k in rng.integers(10000, 100000, n_keys)]
-        asked = int(rng.integers(n_keys))
+        facts, asked = draw_episode(rng, rng.randint(1, self.max_keys))
         same = self.every == 1 or rng.random() < self.same_window
-        fact_step = self.every - 1 if same else int(rng.integers(0, self.every - 1))
-        ask = f"{question(doors[asked])} {keys[asked]}.".encode()
-        facts = [needle(k, d).encode() for k, d in zip(keys, doors)]
+        fact_step = self.every - 1 if same else rng.randrange(self.every - 1)
+        ask = f"{facts[asked].question} {facts[asked].value}.".encode()
+        stated = [fact.statement.encode() for fact in facts]
         length = len(window)
-        room = length - (len(ask) if same else 0) - sum(map(len, facts))
-        offsets = np.sort(rng.integers(0, room + 1, n_keys))  # gaps between facts, in order
+        room = length - (len(ask) if same else 0) - sum(map(len, stated))
+        offsets = sorted(rng.randint(0, room) for _ in stated)  # gaps between facts, in order
         if step == fact_step:
             at = 0
-            for offset, fact in zip(offsets, facts):
-                start = int(offset) + at
+            for offset, fact in zip(offsets, stated):
+                start = offset + at
                 window[start : start + len(fact)] = np.frombuffer(fact, dtype=np.uint8)
                 at += len(fact)
         if step != self.every - 1:
             return None
         window[length - len(ask) :] = np.frombuffer(ask, dtype=np.uint8)
         weights = np.ones(length - 1, dtype=np.float32)
-        answer = len(f" {keys[asked]}.")
-        weights[length - 1 - answer :] = self.answer_weight  # the targets " 48213." after "is"
+        answer = len(f" {facts[asked].value}.")
+        weights[length - 1 - answer :] = self.answer_weight  # the targets " 48213." after the question
         return weights
 
 
@@ -137,7 +135,7 @@ class LongStreamBatcher:
         self.stream_len = len(self.tokens) // self.batch_size
         self.windows = (self.stream_len - 1) // self.seq_len
         if self.retrieval is not None and self.retrieval.longest() > self.seq_len:
-            raise HorizonError(f"seq_len={self.seq_len} is too short for {self.retrieval.max_keys} passkey fact(s) "
+            raise HorizonError(f"seq_len={self.seq_len} is too short for {self.retrieval.max_keys} recall fact(s) "
                                f"and the question ({self.retrieval.longest()} tokens)")
         if self.windows < 1:
             raise HorizonError(

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the `horizon` commands listed in a file (one per line, '#' comments) on the lent GPU
+# machine, each bounded by what is left of SECONDS_BUDGET (default 560) from the script's start,
+# then packs what they wrote under bench/results (JSON, PNG) and their logs into OUT.
+#   bash bench/scripts/on_device.sh "$OUT" bench/configs/h200_default_model.cmds
+# Needs .carry/novels (a copy of the novels corpus) and, for WikiText scores, .carry/wikitext;
+# set HORIZON_COMMIT to the commit of the working tree sent (its .git there can be older).
+set -u
+out=$1 commands=$2
+budget=${SECONDS_BUDGET:-560}
+export PYTHONPATH=src PYTHONUNBUFFERED=1 HORIZON_COMMIT=${HORIZON_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+mkdir -p "$out/logs"
+marker=$(mktemp) && touch "$marker"  # results written after this are brought back
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/logs/gpu.txt" 2>&1
+[ -f runs/data/novels/meta.json ] || python3 -m horizonlm.cli prepare novels --source .carry/novels \
+  --out runs/data/novels --no-progress > "$out/logs/prepare.log" 2>&1
+n=0
+while IFS= read -r line; do
+  [[ -z "$line" || "$line" == \#* ]] && continue
+  n=$((n + 1)) left=$((budget - SECONDS - 15))
+  if ((left < 10)); then echo "not run (budget spent): $line" >> "$out/logs/skipped.txt"; continue; fi
+  echo "[$SECONDS s] horizon $line" >> "$out/logs/commands.txt"
+  eval "timeout $left python3 -m horizonlm.cli $line" > "$out/logs/$n.log" 2>&1
+  echo "[$SECONDS s] exit $?" >> "$out/logs/commands.txt"
+done < "$commands"
+for run in runs/*/*/log.jsonl; do  # the training logs of the runs made here
+  [ -f "$run" ] && mkdir -p "$out/logs/$(dirname "$run")" && cp "$run" "$(dirname "$run")/config.json" "$out/logs/$(dirname "$run")/"
+done
+tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
+find bench/results -type f -newer "$marker" -exec cp {} "$out/" \;
+ls -la "$out"
