@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -37,18 +38,22 @@ def test_every_parameter_gets_gradient() -> None:
         assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
 
 
-def test_memory_entries_get_gradients_within_window_only() -> None:
+@pytest.mark.parametrize("kind", ["induction", "chunk"])
+def test_memory_entries_get_gradients_within_window_only(kind: str) -> None:
     """New entries of the window are differentiable; the carried memory is detached."""
-    model = make_horizon()
+    model = make_horizon(memory_kind=kind)
     tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(2))
     logits, state = model(tokens[:, :20])
     assert not state.memory.keys.requires_grad and not state.memory.values.requires_grad
     model.zero_grad()
     logits.sum().backward()
     assert model.memory.key.weight.grad.abs().sum() > 0  # entries of this window take part
+    assert model.memory.value.weight.grad.abs().sum() > 0
     model.zero_grad()
     logits2, _ = model(tokens[:, 20:22], state.detach())  # no chunk completes inside this call
     logits2.sum().backward()
-    # Reads touch only carried (detached) entries here, so W_k receives nothing.
-    assert model.memory.key.weight.grad is None or model.memory.key.weight.grad.abs().sum() == 0
-    assert model.memory.query.weight.grad.abs().sum() > 0
+    # Reads touch only carried (detached) entries here, so W_v receives nothing; the queries
+    # reach W_k (induction: W_q = W_k) or W_q (chunk).
+    assert model.memory.value.weight.grad is None or model.memory.value.weight.grad.abs().sum() == 0
+    query = model.memory.key if kind == "induction" else model.memory.query
+    assert query.weight.grad.abs().sum() > 0

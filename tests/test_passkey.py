@@ -17,11 +17,18 @@ from horizonlm.cli import main
 from horizonlm.data.sources import shakespeare
 from horizonlm.passkey import (
     PasskeyConfig,
+    answer,
     answer_with_hits,
     build_prompt,
+    causal_summary,
+    digit_positions,
+    digit_values,
     digits_right,
+    read_removed,
     run_passkey,
     score,
+    swap_digit_values,
+    swapped_answer,
 )
 
 HAYSTACK = b" ".join(shakespeare().splits["test"].split())
@@ -57,8 +64,9 @@ class Oracle(nn.Module):
 def test_prompt_has_exact_length_and_one_asked_key(keys: int) -> None:
     rng = random.Random(0)
     for depth in (0, 50, 100):
-        prompt, key = build_prompt(HAYSTACK, 3000, depth, keys, rng)
-        assert len(prompt) == 3000
+        asked = build_prompt(HAYSTACK, 3000, depth, keys, rng)
+        prompt, key = asked.text, asked.key
+        assert len(prompt) == 3000 and prompt[asked.question_at :].startswith(b" What is the pass key")
         assert prompt.count(str(key).encode()) == 2
         assert prompt.count(b"Remember it.") == keys
 
@@ -106,7 +114,7 @@ class Forced(nn.Module):
 
     def __init__(self, inner: HorizonLM, prompt_length: int, answers: list[bytes]) -> None:
         super().__init__()
-        self.inner, self.memory = inner, inner.memory
+        self.inner, self.memory, self.embed = inner, inner.memory, inner.embed
         self.prompt_length, self.answers = prompt_length, answers
 
     def forward(self, tokens: torch.Tensor, state=None):
@@ -121,40 +129,89 @@ class Forced(nn.Module):
 
 @pytest.mark.parametrize("keys", [1, 4])
 def test_hits_record_whether_the_memory_read_the_facts_digits(keys: int) -> None:
-    """The passkey recipe's memory (pair writes keyed by 16 bytes through the shared W_k, before
-    the first block and the supervisor), untrained but with its span filter drawn at random (it
-    starts as the identity, a one-byte key), reading one entry: every digit's query repeats the
-    16 bytes before that digit in the fact, so it reads exactly that digit's entry (hit 1 for
-    all five). Keyed by one byte, the first digit's query (a space) meets every entry that
-    followed a space, and its read misses (later digits meet any entry after the same digit, right
-    for one key, often another key's with four); with its own query projection and one-byte keys
-    (untrained) it misses them all: the record can say no."""
+    """The default induction memory (16-byte keys through the shared W_k, before the first
+    block), untrained, reading one entry: every digit's query repeats the 16 bytes before that
+    digit in the fact, so it reads exactly that digit's entry (hit 1 for all five). Keyed by one
+    byte, the first digit's query (a space) meets every entry that followed a space, and its read
+    misses: the record can say no."""
     rng = random.Random(1)
     asked = [build_prompt(HAYSTACK, 2000, depth, keys, rng) for depth in (0, 40, 100)]
-    prompts, answers = [p for p, _ in asked], [f" {k}.".encode() for _, k in asked]
-    recipe = dict(chunk_size=8, memory_write="pair", memory_key_span=16, memory_tie_query=True, global_layer=0,
-                  memory_before_supervisor=True, memory_capacity=512, memory_topk=1)
+    prompts, answers = [p.text for p in asked], [f" {p.key}.".encode() for p in asked]
+    recipe = dict(chunk_size=8, memory_key_span=16, memory_capacity=512, memory_topk=1)
     one_byte = {**recipe, "memory_key_span": 1}
-    untied = {**one_byte, "memory_tie_query": False}
-    for overrides, want in [(recipe, "all"), (one_byte, "not the first"), (untied, "few")]:
+    for overrides, want in [(recipe, "all"), (one_byte, "not the first")]:
         torch.manual_seed(0)
         model = Forced(HorizonLM(HorizonConfig.preset("tiny", **overrides)), 2000, answers)
-        if model.memory.span_filter is not None:
-            with torch.no_grad():
-                model.memory.span_filter.normal_()
-        replies, hits = answer_with_hits(model, prompts, [k for _, k in asked], 512, torch.device("cpu"))
+        replies, hits = answer_with_hits(model, prompts, [p.key for p in asked], 512, torch.device("cpu"))
         assert [r[:7] for r in replies] == [a.decode() for a in answers]
         assert hits.shape == (3, 5)
         if want == "all":
             assert hits.all()
-        elif want == "not the first":
-            assert not hits[:, 0].any()
         else:
-            assert hits.float().mean().item() < 0.5
+            assert not hits[:, 0].any()
 
 
 def test_scoring() -> None:
-    assert score(" 48213. ", 48213) and not score(" 4821", 48213) and not score(" 48214", 48213)
+    assert score(" 48213. ", 48213) and score("48213", 48213)
+    assert not score(" 4821", 48213) and not score(" 48214", 48213)
+    assert not score(" 482130", 48213) and not score(" 148213", 48213)  # six digits are not the key
+    assert not score(None, 48213) and not score(" the door", 48213)
+
+
+@pytest.mark.parametrize("keys", [1, 4])
+def test_held_out_wording_states_each_key_once_in_a_held_out_phrasing(keys: int) -> None:
+    from horizonlm.data.episodes import HELD_OUT_QUESTIONS
+
+    rng = random.Random(3)
+    for depth in (0, 50, 100):
+        asked = build_prompt(HAYSTACK, 3000, depth, keys, rng, wording="heldout")
+        assert len(asked.text) == 3000 and b"pass key" not in asked.text
+        question = asked.text[asked.question_at :].decode()
+        assert any(re.fullmatch(q.replace("?", r"\?").format(K=".+", L="the \\w+ door"), question)
+                   for q in HELD_OUT_QUESTIONS), question
+        assert asked.text.count(str(asked.key).encode()) == 1
+        assert len(digit_positions(asked.text, asked.key)) == 5
+
+
+def test_causal_check_says_no_for_a_forced_reply() -> None:
+    """A reply forced from outside (right whatever the memory holds) does not follow the memory:
+    it stays right with the read removed and with the fact's entries holding another key."""
+    rng = random.Random(2)
+    device = torch.device("cpu")
+    keys, replies, without, swaps, swapped = [], [], [], [11111, 22222], []
+    for depth, swap in zip((10, 60), swaps):
+        asked = build_prompt(HAYSTACK, 1500, depth, 1, rng, wording="heldout")
+        torch.manual_seed(0)
+        model = Forced(HorizonLM(HorizonConfig.preset("tiny", memory_capacity=512)), 1500, [f" {asked.key}.".encode()])
+        keys.append(asked.key)
+        replies += answer(model, [asked.text], 512, device)
+        with read_removed(model.memory):
+            without += answer(model, [asked.text], 512, device)
+        swapped += swapped_answer(model, [asked], [swap], 512, device)
+    summary = causal_summary(keys, replies, without, swaps, swapped)
+    assert summary["accuracy_without_read"] == 1.0 and summary["swap_trials"] == 2
+    assert summary["follows_swap"] == 0.0 and summary["keeps_original_under_swap"] == 1.0
+
+
+def test_swap_gives_the_facts_digit_entries_another_keys_values() -> None:
+    """The swap rewrites exactly the five entries the asked key's digits wrote, with the values
+    those digits of the other key write (a function of the byte alone, before the first block);
+    every other entry is left as it was."""
+    rng = random.Random(4)
+    asked = build_prompt(HAYSTACK, 900, 50, 1, rng, wording="heldout")
+    torch.manual_seed(0)
+    model = HorizonLM(HorizonConfig.preset("tiny", memory_capacity=512)).double()
+    tokens = torch.tensor([list(asked.text[: asked.question_at])])
+    with torch.no_grad():
+        _, state = model(tokens)
+        swapped, usable = swap_digit_values(model, state, [asked], [90817], torch.device("cpu"))
+        digits = digit_positions(asked.text, asked.key)
+        written = state.memory.values[0, digits]  # (5, Dv): what the key's digits wrote
+        torch.testing.assert_close(written, digit_values(model, str(asked.key), torch.device("cpu")))
+    assert usable == [True]
+    torch.testing.assert_close(swapped.memory.values[0, digits], digit_values(model, "90817", torch.device("cpu")))
+    others = [i for i in range(state.memory.values.shape[1]) if i not in digits]
+    assert torch.equal(swapped.memory.values[0, others], state.memory.values[0, others])
 
 
 def test_cli_runs_a_real_model(tmp_path: Path) -> None:

@@ -34,8 +34,9 @@ def test_shapes_dtypes_and_any_split(batch: int, length: int, data) -> None:
         assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
         assert state.pos == length and state.batch_size == batch
         assert state.blocks[0].ssm.shape[0] == batch
-        assert state.memory.keys.shape[1] == min(length // C, M)
-        assert state.memory.chunk_ids.tolist() == list(range(length // C))[-M:]
+        first = max(0, length // C - M) * C  # the induction memory keeps one entry per token from here
+        assert state.memory.chunk_ids.tolist() == [p // C for p in range(first, length)]
+        assert state.memory.keys.shape[1] == length - first
         if 0 < cut < length:
             first, mid = MODEL(tokens[:, :cut])
             second, _ = MODEL(tokens[:, cut:], mid)
@@ -46,7 +47,8 @@ def test_shapes_dtypes_and_any_split(batch: int, length: int, data) -> None:
 @given(batch=st.integers(1, 2), length=EVICTING_LENGTHS, data=st.data())
 def test_evicting_stream_in_pieces_equals_one_call(batch: int, length: int, data) -> None:
     """The FIFO: pieces that cross the eviction point give one call's logits, and the memory
-    they leave is one call's, entry for entry (the newest M chunks, oldest first)."""
+    they leave is one call's, entry for entry (the newest M chunks' and the pending tokens',
+    oldest first)."""
     seed = data.draw(st.integers(0, 2**16))
     cuts = sorted(set(data.draw(st.lists(st.integers(1, length - 1), min_size=1, max_size=4))))
     tokens = torch.randint(0, CFG.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
@@ -60,8 +62,8 @@ def test_evicting_stream_in_pieces_equals_one_call(batch: int, length: int, data
     assert _rel(streamed, full) < 1e-5
     assert (streamed - full).abs().max().item() < 1e-4
     completed = length // C
-    want_ids = list(range(completed - M, completed))
+    want_ids = [p // C for p in range((completed - M) * C, length)]
     assert full_state.memory.chunk_ids.tolist() == state.memory.chunk_ids.tolist() == want_ids
-    assert state.memory.keys.shape == full_state.memory.keys.shape == (batch, M, CFG.memory_dim)
+    assert state.memory.keys.shape == full_state.memory.keys.shape == (batch, len(want_ids), CFG.memory_dim)
     torch.testing.assert_close(state.memory.keys, full_state.memory.keys, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state.memory.values, full_state.memory.values, rtol=1e-4, atol=1e-5)

@@ -227,16 +227,10 @@ def digit_values(model: nn.Module, digits: str, device: torch.device) -> Tensor:
     return memory.value(memory.norm(model.embed(tokens)))[0]  # (n, Dv)
 
 
-@torch.no_grad()
-def swapped_answer(model: nn.Module, prompts: list[Prompt], swap_keys: list[int], window: int,
-                   device: torch.device) -> list[str | None]:
-    """Answers after the asked fact's five digit entries were given the values of ``swap_keys``'
-    digits, just before the question is read. None where the fact's entries were evicted."""
-    data = np.stack([np.frombuffer(p.text, dtype=np.uint8) for p in prompts])  # (B, T)
-    question_at = prompts[0].question_at
-    if any(p.question_at != question_at for p in prompts):  # questions of other lengths: one by one
-        return [swapped_answer(model, [p], [k], window, device)[0] for p, k in zip(prompts, swap_keys)]
-    _, state = feed(model, data[:, :question_at], window, device)
+def swap_digit_values(model: nn.Module, state: Any, prompts: list[Prompt], swap_keys: list[int],
+                      device: torch.device) -> tuple[Any, list[bool]]:
+    """The state with each prompt's asked-key digit entries holding the values ``swap_keys``'
+    digits write, and for each prompt whether its fact's entries were still in the memory."""
     mem = state.memory
     first = mem.pos - mem.values.shape[1]  # stream position of the oldest entry kept
     values = mem.values.clone()  # (B, M, Dv)
@@ -246,7 +240,20 @@ def swapped_answer(model: nn.Module, prompts: list[Prompt], swap_keys: list[int]
         usable.append(at[0] >= first)
         if usable[-1]:
             values[b, [p - first for p in at]] = digit_values(model, str(swap), device).to(values.dtype)
-    state = replace(state, memory=replace(mem, values=values))
+    return replace(state, memory=replace(mem, values=values)), usable
+
+
+@torch.no_grad()
+def swapped_answer(model: nn.Module, prompts: list[Prompt], swap_keys: list[int], window: int,
+                   device: torch.device) -> list[str | None]:
+    """Answers after the asked fact's five digit entries were given the values of ``swap_keys``'
+    digits, just before the question is read. None where the fact's entries were evicted."""
+    question_at = prompts[0].question_at
+    if any(p.question_at != question_at for p in prompts):  # questions of other lengths: one by one
+        return [swapped_answer(model, [p], [k], window, device)[0] for p, k in zip(prompts, swap_keys)]
+    data = np.stack([np.frombuffer(p.text, dtype=np.uint8) for p in prompts])  # (B, T)
+    _, state = feed(model, data[:, :question_at], window, device)
+    state, usable = swap_digit_values(model, state, prompts, swap_keys, device)
     logits, state = feed(model, data[:, question_at:], window, device, state)
     replies = decode(model, logits, state, device)
     return [reply if ok else None for reply, ok in zip(replies, usable)]

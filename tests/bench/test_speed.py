@@ -22,7 +22,7 @@ from ..conftest import make_horizon, make_transformer
 
 
 def test_chunk_end_projections_count_once_per_chunk() -> None:
-    model = make_horizon()
+    model = make_horizon(memory_kind="chunk")
     cfg = model.config
     d, s, k = cfg.d_model, cfg.supervisor_dim, cfg.memory_dim
     counts = matmul_params(model)
@@ -34,10 +34,10 @@ def test_chunk_end_projections_count_once_per_chunk() -> None:
     assert train_flops_per_token(model, 1000) == 6 * counts["effective"]
 
 
-def test_token_memory_projections_count_at_every_token() -> None:
-    """With memory_write=token every token writes a key and a value: only the supervisor's
+def test_induction_memory_projections_count_at_every_token() -> None:
+    """The induction memory writes a key and a value at every token: only the supervisor's
     summary and GRU stay per chunk."""
-    model = make_horizon(memory_write="token")
+    model = make_horizon()
     cfg = model.config
     d, s, k = cfg.d_model, cfg.supervisor_dim, cfg.memory_dim
     counts = matmul_params(model)

@@ -1,0 +1,90 @@
+"""The recall episodes of the training mix: varied, and never the benchmark's or the held-out
+wording (the split lives in code, in horizonlm.data.episodes)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from horizonlm.data.episodes import (
+    HELD_OUT_CORES,
+    HELD_OUT_QUESTIONS,
+    KINDS,
+    TRAIN_CORES,
+    TRAIN_QUESTIONS,
+    draw_episode,
+    held_out_templates,
+    longest_fact,
+    train_templates,
+)
+from horizonlm.data.needles import DOORS, needle, question
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A template as a regex over any label, kind and value (case-insensitive first letter)."""
+    parts = re.split(r"(\{[LKV]\})", template.strip())
+    body = "".join(".+?" if p in ("{L}", "{K}", "{V}") else re.escape(p) for p in parts)
+    return re.compile(body, re.IGNORECASE)
+
+
+def _training_statements(n: int = 3000) -> list[tuple[str, str]]:
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        facts, asked = draw_episode(rng, rng.randint(1, 4))
+        out += [(f.statement, f.question) for f in facts]
+    return out
+
+
+def test_hundreds_of_phrasings_and_every_core_used() -> None:
+    assert len(train_templates()) >= 500 and len(held_out_templates()) >= 100
+    statements = _training_statements()
+    for core in TRAIN_CORES:
+        assert any(_pattern(core).search(s) for s, _ in statements), core
+    assert len({q for _, q in statements}) > 100
+
+
+def test_the_split_is_disjoint_and_held_out_phrasings_never_train() -> None:
+    assert not set(TRAIN_CORES) & set(HELD_OUT_CORES)
+    assert not set(TRAIN_QUESTIONS) & set(HELD_OUT_QUESTIONS)
+    held = [_pattern(c) for c in HELD_OUT_CORES]
+    asked = [_pattern(q) for q in HELD_OUT_QUESTIONS]
+    for statement, q in _training_statements():
+        assert not any(p.search(statement) for p in held), statement
+        assert not any(p.fullmatch(q.strip()) for p in asked), q
+
+
+def test_the_benchmark_sentences_cannot_be_generated() -> None:
+    """Every benchmark sentence says "pass key"; no training kind, opener, core, closer or
+    question does, so no generated text can be one of them (checked on generated text too)."""
+    benchmark = [needle(48213, d) for d in (None, *DOORS)] + [question(d) for d in (None, *DOORS)]
+    assert all("pass key" in sentence for sentence in benchmark)
+    parts = [*KINDS, *TRAIN_CORES, *TRAIN_QUESTIONS, *(p for t in train_templates() for p in (t[0], t[2]))]
+    assert not any("pass key" in part.lower() for part in parts)
+    assert not any("pass key" in s.lower() or "pass key" in q.lower() for s, q in _training_statements())
+
+
+def test_labels_sometimes_stand_far_before_the_value() -> None:
+    """Some facts put their label more than 16 bytes before the value (a short key span alone
+    cannot tell them apart), and some put it after the value."""
+    far = after = 0
+    rng = random.Random(1)
+    for _ in range(2000):
+        facts, _ = draw_episode(rng, 1, value_kind="digits")
+        s = facts[0].statement
+        label, value = s.find(facts[0].label), s.find(facts[0].value)
+        far += value - (label + len(facts[0].label)) > 16
+        after += label > value
+    assert far > 50 and after > 50
+
+
+def test_episodes_fit_the_bound_and_are_reproducible() -> None:
+    for n in (1, 4):
+        rng = random.Random(n)
+        for _ in range(500):
+            facts, asked = draw_episode(rng, n)
+            size = sum(len(f.statement) for f in facts) + len(facts[asked].question) + len(facts[asked].value) + 2
+            assert size <= longest_fact(n)
+            assert len({f.value for f in facts}) == n and len({f.label for f in facts}) == n
+    one = draw_episode(random.Random(7), 3)
+    assert one == draw_episode(random.Random(7), 3)
