@@ -299,7 +299,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = build_config(ExportConfig, args)
     out = export_folder(cfg.checkpoint, cfg.out, overwrite=cfg.overwrite)
     print(f"exported {cfg.checkpoint} to {out}: config.json, model.safetensors, tokenizer.json "
-          "(AutoModelForCausalLM.from_pretrained after `import horizonlm.integrations.hf`)")
+          "(AutoModelForCausalLM.from_pretrained after `import horizonlm.integrations.hf`) and checkpoint.json "
+          "(every --checkpoint of horizon takes the folder)")
     return 0
 
 
