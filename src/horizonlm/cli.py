@@ -39,6 +39,24 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser that takes no abbreviated flag: ``--max-minute`` is a typo to report,
+    not ``--max-minutes``. Subcommand parsers are of this class too (argparse makes them so)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def unrecognized(self, extras: Sequence[str]) -> str:
+        """The error for arguments this parser does not take, each flag with its closest real one."""
+        flags = [s for action in self._actions for s in action.option_strings]
+        words = []
+        for arg in extras:
+            close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1) if arg.startswith("-") else []
+            words.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+        return f"unrecognized arguments: {' '.join(words)}"
+
+
 def flag(name: str) -> str:
     """The command-line flag of a config field."""
     return "--" + name.replace("_", "-")
@@ -381,7 +399,7 @@ def _config_command(sub, name: str, help_text: str, cls: type, func) -> argparse
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--config", help="YAML file of settings (flags override it)", metavar="FILE.yaml")
     add_dataclass_args(p, cls)
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, parser=p)
     return p
 
 
@@ -398,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     from horizonlm.passkey import PasskeyConfig
     from horizonlm.train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="horizon", description="HorizonLM: attention-free long-context language models")
+    parser = Parser(prog="horizon", description="HorizonLM: attention-free long-context language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _config_command(sub, "prepare", "build memory-mapped token streams for a corpus", PrepareConfig, cmd_prepare)
@@ -433,7 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # said by the subcommand's parser: its usage, and the flag meant
+        command_parser = getattr(args, "parser", parser)
+        command_parser.error(command_parser.unrecognized(extras))
     try:
         return args.func(args)
     except HorizonError as err:
