@@ -221,3 +221,21 @@ def test_validation_is_capped_by_default_the_cap_printed_and_barred(data_dir: Pa
     assert "validation: the first 100 of the 55,768 valid tokens (--eval-tokens; 0 for all)" in out
     assert "valid:" in err  # the validation's progress bar
     assert summary["valid"][-1]["valid_tokens"] == 100
+
+
+def test_a_run_without_a_checkpoint_gets_one_advice(data_dir: Path, tmp_path: Path, capsys) -> None:
+    """Issue 26 B5: a folder holding a run's config and log but no checkpoint cannot be resumed:
+    a new run and --resume both say so and point at --overwrite or another --out, never --resume."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(data_dir), "out": str(run), "preset": "tiny"}))
+    (run / "log.jsonl").write_text("")
+    before = _files(run)
+    errors = []
+    for argv in ([], ["--resume"]):
+        assert main(["train", "--data", str(data_dir), "--out", str(run), "--no-progress", *argv]) == 2
+        errors.append(capsys.readouterr().err)
+    for err in errors:
+        assert "holds a run with no checkpoint (log.jsonl, config.json), which cannot be resumed" in err
+        assert "--overwrite" in err and "--out" in err and "pass --resume" not in err
+    assert _files(run) == before

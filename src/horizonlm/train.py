@@ -414,14 +414,17 @@ def _check_run_folder(cfg: TrainConfig) -> None:
         raise HorizonError(f"--out {out} is a file; give a folder")
     found = [name for name in RUN_FILES if (out / name).exists()]
     latest = out / "checkpoints" / "latest"
+    no_checkpoint = (f"holds a run with no checkpoint ({', '.join(found) or 'nothing'}), which cannot be resumed; "
+                     "pass --overwrite to delete it and start again, or --out to train into another folder")
     if cfg.resume and not latest.is_file():
-        raise HorizonError(f"--resume: {out} has no checkpoint to continue from; start the run again with "
-                           "--overwrite (or train into another --out)")
+        raise HorizonError(f"--resume: {out} {no_checkpoint}")
     if cfg.resume or cfg.overwrite or not found:
         return
-    detail = f"latest checkpoint {latest.read_text().strip()}" if latest.is_file() else ", ".join(found)
-    raise HorizonError(f"{out} already holds a run ({detail}); pass --resume to continue it, --overwrite to "
-                       "delete it and start again, or --out to train into another folder")
+    if not latest.is_file():
+        raise HorizonError(f"{out} {no_checkpoint}")
+    raise HorizonError(f"{out} already holds a run (latest checkpoint {latest.read_text().strip()}); pass --resume "
+                       "to continue it, --overwrite to delete it and start again, or --out to train into another "
+                       "folder")
 
 
 @dataclass
