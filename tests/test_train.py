@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,7 +204,8 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(data_dir: Path, tmp_
             signal.signal(s, handler)
     assert code == 128 + signum
     err = capsys.readouterr().err
-    assert f"stopped by {signal.Signals(signum).name} after step 3 of 8" in err
+    assert f"horizon train: stopped by {signal.Signals(signum).name} after step 3 of 8" in err
+    assert "error" not in err  # a stop the user asked for (issue 26 B8)
     assert f"horizon train --out {tmp_path / 'run'} --resume" in err
     assert load_checkpoint(tmp_path / "run").info["step"] == 3
     monkeypatch.setattr(train_module, "lm_loss", real)
@@ -239,3 +242,149 @@ def test_a_run_without_a_checkpoint_gets_one_advice(data_dir: Path, tmp_path: Pa
         assert "holds a run with no checkpoint (log.jsonl, config.json), which cannot be resumed" in err
         assert "--overwrite" in err and "--out" in err and "pass --resume" not in err
     assert _files(run) == before
+
+
+def _signal_guard():
+    """Handlers that fail the test if a signal reaches them (training must have its own)."""
+    def unhandled(*_):
+        raise RuntimeError("the signal reached the default handler")
+    return {s: signal.signal(s, unhandled) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _train_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--batch-size", "4",
+            "--seq-len", "24", "--steps", "4", "--warmup", "2", "--lr", "3e-3", "--eval-every", "0",
+            "--eval-tokens", "0", "--eval-window", "64", "--save-every", "100", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_stop_during_the_final_validation_keeps_the_run(data_dir: Path, tmp_path: Path, monkeypatch, capsys,
+                                                         signals: int) -> None:
+    """Issue 26 B1: the final checkpoint is written before the final validation. Ctrl-C during
+    it cuts it short after the running window (reported as a stop, with the tokens scored); a
+    second Ctrl-C stops at once, and the checkpoint of the last step is there all the same."""
+    real = train_module.evaluate_tokens
+
+    def interrupted_validation(*args, **kwargs):
+        for _ in range(signals):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_tokens", interrupted_validation)
+    previous = _signal_guard()
+    try:
+        code = main(_train_argv(data_dir, tmp_path / "run"))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    out, err = capsys.readouterr()
+    assert load_checkpoint(tmp_path / "run").info["step"] == 4
+    if signals == 1:
+        assert code == 0
+        assert "cut short: stopped by SIGINT; 64 of the 55,768 tokens scored" in out
+        valid = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+                 if "valid_bits_per_byte" in r]
+        assert valid == [{**valid[0], "step": 4, "valid_tokens": 64, "valid_complete": False}]
+    else:
+        assert code == 130 and "horizon train: interrupted" in err
+
+
+class _FakeClock:
+    """The time budget's clock: a training step takes 9 s, a validation window 1 s."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.now = 0.0
+        monkeypatch.setattr(train_module, "_now", lambda: self.now)
+        real_loss, real_eval = train_module.lm_loss, train_module.evaluate_tokens
+
+        def loss(logits, targets):
+            self.now += 9
+            return real_loss(logits, targets)
+
+        def evaluate(*args, until=None, **kwargs):
+            def ticking():
+                self.now += 1
+                return until()
+            return real_eval(*args, until=ticking, **kwargs)
+
+        monkeypatch.setattr(train_module, "lm_loss", loss)
+        monkeypatch.setattr(train_module, "evaluate_tokens", evaluate)
+
+
+def test_the_time_budget_bounds_training_and_validation(data_dir: Path, tmp_path: Path, monkeypatch,
+                                                       capsys) -> None:
+    """Issue 26 B2: --max-minutes 1 with 9 s steps and no earlier validation: training keeps a
+    tenth of the budget (6 s) for the final validation, which is cut at the budget's end after 6
+    windows, says so, and is not taken as the best. Bars off: the validation prints its start."""
+    clock = _FakeClock(monkeypatch)
+    summary = train(_cfg(data_dir, tmp_path / "run", steps=100, max_minutes=1, eval_tokens=0, save_every=100))
+    out, err = capsys.readouterr()
+    assert summary["step"] == 6 and clock.now == 60
+    assert summary["valid"] == [{**summary["valid"][0], "step": 6, "valid_tokens": 6 * 64, "valid_complete": False}]
+    assert "step 6: validating on 55,768 tokens" in out
+    assert "cut short: the 1-minute budget ran out; 384 of the 55,768 tokens scored" in out
+    assert summary["best"] is None and not (tmp_path / "run" / "checkpoints" / "best").exists()
+    assert "9.0 s a step on the CPU: the 1-minute budget ends training near step 6 of 100" in err
+
+
+def test_the_budget_keeps_the_time_the_last_validation_took(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A validation of 10 windows (9 s on the budget's clock) at step 3: training stops after
+    step 4, where one more step would leave less than that, and the final one is complete."""
+    clock = _FakeClock(monkeypatch)
+    summary = train(_cfg(data_dir, tmp_path / "run", steps=100, max_minutes=1, eval_every=3, eval_tokens=640,
+                         save_every=100))
+    assert summary["step"] == 4 and clock.now == 54
+    assert [(v["step"], v["valid_tokens"], v.get("valid_complete", True)) for v in summary["valid"]] == [
+        (3, 640, True), (4, 640, True)]
+
+
+def test_the_best_validated_checkpoint_is_kept_beside_the_latest(data_dir: Path, tmp_path: Path, monkeypatch,
+                                                                 capsys) -> None:
+    """Issue 26 B4: checkpoints/best names the checkpoint of the best complete validation, its
+    folder survives pruning, the summary reports both, and a resumed run keeps comparing with it.
+    --checkpoint RUN still loads the latest; RUN/checkpoints/best loads the best."""
+    scores = iter([3.0, 2.0, 2.5, 2.2, 2.4])
+
+    def fake_eval(*args, until=None, **kwargs):
+        return {"bits_per_byte": next(scores), "tokens": 100, "complete": True}
+
+    monkeypatch.setattr(train_module, "evaluate_tokens", fake_eval)
+    run = tmp_path / "run"
+    argv = _train_argv(data_dir, run, "--eval-every", "2", "--save-every", "2")
+    assert main([*argv, "--steps", "6"]) == 0
+    out = capsys.readouterr().out
+    ckpts = run / "checkpoints"
+    assert (ckpts / "best").read_text().strip() == "step-00000004"
+    assert json.loads((ckpts / "best.json").read_text())["valid_bits_per_byte"] == 2.0
+    assert f"latest checkpoint: {ckpts / 'step-00000006'}" in out
+    best = f"best checkpoint: {ckpts / 'step-00000004'} (step 4, valid 2.0000 bits/byte; --checkpoint {ckpts}/best)"
+    assert best in out
+    assert load_checkpoint(run).info["step"] == 6
+    assert load_checkpoint(ckpts / "best").info["step"] == 4
+    assert main(["train", "--out", str(run), "--resume", "--steps", "10"]) == 0
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000004", "step-00000008", "step-00000010"]
+    assert (ckpts / "best").read_text().strip() == "step-00000004"
+
+
+def test_training_time_adds_up_over_resumes_and_a_stop_is_not_an_error(data_dir: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    """Issue 26 B8: the checkpoint records the training seconds of every invocation so far, and
+    the report of a resumed run gives the total (and this invocation's part)."""
+    first = train(_cfg(data_dir, tmp_path / "run", stop_after=4))
+    saved = load_checkpoint(tmp_path / "run").info["train_seconds"]
+    assert saved == pytest.approx(first["train_seconds"]) and saved > 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    total = load_checkpoint(tmp_path / "run").info["train_seconds"]
+    assert total > saved
+    assert re.search(r"trained to step 8 in \d+ s of training, \d+ s of it in this invocation", out)
+
+
+def test_bars_only_on_a_terminal_unless_forced(monkeypatch) -> None:
+    from horizonlm.progress import show_bars
+
+    for tty in (False, True):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        assert show_bars(None) is tty and show_bars(True) and not show_bars(False)
+    assert TrainConfig().progress is None

@@ -70,7 +70,8 @@ class Checkpoint:
 
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, info: dict[str, Any],
                     train_tensors: dict[str, Tensor] | None = None, keep: int = 2) -> Path:
-    """Write ``root/step-{step}`` atomically and point ``root/latest`` at it."""
+    """Write ``root/step-{step}`` atomically and point ``root/latest`` at it; then delete all but
+    the newest ``keep`` checkpoints, except one a pointer (``best``) names."""
     root = Path(root)
     name = f"step-{step:08d}"
     with atomic_dir(root / name) as tmp:
@@ -82,9 +83,10 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, info: dict[st
         write_checkpoint_json(tmp, model, files, {"step": step, **info})
     point(root, "latest", name)
     named = {_pointed(root / pointer) for pointer in POINTERS}
-    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name not in named)
-    for p in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+    folders = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for p in folders[: max(0, len(folders) - keep)]:
+        if p.name not in named:
+            shutil.rmtree(p, ignore_errors=True)
     return root / name
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from horizonlm.devices import resolve_device
-from horizonlm.errors import HorizonError
+from horizonlm.errors import HorizonError, Stopped
 from horizonlm.fileio import existing_file
 
 
@@ -73,6 +73,11 @@ def _parse_mapping(text: str) -> dict[str, Any]:
     return value
 
 
+def _is_bool(kind: Any) -> bool:
+    """A yes/no setting: ``bool``, or ``bool | None`` (None: decided at run time, e.g. on a terminal)."""
+    return kind is bool or set(typing.get_args(kind)) == {bool, type(None)}
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -81,9 +86,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
             continue
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "" if default in ("", {}) else f" (default: {default!r})"
+        shown = "" if default is None or default in ("", {}) else f" (default: {default!r})"
         help_text = docs.get(f.name, "") + shown
-        if kind is bool:
+        if _is_bool(kind):
             parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         elif kind in (int, float, str):
@@ -147,6 +152,8 @@ def _typed(kind: Any, name: str, value: Any, path: Path) -> Any:
             pass
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if _is_bool(kind):
+        kind = bool
     expected = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) if kind in expected else (
         isinstance(value, dict))
@@ -214,14 +221,34 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_report(summary: dict[str, Any]) -> str:
+    """What a finished ``horizon train`` says: the step and training time over every invocation
+    of the run, the last validation, and the latest and best checkpoints (the latest is what
+    ``--checkpoint RUN`` loads; the best needs ``--checkpoint RUN/checkpoints/best``)."""
+    seconds = f"{summary['train_seconds']:.0f} s of training"
+    if summary["start_step"] > 0:
+        seconds += f", {summary['session_train_seconds']:.0f} s of it in this invocation"
+    lines = [f"trained to step {summary['step']} in {seconds}"]
+    if summary["valid"]:
+        last = summary["valid"][-1]
+        partial = "" if last.get("valid_complete", True) else " (cut short)"
+        lines.append(f"last validation (step {last['step']}): {last['valid_bits_per_byte']:.4f} bits/byte over "
+                     f"{last['valid_tokens']:,} tokens{partial}")
+    lines.append(f"latest checkpoint: {summary['latest']} (what --checkpoint {Path(summary['checkpoint']).parent} "
+                 "loads)")
+    best = summary.get("best")
+    if best is not None:
+        lines.append(f"best checkpoint: {best['checkpoint']} (step {best['step']}, valid "
+                     f"{best['valid_bits_per_byte']:.4f} bits/byte; --checkpoint {summary['checkpoint']}/best)")
+    return "\n".join(lines)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from horizonlm.train import train
 
     summary = train(_train_config(args))
-    if summary.get("parameters") is not None and summary["valid"]:
-        last = summary["valid"][-1]
-        print(f"trained to step {summary['step']} in {summary['train_seconds']:.0f} s; "
-              f"valid {last['valid_bits_per_byte']:.4f} bits/byte; checkpoint in {summary['checkpoint']}")
+    if summary.get("parameters") is not None:
+        print(train_report(summary))
     return 0
 
 
@@ -269,16 +296,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from horizonlm.evaluate import evaluate_tokens
     from horizonlm.fileio import atomic_write_json
     from horizonlm.generate import GenerateConfig, generate
+    from horizonlm.progress import show_bars
     from horizonlm.train import train
 
     cfg = _train_config(args)
-    prepare("shakespeare", cfg.data, progress=cfg.progress)
+    bars = show_bars(cfg.progress)
+    prepare("shakespeare", cfg.data, progress=bars)
     summary = train(cfg)
     ckpt = load_checkpoint(Path(cfg.out) / "checkpoints")
     device = resolve_device(cfg.device)
     meta = load_meta(cfg.data)
     test = evaluate_tokens(ckpt.model.to(device), open_split(cfg.data, "test"), cfg.eval_window, device,
-                           progress=cfg.progress, desc="test")
+                           progress=bars, desc="test")
     print("\n--- sample ---")
     gen = GenerateConfig(checkpoint=str(ckpt.path), prompt="ROMEO:\n", tokens=300, device=cfg.device)
     generate(ckpt.model, tokenizer_from_spec(meta["tokenizer"]), gen, device,
@@ -288,11 +317,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"valid split: {valid:.4f} bits/byte; test split: {test['bits_per_byte']:.4f} bits/byte over "
           f"{test['tokens']:,} bytes (trained {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
           f"{summary['train_seconds']:.0f} s)")
-    print(f"checkpoint: {ckpt.path}")
+    print(f"checkpoint: {ckpt.path} (the latest; the test split and the sample are its)")
+    best = summary.get("best")
+    if best is not None:
+        print(f"best validation: step {best['step']}, {best['valid_bits_per_byte']:.4f} bits/byte, checkpoint "
+              f"{best['checkpoint']} (--checkpoint {summary['checkpoint']}/best)")
     report = {"environment": environment(), "steps": summary["step"], "tokens_seen": summary["tokens_seen"],
               "train_seconds": summary["train_seconds"], "parameters": summary["parameters"],
               "valid_bits_per_byte": valid, "test_bits_per_byte": test["bits_per_byte"],
-              "train_config": dataclasses.asdict(cfg)}
+              "checkpoint": str(ckpt.path), "best": best, "train_config": dataclasses.asdict(cfg)}
     atomic_write_json(Path(cfg.out) / "demo.json", report)
     return 0
 
@@ -457,6 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command_parser.error(command_parser.unrecognized(extras))
     try:
         return args.func(args)
+    except Stopped as err:
+        print(f"horizon {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except HorizonError as err:
         print(f"horizon {args.command}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)

@@ -184,7 +184,8 @@ def test_every_command_that_takes_a_checkpoint_takes_an_export(tmp_path: Path, c
     assert main(["generate", "--checkpoint", str(out), "--prompt", "To be", "--tokens", "5"]) == 0
     text = tmp_path / "book.txt"
     text.write_text("ROMEO: a line of text to read into a saved context.\n" * 4)
-    assert main(["ingest", "--checkpoint", str(out), "--context", str(tmp_path / "ctx"), "--no-progress", str(text)]) == 0
+    assert main(["ingest", "--checkpoint", str(out), "--context", str(tmp_path / "ctx"), "--no-progress",
+                 str(text)]) == 0
     haystack = tmp_path / "hay.txt"
     haystack.write_text("the grass is green and the sky is blue. " * 60)
     assert main(["passkey", "--checkpoint", str(out), "--haystack", str(haystack), "--lengths", "300",

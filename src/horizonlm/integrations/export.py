@@ -26,7 +26,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from horizonlm.checkpoint import MODEL_KINDS, Checkpoint, build_model, load_checkpoint, model_kind, write_checkpoint_json
+from horizonlm.checkpoint import (
+    MODEL_KINDS,
+    Checkpoint,
+    build_model,
+    load_checkpoint,
+    model_kind,
+    write_checkpoint_json,
+)
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import replace_dir
 
