@@ -317,3 +317,13 @@ def test_a_flag_typo_is_told_by_its_command_with_the_flag_meant(argv, usage, mes
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(usage) and message in err
+
+
+def test_passkey_warns_before_gpu_sized_prompts_on_a_cpu(capsys) -> None:
+    """Issue 26 B8: the passkey defaults reach 1M-token prompts; on a CPU that is said first."""
+    assert main(["passkey", "--checkpoint", "/nonexistent", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "horizon passkey: warning: running on the CPU with prompts up to 1,048,576 tokens (10 cells" in err
+    assert "--max-length 65536 skips them" in err
+    assert main(["passkey", "--checkpoint", "/nonexistent", "--device", "cpu", "--max-length", "65536"]) == 2
+    assert "warning" not in capsys.readouterr().err

@@ -313,29 +313,32 @@ class _FakeClock:
 
 def test_the_time_budget_bounds_training_and_validation(data_dir: Path, tmp_path: Path, monkeypatch,
                                                        capsys) -> None:
-    """Issue 26 B2: --max-minutes 1 with 9 s steps and no earlier validation: training keeps a
-    tenth of the budget (6 s) for the final validation, which is cut at the budget's end after 6
-    windows, says so, and is not taken as the best. Bars off: the validation prints its start."""
+    """Issue 26 B2: --max-minutes 1, 9 s steps of 96 tokens, a validation of the whole split and
+    none timed yet: its estimate at the training pace exceeds half the budget, so training keeps
+    30 s for it and stops after step 3 (one more step would cut into them); the validation is cut
+    at the budget's end after 33 windows, says so, and is not taken as the best. Bars off: the
+    validation prints its start; the slow pace is warned about after the third step."""
     clock = _FakeClock(monkeypatch)
     summary = train(_cfg(data_dir, tmp_path / "run", steps=100, max_minutes=1, eval_tokens=0, save_every=100))
     out, err = capsys.readouterr()
-    assert summary["step"] == 6 and clock.now == 60
-    assert summary["valid"] == [{**summary["valid"][0], "step": 6, "valid_tokens": 6 * 64, "valid_complete": False}]
-    assert "step 6: validating on 55,768 tokens" in out
-    assert "cut short: the 1-minute budget ran out; 384 of the 55,768 tokens scored" in out
+    assert summary["step"] == 3 and clock.now == 60
+    assert summary["valid"] == [{**summary["valid"][0], "step": 3, "valid_tokens": 33 * 64, "valid_complete": False}]
+    assert "step 3: validating on 55,768 tokens" in out
+    assert "cut short: the 1-minute budget ran out; 2,112 of the 55,768 tokens scored" in out
     assert summary["best"] is None and not (tmp_path / "run" / "checkpoints" / "best").exists()
-    assert "9.0 s a step on the CPU: the 1-minute budget ends training near step 6 of 100" in err
+    assert "9.0 s a step on the CPU: the 1-minute budget ends training near step 3 of 100" in err
 
 
 def test_the_budget_keeps_the_time_the_last_validation_took(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    """A validation of 10 windows (9 s on the budget's clock) at step 3: training stops after
-    step 4, where one more step would leave less than that, and the final one is complete."""
+    """A validation of 128 tokens is estimated at 12 s (the training pace) until the one at step 3
+    takes 1 s (2 windows): training then goes on to step 6, where one more step would leave
+    less than 1 s, and the final validation is complete inside the minute."""
     clock = _FakeClock(monkeypatch)
-    summary = train(_cfg(data_dir, tmp_path / "run", steps=100, max_minutes=1, eval_every=3, eval_tokens=640,
+    summary = train(_cfg(data_dir, tmp_path / "run", steps=100, max_minutes=1, eval_every=3, eval_tokens=128,
                          save_every=100))
-    assert summary["step"] == 4 and clock.now == 54
+    assert summary["step"] == 6 and clock.now == 56
     assert [(v["step"], v["valid_tokens"], v.get("valid_complete", True)) for v in summary["valid"]] == [
-        (3, 640, True), (4, 640, True)]
+        (3, 128, True), (6, 128, True)]
 
 
 def test_the_best_validated_checkpoint_is_kept_beside_the_latest(data_dir: Path, tmp_path: Path, monkeypatch,

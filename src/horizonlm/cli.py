@@ -313,8 +313,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     generate(ckpt.model, tokenizer_from_spec(meta["tokenizer"]), gen, device,
              lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     print("\n--------------")
-    valid = summary["valid"][-1]["valid_bits_per_byte"] if summary["valid"] else None
-    print(f"valid split: {valid:.4f} bits/byte; test split: {test['bits_per_byte']:.4f} bits/byte over "
+    last = summary["valid"][-1] if summary["valid"] else {}
+    valid = last.get("valid_bits_per_byte")
+    cut = "" if last.get("valid_complete", True) else f" (first {last['valid_tokens']:,} tokens: cut short)"
+    print(f"valid split: {valid:.4f} bits/byte{cut}; test split: {test['bits_per_byte']:.4f} bits/byte over "
           f"{test['tokens']:,} bytes (trained {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
           f"{summary['train_seconds']:.0f} s)")
     print(f"checkpoint: {ckpt.path} (the latest; the test split and the sample are its)")
@@ -324,7 +326,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{best['checkpoint']} (--checkpoint {summary['checkpoint']}/best)")
     report = {"environment": environment(), "steps": summary["step"], "tokens_seen": summary["tokens_seen"],
               "train_seconds": summary["train_seconds"], "parameters": summary["parameters"],
-              "valid_bits_per_byte": valid, "test_bits_per_byte": test["bits_per_byte"],
+              "valid_bits_per_byte": valid, "valid_tokens": last.get("valid_tokens"),
+              "test_bits_per_byte": test["bits_per_byte"],
               "checkpoint": str(ckpt.path), "best": best, "train_config": dataclasses.asdict(cfg)}
     atomic_write_json(Path(cfg.out) / "demo.json", report)
     return 0
@@ -355,6 +358,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+CPU_PASSKEY_TOKENS = 65_536
+"""Passkey prompts longer than this take minutes each on a CPU: a run asking them is warned."""
+
+
+def _warn_long_passkey_on_cpu(cfg: Any, device: Any, warn: Callable[[str], None]) -> None:
+    """The recipe's default lengths reach 1M tokens, sized for a GPU; say so before a CPU starts on them."""
+    from horizonlm.passkey import parse_ints
+
+    if device.type != "cpu":
+        return
+    asked = [n for n in parse_ints(cfg.lengths) if not (cfg.max_length and n > cfg.max_length)]
+    long = [n for n in asked if n > CPU_PASSKEY_TOKENS]
+    if long:
+        cells = len(long) * len(parse_ints(cfg.depths))
+        warn(f"running on the CPU with prompts up to {max(long):,} tokens ({cells} cells of {cfg.trials} trials "
+             f"longer than {CPU_PASSKEY_TOKENS:,}): each such prompt takes minutes here, the run hours; these "
+             f"lengths are sized for a GPU. --max-length {CPU_PASSKEY_TOKENS} skips them")
+
+
 def cmd_passkey(args: argparse.Namespace) -> int:
     from horizonlm.bench.common import environment
     from horizonlm.checkpoint import load_checkpoint
@@ -374,6 +396,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
 
     cfg = build_config(PasskeyConfig, args)
     device = resolve_device(cfg.device)
+    _warn_long_passkey_on_cpu(cfg, device, _warner("passkey"))
     ckpt = load_checkpoint(cfg.checkpoint)
     require_byte_level(ckpt.info.get("tokenizer", {}), f"passkey prompts are raw bytes; checkpoint {ckpt.path}")
     set_read_topk(ckpt.model, cfg.read_topk)

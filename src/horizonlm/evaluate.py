@@ -37,7 +37,8 @@ class EvalConfig:
     """Settings of ``horizon eval``."""
 
     checkpoint: str = "runs/shakespeare"
-    """Checkpoint folder, or a run folder whose checkpoints/latest names one."""
+    """Checkpoint folder (an exported one too), or a run folder for the checkpoint its
+    checkpoints/latest names (RUN/checkpoints/best: the best-validated one)."""
     data: str = ""
     """Prepared data folder to score (default: the data the checkpoint was trained on; other data
     is scored with a warning)."""

@@ -78,10 +78,14 @@ class TrainConfig:
     seq_len: int = 256
     """L: tokens per window."""
     steps: int = 1200
-    """Optimizer steps; with ``max_minutes`` whichever ends first (1200 cpu-preset steps take about
-    4 minutes on a 2-core CPU, inside the demo's budget)."""
+    """Optimizer steps; with ``max_minutes`` whichever ends first. How many fit in the budget depends
+    on the machine and its load (on a small CPU the budget may end the demo first); the closing
+    report says at which step training stopped."""
     max_minutes: float = 4.5
-    """Stop after this much training time (0: no limit). The cosine schedule still spans ``steps``."""
+    """Time budget of this invocation, training and validation together (0: no limit). Training stops
+    before a step that would leave the final validation less time than the last validation took
+    (before one, an estimate from the training pace; at most half the budget); a validation the
+    budget cuts short says how many tokens it scored. The cosine schedule still spans ``steps``."""
     retrieval_every: int = 0
     """Mix in passkey episodes of this many windows (question at the end of the last);
     0: plain language modelling. Needs a byte-level tokenizer."""
@@ -123,7 +127,9 @@ class TrainConfig:
     eval_window: int = 2048
     """Window length when streaming an evaluation split."""
     save_every: int = 250
-    """Checkpoint every this many steps (and always at the end, and on Ctrl-C or SIGTERM)."""
+    """Checkpoint every this many steps (and before every validation, at the end, and on Ctrl-C or
+    SIGTERM). ``checkpoints/latest`` names the newest, ``checkpoints/best`` the best-validated one;
+    ``--checkpoint RUN`` loads the latest, ``--checkpoint RUN/checkpoints/best`` the best."""
     seed: int = 0
     """Seed of the initialisation (data order is fixed by the step)."""
     device: str = "auto"
@@ -487,34 +493,51 @@ _now = time.perf_counter
 class _Budget:
     """The time budget of one invocation (``max_minutes``): training and validation together.
 
-    Training stops before a step that would eat into the time kept for the final validation:
-    the time the last complete validation took (a tenth of the budget before one was timed). A
-    validation still running when the budget is spent is cut short."""
+    Training stops before a step that would eat into the time kept for the final validation
+    (:attr:`reserve`); a validation still running when the budget is spent is cut short."""
 
-    def __init__(self, minutes: float, has_validation: bool) -> None:
+    def __init__(self, minutes: float, valid_tokens: int, step_tokens: int) -> None:
         self.seconds = minutes * 60 if minutes else math.inf
         self.start = _now()
-        self.reserve = 0.1 * self.seconds if has_validation and minutes else 0.0
-        self.step_seconds = 0.0
-        """How long the last training step took."""
+        self.valid_tokens, self.step_tokens = valid_tokens, step_tokens
+        """Tokens a validation scores (0: none) and tokens one training step reads on this process."""
+        self.steps, self.step_total = 0, 0.0
+        self.valid_seconds: float | None = None
+        """How long the last complete validation took."""
 
     def left(self) -> float:
         return self.start + self.seconds - _now()
 
     def stepped(self, seconds: float) -> None:
-        self.step_seconds = seconds
+        self.steps += 1
+        self.step_total += seconds
+
+    @property
+    def step_seconds(self) -> float:
+        """The mean training step of this invocation."""
+        return self.step_total / self.steps if self.steps else 0.0
+
+    @property
+    def reserve(self) -> float:
+        """Seconds kept for the final validation: what the last complete one took, or before one
+        an estimate at the training pace (a scored token costing what a trained one does, as
+        measured on a CPU); at most half the budget, so training gets the other half."""
+        if not self.valid_tokens or not math.isfinite(self.seconds):
+            return 0.0
+        wanted = (self.valid_seconds if self.valid_seconds is not None
+                  else self.valid_tokens * self.step_seconds / self.step_tokens)
+        return min(wanted, 0.5 * self.seconds)
 
     def training_over(self) -> bool:
         return self.left() < self.reserve + self.step_seconds
 
     def steps_left(self) -> int:
-        """Steps that fit before training stops, at the last step's pace."""
+        """Steps that fit before training stops, at this invocation's pace."""
         return int(max(0.0, self.left() - self.reserve) // max(self.step_seconds, 1e-9))
 
     def validated(self, seconds: float) -> None:
         """A complete validation took ``seconds``: keep that much for the final one."""
-        if math.isfinite(self.seconds):
-            self.reserve = min(seconds, 0.5 * self.seconds)
+        self.valid_seconds = seconds
 
 
 def _read_best(ckpt_dir: Path) -> dict[str, Any] | None:
@@ -604,7 +627,8 @@ class _Trainer:
         self._announce_validation()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.bars and self.dd.main), unit="step",
                    dynamic_ncols=True)
-        budget = _Budget(cfg.max_minutes, has_validation=self.data.valid is not None)
+        budget = _Budget(cfg.max_minutes, valid_tokens=self._valid_tokens(),
+                         step_tokens=cfg.batch_size // self.dd.world * cfg.seq_len)
         t_start, session_seconds, loss = time.perf_counter(), 0.0, float("nan")
         while self.step < end and not budget.training_over():
             t_step = _now()
@@ -615,7 +639,7 @@ class _Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{record['bits_per_byte']:.3f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
-            if self.step - summary["start_step"] == 2:
+            if self.step - summary["start_step"] == 3:  # the first step is slow everywhere: judge the third
                 self._warn_if_slow(end, budget, bar)
             last = self.step == end or budget.training_over()
             validate_now = (self.data.valid is not None and bool(cfg.eval_every) and self.step % cfg.eval_every == 0
@@ -642,8 +666,9 @@ class _Trainer:
         return summary
 
     def _warn_if_slow(self, end: int, budget: _Budget, bar: tqdm) -> None:
-        """On a CPU, say early when this configuration will not get far: a recipe sized for a GPU
-        (the passkey ones) takes seconds a step here, and the budget or the clock would tell late."""
+        """On a CPU, say early when this configuration will not get far at the last step's pace: a
+        recipe sized for a GPU (the passkey ones) takes seconds a step here, and the budget or the
+        clock would tell late."""
         if self.device.type != "cpu" or not self.dd.main:
             return
         left, step_seconds = end - self.step, budget.step_seconds
@@ -651,11 +676,18 @@ class _Trainer:
             reach = self.step + budget.steps_left()
             if reach < self.step + left // 2:
                 bar.write(f"warning: {step_seconds:.1f} s a step on the CPU: the {self.cfg.max_minutes:g}-minute "
-                          f"budget ends training near step {reach:,} of {end:,} (a configuration sized for a GPU? raise "
-                          "--max-minutes or lower --steps to train it through)", file=sys.stderr)
+                          f"budget ends training near step {reach:,} of {end:,} (a configuration sized for a GPU? "
+                          "raise --max-minutes or lower --steps to train it through)", file=sys.stderr)
         elif left * step_seconds > 3600:
             bar.write(f"warning: {step_seconds:.1f} s a step on the CPU: the {left:,} steps left take about "
                       f"{left * step_seconds / 3600:.1f} hours (a configuration sized for a GPU?)", file=sys.stderr)
+
+    def _valid_tokens(self) -> int:
+        """Tokens one validation scores (0: no valid split)."""
+        if self.data.valid is None:
+            return 0
+        total = len(self.data.valid) - 1
+        return min(total, self.cfg.eval_tokens) if self.cfg.eval_tokens else total
 
     def _announce_validation(self) -> None:
         """Say how much of the valid split each validation reads (the default caps it)."""
@@ -732,7 +764,7 @@ class _Trainer:
         self.validated_step = self.step
         if self.dd.main:
             cfg = self.cfg
-            planned = min(len(self.data.valid) - 1, cfg.eval_tokens or len(self.data.valid))
+            planned = self._valid_tokens()
             if not self.bars:
                 bar.write(f"step {self.step}: validating on {planned:,} tokens", file=sys.stdout)
             t0 = _now()
