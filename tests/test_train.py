@@ -341,6 +341,17 @@ def test_the_budget_keeps_the_time_the_last_validation_took(data_dir: Path, tmp_
         (3, 128, True), (6, 128, True)]
 
 
+def test_a_budget_of_training_time_alone_lets_validation_run(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """budget_includes_validation=False (equal-training-time comparisons): the steps alone take
+    the minute, as before issue 26, and the final validation runs to its end past it."""
+    clock = _FakeClock(monkeypatch)
+    summary = train(_cfg(data_dir, tmp_path / "run", steps=100, max_minutes=1, eval_tokens=640, save_every=100,
+                         budget_includes_validation=False))
+    assert summary["step"] == 7 and clock.now == 7 * 9 + 9
+    assert [(v["step"], v["valid_tokens"], v.get("valid_complete", True)) for v in summary["valid"]] == [
+        (7, 640, True)]
+
+
 def test_the_best_validated_checkpoint_is_kept_beside_the_latest(data_dir: Path, tmp_path: Path, monkeypatch,
                                                                  capsys) -> None:
     """Issue 26 B4: checkpoints/best names the checkpoint of the best complete validation, its

@@ -45,7 +45,7 @@ from horizonlm.state_io import state_from_tensors, state_to_tensors
 
 DEFAULT_DATA = "runs/data/shakespeare"
 
-RESUMABLE = frozenset({"steps", "max_minutes", "stop_after", "eval_every", "eval_tokens", "eval_window", "save_every",
+RESUMABLE = frozenset({"steps", "max_minutes", "budget_includes_validation", "stop_after", "eval_every", "eval_tokens", "eval_window", "save_every",
                        "device", "compile", "progress", "resume", "overwrite", "out", "data"})
 """Settings a resumed run may change: how long it goes on, how it is validated and saved, where
 it runs. Every other setting must equal the saved run's; the data is compared by content."""
@@ -86,6 +86,10 @@ class TrainConfig:
     before a step that would leave the final validation less time than the last validation took
     (before one, an estimate from the training pace; at most half the budget); a validation the
     budget cuts short says how many tokens it scored. The cosine schedule still spans ``steps``."""
+    budget_includes_validation: bool = True
+    """Whether ``max_minutes`` bounds validation too, so the run ends inside it. False: it bounds the
+    training steps alone and every validation runs to its end, however long (comparisons at equal
+    training time, as ``horizon bench quality`` makes)."""
     retrieval_every: int = 0
     """Mix in passkey episodes of this many windows (question at the end of the last);
     0: plain language modelling. Needs a byte-level tokenizer."""
@@ -494,11 +498,14 @@ class _Budget:
     """The time budget of one invocation (``max_minutes``): training and validation together.
 
     Training stops before a step that would eat into the time kept for the final validation
-    (:attr:`reserve`); a validation still running when the budget is spent is cut short."""
+    (:attr:`reserve`); a validation still running when the budget is spent is cut short. Built
+    with ``includes_validation=False``, it counts the training steps alone: training stops once
+    they have taken the budget, and validations are never cut."""
 
-    def __init__(self, minutes: float, valid_tokens: int, step_tokens: int) -> None:
+    def __init__(self, minutes: float, valid_tokens: int, step_tokens: int, includes_validation: bool = True) -> None:
         self.seconds = minutes * 60 if minutes else math.inf
         self.start = _now()
+        self.includes_validation = includes_validation
         self.valid_tokens, self.step_tokens = valid_tokens, step_tokens
         """Tokens a validation scores (0: none) and tokens one training step reads on this process."""
         self.steps, self.step_total = 0, 0.0
@@ -506,7 +513,12 @@ class _Budget:
         """How long the last complete validation took."""
 
     def left(self) -> float:
+        if not self.includes_validation:
+            return self.seconds - self.step_total
         return self.start + self.seconds - _now()
+
+    def validation_over(self) -> bool:
+        return self.includes_validation and self.left() <= 0
 
     def stepped(self, seconds: float) -> None:
         self.steps += 1
@@ -522,13 +534,15 @@ class _Budget:
         """Seconds kept for the final validation: what the last complete one took, or before one
         an estimate at the training pace (a scored token costing what a trained one does, as
         measured on a CPU); at most half the budget, so training gets the other half."""
-        if not self.valid_tokens or not math.isfinite(self.seconds):
+        if not self.valid_tokens or not math.isfinite(self.seconds) or not self.includes_validation:
             return 0.0
         wanted = (self.valid_seconds if self.valid_seconds is not None
                   else self.valid_tokens * self.step_seconds / self.step_tokens)
         return min(wanted, 0.5 * self.seconds)
 
     def training_over(self) -> bool:
+        if not self.includes_validation:
+            return self.left() <= 0
         return self.left() < self.reserve + self.step_seconds
 
     def steps_left(self) -> int:
@@ -628,7 +642,8 @@ class _Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.bars and self.dd.main), unit="step",
                    dynamic_ncols=True)
         budget = _Budget(cfg.max_minutes, valid_tokens=self._valid_tokens(),
-                         step_tokens=cfg.batch_size // self.dd.world * cfg.seq_len)
+                         step_tokens=cfg.batch_size // self.dd.world * cfg.seq_len,
+                         includes_validation=cfg.budget_includes_validation)
         t_start, session_seconds, loss = time.perf_counter(), 0.0, float("nan")
         while self.step < end and not budget.training_over():
             t_step = _now()
@@ -771,7 +786,7 @@ class _Trainer:
             result = evaluate_tokens(self.model, self.data.valid, cfg.eval_window, self.device,
                                      bytes_per_token=self.data.bytes_per_token, max_tokens=cfg.eval_tokens or None,
                                      bf16=cfg.bf16, progress=self.bars, desc="valid",
-                                     until=lambda: stop.signum is not None or budget.left() <= 0)
+                                     until=lambda: stop.signum is not None or budget.validation_over())
             seconds = _now() - t0
             bpb, tokens = result["bits_per_byte"], result["tokens"]
             entry = {"step": self.step, "valid_bits_per_byte": bpb, "valid_tokens": tokens, "valid_seconds": seconds}
