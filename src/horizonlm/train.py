@@ -645,7 +645,8 @@ class _Trainer:
                          step_tokens=cfg.batch_size // self.dd.world * cfg.seq_len,
                          includes_validation=cfg.budget_includes_validation)
         t_start, session_seconds, loss = time.perf_counter(), 0.0, float("nan")
-        while self.step < end and not budget.training_over():
+        over = self._rank0_says(budget.training_over())
+        while self.step < end and not over:
             t_step = _now()
             record = self.train_step(t_start)
             budget.stepped(_now() - t_step)
@@ -656,7 +657,8 @@ class _Trainer:
                             tok_s=f"{record['tokens_per_s']:.0f}")
             if self.step - summary["start_step"] == 3:  # the first step is slow everywhere: judge the third
                 self._warn_if_slow(end, budget, bar)
-            last = self.step == end or budget.training_over()
+            over = self._rank0_says(budget.training_over())
+            last = self.step == end or over
             validate_now = (self.data.valid is not None and bool(cfg.eval_every) and self.step % cfg.eval_every == 0
                             and not last)
             if (cfg.save_every and self.step % cfg.save_every == 0) or validate_now or last:
@@ -679,6 +681,15 @@ class _Trainer:
                         "checkpoint": str(self.ckpt_dir), "latest": str(self.ckpt_dir / f"step-{self.step:08d}"),
                         "best": self.best})
         return summary
+
+    def _rank0_says(self, decision: bool) -> bool:
+        """Rank 0's ``decision``, on every rank: each rank's budget has its own clock, and only rank 0
+        times the validation, so left to themselves they could stop at different steps."""
+        if self.dd.world == 1:
+            return decision
+        flag = torch.tensor([int(decision)], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def _warn_if_slow(self, end: int, budget: _Budget, bar: tqdm) -> None:
         """On a CPU, say early when this configuration will not get far at the last step's pace: a
