@@ -402,3 +402,12 @@ def test_bars_only_on_a_terminal_unless_forced(monkeypatch) -> None:
         monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
         assert show_bars(None) is tty and show_bars(True) and not show_bars(False)
     assert TrainConfig().progress is None
+
+
+def test_piped_training_draws_no_bars(data_dir: Path, tmp_path: Path, capsys) -> None:
+    """Issue 26 B8: by default (stderr not a terminal, as under pytest) no tqdm escape codes; the
+    validation says when it starts and what it scored instead."""
+    train(_cfg(data_dir, tmp_path / "run", steps=2, progress=None))
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "\x1b" not in err and "valid:" not in err
+    assert "step 2: validating on 200 tokens" in out and "step 2: valid " in out
