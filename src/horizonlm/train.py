@@ -532,8 +532,9 @@ class _Budget:
     @property
     def reserve(self) -> float:
         """Seconds kept for the final validation: what the last complete one took, or before one
-        an estimate at the training pace (a scored token costing what a trained one does, as
-        measured on a CPU); at most half the budget, so training gets the other half."""
+        an estimate at the training pace, a scored token costed as a trained one (a forward pass
+        alone is cheaper, so it errs long: on a lightly loaded 2-core CPU the demo validated ~28K tokens/s
+        and trained ~6.5K; on a loaded one both ran near 1.4K); at most half the budget."""
         if not self.valid_tokens or not math.isfinite(self.seconds) or not self.includes_validation:
             return 0.0
         wanted = (self.valid_seconds if self.valid_seconds is not None
