@@ -45,8 +45,9 @@ from horizonlm.state_io import state_from_tensors, state_to_tensors
 
 DEFAULT_DATA = "runs/data/shakespeare"
 
-RESUMABLE = frozenset({"steps", "max_minutes", "budget_includes_validation", "stop_after", "eval_every", "eval_tokens", "eval_window", "save_every",
-                       "device", "compile", "progress", "resume", "overwrite", "out", "data"})
+RESUMABLE = frozenset({"steps", "max_minutes", "budget_includes_validation", "stop_after", "eval_every", "eval_tokens",
+                       "eval_window", "save_every", "device", "compile", "progress", "resume", "overwrite", "out",
+                       "data"})
 """Settings a resumed run may change: how long it goes on, how it is validated and saved, where
 it runs. Every other setting must equal the saved run's; the data is compared by content."""
 
