@@ -299,3 +299,31 @@ def test_readme_test_command_prints_a_pass_count() -> None:
                              "tests/test_cli.py::test_sampling_rules"], cwd=root, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and re.search(r"^1 passed", result.stdout, re.M), result.stdout
+
+
+@pytest.mark.parametrize("argv,usage,message", [
+    (["train", "--max-minute", "0.5"], "usage: horizon train",
+     "unrecognized arguments: --max-minute (did you mean --max-minutes?) 0.5"),
+    (["eval", "--chekpoint=runs/x"], "usage: horizon eval",
+     "unrecognized arguments: --chekpoint=runs/x (did you mean --checkpoint?)"),
+    (["bench", "speed", "--ouut", "x.json"], "usage: horizon bench speed", "(did you mean --out?)"),
+    (["train", "--seq", "8"], "usage: horizon train", "unrecognized arguments: --seq"),
+])
+def test_a_flag_typo_is_told_by_its_command_with_the_flag_meant(argv, usage, message, capsys) -> None:
+    """Issue 26 B6: no abbreviated flag is taken (``--max-minute`` is not ``--max-minutes``), and
+    an unknown flag is reported with the subcommand's usage and the closest real flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and message in err
+
+
+def test_passkey_warns_before_gpu_sized_prompts_on_a_cpu(capsys) -> None:
+    """Issue 26 B8: the passkey defaults reach 1M-token prompts; on a CPU that is said first."""
+    assert main(["passkey", "--checkpoint", "/nonexistent", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "horizon passkey: warning: running on the CPU with prompts up to 1,048,576 tokens (10 cells" in err
+    assert "--max-length 65536 skips them" in err
+    assert main(["passkey", "--checkpoint", "/nonexistent", "--device", "cpu", "--max-length", "65536"]) == 2
+    assert "warning" not in capsys.readouterr().err

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,7 +204,8 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(data_dir: Path, tmp_
             signal.signal(s, handler)
     assert code == 128 + signum
     err = capsys.readouterr().err
-    assert f"stopped by {signal.Signals(signum).name} after step 3 of 8" in err
+    assert f"horizon train: stopped by {signal.Signals(signum).name} after step 3 of 8" in err
+    assert "error" not in err  # a stop the user asked for (issue 26 B8)
     assert f"horizon train --out {tmp_path / 'run'} --resume" in err
     assert load_checkpoint(tmp_path / "run").info["step"] == 3
     monkeypatch.setattr(train_module, "lm_loss", real)
@@ -221,3 +224,190 @@ def test_validation_is_capped_by_default_the_cap_printed_and_barred(data_dir: Pa
     assert "validation: the first 100 of the 55,768 valid tokens (--eval-tokens; 0 for all)" in out
     assert "valid:" in err  # the validation's progress bar
     assert summary["valid"][-1]["valid_tokens"] == 100
+
+
+def test_a_run_without_a_checkpoint_gets_one_advice(data_dir: Path, tmp_path: Path, capsys) -> None:
+    """Issue 26 B5: a folder holding a run's config and log but no checkpoint cannot be resumed:
+    a new run and --resume both say so and point at --overwrite or another --out, never --resume."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(data_dir), "out": str(run), "preset": "tiny"}))
+    (run / "log.jsonl").write_text("")
+    before = _files(run)
+    errors = []
+    for argv in ([], ["--resume"]):
+        assert main(["train", "--data", str(data_dir), "--out", str(run), "--no-progress", *argv]) == 2
+        errors.append(capsys.readouterr().err)
+    for err in errors:
+        assert "holds a run with no checkpoint (log.jsonl, config.json), which cannot be resumed" in err
+        assert "--overwrite" in err and "--out" in err and "pass --resume" not in err
+    assert _files(run) == before
+
+
+def _signal_guard():
+    """Handlers that fail the test if a signal reaches them (training must have its own)."""
+    def unhandled(*_):
+        raise RuntimeError("the signal reached the default handler")
+    return {s: signal.signal(s, unhandled) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _train_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--batch-size", "4",
+            "--seq-len", "24", "--steps", "4", "--warmup", "2", "--lr", "3e-3", "--eval-every", "0",
+            "--eval-tokens", "0", "--eval-window", "64", "--save-every", "100", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_stop_during_the_final_validation_keeps_the_run(data_dir: Path, tmp_path: Path, monkeypatch, capsys,
+                                                         signals: int) -> None:
+    """Issue 26 B1: the final checkpoint is written before the final validation. Ctrl-C during
+    it cuts it short after the running window (reported as a stop, with the tokens scored); a
+    second Ctrl-C stops at once, and the checkpoint of the last step is there all the same."""
+    real = train_module.evaluate_tokens
+
+    def interrupted_validation(*args, **kwargs):
+        for _ in range(signals):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_tokens", interrupted_validation)
+    previous = _signal_guard()
+    try:
+        code = main(_train_argv(data_dir, tmp_path / "run"))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    out, err = capsys.readouterr()
+    assert load_checkpoint(tmp_path / "run").info["step"] == 4
+    if signals == 1:
+        assert code == 0
+        assert "cut short: stopped by SIGINT; 64 of the 55,768 tokens scored" in out
+        valid = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+                 if "valid_bits_per_byte" in r]
+        assert valid == [{**valid[0], "step": 4, "valid_tokens": 64, "valid_complete": False}]
+    else:
+        assert code == 130 and "horizon train: interrupted" in err
+
+
+class _FakeClock:
+    """The time budget's clock: a training step takes 9 s, a validation window 1 s."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.now = 0.0
+        monkeypatch.setattr(train_module, "_now", lambda: self.now)
+        real_loss, real_eval = train_module.lm_loss, train_module.evaluate_tokens
+
+        def loss(logits, targets):
+            self.now += 9
+            return real_loss(logits, targets)
+
+        def evaluate(*args, until=None, **kwargs):
+            def ticking():
+                self.now += 1
+                return until()
+            return real_eval(*args, until=ticking, **kwargs)
+
+        monkeypatch.setattr(train_module, "lm_loss", loss)
+        monkeypatch.setattr(train_module, "evaluate_tokens", evaluate)
+
+
+def test_the_time_budget_bounds_training_and_validation(data_dir: Path, tmp_path: Path, monkeypatch,
+                                                       capsys) -> None:
+    """Issue 26 B2: --max-minutes 1, 9 s steps of 96 tokens, a validation of the whole split and
+    none timed yet: its estimate at the training pace exceeds half the budget, so training keeps
+    30 s for it and stops after step 3 (one more step would cut into them); the validation is cut
+    at the budget's end after 33 windows, says so, and is not taken as the best. Bars off: the
+    validation prints its start; the slow pace is warned about after the third step."""
+    clock = _FakeClock(monkeypatch)
+    summary = train(_cfg(data_dir, tmp_path / "run", steps=100, max_minutes=1, eval_tokens=0, save_every=100))
+    out, err = capsys.readouterr()
+    assert summary["step"] == 3 and clock.now == 60
+    assert summary["valid"] == [{**summary["valid"][0], "step": 3, "valid_tokens": 33 * 64, "valid_complete": False}]
+    assert "step 3: validating on 55,768 tokens" in out
+    assert "cut short: the 1-minute budget ran out; 2,112 of the 55,768 tokens scored" in out
+    assert summary["best"] is None and not (tmp_path / "run" / "checkpoints" / "best").exists()
+    assert "9.0 s a step on the CPU: the 1-minute budget ends training near step 3 of 100" in err
+
+
+def test_the_budget_keeps_the_time_the_last_validation_took(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A validation of 128 tokens is estimated at 12 s (the training pace) until the one at step 3
+    takes 1 s (2 windows): training then goes on to step 6, where one more step would leave
+    less than 1 s, and the final validation is complete inside the minute."""
+    clock = _FakeClock(monkeypatch)
+    summary = train(_cfg(data_dir, tmp_path / "run", steps=100, max_minutes=1, eval_every=3, eval_tokens=128,
+                         save_every=100))
+    assert summary["step"] == 6 and clock.now == 56
+    assert [(v["step"], v["valid_tokens"], v.get("valid_complete", True)) for v in summary["valid"]] == [
+        (3, 128, True), (6, 128, True)]
+
+
+def test_a_budget_of_training_time_alone_lets_validation_run(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """budget_includes_validation=False (equal-training-time comparisons): the steps alone take
+    the minute, as before issue 26, and the final validation runs to its end past it."""
+    clock = _FakeClock(monkeypatch)
+    summary = train(_cfg(data_dir, tmp_path / "run", steps=100, max_minutes=1, eval_tokens=640, save_every=100,
+                         budget_includes_validation=False))
+    assert summary["step"] == 7 and clock.now == 7 * 9 + 9
+    assert [(v["step"], v["valid_tokens"], v.get("valid_complete", True)) for v in summary["valid"]] == [
+        (7, 640, True)]
+
+
+def test_the_best_validated_checkpoint_is_kept_beside_the_latest(data_dir: Path, tmp_path: Path, monkeypatch,
+                                                                 capsys) -> None:
+    """Issue 26 B4: checkpoints/best names the checkpoint of the best complete validation, its
+    folder survives pruning, the summary reports both, and a resumed run keeps comparing with it.
+    --checkpoint RUN still loads the latest; RUN/checkpoints/best loads the best."""
+    scores = iter([3.0, 2.0, 2.5, 2.2, 2.4])
+
+    def fake_eval(*args, until=None, **kwargs):
+        return {"bits_per_byte": next(scores), "tokens": 100, "complete": True}
+
+    monkeypatch.setattr(train_module, "evaluate_tokens", fake_eval)
+    run = tmp_path / "run"
+    argv = _train_argv(data_dir, run, "--eval-every", "2", "--save-every", "2")
+    assert main([*argv, "--steps", "6"]) == 0
+    out = capsys.readouterr().out
+    ckpts = run / "checkpoints"
+    assert (ckpts / "best").read_text().strip() == "step-00000004"
+    assert json.loads((ckpts / "best.json").read_text())["valid_bits_per_byte"] == 2.0
+    assert f"latest checkpoint: {ckpts / 'step-00000006'}" in out
+    best = f"best checkpoint: {ckpts / 'step-00000004'} (step 4, valid 2.0000 bits/byte; --checkpoint {ckpts}/best)"
+    assert best in out
+    assert load_checkpoint(run).info["step"] == 6
+    assert load_checkpoint(ckpts / "best").info["step"] == 4
+    assert main(["train", "--out", str(run), "--resume", "--steps", "10"]) == 0
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000004", "step-00000008", "step-00000010"]
+    assert (ckpts / "best").read_text().strip() == "step-00000004"
+
+
+def test_training_time_adds_up_over_resumes_and_a_stop_is_not_an_error(data_dir: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    """Issue 26 B8: the checkpoint records the training seconds of every invocation so far, and
+    the report of a resumed run gives the total (and this invocation's part)."""
+    first = train(_cfg(data_dir, tmp_path / "run", stop_after=4))
+    saved = load_checkpoint(tmp_path / "run").info["train_seconds"]
+    assert saved == pytest.approx(first["train_seconds"]) and saved > 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    total = load_checkpoint(tmp_path / "run").info["train_seconds"]
+    assert total > saved
+    assert re.search(r"trained to step 8 in \d+ s of training, \d+ s of it in this invocation", out)
+
+
+def test_bars_only_on_a_terminal_unless_forced(monkeypatch) -> None:
+    from horizonlm.progress import show_bars
+
+    for tty in (False, True):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        assert show_bars(None) is tty and show_bars(True) and not show_bars(False)
+    assert TrainConfig().progress is None
+
+
+def test_piped_training_draws_no_bars(data_dir: Path, tmp_path: Path, capsys) -> None:
+    """Issue 26 B8: by default (stderr not a terminal, as under pytest) no tqdm escape codes; the
+    validation says when it starts and what it scored instead."""
+    train(_cfg(data_dir, tmp_path / "run", steps=2, progress=None))
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "\x1b" not in err and "valid:" not in err
+    assert "step 2: validating on 200 tokens" in out and "step 2: valid " in out

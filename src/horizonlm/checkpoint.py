@@ -1,9 +1,14 @@
 """Checkpoints: weights in safetensors, config and bookkeeping in JSON, every file checksummed.
 
 A checkpoint is a folder ``step-NNNNNNNN`` written under a temporary name and renamed into
-place in one step; the ``latest`` file, replaced atomically afterwards, names the newest one. A
-crash or a full disk during a save leaves the previous checkpoint as ``latest``, intact.
-Loading never unpickles: safetensors and JSON only.
+place in one step; the ``latest`` file, replaced atomically afterwards, names the newest one
+(and training's ``best`` file the best-validated one). A crash or a full disk during a save
+leaves the previous checkpoint as ``latest``, intact. Loading never unpickles: safetensors and
+JSON only.
+
+Any folder with a ``checkpoint.json`` is a checkpoint: ``horizon export`` writes one beside the
+Hugging Face files, so this module loads an exported folder without knowing that layout (the
+weight names there carry the ``weight_prefix`` it records).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from horizonlm.fileio import atomic_dir, atomic_write_bytes, check_files, sha256
 from horizonlm.model import HorizonLM
 
 CHECKPOINT_FORMAT = 1
+POINTERS = ("latest", "best")
+"""Files beside the ``step-*`` folders, each naming one of them; a folder one names is never pruned."""
 MODEL_KINDS = {"horizon": (HorizonLM, HorizonConfig), "transformer": (TransformerLM, TransformerConfig)}
 
 
@@ -63,28 +70,54 @@ class Checkpoint:
 
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, info: dict[str, Any],
                     train_tensors: dict[str, Tensor] | None = None, keep: int = 2) -> Path:
-    """Write ``root/step-{step}`` atomically and point ``root/latest`` at it."""
+    """Write ``root/step-{step}`` atomically and point ``root/latest`` at it; then delete all but
+    the newest ``keep`` checkpoints, except one a pointer (``best``) names."""
     root = Path(root)
     name = f"step-{step:08d}"
     with atomic_dir(root / name) as tmp:
         save_file(_weights(model), str(tmp / "model.safetensors"))
-        files = {"model.safetensors": sha256_file(tmp / "model.safetensors")}
+        files = ["model.safetensors"]
         if train_tensors is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in train_tensors.items()}, str(tmp / "train.safetensors"))
-            files["train.safetensors"] = sha256_file(tmp / "train.safetensors")
-        meta = {"format": CHECKPOINT_FORMAT, "kind": model_kind(model), "config": model.config.to_dict(),
-                "step": step, "files": files, **info}
-        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    atomic_write_bytes(root / "latest", (name + "\n").encode())
-    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
-    for p in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+            files.append("train.safetensors")
+        write_checkpoint_json(tmp, model, files, {"step": step, **info})
+    point(root, "latest", name)
+    named = {_pointed(root / pointer) for pointer in POINTERS}
+    folders = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for p in folders[: max(0, len(folders) - keep)]:
+        if p.name not in named:
+            shutil.rmtree(p, ignore_errors=True)
     return root / name
 
 
+def write_checkpoint_json(folder: Path, model: nn.Module, files: list[str], info: dict[str, Any]) -> None:
+    """Make ``folder`` a checkpoint of ``model``: its checkpoint.json with the format, kind and
+    config, the sha256 of each of ``files`` (already written there), and ``info`` on top.
+
+    ``info`` may hold ``weight_prefix`` (put before every weight name in model.safetensors) and
+    ``exported: true`` (a model folder without training state)."""
+    meta = {"format": CHECKPOINT_FORMAT, "kind": model_kind(model), "config": model.config.to_dict(),
+            "files": {name: sha256_file(folder / name) for name in files}, **info}
+    (folder / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def point(root: str | Path, pointer: str, name: str) -> None:
+    """Make the pointer file ``root/pointer`` (one of ``POINTERS``) name the checkpoint ``name``, atomically."""
+    if pointer not in POINTERS:
+        raise ValueError(f"pointer must be one of {POINTERS}, got {pointer!r}")
+    atomic_write_bytes(Path(root) / pointer, (name + "\n").encode())
+
+
+def _pointed(pointer: Path) -> str | None:
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run/checkpoints folder whose ``latest`` names one."""
+    """A checkpoint folder; a run or checkpoints folder, for the checkpoint its ``latest`` names;
+    or a pointer file (``checkpoints/best``, ``checkpoints/latest``), for the one it names."""
     path = Path(path)
+    if path.name in POINTERS and path.is_file():
+        return path.parent / path.read_text().strip()
     for root in (path, path / "checkpoints"):
         latest = root / "latest"
         if latest.is_file():
@@ -101,16 +134,15 @@ def run_folder(checkpoint_folder: str | Path) -> Path:
 
 def checkpoint_info(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """The checkpoint folder ``path`` names (see :func:`resolve_checkpoint`) and its checkpoint.json,
-    read and checked for format without loading any weights. An exported folder (``horizon
-    export``, Hugging Face layout) is accepted too; its info holds kind, config and tokenizer."""
-    from horizonlm.integrations.export import exported_info, is_export  # export imports this module
-
-    if is_export(path):
-        return Path(path), exported_info(path)
+    read and checked for format without loading any weights."""
     folder = resolve_checkpoint(path)
     meta_path = folder / "checkpoint.json"
     if not meta_path.is_file():
-        raise HorizonError(f"no checkpoint at {path} ({meta_path} not found)")
+        hint = ""
+        if (folder / "model.safetensors").is_file():
+            hint = ("; a model folder without one (saved by save_pretrained, or exported by an older horizonlm) "
+                    "becomes a checkpoint with `horizon export --checkpoint FOLDER --out NEW_FOLDER`")
+        raise HorizonError(f"no checkpoint at {path} ({meta_path} not found{hint})")
     try:
         info = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -122,14 +154,8 @@ def checkpoint_info(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def load_checkpoint(path: str | Path, expect_kind: str | None = None, expect_config: dict[str, Any] | None = None,
                     with_train_state: bool = False, map_location: str = "cpu") -> Checkpoint:
-    """Load and verify a checkpoint or an exported folder. Every failure is a :class:`HorizonError`
-    saying what is wrong."""
-    from horizonlm.integrations.export import is_export, load_exported  # export imports this module
-
-    if is_export(path):
-        if with_train_state:
-            raise HorizonError(f"{path} is an exported model: it holds no training state to resume from")
-        return load_exported(path, expect_kind, expect_config, map_location)
+    """Load and verify a checkpoint (a training checkpoint or an exported folder). Every failure is
+    a :class:`HorizonError` saying what is wrong."""
     folder, info = checkpoint_info(path)
     kind, config = info.get("kind"), info.get("config")
     if expect_kind is not None and kind != expect_kind:
@@ -144,14 +170,21 @@ def load_checkpoint(path: str | Path, expect_kind: str | None = None, expect_con
         weights = load_file(str(folder / "model.safetensors"), device=map_location)
     except (SafetensorError, OSError) as err:
         raise HorizonError(f"corrupt checkpoint {folder}: cannot read model.safetensors ({err})") from err
+    prefix = info.get("weight_prefix", "")
+    weights = {k.removeprefix(prefix): v for k, v in weights.items()}
     if getattr(model.config, "tie_embeddings", False):
         weights["head.weight"] = weights.get("embed.weight")
-    missing, unexpected = model.load_state_dict(weights, strict=False)[:2]
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)[:2]
+    except RuntimeError as err:  # a shape that differs
+        raise HorizonError(f"checkpoint {folder} weights do not fit its config ({err})") from err
     if missing or unexpected:
         raise HorizonError(f"checkpoint {folder} weights do not fit its config (missing {missing}, unexpected {unexpected})")
     train_tensors = None
     if with_train_state:
         file = folder / "train.safetensors"
+        if info.get("exported"):
+            raise HorizonError(f"{folder} is an exported model: it holds no training state to resume from")
         if not file.is_file():
             raise HorizonError(f"checkpoint {folder} has no training state to resume from")
         train_tensors = load_file(str(file), device=map_location)

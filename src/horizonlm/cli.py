@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from horizonlm.devices import resolve_device
-from horizonlm.errors import HorizonError
+from horizonlm.errors import HorizonError, Stopped
 from horizonlm.fileio import existing_file
 
 
@@ -37,6 +37,24 @@ def field_docs(cls: type) -> dict[str, str]:
             if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser that takes no abbreviated flag: ``--max-minute`` is a typo to report,
+    not ``--max-minutes``. Subcommand parsers are of this class too (argparse makes them so)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def unrecognized(self, extras: Sequence[str]) -> str:
+        """The error for arguments this parser does not take, each flag with its closest real one."""
+        flags = [s for action in self._actions for s in action.option_strings]
+        words = []
+        for arg in extras:
+            close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1) if arg.startswith("-") else []
+            words.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+        return f"unrecognized arguments: {' '.join(words)}"
 
 
 def flag(name: str) -> str:
@@ -55,6 +73,11 @@ def _parse_mapping(text: str) -> dict[str, Any]:
     return value
 
 
+def _is_bool(kind: Any) -> bool:
+    """A yes/no setting: ``bool``, or ``bool | None`` (None: decided at run time, e.g. on a terminal)."""
+    return kind is bool or set(typing.get_args(kind)) == {bool, type(None)}
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -63,9 +86,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: Sequenc
             continue
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "" if default in ("", {}) else f" (default: {default!r})"
+        shown = "" if default is None or default in ("", {}) else f" (default: {default!r})"
         help_text = docs.get(f.name, "") + shown
-        if kind is bool:
+        if _is_bool(kind):
             parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         elif kind in (int, float, str):
@@ -129,6 +152,8 @@ def _typed(kind: Any, name: str, value: Any, path: Path) -> Any:
             pass
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if _is_bool(kind):
+        kind = bool
     expected = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) if kind in expected else (
         isinstance(value, dict))
@@ -196,14 +221,34 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_report(summary: dict[str, Any]) -> str:
+    """What a finished ``horizon train`` says: the step and training time over every invocation
+    of the run, the last validation, and the latest and best checkpoints (the latest is what
+    ``--checkpoint RUN`` loads; the best needs ``--checkpoint RUN/checkpoints/best``)."""
+    seconds = f"{summary['train_seconds']:.0f} s of training"
+    if summary["start_step"] > 0:
+        seconds += f", {summary['session_train_seconds']:.0f} s of it in this invocation"
+    lines = [f"trained to step {summary['step']} in {seconds}"]
+    if summary["valid"]:
+        last = summary["valid"][-1]
+        partial = "" if last.get("valid_complete", True) else " (cut short)"
+        lines.append(f"last validation (step {last['step']}): {last['valid_bits_per_byte']:.4f} bits/byte over "
+                     f"{last['valid_tokens']:,} tokens{partial}")
+    lines.append(f"latest checkpoint: {summary['latest']} (what --checkpoint {Path(summary['checkpoint']).parent} "
+                 "loads)")
+    best = summary.get("best")
+    if best is not None:
+        lines.append(f"best checkpoint: {best['checkpoint']} (step {best['step']}, valid "
+                     f"{best['valid_bits_per_byte']:.4f} bits/byte; --checkpoint {summary['checkpoint']}/best)")
+    return "\n".join(lines)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from horizonlm.train import train
 
     summary = train(_train_config(args))
-    if summary.get("parameters") is not None and summary["valid"]:
-        last = summary["valid"][-1]
-        print(f"trained to step {summary['step']} in {summary['train_seconds']:.0f} s; "
-              f"valid {last['valid_bits_per_byte']:.4f} bits/byte; checkpoint in {summary['checkpoint']}")
+    if summary.get("parameters") is not None:
+        print(train_report(summary))
     return 0
 
 
@@ -251,30 +296,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from horizonlm.evaluate import evaluate_tokens
     from horizonlm.fileio import atomic_write_json
     from horizonlm.generate import GenerateConfig, generate
+    from horizonlm.progress import show_bars
     from horizonlm.train import train
 
     cfg = _train_config(args)
-    prepare("shakespeare", cfg.data, progress=cfg.progress)
+    bars = show_bars(cfg.progress)
+    prepare("shakespeare", cfg.data, progress=bars)
     summary = train(cfg)
     ckpt = load_checkpoint(Path(cfg.out) / "checkpoints")
     device = resolve_device(cfg.device)
     meta = load_meta(cfg.data)
     test = evaluate_tokens(ckpt.model.to(device), open_split(cfg.data, "test"), cfg.eval_window, device,
-                           progress=cfg.progress, desc="test")
+                           progress=bars, desc="test")
     print("\n--- sample ---")
     gen = GenerateConfig(checkpoint=str(ckpt.path), prompt="ROMEO:\n", tokens=300, device=cfg.device)
     generate(ckpt.model, tokenizer_from_spec(meta["tokenizer"]), gen, device,
              lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     print("\n--------------")
-    valid = summary["valid"][-1]["valid_bits_per_byte"] if summary["valid"] else None
-    print(f"valid split: {valid:.4f} bits/byte; test split: {test['bits_per_byte']:.4f} bits/byte over "
+    last = summary["valid"][-1] if summary["valid"] else {}
+    valid = last.get("valid_bits_per_byte")
+    cut = "" if last.get("valid_complete", True) else f" (first {last['valid_tokens']:,} tokens: cut short)"
+    print(f"valid split: {valid:.4f} bits/byte{cut}; test split: {test['bits_per_byte']:.4f} bits/byte over "
           f"{test['tokens']:,} bytes (trained {summary['step']} steps, {summary['tokens_seen']:,} tokens, "
           f"{summary['train_seconds']:.0f} s)")
-    print(f"checkpoint: {ckpt.path}")
+    print(f"checkpoint: {ckpt.path} (the latest; the test split and the sample are its)")
+    best = summary.get("best")
+    if best is not None:
+        print(f"best validation: step {best['step']}, {best['valid_bits_per_byte']:.4f} bits/byte, checkpoint "
+              f"{best['checkpoint']} (--checkpoint {summary['checkpoint']}/best)")
     report = {"environment": environment(), "steps": summary["step"], "tokens_seen": summary["tokens_seen"],
               "train_seconds": summary["train_seconds"], "parameters": summary["parameters"],
-              "valid_bits_per_byte": valid, "test_bits_per_byte": test["bits_per_byte"],
-              "train_config": dataclasses.asdict(cfg)}
+              "valid_bits_per_byte": valid, "valid_tokens": last.get("valid_tokens"),
+              "test_bits_per_byte": test["bits_per_byte"],
+              "checkpoint": str(ckpt.path), "best": best, "train_config": dataclasses.asdict(cfg)}
     atomic_write_json(Path(cfg.out) / "demo.json", report)
     return 0
 
@@ -299,8 +353,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = build_config(ExportConfig, args)
     out = export_folder(cfg.checkpoint, cfg.out, overwrite=cfg.overwrite)
     print(f"exported {cfg.checkpoint} to {out}: config.json, model.safetensors, tokenizer.json "
-          "(AutoModelForCausalLM.from_pretrained after `import horizonlm.integrations.hf`)")
+          "(AutoModelForCausalLM.from_pretrained after `import horizonlm.integrations.hf`) and checkpoint.json "
+          "(every --checkpoint of horizon takes the folder)")
     return 0
+
+
+CPU_PASSKEY_TOKENS = 65_536
+"""Passkey prompts longer than this take minutes each on a CPU: a run asking them is warned."""
+
+
+def _warn_long_passkey_on_cpu(cfg: Any, device: Any, warn: Callable[[str], None]) -> None:
+    """The recipe's default lengths reach 1M tokens, sized for a GPU; say so before a CPU starts on them."""
+    from horizonlm.passkey import parse_ints
+
+    if device.type != "cpu":
+        return
+    asked = [n for n in parse_ints(cfg.lengths) if not (cfg.max_length and n > cfg.max_length)]
+    long = [n for n in asked if n > CPU_PASSKEY_TOKENS]
+    if long:
+        cells = len(long) * len(parse_ints(cfg.depths))
+        warn(f"running on the CPU with prompts up to {max(long):,} tokens ({cells} cells of {cfg.trials} trials "
+             f"longer than {CPU_PASSKEY_TOKENS:,}): each such prompt takes minutes here, the run hours; these "
+             f"lengths are sized for a GPU. --max-length {CPU_PASSKEY_TOKENS} skips them")
 
 
 def cmd_passkey(args: argparse.Namespace) -> int:
@@ -322,6 +396,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
 
     cfg = build_config(PasskeyConfig, args)
     device = resolve_device(cfg.device)
+    _warn_long_passkey_on_cpu(cfg, device, _warner("passkey"))
     ckpt = load_checkpoint(cfg.checkpoint)
     require_byte_level(ckpt.info.get("tokenizer", {}), f"passkey prompts are raw bytes; checkpoint {ckpt.path}")
     prepare_model(ckpt.model, cfg)
@@ -380,7 +455,7 @@ def _config_command(sub, name: str, help_text: str, cls: type, func) -> argparse
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--config", help="YAML file of settings (flags override it)", metavar="FILE.yaml")
     add_dataclass_args(p, cls)
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, parser=p)
     return p
 
 
@@ -397,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     from horizonlm.passkey import PasskeyConfig
     from horizonlm.train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="horizon", description="HorizonLM: attention-free long-context language models")
+    parser = Parser(prog="horizon", description="HorizonLM: attention-free long-context language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _config_command(sub, "prepare", "build memory-mapped token streams for a corpus", PrepareConfig, cmd_prepare)
@@ -432,9 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # said by the subcommand's parser: its usage, and the flag meant
+        command_parser = getattr(args, "parser", parser)
+        command_parser.error(command_parser.unrecognized(extras))
     try:
         return args.func(args)
+    except Stopped as err:
+        print(f"horizon {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except HorizonError as err:
         print(f"horizon {args.command}: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)

@@ -27,6 +27,7 @@ from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import existing_file, not_text
 from horizonlm.model import HorizonLM
+from horizonlm.progress import show_bars
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -36,7 +37,8 @@ class EvalConfig:
     """Settings of ``horizon eval``."""
 
     checkpoint: str = "runs/shakespeare"
-    """Checkpoint folder, or a run folder whose checkpoints/latest names one."""
+    """Checkpoint folder (an exported one too), or a run folder for the checkpoint its
+    checkpoints/latest names (RUN/checkpoints/best: the best-validated one)."""
     data: str = ""
     """Prepared data folder to score (default: the data the checkpoint was trained on; other data
     is scored with a warning)."""
@@ -54,8 +56,9 @@ class EvalConfig:
     """Score at most this many tokens from the start (0: all of them)."""
     device: str = "auto"
     """``auto`` (CUDA if present), ``cpu`` or ``cuda``."""
-    progress: bool = True
-    """Show a progress bar."""
+    progress: bool | None = None
+    """Show a progress bar (default: only when stderr is a terminal, so piped output holds no
+    escape codes; ``--progress`` forces it)."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLIT_NAMES:
@@ -79,13 +82,16 @@ class EvalConfig:
 @torch.no_grad()
 def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: torch.device | str,
                     bytes_per_token: float = 1.0, max_tokens: int | None = None, reset_every: int | None = None,
-                    bf16: bool = True, progress: bool = True, keep_per_token: bool = False,
-                    desc: str = "eval") -> dict[str, Any]:
+                    bf16: bool = True, progress: bool | None = True, keep_per_token: bool = False,
+                    desc: str = "eval", until: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Next-token loss over ``tokens`` as one stream, fed in windows of ``window`` tokens.
 
     HorizonLM carries its state across windows (reset every ``reset_every`` tokens if given);
     the transformer restarts every window (its context is the window). With ``keep_per_token``,
     also returns every prediction's loss in nats (``per_token_nats``, a float32 array).
+    ``until`` is asked after each window; when it says True the evaluation ends there (a stop
+    request, a time budget) and the result has ``complete: False`` (with ``until``, always the key).
+    ``progress`` None draws the bar only on a terminal.
     """
     device = torch.device(device)
     if reset_every is not None and reset_every % window != 0:
@@ -98,7 +104,9 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: t
     total, count, state = 0.0, 0, None
     per_token = np.zeros(max(0, n - 1), dtype=np.float32) if keep_per_token else None
     starts = range(0, n - 1, window)
-    for start in tqdm(starts, disable=not progress, unit="win", desc=desc, leave=False, dynamic_ncols=True):
+    complete = True
+    for start in tqdm(starts, disable=not show_bars(progress), unit="win", desc=desc, leave=False,
+                      dynamic_ncols=True):
         if reset_every is not None and start % reset_every == 0:
             state = None
         chunk = torch.from_numpy(np.asarray(tokens[start : min(n, start + window + 1)], dtype=np.int64))  # (T+1,)
@@ -111,6 +119,9 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: t
         if per_token is not None:
             per_token[start : start + losses.numel()] = losses.cpu().numpy()
         state = new_state if carry else None
+        if until is not None and start + window < n - 1 and until():
+            complete = False
+            break
     if was_training:
         model.train()
     if count == 0:
@@ -123,6 +134,8 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: t
     }
     if per_token is not None:
         result["per_token_nats"] = per_token
+    if until is not None:
+        result["complete"] = complete
     return result
 
 

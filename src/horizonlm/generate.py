@@ -25,7 +25,8 @@ class GenerateConfig:
     """Settings of ``horizon generate``."""
 
     checkpoint: str = "runs/shakespeare"
-    """Checkpoint folder, or a run folder whose checkpoints/latest names one."""
+    """Checkpoint folder (an exported one too), or a run folder for the checkpoint its
+    checkpoints/latest names (RUN/checkpoints/best: the best-validated one)."""
     prompt: str = ""
     """Prompt text, echoed before the sample."""
     prompt_file: str = ""

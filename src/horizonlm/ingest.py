@@ -27,6 +27,7 @@ from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
 from horizonlm.memory.store import StoreConfig
 from horizonlm.model import HorizonLM
+from horizonlm.progress import show_bars
 from horizonlm.state import HorizonState
 
 
@@ -35,7 +36,8 @@ class IngestConfig:
     """Settings of ``horizon ingest``."""
 
     checkpoint: str = "runs/shakespeare"
-    """Checkpoint folder, or a run folder whose checkpoints/latest names one."""
+    """Checkpoint folder (an exported one too), or a run folder for the checkpoint its
+    checkpoints/latest names (RUN/checkpoints/best: the best-validated one)."""
     context: str = "runs/context"
     """Saved-context folder: created, resumed or appended to."""
     backend: str = "torch"
@@ -51,8 +53,8 @@ class IngestConfig:
     """``auto``, ``cpu`` or ``cuda``."""
     bf16: bool = True
     """bf16 autocast on CUDA."""
-    progress: bool = True
-    """Show a progress bar."""
+    progress: bool | None = None
+    """Show a progress bar (default: only when stderr is a terminal; ``--progress`` forces it)."""
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.save_every < 1:
@@ -85,7 +87,7 @@ def ingest(files: list[str], cfg: IngestConfig) -> dict[str, Any]:
         state = model.init_state(1, device, store_config=store)
         done = {}
     total = sum(max(0, p.stat().st_size - done.get(str(p.resolve()), 0)) for p in paths)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not cfg.progress, desc="ingest")
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not show_bars(cfg.progress), desc="ingest")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
     read, since_save, t0 = 0, 0, time.perf_counter()
     with torch.no_grad(), autocast:

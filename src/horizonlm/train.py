@@ -29,23 +29,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from horizonlm.checkpoint import Checkpoint, build_model, checkpoint_info, load_checkpoint, save_checkpoint
+from horizonlm.checkpoint import Checkpoint, build_model, checkpoint_info, load_checkpoint, point, save_checkpoint
 from horizonlm.config import HORIZON_PRESETS, HorizonConfig, TransformerConfig
 from horizonlm.data.needles import DOORS
 from horizonlm.data.stream import LongStreamBatcher, RetrievalMix, load_meta, open_split
 from horizonlm.data.tokenizers import require_byte_level
 from horizonlm.devices import resolve_device
-from horizonlm.errors import HorizonError
+from horizonlm.errors import HorizonError, Stopped
 from horizonlm.evaluate import evaluate_tokens
-from horizonlm.fileio import atomic_write_bytes
+from horizonlm.fileio import atomic_write_bytes, atomic_write_json
 from horizonlm.layers.ssm import SSM_PARAM_TAG
 from horizonlm.model import HorizonLM
+from horizonlm.progress import show_bars
 from horizonlm.state_io import state_from_tensors, state_to_tensors
 
 DEFAULT_DATA = "runs/data/shakespeare"
 
-RESUMABLE = frozenset({"steps", "max_minutes", "stop_after", "eval_every", "eval_tokens", "eval_window", "save_every",
-                       "device", "compile", "progress", "resume", "overwrite", "out", "data"})
+RESUMABLE = frozenset({"steps", "max_minutes", "budget_includes_validation", "stop_after", "eval_every", "eval_tokens",
+                       "eval_window", "save_every", "device", "compile", "progress", "resume", "overwrite", "out",
+                       "data"})
 """Settings a resumed run may change: how long it goes on, how it is validated and saved, where
 it runs. Every other setting must equal the saved run's; the data is compared by content."""
 
@@ -77,10 +79,18 @@ class TrainConfig:
     seq_len: int = 256
     """L: tokens per window."""
     steps: int = 1200
-    """Optimizer steps; with ``max_minutes`` whichever ends first (1200 cpu-preset steps take about
-    4 minutes on a 2-core CPU, inside the demo's budget)."""
+    """Optimizer steps; with ``max_minutes`` whichever ends first. How many fit in the budget depends
+    on the machine and its load (on a small CPU the budget may end the demo first); the closing
+    report says at which step training stopped."""
     max_minutes: float = 4.5
-    """Stop after this much training time (0: no limit). The cosine schedule still spans ``steps``."""
+    """Time budget of this invocation, training and validation together (0: no limit). Training stops
+    before a step that would leave the final validation less time than the last validation took
+    (before one, an estimate from the training pace; at most half the budget); a validation the
+    budget cuts short says how many tokens it scored. The cosine schedule still spans ``steps``."""
+    budget_includes_validation: bool = True
+    """Whether ``max_minutes`` bounds validation too, so the run ends inside it. False: it bounds the
+    training steps alone and every validation runs to its end, however long (comparisons at equal
+    training time, as ``horizon bench quality`` makes)."""
     retrieval_every: int = 0
     """Mix in passkey episodes of this many windows (question at the end of the last);
     0: plain language modelling. Needs a byte-level tokenizer."""
@@ -126,7 +136,9 @@ class TrainConfig:
     eval_window: int = 2048
     """Window length when streaming an evaluation split."""
     save_every: int = 250
-    """Checkpoint every this many steps (and always at the end, and on Ctrl-C or SIGTERM)."""
+    """Checkpoint every this many steps (and before every validation, at the end, and on Ctrl-C or
+    SIGTERM). ``checkpoints/latest`` names the newest, ``checkpoints/best`` the best-validated one;
+    ``--checkpoint RUN`` loads the latest, ``--checkpoint RUN/checkpoints/best`` the best."""
     seed: int = 0
     """Seed of the initialisation (data order is fixed by the step)."""
     device: str = "auto"
@@ -141,8 +153,10 @@ class TrainConfig:
     overwrite: bool = False
     """Start the run in ``out`` again from scratch, deleting its checkpoints, log and config.
     Without it (or ``resume``) a folder that already holds a run is refused."""
-    progress: bool = True
-    """Show progress bars (training and validation)."""
+    progress: bool | None = None
+    """Show progress bars, training and validation (default: only when stderr is a terminal, so
+    piped output holds no escape codes; ``--progress`` forces them). Without them each
+    validation prints a line when it starts and when it ends."""
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -332,9 +346,10 @@ class _Log:
                 f.write(json.dumps(record) + "\n")
 
 
-class TrainingInterrupted(HorizonError):
+class TrainingInterrupted(Stopped):
     """Training stopped on SIGINT or SIGTERM after saving a checkpoint; ``exit_code`` is the
-    shell's code for that signal (130 for SIGINT, 143 for SIGTERM)."""
+    shell's code for that signal (130 for SIGINT, 143 for SIGTERM). A stop the user asked for,
+    reported as such, not as an error."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -343,8 +358,9 @@ class TrainingInterrupted(HorizonError):
 
 class StopSignals:
     """While installed, SIGINT (Ctrl-C) and SIGTERM ask training to stop after the current step,
-    which then saves a checkpoint; a second signal interrupts at once, without saving. Installed
-    only in the main thread, the one Python delivers signals to."""
+    which then saves a checkpoint, or cut a running validation short (its step is saved before it
+    starts); a second signal interrupts at once, losing at most the running step. Installed only
+    in the main thread, the one Python delivers signals to."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -364,8 +380,8 @@ class StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                         "(send it again to stop at once, without saving)\n")
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step (or cutting the validation "
+                         "short) with a checkpoint saved (send it again to stop at once, losing the running step)\n")
 
     def requested(self, dd: Distributed, device: torch.device) -> int | None:
         """The signal that asked any process to stop, or None; every rank gets the same answer."""
@@ -418,14 +434,17 @@ def _check_run_folder(cfg: TrainConfig) -> None:
         raise HorizonError(f"--out {out} is a file; give a folder")
     found = [name for name in RUN_FILES if (out / name).exists()]
     latest = out / "checkpoints" / "latest"
+    no_checkpoint = (f"holds a run with no checkpoint ({', '.join(found) or 'nothing'}), which cannot be resumed; "
+                     "pass --overwrite to delete it and start again, or --out to train into another folder")
     if cfg.resume and not latest.is_file():
-        raise HorizonError(f"--resume: {out} has no checkpoint to continue from; start the run again with "
-                           "--overwrite (or train into another --out)")
+        raise HorizonError(f"--resume: {out} {no_checkpoint}")
     if cfg.resume or cfg.overwrite or not found:
         return
-    detail = f"latest checkpoint {latest.read_text().strip()}" if latest.is_file() else ", ".join(found)
-    raise HorizonError(f"{out} already holds a run ({detail}); pass --resume to continue it, --overwrite to "
-                       "delete it and start again, or --out to train into another folder")
+    if not latest.is_file():
+        raise HorizonError(f"{out} {no_checkpoint}")
+    raise HorizonError(f"{out} already holds a run (latest checkpoint {latest.read_text().strip()}); pass --resume "
+                       "to continue it, --overwrite to delete it and start again, or --out to train into another "
+                       "folder")
 
 
 @dataclass
@@ -473,6 +492,87 @@ def _check_resumable(cfg: TrainConfig, info: dict[str, Any], meta: dict[str, Any
                            "Resume with the run's own data, or start a new run with another --out")
 
 
+BEST_RECORD = "best.json"
+"""Beside ``checkpoints/best``: the step, checkpoint and validation score it was chosen for."""
+
+_now = time.perf_counter
+"""The clock of the time budget (a test replaces it)."""
+
+
+class _Budget:
+    """The time budget of one invocation (``max_minutes``): training and validation together.
+
+    Training stops before a step that would eat into the time kept for the final validation
+    (:attr:`reserve`); a validation still running when the budget is spent is cut short. Built
+    with ``includes_validation=False``, it counts the training steps alone: training stops once
+    they have taken the budget, and validations are never cut."""
+
+    def __init__(self, minutes: float, valid_tokens: int, step_tokens: int, includes_validation: bool = True) -> None:
+        self.seconds = minutes * 60 if minutes else math.inf
+        self.start = _now()
+        self.includes_validation = includes_validation
+        self.valid_tokens, self.step_tokens = valid_tokens, step_tokens
+        """Tokens a validation scores (0: none) and tokens one training step reads on this process."""
+        self.steps, self.step_total = 0, 0.0
+        self.valid_seconds: float | None = None
+        """How long the last complete validation took."""
+
+    def left(self) -> float:
+        if not self.includes_validation:
+            return self.seconds - self.step_total
+        return self.start + self.seconds - _now()
+
+    def validation_over(self) -> bool:
+        return self.includes_validation and self.left() <= 0
+
+    def stepped(self, seconds: float) -> None:
+        self.steps += 1
+        self.step_total += seconds
+
+    @property
+    def step_seconds(self) -> float:
+        """The mean training step of this invocation."""
+        return self.step_total / self.steps if self.steps else 0.0
+
+    @property
+    def reserve(self) -> float:
+        """Seconds kept for the final validation: what the last complete one took, or before one
+        an estimate at the training pace, a scored token costed as a trained one (a forward pass
+        alone is cheaper, so it errs long: on a lightly loaded 2-core CPU the demo validated ~28K tokens/s
+        and trained ~6.5K; on a loaded one both ran near 1.4K); at most half the budget."""
+        if not self.valid_tokens or not math.isfinite(self.seconds) or not self.includes_validation:
+            return 0.0
+        wanted = (self.valid_seconds if self.valid_seconds is not None
+                  else self.valid_tokens * self.step_seconds / self.step_tokens)
+        return min(wanted, 0.5 * self.seconds)
+
+    def training_over(self) -> bool:
+        if not self.includes_validation:
+            return self.left() <= 0
+        return self.left() < self.reserve + self.step_seconds
+
+    def steps_left(self) -> int:
+        """Steps that fit before training stops, at this invocation's pace."""
+        return int(max(0.0, self.left() - self.reserve) // max(self.step_seconds, 1e-9))
+
+    def validated(self, seconds: float) -> None:
+        """A complete validation took ``seconds``: keep that much for the final one."""
+        self.valid_seconds = seconds
+
+
+def _read_best(ckpt_dir: Path) -> dict[str, Any] | None:
+    """The run's best validation so far (``best.json``), or None."""
+    path = ckpt_dir / BEST_RECORD
+    if not (ckpt_dir / "best").is_file() or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return {**record, "checkpoint": str(ckpt_dir / record["checkpoint"])}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise HorizonError(f"{path} is not a record of the best validation ({err}); delete it and "
+                           f"{ckpt_dir / 'best'} to resume") from err
+
+
 class _Trainer:
     """One invocation of training: the model, optimizer, carried state and log, step by step."""
 
@@ -492,6 +592,11 @@ class _Trainer:
         self.step = int(resumed.info["step"]) if resumed else 0
         self.saved_step = self.step if resumed else -1
         self.tokens_seen = int(resumed.info.get("tokens_seen", 0)) if resumed else 0
+        self.train_seconds = float(resumed.info.get("train_seconds", 0.0)) if resumed else 0.0
+        """Seconds of training steps over every invocation of the run (validation and saving not counted)."""
+        self.best = _read_best(self.ckpt_dir) if resumed else None
+        self.bars = show_bars(cfg.progress)
+        self.validated_step = -1
         self.carried = self._restore(resumed) if resumed else None
         self._write_run_files()
         self.log = _Log(Path(cfg.out) / "log.jsonl", self.step if resumed else None, dd.main)
@@ -533,38 +638,88 @@ class _Trainer:
         return net
 
     def run(self, stop: StopSignals) -> dict[str, Any]:
-        """Train until ``steps``, ``stop_after`` steps or the time budget; validate and save on schedule."""
+        """Train until ``steps``, ``stop_after`` steps or the time budget, validating and saving on
+        schedule, then save and validate once more. A checkpoint is always written before a
+        validation, so a stop during one (which cuts it short) loses nothing."""
         cfg = self.cfg
         end = min(cfg.steps, self.step + cfg.stop_after) if cfg.stop_after else cfg.steps
         summary: dict[str, Any] = {"start_step": self.step, "valid": []}
         self._announce_validation()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dd.main), unit="step",
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.bars and self.dd.main), unit="step",
                    dynamic_ncols=True)
-        t_start, train_seconds, loss = time.perf_counter(), 0.0, float("nan")
-        while self.step < end and not self._budget_spent(train_seconds):
+        budget = _Budget(cfg.max_minutes, valid_tokens=self._valid_tokens(),
+                         step_tokens=cfg.batch_size // self.dd.world * cfg.seq_len,
+                         includes_validation=cfg.budget_includes_validation)
+        t_start, session_seconds, loss = time.perf_counter(), 0.0, float("nan")
+        over = self._rank0_says(budget.training_over())
+        while self.step < end and not over:
+            t_step = _now()
             record = self.train_step(t_start)
-            train_seconds += record["seconds"]
+            budget.stepped(_now() - t_step)
+            session_seconds += record["seconds"]
             loss = record["loss"]
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{record['bits_per_byte']:.3f}",
                             tok_s=f"{record['tokens_per_s']:.0f}")
-            last = self.step == end or self._budget_spent(train_seconds)
-            if self.data.valid is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
-                summary["valid"] += self.validate(bar)
-            if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+            if self.step - summary["start_step"] == 3:  # the first step is slow everywhere: judge the third
+                self._warn_if_slow(end, budget, bar)
+            over = self._rank0_says(budget.training_over())
+            last = self.step == end or over
+            validate_now = (self.data.valid is not None and bool(cfg.eval_every) and self.step % cfg.eval_every == 0
+                            and not last)
+            if (cfg.save_every and self.step % cfg.save_every == 0) or validate_now or last:
                 self.save()
+            if validate_now:
+                summary["valid"] += self.validate(bar, stop, budget)
             signum = stop.requested(self.dd, self.device)
             if signum is not None and not last:
                 bar.close()
                 raise self.interrupted(signum)
         bar.close()
+        if self.step > summary["start_step"] and self.data.valid is not None and self.validated_step != self.step:
+            summary["valid"] += self.validate(bar, stop, budget)
+            signum = stop.requested(self.dd, self.device)
+            if signum is not None and self.step < cfg.steps:
+                raise self.interrupted(signum)
         summary.update({"step": self.step, "train_loss": loss, "tokens_seen": self.tokens_seen,
-                        "train_seconds": train_seconds, "parameters": sum(p.numel() for p in self.model.parameters()),
-                        "checkpoint": str(self.ckpt_dir)})
+                        "train_seconds": self.train_seconds, "session_train_seconds": session_seconds,
+                        "parameters": sum(p.numel() for p in self.model.parameters()),
+                        "checkpoint": str(self.ckpt_dir), "latest": str(self.ckpt_dir / f"step-{self.step:08d}"),
+                        "best": self.best})
         return summary
 
-    def _budget_spent(self, train_seconds: float) -> bool:
-        return bool(self.cfg.max_minutes) and train_seconds >= self.cfg.max_minutes * 60
+    def _rank0_says(self, decision: bool) -> bool:
+        """Rank 0's ``decision``, on every rank: each rank's budget has its own clock, and only rank 0
+        times the validation, so left to themselves they could stop at different steps."""
+        if self.dd.world == 1:
+            return decision
+        flag = torch.tensor([int(decision)], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _warn_if_slow(self, end: int, budget: _Budget, bar: tqdm) -> None:
+        """On a CPU, say early when this configuration will not get far at the last step's pace: a
+        recipe sized for a GPU (the passkey ones) takes seconds a step here, and the budget or the
+        clock would tell late."""
+        if self.device.type != "cpu" or not self.dd.main:
+            return
+        left, step_seconds = end - self.step, budget.step_seconds
+        if math.isfinite(budget.left()):
+            reach = self.step + budget.steps_left()
+            if reach < self.step + left // 2:
+                bar.write(f"warning: {step_seconds:.1f} s a step on the CPU: the {self.cfg.max_minutes:g}-minute "
+                          f"budget ends training near step {reach:,} of {end:,} (a configuration sized for a GPU? "
+                          "raise --max-minutes or lower --steps to train it through)", file=sys.stderr)
+        elif left * step_seconds > 3600:
+            bar.write(f"warning: {step_seconds:.1f} s a step on the CPU: the {left:,} steps left take about "
+                      f"{left * step_seconds / 3600:.1f} hours (a configuration sized for a GPU?)", file=sys.stderr)
+
+    def _valid_tokens(self) -> int:
+        """Tokens one validation scores (0: no valid split)."""
+        if self.data.valid is None:
+            return 0
+        total = len(self.data.valid) - 1
+        return min(total, self.cfg.eval_tokens) if self.cfg.eval_tokens else total
 
     def _announce_validation(self) -> None:
         """Say how much of the valid split each validation reads (the default caps it)."""
@@ -599,6 +754,7 @@ class _Trainer:
         self.step += 1
         self.tokens_seen += cfg.batch_size * cfg.seq_len
         dt = time.perf_counter() - t0
+        self.train_seconds += dt
         record = {"step": self.step, "loss": loss, "bits_per_byte": loss / math.log(2) / self.data.bytes_per_token,
                   "lr": cfg.lr * factor, "tokens": self.tokens_seen, "tokens_per_s": cfg.batch_size * cfg.seq_len / dt,
                   "time": time.perf_counter() - t_start}
@@ -640,22 +796,52 @@ class _Trainer:
                                f"(last good checkpoint: {last})")
         return value, answer_acc
 
-    def validate(self, bar: tqdm) -> list[dict[str, Any]]:
-        """Score the valid split (rank 0; at most ``eval_tokens``); returns the log entry, if any."""
+    def validate(self, bar: tqdm, stop: StopSignals, budget: _Budget) -> list[dict[str, Any]]:
+        """Score the valid split (rank 0; at most ``eval_tokens``) of the step just saved; returns
+        the log entry, if any. A stop request or the end of the time budget cuts it short after
+        the running window; the line it prints says how many tokens it scored. A complete
+        validation better than every earlier one makes its checkpoint the run's ``best``."""
         entries = []
+        self.validated_step = self.step
         if self.dd.main:
             cfg = self.cfg
+            planned = self._valid_tokens()
+            if not self.bars:
+                bar.write(f"step {self.step}: validating on {planned:,} tokens", file=sys.stdout)
+            t0 = _now()
             result = evaluate_tokens(self.model, self.data.valid, cfg.eval_window, self.device,
                                      bytes_per_token=self.data.bytes_per_token, max_tokens=cfg.eval_tokens or None,
-                                     bf16=cfg.bf16, progress=cfg.progress, desc="valid")
+                                     bf16=cfg.bf16, progress=self.bars, desc="valid",
+                                     until=lambda: stop.signum is not None or budget.validation_over())
+            seconds = _now() - t0
             bpb, tokens = result["bits_per_byte"], result["tokens"]
-            entry = {"step": self.step, "valid_bits_per_byte": bpb, "valid_tokens": tokens}
+            entry = {"step": self.step, "valid_bits_per_byte": bpb, "valid_tokens": tokens, "valid_seconds": seconds}
+            note = ""
+            if result["complete"]:
+                budget.validated(seconds)
+                self._keep_best(entry)
+            else:
+                entry["valid_complete"] = False
+                why = (f"stopped by {signal.Signals(stop.signum).name}" if stop.signum is not None
+                       else f"the {cfg.max_minutes:g}-minute budget ran out")
+                note = f" (cut short: {why}; {tokens:,} of the {planned:,} tokens scored, not compared for the best)"
             self.log.write(entry)
             entries.append(entry)
-            bar.write(f"step {self.step}: valid {bpb:.4f} bits/byte over {tokens:,} tokens")
+            bar.write(f"step {self.step}: valid {bpb:.4f} bits/byte over {tokens:,} tokens in {seconds:.0f} s{note}")
         if self.dd.world > 1:
             dist.barrier()
         return entries
+
+    def _keep_best(self, entry: dict[str, Any]) -> None:
+        """Point ``checkpoints/best`` at this step's checkpoint when its validation beats the best
+        one so far (record first, pointer second, each written atomically)."""
+        if self.best is not None and not entry["valid_bits_per_byte"] < self.best["valid_bits_per_byte"]:
+            return
+        name = f"step-{self.step:08d}"
+        self.best = {"checkpoint": str(self.ckpt_dir / name), "step": self.step,
+                     "valid_bits_per_byte": entry["valid_bits_per_byte"], "valid_tokens": entry["valid_tokens"]}
+        atomic_write_json(self.ckpt_dir / BEST_RECORD, {**self.best, "checkpoint": name})
+        point(self.ckpt_dir, "best", name)
 
     def save(self) -> None:
         """Checkpoint the weights, optimizer, RNG and every rank's carried state (written by rank 0)."""
@@ -668,7 +854,8 @@ class _Trainer:
         if not self.dd.main:
             return
         meta, cfg = self.data.meta, self.cfg
-        info = {"tokenizer": meta["tokenizer"], "tokens_seen": self.tokens_seen, "optimizer": opt_header,
+        info = {"tokenizer": meta["tokenizer"], "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                "optimizer": opt_header,
                 "carried_states": headers, "world": self.dd.world, "train_config": dataclasses.asdict(cfg),
                 "data": str(Path(cfg.data).resolve()),
                 "data_meta_sha": {k: v.get("sha256") for k, v in meta["splits"].items()}}

@@ -134,3 +134,59 @@ def test_a_training_run_folder_is_not_an_export(tmp_path: Path) -> None:
     assert not is_export(run_folder)
     x = torch.randint(0, 256, (1, 7))
     assert torch.equal(load_checkpoint(run_folder).model(x)[0], model(x)[0])
+
+
+def test_an_export_is_a_checkpoint_the_core_loads_alone(tmp_path: Path) -> None:
+    """Issue 26 A: ``horizon export`` writes a checkpoint.json over the Hugging Face files, so the
+    core's own loader reads the folder (weights under the recorded prefix, checksummed) without
+    importing this integration; a foreign folder without one is pointed at ``horizon export``."""
+    from horizonlm.checkpoint import load_checkpoint
+
+    model = tiny_model()
+    out = export_folder(checkpoint_of(model, tmp_path / "run"), tmp_path / "export")
+    info = json.loads((out / "checkpoint.json").read_text())
+    assert info["weight_prefix"] == "model." and info["exported"] and info["step"] == 1
+    assert sorted(info["files"]) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert "optimizer" not in info and "carried_states" not in info
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (foreign / name).write_bytes((out / name).read_bytes())
+    with pytest.raises(HorizonError, match="checkpoint.json not found.*horizon export --checkpoint"):
+        load_checkpoint(foreign)
+    x = torch.randint(0, 256, (1, 9))
+    assert torch.equal(load_any(foreign).model(x)[0], model(x)[0])  # this integration still reads it
+    converted = export_folder(foreign, tmp_path / "converted")
+    assert torch.equal(load_checkpoint(converted).model(x)[0], model(x)[0])
+    (out / "config.json").write_text((out / "config.json").read_text().replace('"d_model": 32', '"d_model": 48'))
+    with pytest.raises(HorizonError, match="config.json is damaged"):
+        load_checkpoint(out)
+
+
+def test_every_command_that_takes_a_checkpoint_takes_an_export(tmp_path: Path, capsys) -> None:
+    """Issue 26 B7: the export records the data its model was trained on, so ``horizon eval
+    --checkpoint EXPORT`` scores it as on the run; generate, ingest and passkey run on it too."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["prepare", "shakespeare", "--out", str(data), "--no-progress"]) == 0
+    assert main(["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--batch-size", "2",
+                 "--seq-len", "16", "--steps", "2", "--eval-tokens", "64", "--eval-window", "32",
+                 "--no-progress"]) == 0
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    capsys.readouterr()
+    reports = []
+    for folder in (run, out):
+        assert main(["eval", "--checkpoint", str(folder), "--split", "valid", "--max-tokens", "300",
+                     "--no-progress"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0]["source"] == reports[1]["source"] == f"{data.resolve()}:valid"
+    assert reports[0]["bits_per_byte"] == pytest.approx(reports[1]["bits_per_byte"], rel=1e-6)
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "To be", "--tokens", "5"]) == 0
+    text = tmp_path / "book.txt"
+    text.write_text("ROMEO: a line of text to read into a saved context.\n" * 4)
+    assert main(["ingest", "--checkpoint", str(out), "--context", str(tmp_path / "ctx"), "--no-progress",
+                 str(text)]) == 0
+    haystack = tmp_path / "hay.txt"
+    haystack.write_text("the grass is green and the sky is blue. " * 60)
+    assert main(["passkey", "--checkpoint", str(out), "--haystack", str(haystack), "--lengths", "300",
+                 "--depths", "50", "--trials", "1", "--out", str(tmp_path / "pk.json"), "--no-progress"]) == 0

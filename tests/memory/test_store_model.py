@@ -11,7 +11,19 @@ from horizonlm.memory.store import MemoryStore, StoreConfig
 from ..conftest import make_horizon
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss_flat"])
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_faiss = pytest.mark.skipif(not _has_faiss(), reason="FAISS backends need faiss-cpu (pip install faiss-cpu)")
+"""The FAISS cases skip where faiss-cpu (an optional extra) is absent; the exact torch store always runs."""
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss_flat", marks=needs_faiss)])
 def test_store_backends_match_in_state_memory(backend: str) -> None:
     # The chunk memory: a FIFO store evicts whole entries, as its in-state memory does.
     model = make_horizon(dtype=torch.float32, memory_kind="chunk", memory_query_block=7).eval()  # several blocks per call
@@ -41,6 +53,7 @@ def test_stale_store_state_is_refused() -> None:
             model(tokens, state)
 
 
+@needs_faiss
 @pytest.mark.parametrize("backend", ["faiss_flat", "faiss_ivf_flat", "faiss_hnsw"])
 def test_faiss_returns_exact_entries_where_exhaustive(backend: str) -> None:
     """Flat is exact; IVF probing every cell and a generous HNSW find the exact top 8 here."""

@@ -19,6 +19,7 @@ from horizonlm.data.tokenizers import (
 )
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_dir, atomic_write_json, existing_file, existing_folder, sha256_file
+from horizonlm.progress import show_bars
 
 META_FORMAT = 1
 
@@ -79,8 +80,8 @@ class PrepareConfig:
     """BPE vocabulary size (more than the 256 byte symbols)."""
     overwrite: bool = False
     """Replace the prepared data of another corpus or tokenizer in ``out``."""
-    progress: bool = True
-    """Show a progress bar."""
+    progress: bool | None = None
+    """Show a progress bar (default: only when stderr is a terminal; ``--progress`` forces it)."""
 
     def __post_init__(self) -> None:
         if self.tokenizer not in ("", "byte", "word", "bpe"):
@@ -137,7 +138,7 @@ def _intact(out: Path, meta: dict[str, Any]) -> bool:
 
 
 def prepare(name: str, out_dir: str | Path, source: str | Path | None = None, tokenizer: str | None = None,
-            bpe_vocab: int = 4096, overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+            bpe_vocab: int = 4096, overwrite: bool = False, progress: bool | None = False) -> dict[str, Any]:
     """Read corpus ``name``, tokenise every split and write ``out_dir/{split}.bin`` + ``meta.json``.
 
     Returns the meta dictionary. The default tokenizer is bytes, except for word-tokenised
@@ -166,12 +167,12 @@ def prepare(name: str, out_dir: str | Path, source: str | Path | None = None, to
     return meta
 
 
-def _write_splits(folder: Path, name: str, corpus: Corpus, tok: Tokenizer, progress: bool) -> dict[str, Any]:
+def _write_splits(folder: Path, name: str, corpus: Corpus, tok: Tokenizer, progress: bool | None) -> dict[str, Any]:
     """Tokenise every split into ``folder/{split}.bin``; returns the meta dictionary."""
     dtype = token_dtype(tok.vocab_size)
     splits: dict[str, Any] = {}
     for split in tqdm([s for s in SPLITS if s in corpus.splits], desc=f"prepare {name}", unit="split",
-                      disable=not progress, leave=False):
+                      disable=not show_bars(progress), leave=False):
         data = corpus.splits[split]
         ids = _encode(tok, data, f"the {split} split")
         if ids.size == 0:

@@ -5,6 +5,11 @@ that ``AutoTokenizer`` loads.
 They are written and read here with json, safetensors and tokenizers only, so ``horizon export``
 and loading such a folder need no ``transformers``; :mod:`horizonlm.integrations.hf` reads the
 same folder with ``from_pretrained`` and writes it with ``save_pretrained``.
+
+``horizon export`` also writes a ``checkpoint.json`` (:func:`horizonlm.checkpoint.write_checkpoint_json`):
+the folder is then a checkpoint the core loads by itself, holding the training bookkeeping
+(step, data) that commands such as ``horizon eval`` read. A folder without one (``save_pretrained``,
+an older export) is read here (:func:`load_any`), and ``horizon export`` turns it into a checkpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from horizonlm.checkpoint import MODEL_KINDS, Checkpoint, build_model, load_checkpoint, model_kind
+from horizonlm.checkpoint import (
+    MODEL_KINDS,
+    Checkpoint,
+    build_model,
+    load_checkpoint,
+    model_kind,
+    write_checkpoint_json,
+)
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import replace_dir
 
@@ -108,8 +120,14 @@ def export_weights(model: nn.Module) -> dict[str, Tensor]:
     return {WEIGHT_PREFIX + k: v.detach().cpu().contiguous() for k, v in weights.items()}
 
 
-def write_folder(folder: Path, model: nn.Module, tokenizer: dict[str, Any]) -> None:
-    """Write the files of an exported model into an existing, empty ``folder``."""
+CARRIED_INFO = ("step", "tokens_seen", "train_seconds", "data", "data_meta_sha", "train_config")
+"""What an export keeps of its checkpoint's info: where the model stands and the data it was
+trained on (``horizon eval`` scores that data by default). Optimizer and carried state are dropped."""
+
+
+def write_folder(folder: Path, model: nn.Module, tokenizer: dict[str, Any], info: dict[str, Any] | None = None) -> None:
+    """Write the files of an exported model into an existing, empty ``folder``: the Hugging Face
+    files, and a checkpoint.json over them holding ``info``'s ``CARRIED_INFO``."""
     kind = model_kind(model)
     tok_json = tokenizer_json(tokenizer)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -120,6 +138,9 @@ def write_folder(folder: Path, model: nn.Module, tokenizer: dict[str, Any]) -> N
     (folder / TOKENIZER_FILE).write_text(tok_json)
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tok_config, indent=2) + "\n")
+    carried = {k: v for k, v in (info or {}).items() if k in CARRIED_INFO}
+    write_checkpoint_json(folder, model, [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE],
+                          {**carried, "tokenizer": tokenizer, "weight_prefix": WEIGHT_PREFIX, "exported": True})
 
 
 def export_folder(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -134,7 +155,7 @@ def export_folder(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write_folder(tmp, ckpt.model, ckpt.info.get("tokenizer", {"kind": "byte"}))
+        write_folder(tmp, ckpt.model, ckpt.info.get("tokenizer", {"kind": "byte"}), ckpt.info)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -143,9 +164,11 @@ def export_folder(checkpoint: str | Path, out: str | Path, overwrite: bool = Fal
 
 
 def is_export(path: str | Path) -> bool:
-    """A folder in the Hugging Face layout: ``model.safetensors`` or a ``config.json`` that names a
-    ``model_type`` (or cannot be read, outside a run folder), and no ``checkpoint.json``. A training
-    run's folder also holds a ``config.json`` (its settings, no ``model_type``) and is not an export."""
+    """A folder in the Hugging Face layout that is not also a checkpoint: ``model.safetensors`` or a
+    ``config.json`` that names a ``model_type`` (or cannot be read, outside a run folder), and no
+    ``checkpoint.json`` (``horizon export`` writes one, so its folders load as checkpoints). A
+    training run's folder also holds a ``config.json`` (its settings, no ``model_type``) and is not
+    an export."""
     path = Path(path)
     if (path / "checkpoint.json").is_file() or not (path / CONFIG_FILE).is_file():
         return False
