@@ -134,6 +134,7 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) 
                        batch_size=cfg.batch_size, seq_len=cfg.seq_len, steps=steps, max_minutes=minutes, lr=lr,
                        ssm_lr=min(lr, 1e-3), eval_every=0, eval_tokens=min(1_000_000, cfg.max_eval_tokens or 10**9),
                        eval_window=cfg.eval_window, save_every=0, device=cfg.device, progress=False,
+                       budget_includes_validation=False,
                        reset_stream_every=cfg.reset_stream_every, retrieval_every=cfg.recall_every,
                        retrieval_rate=cfg.recall_rate, retrieval_keys=cfg.recall_keys,
                        retrieval_weight=cfg.recall_weight, retrieval_same_window=cfg.recall_same_window)
