@@ -11,22 +11,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from horizonlm.ops.topk_read import topk_read, visible_mask
 
-def visible_mask(entry_ids: Tensor, completed_before: Tensor, capacity: int) -> Tensor:
-    """(L, M) bool: entry m is visible to token t."""
-    ids = entry_ids.unsqueeze(0)  # (1, M)
-    seen = completed_before.unsqueeze(1)  # (L, 1)
-    return (ids < seen) & (ids >= seen - capacity)  # (L, M)
+__all__ = ["memory_read", "memory_topk_ids", "visible_mask"]
 
 
 def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capacity: int,
                  k: int) -> tuple[Tensor, Tensor]:
     """The K best visible entries of a block of queries: scores (-inf where fewer than K are
-    visible) and indices into ``keys``. One selection serves the read and the diagnostics."""
-    scores = torch.einsum("bld,bmd->blm", q, keys)  # (B, Lb, M)
-    mask = visible_mask(entry_ids, seen, capacity)  # (Lb, M)
-    scores = scores.masked_fill(~mask, float("-inf"))  # (B, Lb, M)
-    return scores.topk(k, dim=-1)  # (B, Lb, K) twice
+    visible) and indices into ``keys``. One selection serves the read and the diagnostics; it
+    never builds the (Lb, M) score matrix (see ``ops.topk_read``)."""
+    return topk_read(q, keys, entry_ids, seen, capacity, k)  # (B, Lb, K) twice
 
 
 def memory_read(
