@@ -144,9 +144,11 @@ if triton is not None:
 
 
 _BLOCK_L = 64
-_BLOCK_M = 64
-_PRECISION = "ieee"
-"""float32 products in full precision, so the kernel chooses what the float32 torch path chooses."""
+_BLOCK_M = 128
+_PRECISION = "tf32x3"
+"""float32 products as three TF32 products (error near float32 rounding, so the kernel chooses
+what the float32 torch path chooses but for near-ties): on an H200 at L = 65,536, M = 2**20,
+Dk = 128, 0.41 s against 1.6 s for "ieee" (CUDA-core FMAs) and 0.17 s for plain "tf32"."""
 
 
 def topk_visible_triton(q: Tensor, keys: Tensor, entry_ids: Tensor, completed_before: Tensor, capacity: int, k: int,
