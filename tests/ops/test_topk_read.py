@@ -147,9 +147,10 @@ _TRITON_CHECK = textwrap.dedent("""
         q, keys, ids, seen = _stream(2, 20, 4, pos, length, carried, per_token, seed=pos, dtype=torch.float32)
         k = min(top_k, ids.numel())
         ref = topk_visible_dense(q.double(), keys.double(), ids, seen, capacity, k)
-        got = topk_visible_triton(q, keys, ids, seen, capacity, top_k, block_l=16, block_m=16)
-        assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
-        _assert_same_selection(*got, *ref, top_k, tol=1e-5)
+        for split in (1, 3):  # 3: each block's entry range searched in three parts, merged after
+            got = topk_visible_triton(q, keys, ids, seen, capacity, top_k, block_l=16, block_m=16, split=split)
+            assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
+            _assert_same_selection(*got, *ref, top_k, tol=1e-5)
     # Half-width inputs: float16 (the interpreter multiplies bfloat16 as raw integers, so bfloat16
     # is checked on the GPU, by ``horizon bench memory --read``).
     q, keys, ids, seen = _stream(1, 20, 4, 9, 37, 2, True, seed=1, dtype=torch.float16)

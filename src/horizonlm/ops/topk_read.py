@@ -12,11 +12,13 @@ see are one contiguous range, found by binary search; entries outside it are nev
 On the GPU a Triton kernel streams over that range: a program holds BLOCK_L queries, scores a
 block of BLOCK_M entries with one ``tl.dot``, masks the invisible ones, and merges the block into
 a running (BLOCK_L, K) top-K tile kept on chip. The merge first counts, per query, the block's
-scores above its current K-th best; only as many rounds of "move the block's maximum into the
-slot of the current minimum" run as the largest count (at most K), so once a query's K-th best
-is high the typical block costs one compare and one sum. ``topk_visible_torch`` is the twin, a
-loop over entry blocks with a running ``topk`` merge (as ``topk_search.exact_topk``), used on the
-CPU; ``topk_visible_dense`` scores every entry at once and is the obviously correct reference.
+scores above its current K-th best; only as many rounds of "move the block's maximum into the slot
+of the current minimum" run as the largest count (at most K), so once a query's K-th best is high
+the typical block costs one compare and one sum. When the queries are few (decode: one token) the
+range is cut into parts searched by programs of their own, whose lists torch merges.
+``topk_visible_torch`` is the twin, a loop over entry blocks with a running ``topk`` merge (as
+``topk_search.exact_topk``), used on the CPU; ``topk_visible_dense`` scores every entry at once
+and is the obviously correct reference.
 
 The selection is not differentiable; :func:`topk_read` chooses under ``no_grad`` and recomputes
 the chosen scores ``q_t . k_idx`` in torch, so gradients reach the queries and the keys.
@@ -101,10 +103,11 @@ if triton is not None:
 
     @triton.jit
     def _topk_visible_kernel(q_ptr, k_ptr, ids_ptr, seen_ptr, lo_ptr, hi_ptr, scores_ptr, index_ptr, length,
-                             n_entries, dim, capacity, SLOTS: tl.constexpr, DIM: tl.constexpr,
+                             n_entries, dim, capacity, n_split, SLOTS: tl.constexpr, DIM: tl.constexpr,
                              BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
         pid_l = tl.program_id(0)
         row = tl.program_id(1).to(tl.int64)
+        part = tl.program_id(2)
         t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
         t_ok = t < length
         d = tl.arange(0, DIM)
@@ -119,9 +122,12 @@ if triton is not None:
         best_at = tl.zeros((BLOCK_L, SLOTS), tl.int64)
         lo = tl.load(lo_ptr + pid_l)
         hi = tl.load(hi_ptr + pid_l)
-        for m0 in range(lo, hi, BLOCK_M):
+        per_part = (hi - lo + n_split * BLOCK_M - 1) // (n_split * BLOCK_M) * BLOCK_M
+        start = lo + part * per_part
+        stop = tl.minimum(hi, start + per_part)
+        for m0 in range(start, stop, BLOCK_M):
             m = m0 + cols
-            m_ok = m < hi
+            m_ok = m < stop
             keys_t = tl.load(k_ptr + (row * n_entries + m)[None, :] * dim + d[:, None],
                              mask=d_ok[:, None] & m_ok[None, :], other=0.0)
             s = tl.dot(q, keys_t, input_precision=PRECISION)
@@ -138,7 +144,7 @@ if triton is not None:
                 best = tl.where(put, top[:, None], best)
                 best_at = tl.where(put, m0 + top_at[:, None], best_at)
                 s = tl.where(cols[None, :] == top_at[:, None], float("-inf"), s)
-        out = (row * length + t)[:, None] * SLOTS + slots[None, :]
+        out = ((row * length + t) * n_split + part)[:, None] * SLOTS + slots[None, :]
         tl.store(scores_ptr + out, best, mask=t_ok[:, None])
         tl.store(index_ptr + out, best_at, mask=t_ok[:, None])
 
@@ -151,13 +157,22 @@ what the float32 torch path chooses but for near-ties): on an H200 at L = 65,536
 Dk = 128, 0.41 s against 1.6 s for "ieee" (CUDA-core FMAs) and 0.17 s for plain "tf32"."""
 
 
+def _split(device: torch.device, programs: int, n_entries: int, block_m: int) -> int:
+    """Into how many parts to cut each query block's entry range so that a few queries (decode:
+    one) still fill the GPU, about 4 programs per SM, each part at least 4 entry blocks; 1 for
+    a long call, which has programs enough."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(triton.cdiv(4 * sms, programs), n_entries // (4 * block_m)))
+
+
 def topk_visible_triton(q: Tensor, keys: Tensor, entry_ids: Tensor, completed_before: Tensor, capacity: int, k: int,
-                        block_l: int = _BLOCK_L, block_m: int = _BLOCK_M,
-                        precision: str = _PRECISION) -> tuple[Tensor, Tensor]:
+                        block_l: int = _BLOCK_L, block_m: int = _BLOCK_M, precision: str = _PRECISION,
+                        split: int | None = None) -> tuple[Tensor, Tensor]:
     """The same as :func:`topk_visible_torch` by the Triton kernel (any device Triton runs on, its
     CPU interpreter included), with float32 scores. q and keys are read in their common dtype
     (float32, bfloat16 or float16), products summed in float32. block_l and block_m (powers of
-    two, >= 16) are the query and entry tiles."""
+    two, >= 16) are the query and entry tiles; ``split`` parts of each entry range are searched
+    by programs of their own and their top-K lists merged here (default: by :func:`_split`)."""
     if triton is None:
         raise RuntimeError("topk_visible_triton needs the triton package")
     batch, length, dim = q.shape
@@ -167,18 +182,19 @@ def topk_visible_triton(q: Tensor, keys: Tensor, entry_ids: Tensor, completed_be
         return scores.float(), index
     dtype = torch.promote_types(q.dtype, keys.dtype)
     slots = max(2, triton.next_power_of_2(k))
-    scores = torch.empty(batch, length, slots, device=q.device, dtype=torch.float32)  # (B, L, S)
-    index = torch.empty(batch, length, slots, device=q.device, dtype=torch.long)  # (B, L, S)
+    n_blocks = triton.cdiv(length, block_l)
+    split = split or _split(q.device, n_blocks * batch, n_entries, block_m)
+    scores = torch.empty(batch, length, split * slots, device=q.device, dtype=torch.float32)  # (B, L, P*S)
+    index = torch.empty(batch, length, split * slots, device=q.device, dtype=torch.long)  # (B, L, P*S)
     seen = completed_before.to(torch.long).contiguous()  # (L,)
     ids = entry_ids.to(torch.long).contiguous()  # (M,)
     lo, hi = visible_range(ids, seen, capacity, block_l)  # (L/block_l,) twice
-    grid = (triton.cdiv(length, block_l), batch)
-    _topk_visible_kernel[grid](q.to(dtype).contiguous(), keys.to(dtype).contiguous(), ids, seen, lo, hi, scores,
-                               index, length, n_entries, dim, capacity, SLOTS=slots,
-                               DIM=max(16, triton.next_power_of_2(dim)), BLOCK_L=block_l, BLOCK_M=block_m,
-                               PRECISION=precision)
-    scores, order = scores.sort(dim=-1, descending=True)  # (B, L, S)
-    return scores[..., :k], index.gather(-1, order[..., :k])  # (B, L, K) twice
+    _topk_visible_kernel[(n_blocks, batch, split)](
+        q.to(dtype).contiguous(), keys.to(dtype).contiguous(), ids, seen, lo, hi, scores, index, length, n_entries,
+        dim, capacity, split, SLOTS=slots, DIM=max(16, triton.next_power_of_2(dim)), BLOCK_L=block_l,
+        BLOCK_M=block_m, PRECISION=precision)
+    scores, order = scores.topk(k, dim=-1)  # (B, L, K)
+    return scores, index.gather(-1, order)  # (B, L, K) twice
 
 
 @torch.no_grad()
