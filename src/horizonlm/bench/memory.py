@@ -1,4 +1,5 @@
-"""``horizon bench memory``: recall, latency, size and build time of every memory-store backend.
+"""``horizon bench memory``: recall, latency, size and build time of every memory-store backend;
+with ``--read``, the in-model top-K memory read's selection (``ops.topk_read``) checked and timed.
 
 Keys are random unit vectors of the model's key width: with no cluster structure this is the
 hard case for approximate search (keys a trained model writes are likely easier). Recall@k is
@@ -25,6 +26,7 @@ from horizonlm.bench.common import (
     save_figure,
     time_cuda,
 )
+from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json
 from horizonlm.memory.store import MemoryStore, StoreConfig
 
@@ -57,6 +59,29 @@ class MemoryBenchConfig:
     """Run the GPU part (exact search, ingest throughput) instead of the CPU part."""
     ingest_tokens: int = 10_000_000
     """With --gpu: tokens streamed into a saved context to measure ingest throughput."""
+    read: bool = False
+    """Run the top-K memory read part instead: the selection the read uses (the Triton kernel on
+    CUDA) checked against the dense torch selection, then both timed; results under "read"."""
+    read_device: str = "auto"
+    """With --read: ``auto``, ``cuda`` or ``cpu`` (the CPU runs the torch twin, at small sizes only)."""
+    read_queries: int = 65536
+    """With --read: query tokens of the timed read."""
+    read_entries: int = 1048576
+    """With --read: memory entries of the timed read, every one visible to every query."""
+    read_dims: str = "128,64"
+    """With --read: key widths (memory_dim)."""
+    read_topks: str = "8,32"
+    """With --read: K of the top-K read."""
+    read_dtypes: str = "float32,bfloat16"
+    """With --read: dtypes of the queries and keys."""
+    read_dense_queries: int = 8192
+    """With --read: queries the dense path is timed on, in blocks of 1024 as memory_read reads;
+    its time is scaled to read_queries (the dense path's cost is linear in the queries)."""
+    read_check_queries: int = 4096
+    """With --read: queries of the check against the dense selection (batch 2, windows of 256
+    chunks over read_check_entries entries, 64 per chunk)."""
+    read_check_entries: int = 65536
+    """With --read: entries of the check."""
 
 
 def _store_config(backend: str, size: int) -> StoreConfig:
@@ -176,9 +201,106 @@ def _gpu_ingest(cfg: MemoryBenchConfig) -> dict[str, Any]:
     return row
 
 
+_CPU_READ_LIMIT = 1 << 24
+"""Largest queries x entries the read part takes on the CPU (a smoke test, not a timing)."""
+
+
+def _unit(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return F.normalize(torch.randn(shape, generator=g, device=device), dim=-1).to(dtype)
+
+
+def _dense_blocks(q: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, seen: torch.Tensor, capacity: int,
+                  k: int, block: int = 1024) -> None:
+    """The dense selection as memory_read ran it before ops.topk_read: one (B, block, M) score
+    matrix per block of queries."""
+    from horizonlm.ops.topk_read import topk_visible_dense
+
+    for start in range(0, q.shape[1], block):
+        topk_visible_dense(q[:, start : start + block], keys, ids, seen[start : start + block], capacity, k)
+
+
+def _same_selection(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """How far the fast selection is from the dense one: the share of (row, token) whose chosen
+    set of entries is the same (order within the K does not matter; -inf slots count as -1), the
+    share of equal -inf slots, the largest score difference (both sorted descending)."""
+    sets = [torch.where(torch.isfinite(s), i, -1).sort(dim=-1).values for s, i in (got, ref)]  # (B, L, K) twice
+    finite = torch.isfinite(ref[0])  # (B, L, K)
+    diff = (got[0].float() - ref[0].float()).abs()[finite]  # (F,)
+    return {"same_set_fraction": (sets[0] == sets[1]).all(-1).float().mean().item(),
+            "same_padding": bool(torch.equal(torch.isfinite(got[0]), finite)),
+            "max_abs_score_diff": diff.max().item() if diff.numel() else 0.0,
+            "finite_slots": int(finite.sum())}
+
+
+def bench_read(cfg: MemoryBenchConfig) -> dict[str, Any]:
+    """The top-K memory read's selection: the dispatching ``topk_visible`` (the Triton kernel on
+    CUDA, the torch twin elsewhere) against the dense torch selection, then timed against the
+    dense blocked path at ``read_queries`` x ``read_entries``."""
+    from horizonlm.devices import resolve_device
+    from horizonlm.ops import topk_read
+
+    device = resolve_device(cfg.read_device)
+    sizes = [cfg.read_queries * cfg.read_entries, 2 * cfg.read_check_queries * cfg.read_check_entries]
+    if device.type != "cuda" and max(sizes) > _CPU_READ_LIMIT:
+        raise HorizonError(f"bench memory --read times the Triton kernel and needs a CUDA device at these sizes; "
+                           f"on the {device.type} (the torch twin) keep queries x entries <= {_CPU_READ_LIMIT} "
+                           "(--read-queries, --read-entries, --read-check-queries, --read-check-entries, "
+                           "--read-dense-queries)")
+    kernel = topk_read.triton is not None and device.type == "cuda"
+    out: dict[str, Any] = {"selection": "triton kernel" if kernel else "torch twin", "checks": [], "rows": []}
+    if kernel:
+        out.update(block_l=topk_read._BLOCK_L, block_m=topk_read._BLOCK_M, float32_products=topk_read._PRECISION,
+                   triton=topk_read.triton.__version__)
+    dtypes = [getattr(torch, name) for name in cfg.read_dtypes.split(",")]
+    chunk, window = 64, 256
+    n_check, m_check = cfg.read_check_queries, cfg.read_check_entries
+    check_ids = torch.arange(m_check, device=device) // chunk  # (M,): one entry per token, 64 per chunk
+    check_seen = torch.linspace(0, m_check // chunk + 8, n_check, device=device).long()  # (L,) ascending
+    for dtype in dtypes:
+        for dim in parse_ints(cfg.read_dims):
+            q = _unit((2, n_check, dim), dtype, device, seed=dim)  # (B, L, Dk)
+            keys = _unit((2, m_check, dim), dtype, device, seed=dim + 1)  # (B, M, Dk)
+            for k in parse_ints(cfg.read_topks):
+                got = topk_read.topk_visible(q, keys, check_ids, check_seen, window, k)
+                ref = topk_read.topk_visible_dense(q.float(), keys.float(), check_ids, check_seen, window, k)
+                row = {"dtype": str(dtype).removeprefix("torch."), "dim": dim, "top_k": k, "queries": n_check,
+                       "entries": m_check, "window_entries": window * chunk, **_same_selection(got, ref)}
+                row["ok"] = row["same_padding"] and row["same_set_fraction"] > 0.999 and row["max_abs_score_diff"] < 1e-3
+                print(json.dumps({"part": "read_check", **row}), flush=True)
+                out["checks"].append(row)
+    n, m = cfg.read_queries, cfg.read_entries
+    ids = torch.arange(m, device=device)  # (M,)
+    seen = torch.full((n,), m, device=device)  # (L,): every entry visible to every query
+    dense_n = min(cfg.read_dense_queries, n)
+    for dtype in dtypes:
+        for dim in parse_ints(cfg.read_dims):
+            q = _unit((1, n, dim), dtype, device, seed=2 * dim)  # (1, L, Dk)
+            keys = _unit((1, m, dim), dtype, device, seed=2 * dim + 1)  # (1, M, Dk)
+            for k in parse_ints(cfg.read_topks):
+                fast = median(time_cuda(lambda: topk_read.topk_visible(q, keys, ids, seen, m, k), 1, 3))
+                dense = median(time_cuda(lambda: _dense_blocks(q[:, :dense_n], keys, ids, seen[:dense_n], m, k), 1, 2))
+                row = {"dtype": str(dtype).removeprefix("torch."), "dim": dim, "top_k": k, "queries": n,
+                       "entries": m, "ms": 1000 * fast, "dense_ms": 1000 * dense * n / dense_n,
+                       "dense_queries_timed": dense_n}
+                row["speedup"] = row["dense_ms"] / row["ms"]
+                print(json.dumps({"part": "read_time", **row}), flush=True)
+                out["rows"].append(row)
+            q = keys = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
 def run_memory_bench(cfg: MemoryBenchConfig) -> dict[str, Any]:
+    if cfg.read and cfg.gpu:
+        raise HorizonError("--read and --gpu are separate parts of bench memory; run them one at a time")
     out = Path(cfg.out)
     results: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    if cfg.read:
+        results["read"] = {"environment": environment(), "config": asdict(cfg), **bench_read(cfg)}
+        atomic_write_json(out, results)
+        return results
     key = "gpu" if cfg.gpu else "cpu"
     results[key] = {"environment": environment(), "config": asdict(cfg),
                     "rows": bench_gpu(cfg) if cfg.gpu else bench_cpu(cfg)}

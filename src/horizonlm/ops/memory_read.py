@@ -11,21 +11,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from horizonlm.ops.topk_read import visible_mask
 from horizonlm.ops.topk_search import topk_newest_first
 
-
-def visible_mask(entry_ids: Tensor, completed_before: Tensor, capacity: int) -> Tensor:
-    """(L, M) bool: entry m is visible to token t."""
-    ids = entry_ids.unsqueeze(0)  # (1, M)
-    seen = completed_before.unsqueeze(1)  # (L, 1)
-    return (ids < seen) & (ids >= seen - capacity)  # (L, M)
+__all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 
 
 def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capacity: int,
                  k: int) -> tuple[Tensor, Tensor]:
     """The K best visible entries of a block of queries: scores (-inf where fewer than K are
     visible) and indices into ``keys``; equal scores rank newest first (:func:`topk_newest_first`;
-    entries are kept in stream order). One selection serves the read and the diagnostics."""
+    entries are kept in stream order). One selection serves the read and the diagnostics.
+
+    This dense selection is the default because it keeps that tie rule exactly, which the
+    golden property needs where contexts repeat. ``ops.topk_read`` (the fused Triton read, which
+    never builds the score matrix) does not yet: it is not wired in here until it does."""
     scores = torch.einsum("bld,bmd->blm", q, keys)  # (B, Lb, M)
     mask = visible_mask(entry_ids, seen, capacity)  # (Lb, M)
     scores = scores.masked_fill(~mask, float("-inf"))  # (B, Lb, M)

@@ -49,11 +49,19 @@ def exact_topk(queries: Tensor, keys: Tensor, k: int, key_block: int = 1 << 20) 
         if best_scores is None:
             best_scores, best_index = top_s, top_i
             continue
-        merged_s = torch.cat([best_scores, top_s], dim=-1)  # (Q, 2k)
-        merged_i = torch.cat([best_index, top_i], dim=-1)  # (Q, 2k)
-        best_scores, order = topk_newest_first(merged_s, k, merged_i)  # (Q, k)
-        best_index = merged_i.gather(-1, order)  # (Q, k)
+        best_scores, best_index = merge_topk(best_scores, best_index, top_s, top_i, k)  # (Q, k) twice
     return best_scores, best_index
+
+
+def merge_topk(best_scores: Tensor, best_index: Tensor, scores: Tensor, index: Tensor,
+               k: int) -> tuple[Tensor, Tensor]:
+    """The best ``k`` of two partial top-k lists along the last dimension (scores and their indices),
+    descending, equal scores newest (larger index) first: how a blocked search folds each block
+    into what it has found so far, exactly as one search over all the entries would choose."""
+    merged_s = torch.cat([best_scores, scores], dim=-1)  # (..., k + k')
+    merged_i = torch.cat([best_index, index], dim=-1)  # (..., k + k')
+    top, order = topk_newest_first(merged_s, k, merged_i)  # (..., k)
+    return top, merged_i.gather(-1, order)  # (..., k) twice
 
 
 def exact_topk_ref(queries: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
