@@ -411,3 +411,33 @@ def test_piped_training_draws_no_bars(data_dir: Path, tmp_path: Path, capsys) ->
     out, err = capsys.readouterr()
     assert "\r" not in err and "\x1b" not in err and "valid:" not in err
     assert "step 2: validating on 200 tokens" in out and "step 2: valid " in out
+
+
+def test_memory_read_dropout_and_cold_streams(data_dir: Path, tmp_path: Path) -> None:
+    """memory_read_dropout=1 leaves every read out of training: the memory's output projection
+    gets a zero gradient, so only weight decay moves it (a common factor), while with 0 it trains;
+    staggered cold streams
+    (reset_stream_every) and the dropout are pure functions of the step, so a resumed run equals
+    an uninterrupted one."""
+    from horizonlm import HorizonConfig
+    from horizonlm.checkpoint import build_model
+
+    def out_weight(run: Path) -> torch.Tensor:
+        return load_checkpoint(run / "checkpoints").model.memory.out.weight
+
+    torch.manual_seed(0)
+    initial = build_model("horizon", HorizonConfig.preset("tiny").to_dict()).memory.out.weight.detach()
+    train(_cfg(data_dir, tmp_path / "dropped", steps=3, memory_read_dropout=1.0))
+    train(_cfg(data_dir, tmp_path / "read", steps=3))
+    def decayed_only(weight: torch.Tensor) -> bool:
+        ratio = weight.detach() / initial  # (D, Dv)
+        return bool(torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=0, atol=1e-5))
+
+    assert decayed_only(out_weight(tmp_path / "dropped"))
+    assert not decayed_only(out_weight(tmp_path / "read"))
+    settings = dict(steps=8, memory_read_dropout=0.5, reset_stream_every=3)
+    straight = train(_cfg(data_dir, tmp_path / "a", **settings))
+    train(_cfg(data_dir, tmp_path / "b", stop_after=4, **settings))
+    resumed = train(_cfg(data_dir, tmp_path / "b", resume=True, **settings))
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert straight["train_loss"] == resumed["train_loss"]

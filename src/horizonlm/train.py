@@ -8,6 +8,7 @@ Runs under ``torchrun`` with DDP: ranks take disjoint streams of one global batc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -20,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -103,6 +105,10 @@ class TrainConfig:
     earlier window). Writing the memory learns only from these: carried entries are detached."""
     retrieval_keys: int = 1
     """Episodes hide 1 to this many labelled keys (one unlabelled key when 1)."""
+    memory_read_dropout: float = 0.0
+    """Share of streams whose memory read is left out for a whole training window (the memory
+    still writes), drawn afresh each step: the model also learns to predict with nothing read,
+    which is what an empty memory reads (a book's first chunk, a reset)."""
     reset_stream_every: int = 0
     """Give each stream a fresh state every this many windows, staggered over the streams (stream
     b at steps where ``(step + b * reset_stream_every // B) % reset_stream_every == 0``), as at a
@@ -173,7 +179,7 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "eval_tokens", "save_every", "stop_after", "retrieval_every",
                      "reset_every", "reset_stream_every", "seed", "max_minutes", "weight_decay", "grad_clip"):
             _check_range(name, getattr(self, name), low=0)
-        for name in ("min_lr_ratio", "retrieval_rate", "retrieval_same_window"):
+        for name in ("min_lr_ratio", "retrieval_rate", "retrieval_same_window", "memory_read_dropout"):
             _check_range(name, getattr(self, name), low=0, high=1)
         for name in ("lr", "ssm_lr", "retrieval_weight"):
             if not getattr(self, name) > 0:
@@ -744,7 +750,7 @@ class _Trainer:
         factor = lr_factor(step, cfg.steps, cfg.warmup, cfg.min_lr_ratio)
         for group in self.opt.param_groups:
             group["lr"] = group["base_lr"] * factor
-        with self.autocast:
+        with self.autocast, self._reads_dropped(step):
             logits, new_state = self.net(x, self.carried if self.carry_state else None)
         loss, answer_acc = self._backward(logits, y, weight)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
@@ -764,6 +770,25 @@ class _Trainer:
             record["answer_digit_accuracy"] = answer_acc  # this process's rows
         self.log.write(record)
         return {**record, "seconds": dt}
+
+    @contextlib.contextmanager
+    def _reads_dropped(self, step: int) -> Iterator[None]:
+        """Within this context the memory's gated add is left out for the streams drawn for
+        ``step`` (``memory_read_dropout``; a pure function of seed and step, the same on resume)."""
+        memory = getattr(self.model, "memory", None)
+        if not self.cfg.memory_read_dropout or memory is None:
+            yield
+            return
+        draw = torch.rand(self.cfg.batch_size, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step))
+        first = self.data.batcher.first_stream
+        dropped = (draw[first : first + self.data.batcher.local_batch] < self.cfg.memory_read_dropout)  # (B,)
+        dropped = dropped.to(self.device).view(-1, 1, 1)  # (B, 1, 1)
+        handle = memory.register_forward_hook(
+            lambda module, args, output: (torch.where(dropped, args[0], output[0]), output[1]))
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _fresh_streams(self, step: int) -> Tensor:
         """Which of this process's streams start afresh at ``step`` (see ``reset_stream_every``). (B,)"""

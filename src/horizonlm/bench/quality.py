@@ -81,6 +81,9 @@ class QualityConfig:
     reset_stream_every: int = 64
     """Every model's training gives each stream a fresh state every this many windows, staggered
     (about a novel's length at 8K-byte windows), so models also learn to start a book cold."""
+    memory_read_dropout: float = 0.1
+    """Share of streams whose memory read every model's training leaves out for a window, so a
+    model also learns to predict with nothing read (a book's first bytes)."""
     recall_every: int = 0
     """Windows per recall episode in every model's training mix (generated facts and questions,
     :mod:`horizonlm.data.episodes`; 0: prose only). The same data for every model."""
@@ -135,7 +138,8 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) 
                        ssm_lr=min(lr, 1e-3), eval_every=0, eval_tokens=min(1_000_000, cfg.max_eval_tokens or 10**9),
                        eval_window=cfg.eval_window, save_every=0, device=cfg.device, progress=False,
                        budget_includes_validation=False,
-                       reset_stream_every=cfg.reset_stream_every, retrieval_every=cfg.recall_every,
+                       reset_stream_every=cfg.reset_stream_every, memory_read_dropout=cfg.memory_read_dropout,
+                       retrieval_every=cfg.recall_every,
                        retrieval_rate=cfg.recall_rate, retrieval_keys=cfg.recall_keys,
                        retrieval_weight=cfg.recall_weight, retrieval_same_window=cfg.recall_same_window)
     tcfg.steps = _estimate_steps(tcfg)
