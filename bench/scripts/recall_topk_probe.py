@@ -32,7 +32,7 @@ from horizonlm.fileio import atomic_write_json
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="horizon_pair_memory")
+    parser.add_argument("--model", default="horizon")
     parser.add_argument("--overrides", default='{"chunk_size": 8, "memory_capacity": 2100, "memory_query_block": 128}')
     parser.add_argument("--lr", type=float, default=3e-3, help="the rate rung 2's sweep chose on the H200")
     parser.add_argument("--steps", type=int, default=2000)
