@@ -26,13 +26,16 @@ def test_quality_bench_end_to_end(tmp_path: Path) -> None:
                  "--wikitext-tokens", str(tokens), "--models", "horizon,horizon_no_memory,transformer",
                  "--preset", "tiny", "--minutes", "0.01", "--lrs", "0.003,0.01", "--sweep-minutes", "0.005",
                  "--batch-size", "2", "--seq-len", "32", "--eval-window", "64", "--max-eval-tokens", "2000",
+                 "--cold-starts", "3", "--cold-length", "100",
                  "--runs", str(tmp_path / "runs"), "--out", str(out), "--device", "cpu"]) == 0
     results = json.loads(out.read_text())
     assert set(results["models"]) == {"horizon", "horizon_no_memory", "transformer"}
     horizon = results["models"]["horizon"]
     assert [s["lr"] for s in horizon["sweep"]] == [0.003, 0.01]
     assert set(horizon["scores"]) == {"novels_test_carried", "novels_test_reset_each_window", "wikitext_raw_test",
-                                      "wikitext103_test_word_ppl_out_of_domain"}
+                                      "wikitext103_test_word_ppl_out_of_domain", "novels_test_cold_starts"}
+    cold = horizon["scores"]["novels_test_cold_starts"]
+    assert cold["tokens"] == 300 and cold["starts"] == 3 and cold["by_position"][0]["from"] == 1
     assert "novels_test_reset_each_window" not in results["models"]["transformer"]["scores"]
     assert results["models"]["horizon_no_memory"]["parameters"] < horizon["parameters"]
     assert horizon["scores"]["novels_test_carried"]["tokens"] == 1999
@@ -81,3 +84,20 @@ def test_every_ablation_builds_a_model_that_runs(name: str) -> None:
     model = HorizonLM(config)
     logits, _ = model(torch.zeros(1, 12, dtype=torch.long))  # (1, 12, V)
     assert logits.shape == (1, 12, config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_cold_starts_average_position_over_starts() -> None:
+    """A model that predicts uniformly scores 8 bits per byte at every position after a start."""
+    import numpy as np
+
+    from horizonlm.bench.quality import _score_cold_starts
+
+    class Uniform(torch.nn.Module):
+        def forward(self, tokens, state=None):
+            return torch.zeros(*tokens.shape, 256), None  # (B, L, V)
+
+    bins = np.array([1, 2, 10, 51])
+    tokens = np.arange(1000, dtype=np.uint8)
+    result = _score_cold_starts(Uniform(), tokens, 4, 50, "cpu", bins)
+    assert result["tokens"] == 200 and [b["from"] for b in result["by_position"]] == [1, 2, 10]
+    assert all(abs(b["bits_per_byte"] - 8.0) < 1e-5 for b in result["by_position"])

@@ -97,6 +97,12 @@ class QualityConfig:
     """Share of episodes whose facts are in the question's window (the rest: an earlier window)."""
     position_bins: int = 16
     """Log-spaced bins of position within a book for the by-position curve."""
+    cold_starts: int = 64
+    """Streams started cold (a fresh state: empty memory) at this many evenly spaced places of
+    the test split, each scored for ``cold_length`` bytes: the by-position curve of a start with
+    nothing remembered, averaged over many starts rather than the few books' first bytes."""
+    cold_length: int = 2048
+    """Bytes scored after each cold start."""
     runs: str = "runs/quality"
     """Folder for each model's run."""
     out: str = "bench/results/quality.json"
@@ -179,6 +185,25 @@ def _score_books(model, tokens: np.ndarray, documents: list, window: int, device
     return {"bits_per_byte": total / count / math.log(2), "tokens": count, "by_position": by_pos}
 
 
+def _score_cold_starts(model, tokens: np.ndarray, starts: int, length: int, device, bins: np.ndarray
+                       ) -> dict[str, Any]:
+    """Bits per byte by position after a cold start, over ``starts`` evenly spaced starts."""
+    sums, counts = np.zeros(len(bins) - 1), np.zeros(len(bins) - 1)
+    total, count = 0.0, 0
+    for start in np.linspace(0, len(tokens) - length - 1, starts).astype(np.int64):
+        result = evaluate_tokens(model, tokens[start : start + length + 1], length, device, progress=False,
+                                 keep_per_token=True)
+        per = result["per_token_nats"]
+        which = np.clip(np.searchsorted(bins, np.arange(1, len(per) + 1), side="right") - 1, 0, len(bins) - 2)
+        np.add.at(sums, which, per)
+        np.add.at(counts, which, 1)
+        total += result["total_nats"]
+        count += result["tokens"]
+    by_pos = [{"from": int(bins[i]), "to": int(bins[i + 1]), "bits_per_byte": float(sums[i] / counts[i] / math.log(2))}
+              for i in range(len(bins) - 1) if counts[i]]
+    return {"bits_per_byte": total / count / math.log(2), "tokens": count, "starts": starts, "by_position": by_pos}
+
+
 def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, reset_window: int) -> dict[str, Any]:
     model = load_checkpoint(checkpoint).model.to(device)
     meta = load_meta(cfg.data)
@@ -190,6 +215,10 @@ def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, r
     bins = np.unique(np.geomspace(1, max(2, longest + 1), cfg.position_bins + 1).astype(np.int64))
     scores: dict[str, Any] = {"novels_test_carried": _score_books(model, test, documents, cfg.eval_window, device,
                                                                   None, bins)}
+    if cfg.cold_starts:
+        cold_bins = np.unique(np.geomspace(1, cfg.cold_length + 1, cfg.position_bins + 1).astype(np.int64))
+        scores["novels_test_cold_starts"] = _score_cold_starts(model, test[:limit], cfg.cold_starts, cfg.cold_length,
+                                                               device, cold_bins)
     if model.__class__.__name__ == "HorizonLM":
         scores["novels_test_reset_each_window"] = _score_books(model, test, documents, reset_window, device,
                                                                reset_window, bins)
