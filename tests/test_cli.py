@@ -155,12 +155,13 @@ NUMERIC_BAD = {
               "retrieval_same_window": ["-0.1"], "retrieval_keys": ["0", "9"], "reset_every": ["-1"],
               "stop_after": ["-1"], "lr": ["0", "nan"], "ssm_lr": ["-1"], "min_lr_ratio": ["2"], "warmup": ["-1"],
               "weight_decay": ["-1"], "beta2": ["1"], "grad_clip": ["-1"], "eval_every": ["-1"],
-              "eval_tokens": ["-1"], "eval_window": ["0"], "save_every": ["-1"], "seed": ["-1"]},
+              "eval_tokens": ["-1"], "eval_window": ["0"], "save_every": ["-1"], "seed": ["-1"],
+              "reset_stream_every": ["-1"], "memory_read_dropout": ["-0.1", "1.5"]},
     "eval": {"window": ["0"], "reset_every": ["-1", "3"], "max_tokens": ["-1"]},
     "generate": {"tokens": ["-1"], "temperature": ["-1", "nan", "inf"], "top_k": ["-1"], "top_p": ["0", "1.5"],
                  "seed": ["-1"], "window": ["0"]},
     "passkey": {"trials": ["0"], "keys": ["0"], "seed": ["-1"], "window": ["0"], "max_length": ["-1"], "batch": ["0"],
-                "read_topk": ["-1"]},
+                "read_topk": ["-1"], "memory_capacity": ["-1"]},
     "prepare shakespeare": {"bpe_vocab": ["256"]},
 }
 
