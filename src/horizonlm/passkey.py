@@ -272,8 +272,9 @@ def answer_with_hits(model: nn.Module, prompts: list[bytes], keys: list[int], wi
                      device: torch.device) -> tuple[list[str], Tensor | None]:
     """:func:`answer`, and for a model with a memory, per prompt and answer digit (B, 5): whether
     the memory's top-K read, at the token that predicts the digit, held the entry written at that
-    digit in the fact (token and pair mode) or its chunk (chunk mode). Read free-running: after a
-    wrong digit the model asks about its own reply."""
+    digit in the fact (induction memory) or its chunk (chunk memory). This records what the read
+    selected, not that the answer came from it (the causal check, ``causal_check``, tests that).
+    Read free-running: after a wrong digit the model asks about its own reply."""
     memory = getattr(model, "memory", None)
     if memory is None:
         return answer(model, prompts, window, device), None

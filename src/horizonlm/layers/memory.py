@@ -61,8 +61,8 @@ class RetrievalMemory(nn.Module):
 
     Entries written in this call keep their gradients (they take part in the same pass);
     entries in the returned state are detached, so gradients never cross windows. The returned
-    memory keeps the entries of the newest ``capacity`` completed chunks (FIFO eviction) and, in
-    induction memory, those of the incomplete one.
+    memory keeps the entries of the newest ``capacity`` completed chunks (FIFO eviction) and, for
+    the induction memory, those of the incomplete one.
     """
 
     def __init__(self, d_model: int, dim: int, chunk_size: int, capacity: int, top_k: int, tau: float,
