@@ -15,6 +15,7 @@ from horizonlm import HorizonConfig, HorizonLM
 from horizonlm.checkpoint import save_checkpoint
 from horizonlm.cli import main
 from horizonlm.data.sources import shakespeare
+from horizonlm.layers.memory import reads_dropped
 from horizonlm.passkey import (
     PasskeyConfig,
     answer,
@@ -24,7 +25,6 @@ from horizonlm.passkey import (
     digit_positions,
     digit_values,
     digits_right,
-    read_removed,
     run_passkey,
     score,
     swap_digit_values,
@@ -185,7 +185,7 @@ def test_causal_check_says_no_for_a_forced_reply() -> None:
         model = Forced(HorizonLM(HorizonConfig.preset("tiny", memory_capacity=512)), 1500, [f" {asked.key}.".encode()])
         keys.append(asked.key)
         replies += answer(model, [asked.text], 512, device)
-        with read_removed(model.memory):
+        with reads_dropped(model.memory):
             without += answer(model, [asked.text], 512, device)
         swapped += swapped_answer(model, [asked], [swap], 512, device)
     summary = causal_summary(keys, replies, without, swaps, swapped)

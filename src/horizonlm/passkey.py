@@ -36,6 +36,7 @@ from horizonlm.checkpoint import run_folder
 from horizonlm.data.episodes import make_fact
 from horizonlm.data.needles import DOORS, needle, question
 from horizonlm.errors import HorizonError
+from horizonlm.layers.memory import reads_dropped
 from horizonlm.fileio import atomic_write_json, existing_file
 
 
@@ -204,21 +205,6 @@ def answer(model: nn.Module, prompts: list[bytes], window: int, device: torch.de
     return decode(model, logits, state, device, new_tokens)
 
 
-class read_removed:
-    """Within this context the memory's gated add is dropped (its state still grows), so the
-    model answers from everything but the read."""
-
-    def __init__(self, memory: nn.Module) -> None:
-        self.memory, self._handle = memory, None
-
-    def __enter__(self) -> read_removed:
-        self._handle = self.memory.register_forward_hook(lambda module, args, output: (args[0], output[1]))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
-
-
 def digit_values(model: nn.Module, digits: str, device: torch.device) -> Tensor:
     """The values the induction memory writes at these digits: ``W_v norm(embed(d))``, as it reads
     before the first block. (n, Dv)"""
@@ -365,7 +351,7 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
         try:
             got, hit = answer_with_hits(model, [p.text for p in group], [p.key for p in group], cfg.window, device)
             if cfg.causal_check:
-                with read_removed(model.memory):
+                with reads_dropped(model.memory):
                     without_read += answer(model, [p.text for p in group], cfg.window, device)
                 swapped += swapped_answer(model, group, swap_keys[first : first + cfg.batch], cfg.window, device)
         except torch.cuda.OutOfMemoryError:

@@ -21,7 +21,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -40,6 +39,7 @@ from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError, Stopped
 from horizonlm.evaluate import evaluate_tokens
 from horizonlm.fileio import atomic_write_bytes, atomic_write_json
+from horizonlm.layers.memory import reads_dropped
 from horizonlm.layers.ssm import SSM_PARAM_TAG
 from horizonlm.model import HorizonLM
 from horizonlm.progress import show_bars
@@ -771,24 +771,16 @@ class _Trainer:
         self.log.write(record)
         return {**record, "seconds": dt}
 
-    @contextlib.contextmanager
-    def _reads_dropped(self, step: int) -> Iterator[None]:
-        """Within this context the memory's gated add is left out for the streams drawn for
-        ``step`` (``memory_read_dropout``; a pure function of seed and step, the same on resume)."""
+    def _reads_dropped(self, step: int) -> contextlib.AbstractContextManager:
+        """The memory's read left out for the streams drawn for ``step`` (``memory_read_dropout``;
+        a pure function of seed and step, the same on resume)."""
         memory = getattr(self.model, "memory", None)
         if not self.cfg.memory_read_dropout or memory is None:
-            yield
-            return
+            return contextlib.nullcontext()
         draw = torch.rand(self.cfg.batch_size, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step))
         first = self.data.batcher.first_stream
-        dropped = (draw[first : first + self.data.batcher.local_batch] < self.cfg.memory_read_dropout)  # (B,)
-        dropped = dropped.to(self.device).view(-1, 1, 1)  # (B, 1, 1)
-        handle = memory.register_forward_hook(
-            lambda module, args, output: (torch.where(dropped, args[0], output[0]), output[1]))
-        try:
-            yield
-        finally:
-            handle.remove()
+        dropped = draw[first : first + self.data.batcher.local_batch] < self.cfg.memory_read_dropout  # (B,)
+        return reads_dropped(memory, dropped.to(self.device).view(-1, 1, 1))
 
     def _fresh_streams(self, step: int) -> Tensor:
         """Which of this process's streams start afresh at ``step`` (see ``reset_stream_every``). (B,)"""

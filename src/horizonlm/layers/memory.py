@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -262,3 +264,20 @@ class RetrievalMemory(nn.Module):
         else:
             picked = new_part if new_part is not None else q.new_zeros(q.shape[0], top.shape[1], new_values.shape[-1])
         return torch.einsum("lk,lkd->ld", weights, picked)  # (Lb, Dv)
+
+
+@contextlib.contextmanager
+def reads_dropped(memory: nn.Module, rows: Tensor | None = None) -> Iterator[None]:
+    """Within this context the memory's gated add is left out, for the streams where ``rows``
+    (B, 1, 1) is true or for all of them (None); the memory still writes and its state grows.
+    Training uses it to show a model what an empty memory reads, ``horizon passkey`` to ask a
+    model without its read."""
+
+    def hook(module: nn.Module, args: tuple, output: tuple) -> tuple:
+        return (args[0] if rows is None else torch.where(rows, args[0], output[0]), output[1])
+
+    handle = memory.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
