@@ -5,7 +5,11 @@ scores it at each gap with the memory reading its top K for several K: the train
 If accuracy at long gaps rises as K falls while the answer's entry is still found, the other
 entries of the read, more similar to the query as the memory fills, are diluting its value.
 
-    python bench/scripts/recall_topk_probe.py --out bench/results/recall_topk_cpu.json
+    python bench/scripts/recall_topk_probe.py --out probe.json
+
+bench/results/recall_topk_cpu.json was made at commit f85616f with ``--model horizon_pair_memory``,
+a memory retired since (the induction memory, ``horizon``, replaced it); the default is now the
+default model.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from horizonlm.fileio import atomic_write_json
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="horizon_pair_memory")
+    parser.add_argument("--model", default="horizon")
     parser.add_argument("--overrides", default='{"chunk_size": 8, "memory_capacity": 2100, "memory_query_block": 128}')
     parser.add_argument("--lr", type=float, default=3e-3, help="the rate rung 2's sweep chose on the H200")
     parser.add_argument("--steps", type=int, default=2000)
