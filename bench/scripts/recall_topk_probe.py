@@ -5,7 +5,11 @@ scores it at each gap with the memory reading its top K for several K: the train
 If accuracy at long gaps rises as K falls while the answer's entry is still found, the other
 entries of the read, more similar to the query as the memory fills, are diluting its value.
 
-    python bench/scripts/recall_topk_probe.py --out bench/results/recall_topk_cpu.json
+    python bench/scripts/recall_topk_probe.py --out probe.json
+
+bench/results/recall_topk_cpu.json was made at commit f85616f with ``--model horizon_pair_memory``,
+a memory retired since (the induction memory, ``horizon``, replaced it); the default is now the
+default model.
 """
 
 from __future__ import annotations

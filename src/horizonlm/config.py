@@ -15,8 +15,8 @@ def _require(condition: bool, name: str, message: str, value: Any) -> None:
 SSM_KINDS = ("s4d", "selective")
 SSM_GATES = ("silu", "none")
 MEMORY_KINDS = ("induction", "chunk")
-# Fields of earlier memory designs (retired by measurement, see README): a checkpoint that has them
-# was made with another memory and its weights do not fit this one.
+# Fields of earlier memory designs (retired by measurement, see docs/RESULTS.md section 1.1): a
+# checkpoint that has them was made with another memory and its weights do not fit this one.
 RETIRED_FIELDS = ("memory_write", "memory_tie_query", "memory_before_supervisor")
 
 
