@@ -139,7 +139,7 @@ def test_schedule_and_param_groups() -> None:
     from horizonlm import HorizonConfig, HorizonLM
 
     model = HorizonLM(HorizonConfig.preset("tiny"))
-    opt = make_optimizer(model, TrainConfig(lr=1e-2, ssm_lr=1e-3), fused=False)
+    opt = make_optimizer(model, TrainConfig(lr=1e-2, ssm_lr=1e-3), 1e-2, fused=False)
     ssm_group = [g for g in opt.param_groups if g["base_lr"] == 1e-3][0]
     tagged = {id(p) for p in model.parameters() if getattr(p, SSM_PARAM_TAG, False)}
     assert ssm_group["weight_decay"] == 0 and tagged and tagged == {id(p) for p in ssm_group["params"]}

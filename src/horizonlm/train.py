@@ -63,8 +63,28 @@ def default_out(data: str) -> str:
 
 
 @dataclass
-class TrainConfig:
-    """Everything ``horizon train`` reads; each field is also a command-line flag."""
+class OptimizerSettings:
+    """AdamW and its schedule, shared by ``horizon train`` and the recall bench (the peak rate of
+    the weights is each one's own: ``lr``, or the recall bench's swept ``lrs``)."""
+
+    ssm_lr: float = 1e-3
+    """Learning rate of the S4D parameters (A, dt, C, D), which take no weight decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine decay)."""
+    warmup: int = 30
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay of matrices (biases, norms and S4D parameters take none)."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+
+
+@dataclass
+class TrainConfig(OptimizerSettings):
+    """Everything ``horizon train`` reads; each field is also a command-line flag (the optimiser's
+    from :class:`OptimizerSettings`)."""
 
     data: str = DEFAULT_DATA
     """Folder made by ``horizon prepare`` (meta.json + train/valid .bin)."""
@@ -122,18 +142,6 @@ class TrainConfig:
     The schedule still spans ``steps``, so a run split into jobs equals one uninterrupted run."""
     lr: float = 6e-3
     """Peak learning rate of the weights."""
-    ssm_lr: float = 1e-3
-    """Learning rate of the S4D parameters (A, dt, C, D), which take no weight decay."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak (cosine decay)."""
-    warmup: int = 30
-    """Linear warm-up steps."""
-    weight_decay: float = 0.1
-    """AdamW weight decay of matrices (biases, norms and S4D parameters take none)."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0: off)."""
     eval_every: int = 250
     """Validate every this many steps (0: only at the end)."""
     eval_tokens: int = 262_144
@@ -249,7 +257,7 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: OptimizerSettings, lr: float, fused: bool) -> torch.optim.AdamW:
     """AdamW with three groups: decayed matrices, undecayed vectors, S4D parameters (own lr)."""
     decay, no_decay, ssm = [], [], []
     for p in model.parameters():
@@ -262,8 +270,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.opt
         else:
             no_decay.append(p)
     groups = [
-        {"params": decay, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": 0.0},
+        {"params": decay, "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "lr": lr, "base_lr": lr, "weight_decay": 0.0},
         {"params": ssm, "lr": cfg.ssm_lr, "base_lr": cfg.ssm_lr, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, cfg.beta2), fused=fused)
@@ -594,7 +602,7 @@ class _Trainer:
                                       with_train_state=True)
         self.model = (resumed.model if resumed else build_model(cfg.model, model_config)).to(device)
         self.carry_state = isinstance(self.model, HorizonLM)
-        self.opt = make_optimizer(self.model, cfg, fused=device.type == "cuda")
+        self.opt = make_optimizer(self.model, cfg, cfg.lr, fused=device.type == "cuda")
         self.step = int(resumed.info["step"]) if resumed else 0
         self.saved_step = self.step if resumed else -1
         self.tokens_seen = int(resumed.info.get("tokens_seen", 0)) if resumed else 0

@@ -26,6 +26,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,14 @@ from horizonlm.bench.recall_data import (
     pair_vocab,
 )
 from horizonlm.bench.recall_plot import plot_recall
-from horizonlm.bench.recall_train import Budget, OptimSettings, evaluate, train_model
+from horizonlm.bench.recall_train import Budget, evaluate, train_model
 from horizonlm.checkpoint import Checkpoint, build_model, load_checkpoint
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.data.tokenizers import require_byte_level
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json
+from horizonlm.train import OptimizerSettings
 
 
 def parse_cells(text: str) -> list[tuple[int, int]]:
@@ -77,7 +79,7 @@ def parse_floats(text: str) -> list[float]:
 
 
 @dataclass
-class RecallConfig:
+class RecallConfig(OptimizerSettings):
     """Settings of ``horizon bench recall``."""
 
     rungs: str = "1,2"
@@ -136,17 +138,8 @@ class RecallConfig:
     batch_size: int = 64
     """Sequences per training step."""
     warmup: int = 100
-    """Linear warm-up steps of the learning rate."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak (cosine decay)."""
-    weight_decay: float = 0.1
-    """AdamW weight decay of matrices (biases, norms and SSM parameters take none)."""
-    ssm_lr: float = 1e-3
-    """Learning rate cap of the SSM dynamics parameters (each run uses min(lr, ssm_lr))."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0: off)."""
+    """Linear warm-up steps (the optimiser's other settings, shared with ``horizon train``, come from
+    :class:`horizonlm.train.OptimizerSettings`; each run caps the S4D rate ``ssm_lr`` at its ``lr``)."""
     valid_sequences: int = 256
     """Held-out sequences per cell (rung 1) or training gap (rung 2) that score a sweep candidate."""
     eval_sequences: int = 1000
@@ -440,10 +433,10 @@ def make_model(plan: RunPlan, init: Checkpoint | None, seed: int, device: torch.
     return model.to(device)
 
 
-def optim_settings(cfg: RecallConfig, lr: float) -> OptimSettings:
+def optim_settings(cfg: RecallConfig, lr: float) -> OptimizerSettings:
     """The run's optimiser at peak rate ``lr``; the SSM rate never exceeds it."""
-    return OptimSettings(lr=lr, ssm_lr=min(lr, cfg.ssm_lr), weight_decay=cfg.weight_decay, beta2=cfg.beta2,
-                         warmup=cfg.warmup, min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip)
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(OptimizerSettings)}
+    return OptimizerSettings(**{**shared, "ssm_lr": min(lr, cfg.ssm_lr)})
 
 
 def beats(candidate: dict[str, Any], best: dict[str, Any]) -> bool:
@@ -472,7 +465,7 @@ def sweep_and_train(cfg: RecallConfig, plan: RunPlan, task: Task, init: Checkpoi
     sweep, best, best_model, best_run = [], None, None, None
     for lr in lrs if len(lrs) > 1 else []:
         model = make_model(plan, init, cfg.seed, device)
-        run = train_model(model, task.sample, task.window, optim_settings(cfg, lr), sweep_budget, cfg.bf16,
+        run = train_model(model, task.sample, task.window, optim_settings(cfg, lr), lr, sweep_budget, cfg.bf16,
                           cfg.log_every)
         valid = evaluate(model, task.valid(), task.window, cfg.bf16)
         sweep.append({"lr": lr, "valid_accuracy": valid["accuracy"], "valid_loss": valid["loss"],
@@ -483,7 +476,7 @@ def sweep_and_train(cfg: RecallConfig, plan: RunPlan, task: Task, init: Checkpoi
     lr = best["lr"] if best is not None else lrs[0]
     if not zoology:
         best_model = make_model(plan, init, cfg.seed, device)
-        best_run = train_model(best_model, task.sample, task.window, optim_settings(cfg, lr), full, cfg.bf16,
+        best_run = train_model(best_model, task.sample, task.window, optim_settings(cfg, lr), lr, full, cfg.bf16,
                                cfg.log_every)
     selection = ("best full-budget candidate" if zoology else "own sweep") if sweep else "given"
     return best_model, {"lr": lr, "lr_selection": selection, "sweep": sweep, **best_run}

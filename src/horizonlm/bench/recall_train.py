@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from horizonlm.bench.recall_data import RecallBatch
 from horizonlm.bench.recall_probe import MemoryProbe
 from horizonlm.errors import HorizonError
-from horizonlm.train import TrainConfig, lr_factor, make_optimizer
+from horizonlm.train import OptimizerSettings, lr_factor, make_optimizer
 
 PROBE_STEPS = 10
 """Steps timed before a time budget fixes the length of the cosine schedule."""
@@ -38,26 +38,6 @@ class Budget:
     """Optimizer steps (0: no step limit)."""
     minutes: float
     """Wall-clock minutes of training steps (0: no time limit)."""
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    """The optimiser of one run (what :func:`horizonlm.train.make_optimizer` reads, and the schedule)."""
-
-    lr: float
-    """Peak learning rate of the weights."""
-    ssm_lr: float
-    """Learning rate of the SSM dynamics parameters."""
-    weight_decay: float
-    """AdamW weight decay of matrices."""
-    beta2: float
-    """AdamW beta2."""
-    warmup: int
-    """Linear warm-up steps."""
-    min_lr_ratio: float
-    """Final learning rate as a fraction of the peak."""
-    grad_clip: float
-    """Global gradient-norm clip (0: off)."""
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -98,13 +78,12 @@ def feed(model: nn.Module, batch: RecallBatch, window: int, backward: bool, bf16
 
 
 def train_model(model: nn.Module, sample: Callable[[int], RecallBatch], window: Callable[[RecallBatch], int],
-                optim: OptimSettings, budget: Budget, bf16: bool, log_every: int) -> dict[str, Any]:
+                optim: OptimizerSettings, lr: float, budget: Budget, bf16: bool, log_every: int) -> dict[str, Any]:
     """Train on ``sample(step)`` until the budget ends. With a time budget the cosine schedule
     spans the steps that fit, estimated from the first :data:`PROBE_STEPS` (the first of them,
     with its one-time start-up cost, left out)."""
     device = next(model.parameters()).device
-    settings = TrainConfig(lr=optim.lr, ssm_lr=optim.ssm_lr, weight_decay=optim.weight_decay, beta2=optim.beta2)
-    opt = make_optimizer(model, settings, fused=device.type == "cuda")
+    opt = make_optimizer(model, optim, lr, fused=device.type == "cuda")
     model.train()
     total = budget.steps or 10**9
     limit = budget.minutes * 60 if budget.minutes else math.inf
@@ -127,7 +106,7 @@ def train_model(model: nn.Module, sample: Callable[[int], RecallBatch], window: 
             accuracy = (predictions == batch.answers).float().mean().item()
             curve.append([step, seconds + time.perf_counter() - t0, value, accuracy])
             if not math.isfinite(value):
-                raise HorizonError(f"the answer loss became {value} at step {step} (lr {optim.lr:g})")
+                raise HorizonError(f"the answer loss became {value} at step {step} (lr {lr:g})")
         seconds += time.perf_counter() - t0
         if step == 1:
             since_first = seconds

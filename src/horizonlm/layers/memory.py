@@ -152,13 +152,14 @@ class RetrievalMemory(nn.Module):
     def _evicted(self, entries: int, end: int) -> int:
         """How many of the oldest ``entries`` to drop after a call that ends at stream position
         ``end``: all but the entries a token of a later call can see (chunks ``>= end // C - M``,
-        by the visibility rule) and, for the induction memory, the pending ones of the incomplete chunk.
-        Entries are kept in stream order, so the kept ones are the positions from the first token
-        of chunk ``end // C - M`` to ``end``; Python integers, so it never waits on the device."""
-        if self.kind == "chunk":
-            return max(0, entries - self.capacity)  # one entry per completed chunk
-        first = max(0, end // self.chunk_size - self.capacity) * self.chunk_size  # first position kept
-        return max(0, entries - (end - first))
+        by the visibility rule) and, for the induction memory, the pending ones of the incomplete
+        chunk. Entries are kept in stream order, so the kept ones are the newest: the visible
+        chunks' entries (one or C each) plus the ``end % C`` pending ones. Python integers, so it
+        never waits on the device."""
+        completed = end // self.chunk_size
+        visible = completed - max(0, completed - self.capacity)  # chunks a later token can see
+        pending = end % self.chunk_size if self.kind == "induction" else 0
+        return max(0, entries - (visible * self.entries_per_chunk + pending))
 
     def project(self, h: Tensor, pos: int, last_key: Tensor | None = None,
                 tail: Tensor | None = None) -> Projection:
