@@ -33,7 +33,7 @@ from horizonlm.state_io import state_from_tensors, state_to_tensors
 
 CONTEXT_FORMAT = 1
 CARRIED = {"store.last_key": "last_key", "store.tail": "tail"}
-"""What a store-backed memory carries beside its store (pair mode's last key, the key span's
+"""What a store-backed memory carries beside its store (the induction memory's last key, the key span's
 tail), by its name in ``state.safetensors``."""
 
 

@@ -22,7 +22,7 @@ from horizonlm.state import MemoryState
 
 class MemoryProbe:
     """Records, for the query positions of one batch, the chunk ids the memory's top-K read
-    selected and, where every token writes an entry (token and pair mode), the stream positions
+    selected and, where every token writes an entry (the induction memory), the stream positions
     of the entries' tokens. Use as a context manager around the batch's forward passes."""
 
     def __init__(self, memory: nn.Module, query_pos: Tensor) -> None:
@@ -76,7 +76,7 @@ class MemoryProbe:
     def outcome(self, answer_pos: Tensor) -> dict[str, Tensor]:
         """Per query (B, P): ``applicable`` (the answer's chunk completed before the query, so the
         memory could hold it), ``hit`` (its entry among the top-K read), ``hit_entry`` (token and
-        pair mode: the entry written at the answer token itself among them), ``evicted`` (completed,
+        the induction memory: the entry written at the answer token itself among them), ``evicted`` (completed,
         but older than the memory's capacity), ``chance`` (the hit rate of a read of K entries
         drawn at random from the visible ones: with E entries per chunk, 1 - prod_i (N-E-i)/(N-i)
         over i < K, N = E x visible chunks; K/N when E = 1)."""
