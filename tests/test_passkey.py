@@ -278,3 +278,19 @@ def test_a_file_that_is_not_results_is_never_replaced(tmp_path: Path, capsys) ->
     notes.write_text('["my own notes"]')
     assert main(["passkey", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(notes), "--lengths", "512"]) == 2
     assert "is not a passkey results file" in capsys.readouterr().err and notes.read_text() == '["my own notes"]'
+
+
+def test_prepare_model_sets_the_asking_memory_and_refuses_what_cannot_run() -> None:
+    from horizonlm.errors import HorizonError
+    from horizonlm.passkey import prepare_model
+
+    cpu = torch.device("cpu")
+    model = HorizonLM(HorizonConfig.preset("tiny"))
+    prepare_model(model, PasskeyConfig(memory_capacity=4096, batch=2), cpu)
+    assert model.memory.capacity == 4096
+    assert 16 <= model.memory.query_block and 2 * model.memory.query_block * 4096 * 8 <= 1 << 26
+    with pytest.raises(HorizonError, match="below the read's top-K"):
+        prepare_model(model, PasskeyConfig(memory_capacity=2), cpu)
+    chunk = HorizonLM(HorizonConfig.preset("tiny", memory_kind="chunk", memory_key_span=1))
+    with pytest.raises(HorizonError, match="chunk memory"):
+        prepare_model(chunk, PasskeyConfig(causal_check=True), cpu)

@@ -273,9 +273,9 @@ def answer_with_hits(model: nn.Module, prompts: list[bytes], keys: list[int], wi
     return replies, (found["hit_entry"] if memory.entries_per_chunk > 1 else found["hit"])  # (B, 5)
 
 
-def prepare_model(model: nn.Module, cfg: PasskeyConfig) -> None:
-    """Set the model's memory for asking as ``cfg`` says (read_topk, memory_capacity), and refuse
-    a causal check the model cannot take, before any work."""
+def prepare_model(model: nn.Module, cfg: PasskeyConfig, device: torch.device) -> None:
+    """Set the model's memory for asking on ``device`` as ``cfg`` says (read_topk,
+    memory_capacity), and refuse a causal check the model cannot take, before any work."""
     set_read_topk(model, cfg.read_topk)
     memory = getattr(model, "memory", None)
     if cfg.causal_check and (memory is None or memory.kind != "induction"):
@@ -287,9 +287,12 @@ def prepare_model(model: nn.Module, cfg: PasskeyConfig) -> None:
         if memory.top_k > cfg.memory_capacity:
             raise HorizonError(f"memory_capacity={cfg.memory_capacity} is below the read's top-K ({memory.top_k})")
         memory.capacity = cfg.memory_capacity
-        # Bound the score matrix (batch x query block x entries) to about 2^28 elements.
+        # Bound the exact read's score matrix (batch x query block x entries): 2^31 elements on a
+        # GPU (a few GB in bf16; with 2^28, 64 queries a block, four 1M-token prompts did not finish
+        # in 4 minutes on the H200), 2^26 on a CPU.
         entries = cfg.memory_capacity * memory.entries_per_chunk
-        memory.query_block = max(16, min(memory.query_block, (1 << 28) // (cfg.batch * entries)))
+        budget = 1 << (31 if device.type == "cuda" else 26)
+        memory.query_block = max(16, min(memory.query_block, budget // (cfg.batch * entries)))
 
 
 def set_read_topk(model: nn.Module, top_k: int) -> None:
