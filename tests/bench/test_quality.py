@@ -13,6 +13,7 @@ from horizonlm.cli import main
 from horizonlm.config import HorizonConfig
 from horizonlm.model import HorizonLM
 from horizonlm.data.prepare import prepare
+from horizonlm.errors import HorizonError
 
 
 def test_quality_bench_end_to_end(tmp_path: Path) -> None:
@@ -101,3 +102,47 @@ def test_cold_starts_average_position_over_starts() -> None:
     result = _score_cold_starts(Uniform(), tokens, 4, 50, "cpu", bins)
     assert result["tokens"] == 200 and [b["from"] for b in result["by_position"]] == [1, 2, 10]
     assert all(abs(b["bits_per_byte"] - 8.0) < 1e-5 for b in result["by_position"])
+
+
+def test_protocol_stages_sweep_then_main_without_retraining(tmp_path: Path, monkeypatch) -> None:
+    """--stage sweep records each candidate's score and nothing else; --stage main trains only the
+    main run, at the rate the recorded sweep chose (the sweep is not run again); the protocol,
+    the seed and the data are recorded; a main run with no recorded sweep is refused."""
+    from horizonlm.bench import quality
+
+    prepare("shakespeare", tmp_path / "data")
+    out = tmp_path / "quality.json"
+    common = ["--data", str(tmp_path / "data"), "--wikitext-raw", "", "--wikitext-tokens", "", "--preset", "tiny",
+              "--minutes", "0.005", "--sweep-minutes", "0.005", "--batch-size", "2", "--seq-len", "32",
+              "--eval-window", "64", "--max-eval-tokens", "500", "--cold-starts", "2", "--cold-length", "40",
+              "--runs", str(tmp_path / "runs"), "--out", str(out), "--device", "cpu", "--lrs", "0.003,0.01"]
+    assert main(["bench", "quality", *common, "--models", "horizon_no_memory", "--stage", "main"]) == 2
+    assert main(["bench", "quality", *common, "--models", "horizon", "--stage", "sweep"]) == 0
+    swept = json.loads(out.read_text())
+    assert swept["models"] == {} and [r["lr"] for r in swept["sweeps"]["horizon"]] == [0.003, 0.01]
+    assert swept["data"]["path"] == str(tmp_path / "data") and swept["data"]["splits"]["train"]["sha256"]
+    calls = []
+    real = quality._run_task
+    monkeypatch.setattr(quality, "_run_task", lambda cfg, name, lr, final: calls.append((name, lr, final))
+                        or real(cfg, name, lr, final))
+    assert main(["bench", "quality", *common, "--models", "horizon", "--stage", "main", "--seed", "1"]) == 0
+    best = min(swept["sweeps"]["horizon"], key=lambda r: r["valid_bits_per_byte"])["lr"]
+    assert calls == [("horizon", best, True)]
+    entry = json.loads(out.read_text())["models"]["horizon-seed1"]
+    assert entry["lr"] == best and entry["seed"] == 1 and entry["lr_from"] == "own sweep"
+
+
+def test_a_protocol_fixes_its_settings_and_results_of_another_are_refused(tmp_path: Path) -> None:
+    from horizonlm.bench.quality import PROTOCOLS
+
+    cfg = QualityConfig(protocol="h200-8min", minutes=1.0)
+    assert all(getattr(cfg, k) == v for k, v in PROTOCOLS["h200-8min"].items()) and cfg.minutes >= 8
+    with pytest.raises(ValueError, match="protocol"):
+        QualityConfig(protocol="h100-1min")
+    with pytest.raises(ValueError, match="stage"):
+        QualityConfig(stage="both")
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps({"models": {}, "sweeps": {}}))
+    prepare("shakespeare", tmp_path / "data")
+    with pytest.raises(HorizonError, match="protocol"):
+        run_quality(QualityConfig(protocol="h200-8min", data=str(tmp_path / "data"), out=str(out), device="cpu"))

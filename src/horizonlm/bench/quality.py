@@ -50,6 +50,18 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    # One H200 per call: each model's sweep (3 rates x 1.5 min) in one call, its main run (8 min)
+    # in another, the whole test split scored; the same tokens per step and the same data mix for
+    # every model. The fields it fixes replace the config's (flags for them have no effect).
+    "h200-8min": dict(preset="base", minutes=8.0, sweep_minutes=1.5, lrs="0.0006,0.0012,0.0024", batch_size=16,
+                      seq_len=8192, eval_window=8192, max_eval_tokens=0, reset_stream_every=64,
+                      memory_read_dropout=0.1, recall_every=2, recall_rate=1.0, recall_keys=4, recall_weight=5.0,
+                      recall_same_window=0.5, ablation_lr_from_horizon=False),
+}
+"""Named protocols: settings fixed in code, recorded in the results file by name and value."""
+
+
 @dataclass
 class QualityConfig:
     """Settings of ``horizon bench quality``."""
@@ -118,8 +130,26 @@ class QualityConfig:
     replace: bool = False
     """Let this call replace the entries of its models already in the results file (otherwise a
     model that is already there is refused before any training)."""
+    protocol: str = ""
+    """A protocol of :data:`PROTOCOLS` (e.g. ``h200-8min``): its settings replace these, and the
+    results record its name and settings ('': the settings as given)."""
+    stage: str = "all"
+    """``sweep``: only each model's learning-rate sweep, recorded in the results file (one device
+    call); ``main``: the main run at the rate the recorded sweep chose, nothing retrained (another
+    call); ``all``: both in this call."""
+    seed: int = 0
+    """Seed of the initialisation; an entry trained with seed s > 0 is named ``MODEL-seedS``."""
 
     def __post_init__(self) -> None:
+        if self.protocol:
+            if self.protocol not in PROTOCOLS:
+                raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} (or empty), got {self.protocol!r}")
+            for name, value in PROTOCOLS[self.protocol].items():
+                setattr(self, name, value)
+        if self.stage not in ("all", "sweep", "main"):
+            raise ValueError(f"stage must be all, sweep or main, got {self.stage!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.minutes <= 0 or self.sweep_minutes <= 0:
@@ -142,7 +172,7 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) 
     tcfg = TrainConfig(data=cfg.data, out=str(out), model=kind, preset=cfg.preset, model_overrides=overrides,
                        batch_size=cfg.batch_size, seq_len=cfg.seq_len, steps=steps, max_minutes=minutes, lr=lr,
                        ssm_lr=min(lr, 1e-3), eval_every=0, eval_tokens=min(1_000_000, cfg.max_eval_tokens or 10**9),
-                       eval_window=cfg.eval_window, save_every=0, device=cfg.device, progress=False,
+                       eval_window=cfg.eval_window, save_every=0, device=cfg.device, progress=False, seed=cfg.seed,
                        budget_includes_validation=False,
                        reset_stream_every=cfg.reset_stream_every, memory_read_dropout=cfg.memory_read_dropout,
                        retrieval_every=cfg.recall_every,
@@ -242,15 +272,29 @@ def _run_task(cfg: QualityConfig, name: str, lr: float, final: bool) -> dict[str
         run = _train(cfg, name, lr, cfg.sweep_minutes, Path(cfg.runs) / f"{name}-lr{lr:g}")
         valid = run["summary"]["valid"][-1]["valid_bits_per_byte"] if run["summary"]["valid"] else float("inf")
         return {"lr": lr, "valid_bits_per_byte": valid}
-    run = _train(cfg, name, lr, cfg.minutes, Path(cfg.runs) / name)
+    run = _train(cfg, name, lr, cfg.minutes, Path(cfg.runs) / entry_name(name, cfg.seed))
     summary = run["summary"]
     device = resolve_device(cfg.device)
     return {"lr": lr, "parameters": summary["parameters"], "tokens_seen": summary["tokens_seen"],
             "train_seconds": summary["train_seconds"], "train_loss": summary["train_loss"], "steps": summary["step"],
             "first_step_seconds_incl_warmup": run["log"][0]["time"] if run["log"] else None,
             "loss_curve": [[r["time"], r["loss"]] for r in run["log"]],
-            "scores": evaluate_model(cfg, Path(cfg.runs) / name / "checkpoints", device, cfg.seq_len),
-            "environment": environment()}
+            "scores": evaluate_model(cfg, Path(cfg.runs) / entry_name(name, cfg.seed) / "checkpoints", device,
+                                     cfg.seq_len),
+            "seed": cfg.seed, "environment": environment()}
+
+
+def entry_name(name: str, seed: int) -> str:
+    """A model's entry in the results file: its name, with the seed when it is not 0."""
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
+def data_record(data: str) -> dict[str, Any]:
+    """What the results say about the training data: the folder, the corpus named in its
+    meta.json and each split's size and sha256, so no number is read as another corpus's."""
+    meta = load_meta(data)
+    splits = {k: {"tokens": v.get("tokens"), "sha256": v.get("sha256")} for k, v in meta["splits"].items()}
+    return {"path": data, "corpus": meta.get("corpus"), "tokenizer": meta["tokenizer"].get("kind"), "splits": splits}
 
 
 def _task_in_child(slot: int, cfg: dict[str, Any], name: str, lr: float, final: bool, result: str) -> None:
@@ -296,47 +340,68 @@ class _Workers:
             self.pool.shutdown()
 
 
-def _chosen_lr(name: str, borrow: list[str], sweeps: dict[str, list[Future]], kept: dict[str, Any],
+def _chosen_lr(name: str, borrow: list[str], sweeps: dict[str, list[Future]], results: dict[str, Any],
                lrs: list[float]) -> float | None:
-    """The rate ``name`` trains at, or None while the sweep that decides it is still running."""
+    """The rate ``name`` trains at: the best of its sweep in this call, or of the one recorded in
+    the results file; None while the sweep that decides it is still running."""
     source = "horizon" if name in borrow else name
     if source in sweeps:
         if not all(f.done() for f in sweeps[source]):
             return None
         return min((f.result() for f in sweeps[source]), key=lambda r: r["valid_bits_per_byte"])["lr"]
-    if name in borrow and "horizon" in kept:  # the full model was swept by an earlier call
-        return kept["horizon"]["lr"]
+    if source in results["sweeps"]:
+        return min(results["sweeps"][source], key=lambda r: r["valid_bits_per_byte"])["lr"]
+    if name in borrow and "horizon" in results["models"]:  # the full model was swept by an earlier call
+        return results["models"]["horizon"]["lr"]
     return lrs[0]
 
 
 def run_quality(cfg: QualityConfig) -> dict[str, Any]:
-    """Sweeps, then final runs as soon as each model's learning rate is known, spread over
-    ``workers`` GPUs. Models already in ``out`` are kept (a later call can add the rest)."""
+    """Sweeps, then main runs as soon as each model's learning rate is known, spread over
+    ``workers`` GPUs; or one stage (``stage``): the sweeps alone, recorded in the results file, or
+    the main runs at the rates recorded there. Entries already in ``out`` are kept (a later call
+    adds the rest)."""
     out = Path(cfg.out)
     names = cfg.models.split(",")
     for name in names:
         if name not in ABLATIONS:
             raise ValueError(f"unknown model {name!r}; choose from {', '.join(ABLATIONS)}")
-    results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "models": {}}
+    results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "models": {}, "sweeps": {},
+                               "data": data_record(cfg.data)}
+    if cfg.protocol:
+        results["protocol"] = {"name": cfg.protocol, "settings": PROTOCOLS[cfg.protocol]}
     if out.is_file():
-        kept = json.loads(out.read_text()).get("models", {})
-        again = sorted(set(kept) & set(names))
+        earlier = json.loads(out.read_text())
+        if earlier.get("protocol", {}).get("name") != results.get("protocol", {}).get("name"):
+            raise HorizonError(f"{out} holds results of protocol {earlier.get('protocol', {}).get('name') or 'none'!r}, "
+                               f"this call is {cfg.protocol or 'none'!r}: give another --out")
+        results["models"], results["sweeps"] = earlier.get("models", {}), earlier.get("sweeps", {})
+        made = results["sweeps"] if cfg.stage == "sweep" else results["models"]
+        again = sorted(set(made) & {entry_name(n, cfg.seed) if cfg.stage != "sweep" else n for n in names})
         if again and not cfg.replace:
-            raise HorizonError(f"{out} already holds {', '.join(again)}; pass --replace to measure them again, or "
-                               "--out for another results file")
-        results["models"] = {k: v for k, v in kept.items() if k not in names}
+            raise HorizonError(f"{out} already holds {'sweeps of ' if cfg.stage == 'sweep' else ''}{', '.join(again)}; "
+                               "pass --replace to measure them again, or --out for another results file")
     lrs = [float(x) for x in cfg.lrs.split(",")]
     borrow = [n for n in names if cfg.ablation_lr_from_horizon and n.startswith("horizon_no_")]
     if borrow and "horizon" not in names and "horizon" not in results["models"]:
         raise ValueError("ablation_lr_from_horizon needs 'horizon' among the models or already in the results file")
-    swept = [n for n in names if len(lrs) > 1 and n not in borrow]
+    if cfg.stage == "main":
+        missing = [n for n in names if len(lrs) > 1 and ("horizon" if n in borrow else n) not in results["sweeps"]]
+        if missing:
+            raise HorizonError(f"{out} holds no sweep of {', '.join(missing)}: run --stage sweep first")
+    swept = [n for n in names if len(lrs) > 1 and n not in borrow and cfg.stage != "main"]
     workers = _Workers(cfg)
     try:
         sweeps = {name: [workers.submit(name, lr, final=False) for lr in lrs] for name in swept}
+        if cfg.stage == "sweep":
+            for name in swept:
+                results["sweeps"][name] = [f.result() for f in sweeps[name]]
+                atomic_write_json(out, results)
+            return results
         finals: dict[str, Future] = {}
         while len(finals) < len(names):
             for name in names:
-                lr = _chosen_lr(name, borrow, sweeps, results["models"], lrs)
+                lr = _chosen_lr(name, borrow, sweeps, results, lrs)
                 if name not in finals and lr is not None:
                     finals[name] = workers.submit(name, lr, final=True)
             pending = [f for runs in sweeps.values() for f in runs if not f.done()]
@@ -344,11 +409,14 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
                 wait(pending, return_when=FIRST_COMPLETED)
         for name in names:
             entry = finals[name].result()
-            entry["sweep"] = [f.result() for f in sweeps.get(name, [])]
-            entry["lr_from"] = "horizon's sweep" if name in borrow else ("own sweep" if name in sweeps else "given")
-            results["models"][name] = entry
-            print(json.dumps({"model": name, "lr": entry["lr"], **{k: v.get("bits_per_byte", v.get("word_perplexity"))
-                                                                   for k, v in entry["scores"].items()}}), flush=True)
+            if name in sweeps:
+                results["sweeps"][name] = [f.result() for f in sweeps[name]]
+            entry["sweep"] = [] if name in borrow else results["sweeps"].get(name, [])
+            entry["lr_from"] = ("horizon's sweep" if name in borrow else "own sweep" if entry["sweep"] else "given")
+            results["models"][entry_name(name, cfg.seed)] = entry
+            print(json.dumps({"model": entry_name(name, cfg.seed), "lr": entry["lr"],
+                              **{k: v.get("bits_per_byte", v.get("word_perplexity")) for k, v in entry["scores"].items()}}),
+                  flush=True)
             atomic_write_json(out, results)
     finally:
         workers.close()
