@@ -243,15 +243,16 @@ def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, r
     documents = [[name, start, min(end, limit)] for name, start, end in documents] or [[None, 0, min(len(test), limit)]]
     longest = max(end - start for _, start, end in documents)
     bins = np.unique(np.geomspace(1, max(2, longest + 1), cfg.position_bins + 1).astype(np.int64))
-    scores: dict[str, Any] = {"novels_test_carried": _score_books(model, test, documents, cfg.eval_window, device,
-                                                                  None, bins)}
+    corpus = meta.get("corpus") or Path(cfg.data).name  # the scores are named after the corpus they read
+    scores: dict[str, Any] = {f"{corpus}_test_carried": _score_books(model, test, documents, cfg.eval_window, device,
+                                                                     None, bins)}
     if cfg.cold_starts:
         cold_bins = np.unique(np.geomspace(1, cfg.cold_length + 1, cfg.position_bins + 1).astype(np.int64))
-        scores["novels_test_cold_starts"] = _score_cold_starts(model, test[:limit], cfg.cold_starts, cfg.cold_length,
-                                                               device, cold_bins)
+        scores[f"{corpus}_test_cold_starts"] = _score_cold_starts(model, test[:limit], cfg.cold_starts,
+                                                                  cfg.cold_length, device, cold_bins)
     if model.__class__.__name__ == "HorizonLM":
-        scores["novels_test_reset_each_window"] = _score_books(model, test, documents, reset_window, device,
-                                                               reset_window, bins)
+        scores[f"{corpus}_test_reset_each_window"] = _score_books(model, test, documents, reset_window, device,
+                                                                  reset_window, bins)
     if cfg.wikitext_raw and Path(cfg.wikitext_raw).is_file():
         raw = np.frombuffer(Path(cfg.wikitext_raw).read_bytes(), dtype=np.uint8)[:limit]
         r = evaluate_tokens(model, raw, cfg.eval_window, device, progress=False)
@@ -437,14 +438,15 @@ def plot_quality(results: dict[str, Any], path: Path) -> None:
         curve = np.array(entry["loss_curve"])
         if len(curve):
             axes[0].plot(curve[:, 0], curve[:, 1] / math.log(2), color=color, label=name)
-        for key, style in (("novels_test_carried", "-"), ("novels_test_reset_each_window", ":")):
-            pos = entry["scores"].get(key, {}).get("by_position", [])
+        for suffix, style in (("_test_carried", "-"), ("_test_reset_each_window", ":")):
+            pos = next((v for k, v in entry["scores"].items() if k.endswith(suffix)), {}).get("by_position", [])
             if pos:
                 axes[1].plot([(p["from"] + p["to"]) / 2 for p in pos], [p["bits_per_byte"] for p in pos], style,
                              color=color, label=f"{name} ({'carried' if style == '-' else 'reset'})")
     axes[0].set(xlabel="training seconds", ylabel="train bits per byte", title="loss against time")
     axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte",
-                title="novels test by position (top clipped at 6)", xscale="log", ylim=(None, 6))
+                title=f"{results.get('data', {}).get('corpus') or 'novels'} test by position (top clipped at 6)",
+                xscale="log", ylim=(None, 6))
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
