@@ -165,3 +165,55 @@ _TRITON_CHECK = textwrap.dedent("""
 
 def test_triton_kernel_matches_dense_in_interpreter() -> None:
     assert_passes_in_interpreter(_TRITON_CHECK, timeout=300)
+
+
+_TRITON_TIES_CHECK = textwrap.dedent("""
+    import torch
+    from horizonlm.ops.topk_read import topk_visible_dense, topk_visible_triton, visible_mask
+    from tests.ops.test_topk_read import _stream
+
+    def dyadic(shape, g):  # multiples of 1/4 in [-1, 1]: every product and sum of 20 is exact in float32
+        return torch.randint(-4, 5, shape, generator=g).float() / 4
+
+    g = torch.Generator().manual_seed(0)
+    q, _, ids, seen = _stream(2, 20, 4, 13, 41, 4, True, seed=0, dtype=torch.float32)  # M = 57 entries
+    n = ids.numel()
+    pool = dyadic((2, 3, 20), g)  # (B, 3, Dk): three keys, each copied into many entries
+    some_copied = dyadic((2, n, 20), g)  # (B, M, Dk)
+    copied = torch.rand(n, generator=g) < 0.6  # (M,)
+    some_copied[:, copied] = pool[:, torch.randint(0, 3, (int(copied.sum()),), generator=g)]
+    all_same = pool[:, :1].expand(2, n, 20).contiguous()  # (B, M, Dk): every visible entry ties
+    q = dyadic(q.shape, g)  # (B, L, Dk)
+    mask = visible_mask(ids, seen, 12)  # (L, M)
+    tied_at_kth = 0
+    for keys in (some_copied, all_same):
+        exact = torch.einsum("bld,bmd->blm", q.double(), keys.double()).masked_fill(~mask, float("-inf"))
+        for k in (4, 8):
+            ref_s, ref_i = topk_visible_dense(q, keys, ids, seen, 12, k)
+            for split in (1, 3):
+                s, i = topk_visible_triton(q, keys, ids, seen, 12, k, block_l=16, block_m=16, split=split)
+                finite = torch.isfinite(ref_s)  # (B, L, K)
+                assert torch.equal(torch.isfinite(s), finite)
+                assert torch.equal(s[finite], ref_s[finite])  # exact: no rounding anywhere
+                assert torch.equal(i.masked_fill(~finite, -1).sort(-1).values,
+                                   ref_i.masked_fill(~finite, -1).sort(-1).values)
+                for b in range(2):  # the chosen among those tied at the k-th place are the newest
+                    for t in range(q.shape[1]):
+                        if not finite[b, t, -1]:
+                            continue
+                        kth = s[b, t, -1].item()
+                        at_kth = (exact[b, t] == kth).nonzero().flatten()  # ascending entry index
+                        chosen = sorted(m for m in i[b, t].tolist() if exact[b, t, m] == kth)
+                        assert chosen == at_kth[-len(chosen):].tolist(), (b, t, chosen, at_kth)
+                        tied_at_kth += at_kth.numel() > len(chosen)
+    assert tied_at_kth > 100, tied_at_kth  # the ties are really cut at the k-th place
+    print("ok")
+""")
+
+
+def test_triton_kernel_breaks_exact_ties_newest_first_in_interpreter() -> None:
+    """Keys copied into several entries (and a memory of one key throughout) so that many
+    entries score exactly the same for a query, more than K at the K-th place, in windows that
+    cut through them, across entry blocks and split parts: the kernel picks the same entries as
+    the dense reference, the newest of the tied ones."""
+    assert_passes_in_interpreter(_TRITON_TIES_CHECK, timeout=300)

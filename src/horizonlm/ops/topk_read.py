@@ -12,17 +12,25 @@ see are one contiguous range, found by binary search; entries outside it are nev
 On the GPU a Triton kernel streams over that range: a program holds BLOCK_L queries, scores a
 block of BLOCK_M entries with one ``tl.dot``, masks the invisible ones, and merges the block into
 a running (BLOCK_L, K) top-K tile kept on chip. The merge first counts, per query, the block's
-scores above its current K-th best; only as many rounds of "move the block's maximum into the slot
-of the current minimum" run as the largest count (at most K), so once a query's K-th best is high
-the typical block costs one compare and one sum. When the queries are few (decode: one token) the
-range is cut into parts searched by programs of their own, whose lists torch merges.
-``topk_visible_torch`` is the twin, a loop over entry blocks with a running ``topk`` merge (as
-``topk_search.exact_topk``), used on the CPU; ``topk_visible_dense`` scores every entry at once
-and is the obviously correct reference. The twin and the reference rank exactly equal scores
-newest first (``topk_search.topk_newest_first``), as the model's read does; the kernel does not
-yet (its strict comparisons keep an earlier equal score, and which slot a tie evicts is not
-ordered by age), so it agrees with them wherever no two visible entries score exactly the same
-for a query, and ``memory_read`` does not call it yet.
+finite scores at or above its current K-th best; only as many rounds of "move the block's maximum
+into the slot of the current minimum" run as the largest count (at most K), so once a query's
+K-th best is high the typical block costs one compare and one sum. When the queries are few
+(decode: one token) the range is cut into parts searched by programs of their own, whose lists
+torch merges. ``topk_visible_torch`` is the twin, a loop over entry blocks with a running
+``topk`` merge (as ``topk_search.exact_topk``), used on the CPU; ``topk_visible_dense`` scores
+every entry at once and is the obviously correct reference.
+
+All three rank exactly equal scores newest first (``topk_search.topk_newest_first``), as the
+model's read does: they choose the top K under the total order (score descending, then entry
+index descending). In the kernel a round takes the block's maximum of largest column among equal
+maxima, and it replaces the kept entry of smallest (score, index) -- an empty slot (-inf) first --
+if it is greater in that order (never a -inf candidate); the split parts and the final cut to K
+are merged in torch by ``topk_newest_first`` with the entry indices as positions. So the kernel
+in float32 agrees with the float32 torch paths id for id wherever tied scores are exactly equal
+in both (as identical keys' scores normally are; the interpreter test uses scores exact in
+float32, so that no summation order can split a tie); near-ties, scores within rounding of each
+other, can still be ordered differently, as before, since the kernel's products (tf32x3 on the
+GPU) do not round as torch's do. ``memory_read`` does not call the kernel yet (not yet checked on the GPU).
 
 The selection is not differentiable; :func:`topk_read` chooses under ``no_grad`` and recomputes
 the chosen scores ``q_t . k_idx`` in torch, so gradients reach the queries and the keys.
@@ -138,13 +146,24 @@ if triton is not None:
             ids = tl.load(ids_ptr + m, mask=m_ok, other=0)
             visible = (ids[None, :] < seen[:, None]) & (ids[None, :] >= first[:, None]) & m_ok[None, :]
             s = tl.where(visible & t_ok[:, None], s, float("-inf"))
+            # Entries rank by (score, entry index) descending: equal scores newest first. Only a
+            # finite score at or above the current worst kept one can enter; the block's best
+            # candidates come out in that order, so as many rounds as there are such (at most
+            # SLOTS) suffice.
             floor = tl.min(best, axis=1)
-            rounds = tl.minimum(tl.max(tl.sum((s > floor[:, None]).to(tl.int32), axis=1)), SLOTS)
+            can = (s >= floor[:, None]) & (s > float("-inf"))
+            rounds = tl.minimum(tl.max(tl.sum(can.to(tl.int32), axis=1)), SLOTS)
             for _ in range(rounds):
                 top = tl.max(s, axis=1)
-                top_at = tl.argmax(s, axis=1)
+                top_at = tl.max(tl.where(s == top[:, None], cols[None, :], -1), axis=1)  # newest of equal maxima
                 floor = tl.min(best, axis=1)
-                put = (slots[None, :] == tl.argmin(best, axis=1)[:, None]) & (top > floor)[:, None]
+                at_floor = best == floor[:, None]
+                floor_at = tl.min(tl.where(at_floor, best_at, hi), axis=1)  # oldest of equal minima
+                worst = tl.min(tl.where(at_floor & (best_at == floor_at[:, None]), slots[None, :], SLOTS), axis=1)
+                # A candidate of this block is newer than any entry of earlier blocks, but not
+                # than one it already placed, so an equal score compares the entry indices.
+                wins = (top > floor) | ((top == floor) & (m0 + top_at > floor_at))
+                put = (slots[None, :] == worst[:, None]) & (wins & (top > float("-inf")))[:, None]
                 best = tl.where(put, top[:, None], best)
                 best_at = tl.where(put, m0 + top_at[:, None], best_at)
                 s = tl.where(cols[None, :] == top_at[:, None], float("-inf"), s)
@@ -197,7 +216,7 @@ def topk_visible_triton(q: Tensor, keys: Tensor, entry_ids: Tensor, completed_be
         q.to(dtype).contiguous(), keys.to(dtype).contiguous(), ids, seen, lo, hi, scores, index, length, n_entries,
         dim, capacity, split, SLOTS=slots, DIM=max(16, triton.next_power_of_2(dim)), BLOCK_L=block_l,
         BLOCK_M=block_m, PRECISION=precision)
-    scores, order = scores.topk(k, dim=-1)  # (B, L, K)
+    scores, order = topk_newest_first(scores, k, index)  # (B, L, K): the parts merged, equal scores newest first
     return scores, index.gather(-1, order)  # (B, L, K) twice
 
 
