@@ -23,9 +23,10 @@ def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capac
     visible) and indices into ``keys``; equal scores rank newest first (:func:`topk_newest_first`;
     entries are kept in stream order). One selection serves the read and the diagnostics.
 
-    This dense selection is the default because it keeps that tie rule exactly, which the
-    golden property needs where contexts repeat. ``ops.topk_read`` (the fused Triton read, which
-    never builds the score matrix) does not yet: it is not wired in here until it does."""
+    This dense selection keeps that tie rule exactly, which the golden property needs where
+    contexts repeat. ``ops.topk_read`` (the fused Triton read, which never builds the score
+    matrix) follows the same rule in the interpreter tests but has not yet been compiled and
+    checked on a GPU (``horizon bench memory --read``), so it is not called here yet."""
     scores = torch.einsum("bld,bmd->blm", q, keys)  # (B, Lb, M)
     mask = visible_mask(entry_ids, seen, capacity)  # (Lb, M)
     scores = scores.masked_fill(~mask, float("-inf"))  # (B, Lb, M)
