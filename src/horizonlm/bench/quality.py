@@ -367,8 +367,7 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
     for name in names:
         if name not in ABLATIONS:
             raise ValueError(f"unknown model {name!r}; choose from {', '.join(ABLATIONS)}")
-    results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "models": {}, "sweeps": {},
-                               "data": data_record(cfg.data)}
+    results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "models": {}, "sweeps": {}}
     if cfg.protocol:
         results["protocol"] = {"name": cfg.protocol, "settings": PROTOCOLS[cfg.protocol]}
     if out.is_file():
@@ -391,6 +390,7 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
         if missing:
             raise HorizonError(f"{out} holds no sweep of {', '.join(missing)}: run --stage sweep first")
     swept = [n for n in names if len(lrs) > 1 and n not in borrow and cfg.stage != "main"]
+    results["data"] = data_record(cfg.data)  # after the checks of the settings: a missing folder is refused here
     workers = _Workers(cfg)
     try:
         sweeps = {name: [workers.submit(name, lr, final=False) for lr in lrs] for name in swept}
