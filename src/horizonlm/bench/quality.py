@@ -217,21 +217,11 @@ def _score_books(model, tokens: np.ndarray, documents: list, window: int, device
 
 def _score_cold_starts(model, tokens: np.ndarray, starts: int, length: int, device, bins: np.ndarray
                        ) -> dict[str, Any]:
-    """Bits per byte by position after a cold start, over ``starts`` evenly spaced starts."""
-    sums, counts = np.zeros(len(bins) - 1), np.zeros(len(bins) - 1)
-    total, count = 0.0, 0
-    for start in np.linspace(0, len(tokens) - length - 1, starts).astype(np.int64):
-        result = evaluate_tokens(model, tokens[start : start + length + 1], length, device, progress=False,
-                                 keep_per_token=True)
-        per = result["per_token_nats"]
-        which = np.clip(np.searchsorted(bins, np.arange(1, len(per) + 1), side="right") - 1, 0, len(bins) - 2)
-        np.add.at(sums, which, per)
-        np.add.at(counts, which, 1)
-        total += result["total_nats"]
-        count += result["tokens"]
-    by_pos = [{"from": int(bins[i]), "to": int(bins[i + 1]), "bits_per_byte": float(sums[i] / counts[i] / math.log(2))}
-              for i in range(len(bins) - 1) if counts[i]]
-    return {"bits_per_byte": total / count / math.log(2), "tokens": count, "starts": starts, "by_position": by_pos}
+    """Bits per byte by position after a cold start, over ``starts`` evenly spaced starts: each
+    start is scored as a book of ``length`` predicted bytes of its own."""
+    documents = [[None, int(start), int(start) + length + 1]
+                 for start in np.linspace(0, len(tokens) - length - 1, starts).astype(np.int64)]
+    return {**_score_books(model, tokens, documents, length, device, None, bins), "starts": starts}
 
 
 def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, reset_window: int) -> dict[str, Any]:
