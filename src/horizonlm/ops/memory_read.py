@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from horizonlm.ops.topk_read import visible_mask
-from horizonlm.ops.topk_search import topk_newest_first
+from horizonlm.ops.topk_read import topk_visible_dense, visible_mask
 
 __all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 
@@ -20,17 +19,14 @@ __all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capacity: int,
                  k: int) -> tuple[Tensor, Tensor]:
     """The K best visible entries of a block of queries: scores (-inf where fewer than K are
-    visible) and indices into ``keys``; equal scores rank newest first (:func:`topk_newest_first`;
+    visible) and indices into ``keys``; equal scores rank newest first (``ops.topk_search.topk_newest_first``;
     entries are kept in stream order). One selection serves the read and the diagnostics.
 
     This dense selection keeps that tie rule exactly, which the golden property needs where
     contexts repeat. ``ops.topk_read`` (the fused Triton read, which never builds the score
     matrix) follows the same rule in the interpreter tests but has not yet been compiled and
     checked on a GPU (``horizon bench memory --read``), so it is not called here yet."""
-    scores = torch.einsum("bld,bmd->blm", q, keys)  # (B, Lb, M)
-    mask = visible_mask(entry_ids, seen, capacity)  # (Lb, M)
-    scores = scores.masked_fill(~mask, float("-inf"))  # (B, Lb, M)
-    return topk_newest_first(scores, k)  # (B, Lb, K) twice
+    return topk_visible_dense(q, keys, entry_ids, seen, capacity, k)  # (B, Lb, K) twice
 
 
 def read_weights(top_scores: Tensor, tau: float, null_score: Tensor | None = None) -> Tensor:
