@@ -16,6 +16,7 @@ Which cores and questions are held out is fixed here, in code, not drawn at rand
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from dataclasses import dataclass
@@ -97,14 +98,17 @@ def _labels() -> list[str]:
     return [pattern.format(c=c) for pattern, fillers in LABELS.values() for c in fillers]
 
 
-def train_templates() -> list[tuple[str, str, str]]:
-    """Every (opener, core, closer) the training mix states facts with."""
-    return list(itertools.product(OPENERS, TRAIN_CORES, CLOSERS))
+@functools.cache
+def train_templates() -> tuple[tuple[str, str, str], ...]:
+    """Every (opener, core, closer) the training mix states facts with (built once: every fact
+    of every training window draws from it)."""
+    return tuple(itertools.product(OPENERS, TRAIN_CORES, CLOSERS))
 
 
-def held_out_templates() -> list[tuple[str, str, str]]:
+@functools.cache
+def held_out_templates() -> tuple[tuple[str, str, str], ...]:
     """Every (opener, core, closer) with a held-out core: never stated in training."""
-    return list(itertools.product(OPENERS, HELD_OUT_CORES, CLOSERS))
+    return tuple(itertools.product(OPENERS, HELD_OUT_CORES, CLOSERS))
 
 
 def _sentence_case(text: str) -> str:
