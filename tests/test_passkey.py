@@ -23,11 +23,11 @@ from horizonlm.passkey import (
     build_prompt,
     causal_summary,
     digit_positions,
-    digit_values,
     digits_right,
     run_passkey,
     score,
     swap_digit_values,
+    swap_key_text,
     swapped_answer,
 )
 
@@ -193,25 +193,32 @@ def test_causal_check_says_no_for_a_forced_reply() -> None:
     assert summary["follows_swap"] == 0.0 and summary["keeps_original_under_swap"] == 1.0
 
 
-def test_swap_gives_the_facts_digit_entries_another_keys_values() -> None:
+@pytest.mark.parametrize("memory_layer", [0, 1])
+def test_swap_gives_the_facts_digit_entries_another_keys_values(memory_layer: int) -> None:
     """The swap rewrites exactly the five entries the asked key's digits wrote, with the values
-    those digits of the other key write (a function of the byte alone, before the first block);
-    every other entry is left as it was."""
+    the same text writes there when it states the other key (before the first block a function of
+    the byte alone: ``W_v norm(embed(d))``); every other entry is left as it was."""
     rng = random.Random(4)
     asked = build_prompt(HAYSTACK, 900, 50, 1, rng, wording="heldout")
     torch.manual_seed(0)
-    model = HorizonLM(HorizonConfig.preset("tiny", memory_capacity=512)).double()
-    tokens = torch.tensor([list(asked.text[: asked.question_at])])
+    model = HorizonLM(HorizonConfig.preset("tiny", memory_capacity=512, memory_layer=memory_layer)).double()
+    cpu = torch.device("cpu")
+    tokens = torch.tensor([list(asked.text[: asked.question_at])])  # (1, T)
+    other = torch.tensor([list(swap_key_text(asked, 90817)[: asked.question_at])])  # (1, T)
+    digits = digit_positions(asked.text, asked.key)
     with torch.no_grad():
         _, state = model(tokens)
-        swapped, usable = swap_digit_values(model, state, [asked], [90817], torch.device("cpu"))
-        digits = digit_positions(asked.text, asked.key)
-        written = state.memory.values[0, digits]  # (5, Dv): what the key's digits wrote
-        torch.testing.assert_close(written, digit_values(model, str(asked.key), torch.device("cpu")))
+        _, other_state = model(other)
+        swapped, usable = swap_digit_values(model, state, [asked], [90817], 256, cpu)
+        if memory_layer == 0:
+            embedded = model.memory.norm(model.embed(torch.tensor([list(b"90817")])))  # (1, 5, D)
+            torch.testing.assert_close(swapped.memory.values[0, digits], model.memory.value(embedded)[0])
     assert usable == [True]
-    torch.testing.assert_close(swapped.memory.values[0, digits], digit_values(model, "90817", torch.device("cpu")))
+    assert swap_key_text(asked, 90817).count(b"90817") >= 1 and len(swap_key_text(asked, 90817)) == len(asked.text)
+    torch.testing.assert_close(swapped.memory.values[0, digits], other_state.memory.values[0, digits])
     others = [i for i in range(state.memory.values.shape[1]) if i not in digits]
     assert torch.equal(swapped.memory.values[0, others], state.memory.values[0, others])
+    assert not torch.allclose(swapped.memory.values[0, digits], state.memory.values[0, digits])
 
 
 def test_cli_runs_a_real_model(tmp_path: Path) -> None:

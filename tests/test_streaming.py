@@ -62,16 +62,17 @@ def test_horizon_one_token_at_a_time_equals_one_call(ssm_kind: str) -> None:
 
 # A one-token key before the first block ties exactly wherever a token repeats (often, in 150 random
 # bytes): equal scores rank newest first, so the pieces still read the one call's entries.
-@pytest.mark.parametrize(("kind", "span"), [("induction", 1), ("induction", 4), ("chunk", 1), ("chunk", 4)])
+@pytest.mark.parametrize(("kind", "span", "layer"), [("induction", 1, 0), ("induction", 4, 0), ("induction", 4, 1),
+                                                    ("chunk", 1, 0), ("chunk", 4, 0)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_memory_splits_and_steps_equal_one_call(seed: int, kind: str, span: int) -> None:
+def test_memory_splits_and_steps_equal_one_call(seed: int, kind: str, span: int, layer: int) -> None:
     """The induction memory (and the chunk memory, with a key span too) over 150 tokens (~19
     chunks, several times the 4-chunk window, so FIFO eviction happens again and again), split at
     random places (mostly inside chunks) and stepped one token at a time; the memory left is one
     call's, entry for entry."""
     length, capacity = 150, 4
     model = make_horizon(dtype=torch.float32, seed=seed, memory_kind=kind, memory_capacity=capacity,
-                         memory_key_span=span)
+                         memory_key_span=span, memory_layer=layer)
     tokens = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         full, full_state = model(tokens)

@@ -77,8 +77,8 @@ class HorizonConfig:
     memory_kind: str = "induction"
     """``induction`` (the default, DESIGN.md part 4): every token t writes an entry whose key names
     the n tokens before it and whose value comes from t; queries go through the same W_k, so a
-    context seen before meets what followed it at any distance; it reads before the first block,
-    from the token stream alone, with a learned null entry so an empty or unmatched read is zero.
+    context seen before meets what followed it at any distance; it reads before block
+    ``memory_layer``, with a learned null entry so an empty or unmatched read is zero.
     ``chunk`` is the paper's literal memory (the ablation): one entry per completed chunk, keyed by
     its last token's hidden state, with its own W_q, read where the supervisor sits."""
     memory_key_span: int = 16
@@ -86,6 +86,11 @@ class HorizonConfig:
     depthwise filter: a query sees tokens t-n+1..t, an induction key t-n..t-1. A few bytes name a
     place in prose (one byte cannot: the byte before a passkey's first digit is a space). Values
     always come from token t."""
+    memory_layer: int = 0
+    """Blocks before the induction memory reads. 0 keys entries and queries by the token
+    embeddings alone (an n-gram lookup: a repeated context scores exactly 1); a later layer keys
+    them by the hidden state there, which also carries what the n tokens lack (a label a clause
+    back). The ``chunk`` memory reads at ``global_layer``, so it must stay 0 there."""
     memory_tau: float = 10.0
     """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
     memory_query_block: int = 1024
@@ -136,6 +141,11 @@ class HorizonConfig:
         if self.global_layer is not None:
             _require(isinstance(self.global_layer, int) and 0 <= self.global_layer <= self.n_layers,
                      "global_layer", f"must be in [0, n_layers={self.n_layers}]", self.global_layer)
+        _require(isinstance(self.memory_layer, int) and not isinstance(self.memory_layer, bool)
+                 and 0 <= self.memory_layer < self.n_layers, "memory_layer",
+                 f"must be in [0, n_layers={self.n_layers})", self.memory_layer)
+        _require(self.memory_kind == "induction" or self.memory_layer == 0, "memory_layer",
+                 "must be 0 for the chunk memory, which reads at global_layer", self.memory_layer)
 
     @property
     def global_at(self) -> int:

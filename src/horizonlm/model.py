@@ -1,5 +1,6 @@
 """HorizonLM: pre-norm residual blocks of S4D + multi-resolution convolution + GLU MLP, an
-induction memory before the first block and a recurrent supervisor after the middle one (DESIGN.md)."""
+induction memory before the first block (or ``memory_layer``) and a recurrent supervisor after the
+middle one (DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -141,13 +142,13 @@ class HorizonLM(nn.Module):
         self._check_state(state, batch)
         h = self.embed(tokens.long())  # (B, L, D)
         sup_state, mem_state = state.supervisor, state.memory
-        # The induction memory reads before the first block, from the token stream alone; the
-        # chunk memory reads where the supervisor sits, after it (DESIGN.md part 4).
+        # The induction memory reads before block memory_layer (0: from the token stream alone);
+        # the chunk memory reads where the supervisor sits, after it (DESIGN.md part 4).
         induction = self.memory is not None and self.config.memory_kind == "induction"
-        if induction:
-            h, mem_state = self.memory(h, state.memory)  # (B, L, D)
         block_states = []
         for i in range(len(self.blocks) + 1):
+            if induction and i == self.config.memory_layer:
+                h, mem_state = self.memory(h, state.memory)  # (B, L, D)
             if i == self.config.global_at:
                 if self.supervisor is not None:
                     h, sup_state = self.supervisor(h, state.supervisor)  # (B, L, D)

@@ -10,9 +10,9 @@ in windows with the state carried, so a HorizonLM reads a million-token prompt a
 
 The causal check (``causal_check``) asks each prompt twice more: with the memory's read removed
 (its gated add dropped at every token), and with the values of the fact's digit entries replaced
-by those another key's digits write (the induction memory reads before the first block, so a
-digit's value is a function of the digit alone). An answer that fails without the read and
-follows the swapped values came from the memory.
+by those the same prompt writes there when it states another key (read off a second feed of
+that text, so the check holds wherever the memory reads). An answer that fails without the read
+and follows the swapped values came from the memory.
 """
 
 from __future__ import annotations
@@ -205,28 +205,32 @@ def answer(model: nn.Module, prompts: list[bytes], window: int, device: torch.de
     return decode(model, logits, state, device, new_tokens)
 
 
-def digit_values(model: nn.Module, digits: str, device: torch.device) -> Tensor:
-    """The values the induction memory writes at these digits: ``W_v norm(embed(d))``, as it reads
-    before the first block. (n, Dv)"""
-    tokens = torch.tensor([list(digits.encode())], device=device)  # (1, n)
-    memory = model.memory
-    return memory.value(memory.norm(model.embed(tokens)))[0]  # (n, Dv)
-
-
 def swap_digit_values(model: nn.Module, state: Any, prompts: list[Prompt], swap_keys: list[int],
-                      device: torch.device) -> tuple[Any, list[bool]]:
-    """The state with each prompt's asked-key digit entries holding the values ``swap_keys``'
-    digits write, and for each prompt whether its fact's entries were still in the memory."""
+                      window: int, device: torch.device) -> tuple[Any, list[bool]]:
+    """The state with each prompt's asked-key digit entries holding the values the same prompt
+    writes there with ``swap_keys``' digits in their place (read off a second feed of that
+    text, so it holds wherever the memory reads), and for each prompt whether its fact's entries
+    were still in the memory."""
     mem = state.memory
     first = mem.pos - mem.values.shape[1]  # stream position of the oldest entry kept
+    swapped = np.stack([np.frombuffer(swap_key_text(p, k)[:p.question_at], dtype=np.uint8)
+                        for p, k in zip(prompts, swap_keys)])  # (B, T)
+    _, other = feed(model, swapped, window, device)
     values = mem.values.clone()  # (B, M, Dv)
     usable = []
-    for b, (prompt, swap) in enumerate(zip(prompts, swap_keys)):
+    for b, prompt in enumerate(prompts):
         at = digit_positions(prompt.text, prompt.key)
         usable.append(at[0] >= first)
         if usable[-1]:
-            values[b, [p - first for p in at]] = digit_values(model, str(swap), device).to(values.dtype)
+            rows = [p - first for p in at]
+            values[b, rows] = other.memory.values[b, rows].to(values.dtype)
     return replace(state, memory=replace(mem, values=values)), usable
+
+
+def swap_key_text(prompt: Prompt, swap_key: int) -> bytes:
+    """The prompt with the asked key's first statement spelling ``swap_key`` instead."""
+    at = digit_positions(prompt.text, prompt.key)
+    return prompt.text[:at[0]] + str(swap_key).encode() + prompt.text[at[-1] + 1:]
 
 
 @torch.no_grad()
@@ -239,7 +243,7 @@ def swapped_answer(model: nn.Module, prompts: list[Prompt], swap_keys: list[int]
         return [swapped_answer(model, [p], [k], window, device)[0] for p, k in zip(prompts, swap_keys)]
     data = np.stack([np.frombuffer(p.text, dtype=np.uint8) for p in prompts])  # (B, T)
     _, state = feed(model, data[:, :question_at], window, device)
-    state, usable = swap_digit_values(model, state, prompts, swap_keys, device)
+    state, usable = swap_digit_values(model, state, prompts, swap_keys, window, device)
     logits, state = feed(model, data[:, question_at:], window, device, state)
     replies = decode(model, logits, state, device)
     return [reply if ok else None for reply, ok in zip(replies, usable)]

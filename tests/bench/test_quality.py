@@ -65,6 +65,8 @@ def test_quality_runs_in_worker_processes_and_adds_to_earlier_results(tmp_path: 
     second = json.loads(out.read_text())["models"]
     assert set(second) == {"horizon", "horizon_no_conv", "horizon_no_memory"}
     assert second["horizon"] == first["horizon"]
+    assert second["horizon"]["settings"]["lrs"] == "0.003,0.01" and second["horizon"]["settings"]["workers"] == 2
+    assert second["horizon_no_memory"]["settings"]["workers"] == 1  # each entry keeps its own call's settings
     assert second["horizon_no_memory"]["lr"] == first["horizon"]["lr"]
     before = out.read_bytes()
     assert main(["bench", "quality", *common, "--models", "horizon", "--lrs", "0.003,0.01",

@@ -47,6 +47,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # The paper's literal memory, the default before the induction memory: one entry per completed
     # chunk (its last token's state) read after the supervisor, 8192 chunks (1M tokens at base).
     "horizon_chunk_memory": ("horizon", {"memory_kind": "chunk", "memory_key_span": 1, "memory_capacity": 8192}),
+    # The induction memory keyed by the hidden state after two blocks instead of the embeddings:
+    # its keys can carry a label a clause back, which 16 bytes of the token stream cannot.
+    "horizon_memory_layer2": ("horizon", {"memory_layer": 2}),
 }
 
 
@@ -404,6 +407,9 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
                 results["sweeps"][name] = [f.result() for f in sweeps[name]]
             entry["sweep"] = [] if name in borrow else results["sweeps"].get(name, [])
             entry["lr_from"] = ("horizon's sweep" if name in borrow else "own sweep" if entry["sweep"] else "given")
+            # The settings this entry was made with: a results file gathers entries of several calls,
+            # and the file's "config" is only the last call's.
+            entry["settings"] = {k: v for k, v in asdict(cfg).items() if k not in ("models", "replace", "stage")}
             results["models"][entry_name(name, cfg.seed)] = entry
             print(json.dumps({"model": entry_name(name, cfg.seed), "lr": entry["lr"],
                               **{k: v.get("bits_per_byte", v.get("word_perplexity")) for k, v in entry["scores"].items()}}),
