@@ -4,7 +4,9 @@
 # then packs what they wrote under bench/results (JSON, PNG) and their logs into OUT.
 #   bash bench/scripts/on_device.sh "$OUT" bench/configs/h200_default_model.cmds
 # Needs .carry/novels (a copy of the novels corpus) and, for WikiText scores, .carry/wikitext;
-# set HORIZON_COMMIT to the commit of the working tree sent (its .git there can be older).
+# wheels in .carry/wheels (the peers' libraries: fla-core, flash-linear-attention, einops) are
+# installed first, without network; set HORIZON_COMMIT to the commit of the working tree sent
+# (its .git there can be older).
 set -u
 out=$1 commands=$2
 budget=${SECONDS_BUDGET:-560}
@@ -12,6 +14,9 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1 HORIZON_COMMIT=${HORIZON_COMMIT:-$(git 
 mkdir -p "$out/logs"
 marker=$(mktemp) && touch "$marker"  # results written after this are brought back
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/logs/gpu.txt" 2>&1
+if compgen -G ".carry/wheels/*.whl" > /dev/null; then
+  python3 -m pip install --no-deps --no-index .carry/wheels/*.whl > "$out/logs/pip.log" 2>&1
+fi
 [ -f runs/data/novels/meta.json ] || python3 -m horizonlm.cli prepare novels --source .carry/novels \
   --out runs/data/novels --no-progress > "$out/logs/prepare.log" 2>&1
 n=0

@@ -28,15 +28,29 @@ from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_dir, atomic_write_bytes, check_files, sha256_file
 from horizonlm.model import HorizonLM
+from horizonlm.peers.gla import GLAPeerConfig, GLAPeerLM
 
 CHECKPOINT_FORMAT = 1
 POINTERS = ("latest", "best")
 """Files beside the ``step-*`` folders, each naming one of them; a folder one names is never pruned."""
-MODEL_KINDS = {"horizon": (HorizonLM, HorizonConfig), "transformer": (TransformerLM, TransformerConfig)}
+MODEL_KINDS = {"horizon": (HorizonLM, HorizonConfig), "transformer": (TransformerLM, TransformerConfig),
+               "gla": (GLAPeerLM, GLAPeerConfig)}
+"""Model kind -> (model class, config class). ``gla`` is a peer (:mod:`horizonlm.peers.gla`): its
+library is imported only when one is built."""
 
 
 def model_kind(model: nn.Module) -> str:
-    return "horizon" if isinstance(model, HorizonLM) else "transformer"
+    for kind, (model_cls, _) in MODEL_KINDS.items():
+        if isinstance(model, model_cls):
+            return kind
+    raise ValueError(f"not a model of horizonlm: {type(model).__name__}")
+
+
+def carries_state(model: nn.Module) -> bool:
+    """Whether training and scoring carry ``model``'s state from one window to the next: always
+    HorizonLM's, a peer's when its config says so, never the transformer's (its cache grows with
+    the stream, so its context is the window)."""
+    return isinstance(model, HorizonLM) or bool(getattr(model, "carries_state", False))
 
 
 def build_model(kind: str, config: dict[str, Any]) -> nn.Module:

@@ -453,6 +453,12 @@ def cmd_bench_ssm(args: argparse.Namespace) -> int:
     return _run_bench(args, SSMBenchConfig, run_ssm_bench, png=False)
 
 
+def cmd_bench_merge(args: argparse.Namespace) -> int:
+    from horizonlm.bench.merge import MergeConfig, run_merge
+
+    return _run_bench(args, MergeConfig, run_merge, png=True)
+
+
 def _config_command(sub, name: str, help_text: str, cls: type, func) -> argparse.ArgumentParser:
     """A subcommand whose flags are the fields of ``cls``, plus ``--config FILE.yaml``."""
     p = sub.add_parser(name, help=help_text, description=help_text)
@@ -464,6 +470,7 @@ def _config_command(sub, name: str, help_text: str, cls: type, func) -> argparse
 
 def build_parser() -> argparse.ArgumentParser:
     from horizonlm.bench.memory import MemoryBenchConfig
+    from horizonlm.bench.merge import MergeConfig
     from horizonlm.bench.quality import QualityConfig
     from horizonlm.bench.recall import RecallConfig
     from horizonlm.bench.speed import SpeedConfig
@@ -505,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                     RecallConfig, cmd_bench_recall)
     _config_command(bench, "ssm", "the SSM sublayer alone: fast scans against float64 references, timings",
                     SSMBenchConfig, cmd_bench_ssm)
+    _config_command(bench, "merge", "one results file from those of several calls (quality or passkey)",
+                    MergeConfig, cmd_bench_merge)
     return parser
 
 

@@ -20,13 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from horizonlm.checkpoint import Checkpoint, load_checkpoint
+from horizonlm.checkpoint import Checkpoint, carries_state, load_checkpoint
 from horizonlm.data.stream import load_meta, open_split
 from horizonlm.data.tokenizers import tokenizer_from_spec
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import existing_file, not_text
-from horizonlm.model import HorizonLM
 from horizonlm.progress import show_bars
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -86,9 +85,10 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: t
                     desc: str = "eval", until: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Next-token loss over ``tokens`` as one stream, fed in windows of ``window`` tokens.
 
-    HorizonLM carries its state across windows (reset every ``reset_every`` tokens if given);
-    the transformer restarts every window (its context is the window). With ``keep_per_token``,
-    also returns every prediction's loss in nats (``per_token_nats``, a float32 array).
+    HorizonLM (and a peer that carries its state) carries its state across windows (reset every
+    ``reset_every`` tokens if given); the transformer restarts every window (its context is the
+    window). With ``keep_per_token``, also returns every prediction's loss in nats
+    (``per_token_nats``, a float32 array).
     ``until`` is asked after each window; when it says True the evaluation ends there (a stop
     request, a time budget) and the result has ``complete: False`` (with ``until``, always the key).
     ``progress`` None draws the bar only on a terminal.
@@ -99,7 +99,7 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: t
     was_training = model.training
     model.eval()
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
-    carry = isinstance(model, HorizonLM)
+    carry = carries_state(model)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
     total, count, state = 0.0, 0, None
     per_token = np.zeros(max(0, n - 1), dtype=np.float32) if keep_per_token else None

@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from horizonlm.errors import HorizonError
+from horizonlm.peers.gla import GLAState
 from horizonlm.state import (
     BlockState,
     HorizonState,
@@ -19,7 +20,11 @@ from horizonlm.state import (
 )
 
 
-def state_to_tensors(state: HorizonState | KVState, prefix: str = "state.") -> tuple[dict[str, Tensor], dict[str, Any]]:
+def state_to_tensors(state: HorizonState | KVState | GLAState, prefix: str = "state."
+                     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    if isinstance(state, GLAState):
+        header = {"kind": "gla", "pos": state.pos, "batch_size": state.batch_size, "layers": len(state.layers)}
+        return {f"{prefix}gla{i}": t.contiguous() for i, t in enumerate(state.layers)}, header
     tensors: dict[str, Tensor] = {}
     if isinstance(state, KVState):
         for i, (k, v) in enumerate(zip(state.keys, state.values)):
@@ -46,9 +51,13 @@ def state_to_tensors(state: HorizonState | KVState, prefix: str = "state.") -> t
     return tensors, header
 
 
-def state_from_tensors(tensors: dict[str, Tensor], header: dict[str, Any], prefix: str = "state.") -> HorizonState | KVState:
+def state_from_tensors(tensors: dict[str, Tensor], header: dict[str, Any], prefix: str = "state."
+                       ) -> HorizonState | KVState | GLAState:
     try:
         pos, batch = int(header["pos"]), int(header["batch_size"])
+        if header["kind"] == "gla":
+            layers = tuple(tensors[f"{prefix}gla{i}"] for i in range(int(header["layers"])))
+            return GLAState(layers=layers, pos=pos, batch_size=batch)
         if header["kind"] == "kv":
             n = int(header["layers"])
             keys = tuple(tensors[f"{prefix}kv{i}.k"] for i in range(n))

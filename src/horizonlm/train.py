@@ -1,8 +1,9 @@
 """``horizon train``: long-stream training with truncated backprop through time.
 
 ``B`` contiguous streams advance one window of ``L`` tokens per step; HorizonLM carries its state
-(detached) from one window to the next, so it learns to use context beyond the window. The
-transformer baseline starts every window afresh (its cache would grow without bound).
+(detached) from one window to the next, so it learns to use context beyond the window (so does the
+GLA peer, unless its ``carry_state`` is off). The transformer baseline starts every window afresh
+(its cache would grow without bound).
 Runs under ``torchrun`` with DDP: ranks take disjoint streams of one global batch.
 """
 
@@ -30,8 +31,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from horizonlm.checkpoint import Checkpoint, build_model, checkpoint_info, load_checkpoint, point, save_checkpoint
-from horizonlm.config import HORIZON_PRESETS, HorizonConfig, TransformerConfig
+from horizonlm.checkpoint import (
+    MODEL_KINDS,
+    Checkpoint,
+    build_model,
+    carries_state,
+    checkpoint_info,
+    load_checkpoint,
+    point,
+    save_checkpoint,
+)
+from horizonlm.config import HORIZON_PRESETS
 from horizonlm.data.needles import DOORS
 from horizonlm.data.stream import LongStreamBatcher, RetrievalMix, load_meta, open_split
 from horizonlm.data.tokenizers import require_byte_level
@@ -41,7 +51,6 @@ from horizonlm.evaluate import evaluate_tokens
 from horizonlm.fileio import atomic_write_bytes, atomic_write_json
 from horizonlm.layers.memory import reads_dropped
 from horizonlm.layers.ssm import SSM_PARAM_TAG
-from horizonlm.model import HorizonLM
 from horizonlm.progress import show_bars
 from horizonlm.state_io import state_from_tensors, state_to_tensors
 
@@ -91,9 +100,10 @@ class TrainConfig(OptimizerSettings):
     out: str = ""
     """Run folder: checkpoints/, log.jsonl, config.json (default: runs/ plus the data folder's name)."""
     model: str = "horizon"
-    """``horizon`` or ``transformer`` (the baseline, same loop)."""
+    """``horizon``, ``transformer`` (the baseline, same loop) or ``gla`` (flash-linear-attention's
+    Gated Linear Attention, a peer; needs the ``[peers]`` extra and a GPU)."""
     preset: str = "cpu"
-    """Model preset (tiny, cpu, small, base); the transformer takes the matching width and depth."""
+    """Model preset (tiny, cpu, small, base); the transformer and the peer take the matching width and depth."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """Model config fields that replace the preset's (YAML ``model_overrides:`` mapping)."""
     batch_size: int = 16
@@ -179,7 +189,7 @@ class TrainConfig(OptimizerSettings):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
-        _check_choice("model", self.model, ("horizon", "transformer"))
+        _check_choice("model", self.model, tuple(MODEL_KINDS))
         _check_choice("preset", self.preset, tuple(HORIZON_PRESETS))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("batch_size", "seq_len", "steps", "eval_window"):
@@ -200,7 +210,7 @@ class TrainConfig(OptimizerSettings):
         self._check_model_overrides()
 
     def _check_model_overrides(self) -> None:
-        config_cls = HorizonConfig if self.model == "horizon" else TransformerConfig
+        config_cls = MODEL_KINDS[self.model][1]
         known = {f.name for f in dataclasses.fields(config_cls)}
         unknown = sorted(set(self.model_overrides) - known)
         if unknown:
@@ -214,9 +224,7 @@ class TrainConfig(OptimizerSettings):
     def model_config(self, vocab_size: int) -> dict[str, Any]:
         overrides = {**self.model_overrides, "vocab_size": vocab_size}
         try:
-            if self.model == "horizon":
-                return HorizonConfig.preset(self.preset, **overrides).to_dict()
-            return TransformerConfig.preset(self.preset, **overrides).to_dict()
+            return MODEL_KINDS[self.model][1].preset(self.preset, **overrides).to_dict()
         except (ValueError, TypeError) as err:
             raise HorizonError(f"invalid model settings: {err}") from err
 
@@ -601,7 +609,7 @@ class _Trainer:
             resumed = load_checkpoint(self.ckpt_dir, expect_kind=cfg.model, expect_config=model_config,
                                       with_train_state=True)
         self.model = (resumed.model if resumed else build_model(cfg.model, model_config)).to(device)
-        self.carry_state = isinstance(self.model, HorizonLM)
+        self.carry_state = carries_state(self.model)
         self.opt = make_optimizer(self.model, cfg, cfg.lr, fused=device.type == "cuda")
         self.step = int(resumed.info["step"]) if resumed else 0
         self.saved_step = self.step if resumed else -1

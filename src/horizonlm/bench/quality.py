@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from horizonlm.bench.common import environment, save_figure
-from horizonlm.checkpoint import load_checkpoint
+from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state, load_checkpoint
 from horizonlm.config import HorizonConfig
 from horizonlm.data.stream import load_meta, open_split
 from horizonlm.devices import resolve_device
@@ -50,6 +50,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # The induction memory keyed by the hidden state after two blocks instead of the embeddings:
     # its keys can carry a label a clause back, which 16 bytes of the token stream cannot.
     "horizon_memory_layer2": ("horizon", {"memory_layer": 2}),
+    # A peer, not an ablation: flash-linear-attention's GLA (horizonlm.peers.gla, extra [peers], a
+    # GPU), state carried across windows as HorizonLM's.
+    "gla": ("gla", {}),
 }
 
 
@@ -163,9 +166,11 @@ def _overrides(name: str, preset: str) -> dict[str, Any]:
     """The model fields an entry of ABLATIONS changes; the ungated block gets back the MLP width
     (d_model/3 wider) that the preset gave up for the gate, so parameters stay matched."""
     overrides = dict(ABLATIONS[name][1])
+    base = HorizonConfig.preset(preset)
     if overrides.get("ssm_gate") == "none":
-        base = HorizonConfig.preset(preset)
         overrides["mlp_hidden"] = base.mlp_hidden + base.d_model // 3
+    if "memory_layer" in overrides:  # a small preset has fewer blocks: its last one at most
+        overrides["memory_layer"] = min(overrides["memory_layer"], base.n_layers - 1)
     return overrides
 
 
@@ -189,13 +194,19 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) 
 
 def _estimate_steps(tcfg: TrainConfig) -> int:
     """Time a few steps to size the cosine schedule to the budget (the timing run is discarded).
-    Per-step time is read between the probe's first and last logged steps, so the first step's
-    warm-up (CUDA and library initialisation) does not shrink the schedule."""
-    probe = TrainConfig(**{**asdict(tcfg), "out": tcfg.out + "-probe", "steps": 8, "max_minutes": 0,
+
+    The per-step time is the lower quartile of the step-to-step times after the first four steps:
+    warm-up (CUDA and library initialisation, the allocator growing) and a transiently slow
+    device inflate a mean, and a schedule sized by an inflated time ends before the budget does
+    (on an H200 one model's 8-step mean was 0.63 s against 0.52 s in its run, so it trained
+    173 s of 210). A schedule sized by a slightly quick time is cut by the budget a few steps
+    before its end instead, so every model still trains for the same time."""
+    probe = TrainConfig(**{**asdict(tcfg), "out": tcfg.out + "-probe", "steps": 16, "max_minutes": 0,
                            "eval_tokens": 2, "save_every": 0})
     train(probe)
     times = [r["time"] for r in map(json.loads, (Path(probe.out) / "log.jsonl").read_text().splitlines()) if "loss" in r]
-    per_step = (times[-1] - times[0]) / max(1, len(times) - 1)
+    deltas = np.diff(times[3:]) if len(times) > 5 else np.diff(times)  # (n,)
+    per_step = float(np.quantile(deltas, 0.25)) if len(deltas) else 1.0
     return max(10, int(tcfg.max_minutes * 60 / max(per_step, 1e-6)))
 
 
@@ -243,7 +254,7 @@ def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, r
         cold_bins = np.unique(np.geomspace(1, cfg.cold_length + 1, cfg.position_bins + 1).astype(np.int64))
         scores[f"{corpus}_test_cold_starts"] = _score_cold_starts(model, test[:limit], cfg.cold_starts,
                                                                   cfg.cold_length, device, cold_bins)
-    if model.__class__.__name__ == "HorizonLM":
+    if carries_state(model):
         scores[f"{corpus}_test_reset_each_window"] = _score_books(model, test, documents, reset_window, device,
                                                                   reset_window, bins)
     if cfg.wikitext_raw and Path(cfg.wikitext_raw).is_file():
@@ -360,6 +371,9 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
     for name in names:
         if name not in ABLATIONS:
             raise ValueError(f"unknown model {name!r}; choose from {', '.join(ABLATIONS)}")
+        kind = ABLATIONS[name][0]
+        with torch.device("meta"):  # a model this machine cannot build (a peer without its library) fails now
+            build_model(kind, MODEL_KINDS[kind][1].preset(cfg.preset, **_overrides(name, cfg.preset)).to_dict())
     results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "models": {}, "sweeps": {}}
     if cfg.protocol:
         results["protocol"] = {"name": cfg.protocol, "settings": PROTOCOLS[cfg.protocol]}
@@ -427,7 +441,7 @@ def plot_quality(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     colors = plt.get_cmap("tab10").colors
     for i, (name, entry) in enumerate(results["models"].items()):
         color = colors[i % len(colors)]  # one colour per model in both panels; carried solid, reset dotted
@@ -439,12 +453,19 @@ def plot_quality(results: dict[str, Any], path: Path) -> None:
             if pos:
                 axes[1].plot([(p["from"] + p["to"]) / 2 for p in pos], [p["bits_per_byte"] for p in pos], style,
                              color=color, label=f"{name} ({'carried' if style == '-' else 'reset'})")
+        cold = next((v for k, v in entry["scores"].items() if k.endswith("_test_cold_starts")), {}).get("by_position", [])
+        if cold:
+            axes[2].plot([(p["from"] + p["to"]) / 2 for p in cold], [p["bits_per_byte"] for p in cold], color=color,
+                         label=name)
     axes[0].set(xlabel="training seconds", ylabel="train bits per byte", title="loss against time")
     axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte",
                 title=f"{results.get('data', {}).get('corpus') or 'novels'} test by position (top clipped at 6)",
                 xscale="log", ylim=(None, 6))
+    axes[2].set(xlabel="bytes after a cold start (empty state and memory)", ylabel="bits per byte",
+                title="test split, cold starts (mean over starts)", xscale="log", ylim=(None, 6))
     for ax in axes:
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel no entry has data for stays without a legend
+            ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)

@@ -51,8 +51,8 @@ from horizonlm.bench.recall_data import (
 )
 from horizonlm.bench.recall_plot import plot_recall
 from horizonlm.bench.recall_train import Budget, evaluate, train_model
-from horizonlm.checkpoint import Checkpoint, build_model, load_checkpoint
-from horizonlm.config import HorizonConfig, TransformerConfig
+from horizonlm.checkpoint import MODEL_KINDS, Checkpoint, build_model, load_checkpoint
+from horizonlm.config import HorizonConfig
 from horizonlm.data.tokenizers import require_byte_level
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
@@ -95,7 +95,8 @@ class RecallConfig(OptimizerSettings):
     """Blocks per model (Zoology's MQAR models have 2)."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """HorizonConfig fields that replace the preset's in every HorizonLM (e.g. memory_capacity,
-    chunk_size, ssm_kind); the transformer ignores them."""
+    chunk_size, ssm_kind); the transformer and a peer (``gla``) match the HorizonLM they
+    make (width, depth, MLP) and ignore the rest."""
     init_checkpoint: str = ""
     """Fine-tune this checkpoint (e.g. a language model pretrained on prose) instead of training
     ``models`` from scratch: every learning-rate candidate starts from its weights. Its
@@ -262,16 +263,17 @@ class RunPlan:
     name: str
     """Model name (an ablation of ``bench quality``, or ``KIND+init`` for a checkpoint)."""
     kind: str
-    """``horizon`` or ``transformer``."""
+    """``horizon``, ``transformer`` or a peer (``gla``)."""
     model_config: dict[str, Any]
-    """The model's config (HorizonConfig or TransformerConfig fields)."""
+    """The model's config (the fields of its kind's config class)."""
     key: str
     """Name of the results entry."""
 
 
 def scaled_config(cfg: RecallConfig, name: str, width: int) -> tuple[str, dict[str, Any]]:
     """The preset at ``width`` and ``layers``: MLP and supervisor widths scale with the model's,
-    so the shape stays the preset's; the transformer matches the HorizonLM of that width."""
+    so the shape stays the preset's; the transformer and a peer match the HorizonLM of that width
+    (an entry's switches then set fields of their own config)."""
     kind, switches = ABLATIONS[name]
     base = HorizonConfig.preset(cfg.preset)
     scale = width / base.d_model
@@ -279,10 +281,12 @@ def scaled_config(cfg: RecallConfig, name: str, width: int) -> tuple[str, dict[s
               "mlp_hidden": max(1, round(base.mlp_hidden * scale)),
               "supervisor_dim": max(1, round(base.supervisor_dim * scale))}
     try:
-        horizon = HorizonConfig.preset(cfg.preset, **{**fields, **switches, **cfg.model_overrides})
+        own = switches if kind == "horizon" else {}
+        horizon = HorizonConfig.preset(cfg.preset, **{**fields, **own, **cfg.model_overrides})
         if kind == "horizon":
             return kind, horizon.to_dict()
-        return kind, TransformerConfig.matching(horizon).to_dict()
+        matched = MODEL_KINDS[kind][1].matching(horizon)
+        return kind, type(matched).from_dict({**matched.to_dict(), **switches}).to_dict()
     except (TypeError, ValueError) as err:
         raise HorizonError(f"invalid model settings for {name} at width {width}: {err}") from err
 
@@ -385,13 +389,14 @@ def rung1_task(cfg: RecallConfig, fillers: dict[str, Filler], device: torch.devi
 
 
 def rung2_task(cfg: RecallConfig, fillers: dict[str, Filler], device: torch.device, plan: RunPlan) -> Task:
-    """Cross-window recall: HorizonLM in windows with its state carried; the transformer in one
-    call, only where the sequence fits its window."""
-    transformer = plan.kind == "transformer"
+    """Cross-window recall: HorizonLM (and a peer that carries its state) in windows with its state
+    carried; the transformer (or a peer that does not) in one call, only where the sequence fits
+    its window."""
+    transformer = plan.kind == "transformer" or plan.model_config.get("carry_state") is False
     train_gaps = parse_ints(cfg.train_gaps)
     train_gaps = cfg.fitting_gaps(train_gaps) if transformer else train_gaps
     if not train_gaps:
-        raise HorizonError(f"no training gap fits the transformer's window of {cfg.window} tokens")
+        raise HorizonError(f"no training gap fits {plan.name}'s window of {cfg.window} tokens")
     pairs = cfg.cross_pairs
 
     def make(split: str, gap: int) -> Callable[[int, torch.Generator], RecallBatch]:
@@ -417,7 +422,7 @@ def rung2_task(cfg: RecallConfig, fillers: dict[str, Filler], device: torch.devi
             cell = {"gap": gap, "pairs": pairs, "tokens": 4 * pairs + gap}
             if transformer and not cfg.fitting_gaps([gap]):
                 yield {**cell, "status": "not run",
-                       "reason": f"longer than the transformer's window of {cfg.window} tokens"}
+                       "reason": f"longer than {plan.name}'s window of {cfg.window} tokens"}
                 continue
             start = time.perf_counter()
             scores = evaluate(model, gap_batches("test", gap, cfg.cross_eval_sequences), window, cfg.bf16)

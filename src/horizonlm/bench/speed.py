@@ -9,6 +9,10 @@ Like for like: both models decode by CUDA graph replay (HorizonLM one graph per 
 transformer one graph over a static KV cache); the transformer's eager decode is kept as extra
 rows, ``transformer+eager``, labelled ``graphed: false``. MFU is given against three peaks: the
 quoted 790 TFLOP/s, the bf16 matmul rate measured in the same run, and the datasheet peak.
+
+A peer named in ``models`` (``gla``, flash-linear-attention's GLA) is timed in training and in
+prefill (its state carried between windows, as HorizonLM's), after its kernel is checked against a
+float64 reference; it has no decode rows.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from horizonlm.bench.common import (
     save_figure,
     time_cuda,
 )
+from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder
 from horizonlm.fileio import atomic_write_json
 from horizonlm.model import HorizonLM
+from horizonlm.peers.gla import check_gla_kernel
 
 PEAK_BF16_FLOPS = 790e12
 """The bf16 dense matrix rate MFU is quoted against (the issue's figure for this H200)."""
@@ -57,6 +63,10 @@ class SpeedConfig:
     """Preset of both models (same width, depth and MLP)."""
     parts: str = "ceilings,checks,train,prefill,decode,memory"
     """Comma-separated parts to run."""
+    models: str = "horizon,transformer"
+    """Models of the checks, train, prefill and decode parts: ``horizon``, ``transformer`` and the
+    peer ``gla`` (flash-linear-attention's GLA, extra ``[peers]``: checks, train and prefill; its
+    decode rows say not run)."""
     tokens_per_step: int = 131072
     """Tokens per training step at every length (batch = tokens / length)."""
     train_lengths: str = "2048,8192,32768,131072"
@@ -90,7 +100,17 @@ class SpeedConfig:
     warmup: int = 2
     """Untimed repetitions first."""
     compile: bool = True
-    """Also time training with every block torch.compile'd (rows labelled ``+compile``)."""
+    """Also time training with every block torch.compile'd (rows labelled ``+compile``; HorizonLM
+    and the transformer only)."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.model_list if m not in MODEL_KINDS]
+        if unknown or not self.model_list:
+            raise ValueError(f"models must name some of {', '.join(MODEL_KINDS)}, got {self.models!r}")
+
+    @property
+    def model_list(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
 
 
 def chunk_end_modules(model: nn.Module) -> list[nn.Module]:
@@ -140,20 +160,20 @@ def matmul_params(model: nn.Module) -> dict[str, float]:
 
 def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
     """6 x the effective matmul parameters per token; the baseline adds causal attention,
-    6 * n_layers * D * L (half of full attention's 12 * n_layers * D * L, for the mask)."""
+    6 * n_layers * D * L (half of full attention's 12 * n_layers * D * L, for the mask). The GLA
+    peer's count is its matmuls alone: the products inside its chunked kernels are not counted."""
     flops = 6.0 * matmul_params(model)["effective"]
     if isinstance(model, TransformerLM):
         flops += 6.0 * model.config.n_layers * model.config.d_model * seq_len
     return flops
 
 
-def flop_counts(preset: str) -> dict[str, dict[str, float]]:
-    """Matmul parameters and FLOPs per token of both models (built on the meta device), the one
+def flop_counts(preset: str, kinds: tuple[str, ...] = ("horizon", "transformer")) -> dict[str, dict[str, float]]:
+    """Matmul parameters and FLOPs per token of the models (built on the meta device), the one
     source for the benchmark's JSON and the notes written from it."""
     out = {}
     with torch.device("meta"):
-        models = {"horizon": HorizonLM(HorizonConfig.preset(preset)),
-                  "transformer": TransformerLM(TransformerConfig.preset(preset))}
+        models = {kind: _build(kind, preset, None) for kind in kinds}
     for kind, model in models.items():
         counts = matmul_params(model)
         out[kind] = {"parameters": sum(p.numel() for p in model.parameters()), "matmul_parameters": counts,
@@ -181,10 +201,11 @@ def mfu_columns(model_flops_per_s: float, peaks: dict[str, float | None]) -> dic
             "mfu_vs_datasheet": model_flops_per_s / peaks["datasheet_dense"]}
 
 
-def _build(kind: str, preset: str, device: torch.device) -> nn.Module:
+def _build(kind: str, preset: str, device: torch.device | None) -> nn.Module:
+    """``kind`` at ``preset`` (on ``device``; None: where it was built)."""
     torch.manual_seed(0)
-    model = HorizonLM(HorizonConfig.preset(preset)) if kind == "horizon" else TransformerLM(TransformerConfig.preset(preset))
-    return model.to(device)
+    model = build_model(kind, MODEL_KINDS[kind][1].preset(preset).to_dict())
+    return model if device is None else model.to(device)
 
 
 def _oom_guard(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -247,6 +268,32 @@ def run_checks(device: torch.device) -> dict[str, Any]:
     return out
 
 
+def peer_checks(kind: str, device: torch.device) -> dict[str, Any]:
+    """On the GPU, for a peer: its library's kernel against a float64 reference, forward and
+    backward (:func:`horizonlm.peers.gla.check_gla_kernel`), and streaming against one call."""
+    out: dict[str, Any] = {}
+    if kind == "gla":
+        try:
+            out["gla_kernel_vs_float64_recurrence"] = check_gla_kernel(device)
+        except Exception as err:
+            out["gla_kernel_vs_float64_recurrence_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    try:
+        model = _build(kind, "small", device)
+        tokens = torch.randint(0, 256, (2, 3000), device=device)  # (B, T)
+        with torch.no_grad():
+            full, _ = model(tokens)  # (B, T, V)
+            a, state = model(tokens[:, :1234])  # (B, 1234, V)
+            b, _ = model(tokens[:, 1234:], state)  # (B, T - 1234, V)
+            out[f"{kind}_streaming_vs_one_call_float32_rel_err"] = (
+                (torch.cat([a, b], 1) - full).norm() / full.norm()).item()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                low, _ = model(tokens)  # (B, T, V)
+            out[f"{kind}_bf16_autocast_vs_float32_logits_rel_err"] = ((low.float() - full).norm() / full.norm()).item()
+    except Exception as err:
+        out[f"{kind}_streaming_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return out
+
+
 def check_graphed_decode(device: torch.device, preset: str = "small", prefix: int = 100, steps: int = 300) -> float:
     """Graphed HorizonLM steps (300 cross two chunk ends of the small preset) against eager
     steps, float32, no autocast: the worst relative error of the logits."""
@@ -285,7 +332,7 @@ def check_graphed_transformer_decode(device: torch.device, preset: str = "small"
 
 def bench_train(kind: str, cfg: SpeedConfig, device: torch.device,
                 peaks: dict[str, float | None] | None = None) -> list[dict[str, Any]]:
-    """Training rows for ``kind`` (``horizon`` or ``transformer``, optionally ``+compile``)."""
+    """Training rows for ``kind`` (``horizon``, ``transformer`` or a peer, optionally ``+compile``)."""
     peaks = peaks or mfu_peaks(None)
     rows = []
     model = _build(kind.split("+")[0], cfg.preset, device)
@@ -309,7 +356,7 @@ def bench_train(kind: str, cfg: SpeedConfig, device: torch.device,
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                carried["state"] = new_state.detach() if isinstance(model, HorizonLM) else None
+                carried["state"] = new_state.detach() if carries_state(model) else None
 
             times = time_cuda(step, cfg.warmup, cfg.repeat)
             t = median(times)
@@ -345,7 +392,7 @@ def bench_prefill(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dic
             rows.append({"part": "prefill", "model": kind, "seq_len": length, "batch": 1, "status": "not run",
                          "reason": f"beyond transformer_prefill_max={cfg.transformer_prefill_max}: quadratic time"})
             continue
-        window = length if kind == "transformer" else cfg.prefill_window
+        window = cfg.prefill_window if carries_state(model) else length
 
         def run() -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
@@ -390,9 +437,14 @@ def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: 
 
 
 def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
-    """Decode rows for ``kind``: ``horizon`` and ``transformer`` graphed, ``transformer+eager``."""
+    """Decode rows for ``kind``: ``horizon`` and ``transformer`` graphed, ``transformer+eager``;
+    a peer's say not run (no graphed decoder here: an eager one would not compare like for like)."""
     rows = []
     base_kind = kind.split("+")[0]
+    if base_kind not in ("horizon", "transformer"):
+        return [{"part": "decode", "model": kind, "context": context, "batch": batch, "status": "not run",
+                 "reason": "no graphed decoder for this peer"}
+                for context in parse_ints(cfg.decode_contexts) for batch in parse_ints(cfg.decode_batches)]
     model = _build(base_kind, cfg.preset, device).eval()
     for context in parse_ints(cfg.decode_contexts):
         if base_kind == "transformer" and context > cfg.transformer_prefill_max:
@@ -468,7 +520,8 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
     torch.backends.cuda.matmul.allow_tf32 = True
     parts = set(cfg.parts.split(","))
     results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "rows": []}
-    results["flops"] = flop_counts(cfg.preset)
+    models = cfg.model_list
+    results["flops"] = flop_counts(cfg.preset, tuple(models))
     results["parameters"] = {kind: counts["parameters"] for kind, counts in results["flops"].items()}
     out = Path(cfg.out)
 
@@ -484,9 +537,12 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
     if "checks" in parts:
         torch.backends.cuda.matmul.allow_tf32 = False  # the checks compare float32 paths without TF32
         try:
-            results["checks"] = run_checks(device)
+            results["checks"] = run_checks(device) if {"horizon", "transformer"} & set(models) else {}
         except Exception as err:
             results["checks"] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+        for kind in models:
+            if kind not in ("horizon", "transformer"):
+                results["checks"].update(peer_checks(kind, device))
         torch.backends.cuda.matmul.allow_tf32 = True
         print(json.dumps(results["checks"]), flush=True)
         save()
@@ -495,10 +551,10 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
                ("decode", lambda kind: bench_decode(kind, cfg, device)))
     for part, fn in benches:
         if part in parts:
-            kinds = ["horizon", "transformer"]
+            kinds = list(models)
             if part == "train" and cfg.compile:
-                kinds += ["horizon+compile", "transformer+compile"]
-            if part == "decode":
+                kinds += [f"{k}+compile" for k in models if k in ("horizon", "transformer")]
+            if part == "decode" and "transformer" in models:
                 kinds += ["transformer+eager"]
             for kind in kinds:
                 results["rows"].extend(fn(kind))
@@ -524,8 +580,10 @@ def plot_speed(results: dict[str, Any], path: Path) -> None:
               ("prefill", "seq_len", "seconds", "prefill seconds (batch 1)", "sequence length (tokens)"),
               ("decode", "context", "ms_per_token_step", "decode ms per step (median, batch 1)", "context (tokens)"))
     for ax, (part, x, y, title, xlabel) in zip(axes, panels):
-        for kind, marker in (("horizon", "o-"), ("transformer", "s--"), ("horizon+compile", "o:"),
-                             ("transformer+compile", "s:"), ("transformer+eager", "x:")):
+        styles = {"horizon": "o-", "transformer": "s--", "horizon+compile": "o:", "transformer+compile": "s:",
+                  "transformer+eager": "x:"}
+        peers = sorted({r["model"] for r in rows} - set(styles))
+        for kind, marker in [*styles.items(), *((peer, "^-.") for peer in peers)]:
             pts = sorted((r[x], r[y]) for r in rows
                          if r["part"] == part and r["model"] == kind and (part != "decode" or r["batch"] == 1))
             if pts:

@@ -129,6 +129,8 @@ def write_folder(folder: Path, model: nn.Module, tokenizer: dict[str, Any], info
     """Write the files of an exported model into an existing, empty ``folder``: the Hugging Face
     files, and a checkpoint.json over them holding ``info``'s ``CARRIED_INFO``."""
     kind = model_kind(model)
+    if kind not in MODEL_TYPES:
+        raise HorizonError(f"a {kind} model is a peer built on another library: it has no Hugging Face export here")
     tok_json = tokenizer_json(tokenizer)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     config = {"model_type": MODEL_TYPES[kind], "architectures": [ARCHITECTURES[kind]], "dtype": dtype,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from horizonlm.ops.topk_read import topk_visible_dense, visible_mask
+from horizonlm.ops.topk_read import topk_read, visible_mask
 
 __all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 
@@ -19,14 +19,14 @@ __all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capacity: int,
                  k: int) -> tuple[Tensor, Tensor]:
     """The K best visible entries of a block of queries: scores (-inf where fewer than K are
-    visible) and indices into ``keys``; equal scores rank newest first (``ops.topk_search.topk_newest_first``;
-    entries are kept in stream order). One selection serves the read and the diagnostics.
+    visible), differentiable in q and keys, and indices into ``keys``; equal scores rank newest
+    first (entries are kept in stream order). One selection serves the read and the diagnostics.
 
-    This dense selection keeps that tie rule exactly, which the golden property needs where
-    contexts repeat. ``ops.topk_read`` (the fused Triton read, which never builds the score
-    matrix) follows the same rule in the interpreter tests but has not yet been compiled and
-    checked on a GPU (``horizon bench memory --read``), so it is not called here yet."""
-    return topk_visible_dense(q, keys, entry_ids, seen, capacity, k)  # (B, Lb, K) twice
+    ``ops.topk_read`` chooses without the (L, M) score matrix: the fused Triton kernel on a CUDA
+    device (checked against the dense selection on an H200 by ``horizon bench memory --read``:
+    bench/results/memory_read.json), its blocked torch twin elsewhere; the dense selection
+    (``topk_visible_dense``) is the reference the tests hold both to."""
+    return topk_read(q, keys, entry_ids, seen, capacity, k)  # (B, Lb, K) twice
 
 
 def read_weights(top_scores: Tensor, tau: float, null_score: Tensor | None = None) -> Tensor:

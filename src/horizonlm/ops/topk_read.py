@@ -30,7 +30,8 @@ in float32 agrees with the float32 torch paths id for id wherever tied scores ar
 in both (as identical keys' scores normally are; the interpreter test uses scores exact in
 float32, so that no summation order can split a tie); near-ties, scores within rounding of each
 other, can still be ordered differently, as before, since the kernel's products (tf32x3 on the
-GPU) do not round as torch's do. ``memory_read`` does not call the kernel yet (not yet checked on the GPU).
+GPU) do not round as torch's do. ``memory_read`` selects with :func:`topk_read` (the kernel on CUDA,
+checked on an H200 by ``horizon bench memory --read``).
 
 The selection is not differentiable; :func:`topk_read` chooses under ``no_grad`` and recomputes
 the chosen scores ``q_t . k_idx`` in torch, so gradients reach the queries and the keys.
