@@ -26,6 +26,8 @@ def test_read_part_runs_the_twin_at_tiny_sizes(tmp_path: Path) -> None:
     assert read["selection"] == "torch twin" and read["environment"]["device"] == "cpu"
     assert len(read["checks"]) == 2 and all(row["ok"] for row in read["checks"])
     assert all(row["same_set_fraction"] == 1.0 and row["finite_slots"] > 0 for row in read["checks"])
+    path = read["read_path_checks"]  # the whole read, reads and gradients, fast selection against dense
+    assert len(path) == 1 and path[0]["ok"] and path[0]["grad_keys_rel_err"] < 1e-5, path
     assert [row["top_k"] for row in read["rows"]] == [4, 32]
     assert all(row["ms"] > 0 and row["dense_ms"] > 0 and row["dense_queries_timed"] == 40 for row in read["rows"])
 

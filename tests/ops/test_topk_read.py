@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from horizonlm.ops import memory_read as memory_read_module
 from horizonlm.ops.chunks import chunk_layout
 from horizonlm.ops.memory_read import memory_read, memory_topk_ids
 from horizonlm.ops.topk_read import (
@@ -104,7 +103,7 @@ def test_empty_memory_and_nothing_visible() -> None:
     assert (picked == -1).all()
 
 
-def test_gradients_through_the_new_selection_equal_the_dense_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gradients_through_the_new_selection_equal_the_dense_ones() -> None:
     """memory_read (whatever it does with the chosen scores) gives the same output and gradients
     whether the selection is the blocked one or the dense one; so do the chosen scores alone."""
     q, keys, ids, seen = _stream(2, 6, 4, pos=10, length=21, carried=3, per_token=True, seed=3)
@@ -112,17 +111,15 @@ def test_gradients_through_the_new_selection_equal_the_dense_ones(monkeypatch: p
     inputs = [t.clone().requires_grad_() for t in (q, keys, values)]
     g_out = torch.randn(2, 21, 5, dtype=torch.float64)  # (B, L, Dv)
 
-    def run() -> tuple[torch.Tensor, ...]:
-        out = memory_read(*inputs, ids, seen, 3, 4, 5.0, block=8)  # (B, L, Dv)
+    def run(reference: bool) -> tuple[torch.Tensor, ...]:
+        out = memory_read(*inputs, ids, seen, 3, 4, 5.0, block=8, null_score=torch.tensor([0.3], dtype=torch.float64),
+                          reference=reference)  # (B, L, Dv)
         return (out, *torch.autograd.grad((out * g_out).sum(), inputs))
 
-    new = run()
-    monkeypatch.setattr(memory_read_module, "_top_visible", topk_visible_dense)
-    dense = run()
+    new, dense = run(False), run(True)
     assert new[0].abs().sum() > 0
     for a, b in zip(new, dense):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    monkeypatch.undo()
     qr, kr = (t.clone().requires_grad_() for t in (q, keys))
     s_new, i_new = topk_read(qr, kr, ids, seen, 3, 4)
     s_ref, i_ref = topk_visible_dense(qr, kr, ids, seen, 3, 4)

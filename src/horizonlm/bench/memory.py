@@ -233,10 +233,53 @@ def _same_selection(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Ten
             "finite_slots": int(finite.sum())}
 
 
+def _read_path_check(dtype: torch.dtype, device: torch.device, batch: int = 2, length: int = 4096,
+                     carried: int = 8192, chunk: int = 128, capacity: int = 64, k: int = 8,
+                     dim: int = 128) -> dict[str, Any]:
+    """The whole read as the base model runs it in training (one window of ``length`` tokens after
+    ``carried`` entries, one entry per token, ``capacity`` chunks of ``chunk`` visible, the null
+    entry), through the fast selection and through the dense reference: the relative error of
+    the reads and of the gradients of queries, keys and values."""
+    from horizonlm.ops.chunks import chunk_layout
+    from horizonlm.ops.memory_read import memory_read
+
+    g = torch.Generator(device=device).manual_seed(7)
+    layout = chunk_layout(carried, length, chunk, device)
+    ids = torch.cat([torch.arange(carried, device=device) // chunk, layout.completed_before])  # (M,)
+    q = F.normalize(torch.randn(batch, length, dim, generator=g, device=device), dim=-1).to(dtype)  # (B, L, Dk)
+    keys = F.normalize(torch.randn(batch, carried + length, dim, generator=g, device=device), dim=-1)  # (B, M, Dk)
+    keys[:, carried:] = q  # the window's own contexts again: exact matches, as repeated text makes
+    keys = keys.to(dtype)  # (B, M, Dk)
+    values = torch.randn(batch, carried + length, dim, generator=g, device=device).to(dtype)  # (B, M, Dv)
+    g_out = torch.randn(batch, length, dim, generator=g, device=device).to(dtype)  # (B, L, Dv)
+    null = torch.tensor([0.5], device=device)  # (1,)
+
+    def run(reference: bool) -> list[torch.Tensor]:
+        inputs = [t.clone().requires_grad_() for t in (q, keys, values)]
+        read = memory_read(*inputs, ids, layout.completed_before, capacity, k, 10.0, 4096, null,
+                           reference=reference)  # (B, L, Dv)
+        return [read, *torch.autograd.grad((read * g_out).sum(), inputs)]
+
+    fast, ref = run(False), run(True)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+    row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "queries": length,
+           "entries": carried + length, "capacity_chunks": capacity, "chunk": chunk, "top_k": k, "dim": dim,
+           **{f"{name}_rel_err": rel(a, b) for name, a, b in zip(("read", "grad_q", "grad_keys", "grad_values"),
+                                                                 fast, ref)}}
+    row["ok"] = all(v < (2e-2 if dtype != torch.float32 else 1e-3) for key, v in row.items() if key.endswith("rel_err"))
+    print(json.dumps({"part": "read_path_check", **row}), flush=True)
+    return row
+
+
 def bench_read(cfg: MemoryBenchConfig) -> dict[str, Any]:
     """The top-K memory read's selection: the dispatching ``topk_visible`` (the Triton kernel on
-    CUDA, the torch twin elsewhere) against the dense torch selection, then timed against the
-    dense blocked path at ``read_queries`` x ``read_entries``."""
+    CUDA, the torch twin elsewhere) against the dense torch selection; the whole read
+    (``memory_read``: reads and gradients) through it against the dense reference at the base
+    model's training shape; then the selection timed against the dense blocked path at
+    ``read_queries`` x ``read_entries``."""
     from horizonlm.devices import resolve_device
     from horizonlm.ops import topk_read
 
@@ -269,6 +312,8 @@ def bench_read(cfg: MemoryBenchConfig) -> dict[str, Any]:
                 row["ok"] = row["same_padding"] and row["same_set_fraction"] > 0.999 and row["max_abs_score_diff"] < 1e-3
                 print(json.dumps({"part": "read_check", **row}), flush=True)
                 out["checks"].append(row)
+    shape = {} if device.type == "cuda" else {"length": 200, "carried": 300, "chunk": 16, "capacity": 8, "dim": 16}
+    out["read_path_checks"] = [_read_path_check(dtype, device, **shape) for dtype in dtypes]
     n, m = cfg.read_queries, cfg.read_entries
     ids = torch.arange(m, device=device)  # (M,)
     seen = torch.full((n,), m, device=device)  # (L,): every entry visible to every query

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from horizonlm.ops.topk_read import topk_read, visible_mask
+from horizonlm.ops.topk_read import topk_read, topk_visible_dense, visible_mask
 
 __all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 
 
 def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capacity: int,
-                 k: int) -> tuple[Tensor, Tensor]:
+                 k: int, reference: bool = False) -> tuple[Tensor, Tensor]:
     """The K best visible entries of a block of queries: scores (-inf where fewer than K are
     visible), differentiable in q and keys, and indices into ``keys``; equal scores rank newest
     first (entries are kept in stream order). One selection serves the read and the diagnostics.
@@ -25,7 +25,10 @@ def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capac
     ``ops.topk_read`` chooses without the (L, M) score matrix: the fused Triton kernel on a CUDA
     device (checked against the dense selection on an H200 by ``horizon bench memory --read``:
     bench/results/memory_read.json), its blocked torch twin elsewhere; the dense selection
-    (``topk_visible_dense``) is the reference the tests hold both to."""
+    (``topk_visible_dense``, chosen by ``reference``) is the reference the tests and the GPU check
+    hold both to."""
+    if reference:
+        return topk_visible_dense(q, keys, entry_ids, seen, capacity, k)  # (B, Lb, K) twice
     return topk_read(q, keys, entry_ids, seen, capacity, k)  # (B, Lb, K) twice
 
 
@@ -56,13 +59,15 @@ def memory_read(
     tau: float,
     block: int = 1024,
     null_score: Tensor | None = None,
+    reference: bool = False,
 ) -> Tensor:
     """``r_t = sum_{j in topK} softmax(tau * q_t . k_j) v_j`` over the visible entries, with the
     null entry of :func:`read_weights` in the softmax when ``null_score`` is given.
 
     queries: (B, L, Dk), keys: (B, M, Dk), values: (B, M, Dv), entry_ids: (M,),
     completed_before: (L,), null_score: (1,) or None. A token with no visible entry reads zeros.
-    Returns (B, L, Dv).
+    ``reference`` selects with the dense score matrix instead of ``ops.topk_read`` (the check of
+    the fast selection). Returns (B, L, Dv).
     """
     batch, length, _ = queries.shape
     n_entries = keys.shape[1]
@@ -73,7 +78,8 @@ def memory_read(
     reads = []
     for start in range(0, length, block):
         q = queries[:, start : start + block]  # (B, Lb, Dk)
-        top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k)
+        top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k,
+                                             reference)  # (B, Lb, K) twice
         weights = read_weights(top_scores, tau, null_score)  # (B, Lb, K)
         picked = values[batch_index, top_index]  # (B, Lb, K, Dv)
         reads.append(torch.einsum("blk,blkd->bld", weights, picked))  # (B, Lb, Dv)
