@@ -83,7 +83,7 @@ def test_episodes_fit_the_bound_and_are_reproducible() -> None:
         rng = random.Random(n)
         for _ in range(500):
             facts, asked = draw_episode(rng, n)
-            size = sum(len(f.statement) for f in facts) + len(facts[asked].question) + len(facts[asked].value) + 2
+            size = sum(len(f.statement) + len(f.question) + len(f.value) + 2 for f in facts)  # each fact asked
             assert size <= longest_fact(n)
             assert len({f.value for f in facts}) == n and len({f.label for f in facts}) == n
     one = draw_episode(random.Random(7), 3)

@@ -37,11 +37,19 @@ def test_epoch_wraps_and_too_little_data() -> None:
         LongStreamBatcher(np.arange(10), 2, 32)
 
 
-def _asked_value(y: torch.Tensor, w: torch.Tensor, weight: float) -> bytes:
-    """The weighted targets are exactly the answer, " VALUE.", at the window's end."""
-    answer = bytes(y[w == weight].tolist())
-    assert answer.startswith(b" ") and answer.endswith(b".") and bytes(y.tolist()).endswith(answer)
-    return answer[1:-1]
+def _answers(y: torch.Tensor, w: torch.Tensor, weight: float) -> list[bytes]:
+    """The weighted targets are runs " VALUE." (one per fact asked), the last at the window's end."""
+    text, marked = bytes(y.tolist()), (w == weight).tolist()
+    runs, start = [], None
+    for i, on in enumerate(marked + [False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            runs.append(text[start:i])
+            start = None
+    assert runs and text.endswith(runs[-1])
+    assert all(run.startswith(b" ") and run.endswith(b".") for run in runs), runs
+    return [run[1:-1] for run in runs]
 
 
 def test_retrieval_episodes_cross_windows() -> None:
@@ -55,7 +63,7 @@ def test_retrieval_episodes_cross_windows() -> None:
     for stream in range(2):
         earlier = b"".join(bytes(batcher.batch(i)[0][stream].tolist()) for i in (0, 1))
         x_last, y_last, w_last = batcher.batch(2)
-        value = _asked_value(y_last[stream], w_last[stream], 5.0)
+        [value] = _answers(y_last[stream], w_last[stream], 5.0)  # one fact, asked once
         question = bytes(y_last[stream].tolist())
         assert value in earlier and question.count(value) == 1  # stated before, only answered here
         assert (w_last[stream] != 5.0).sum() == 1024 - len(value) - 2
@@ -63,29 +71,28 @@ def test_retrieval_episodes_cross_windows() -> None:
     assert torch.equal(batcher.batch(2)[1], y_last)  # deterministic: the same step gives the same data
 
 
-def test_retrieval_episodes_in_the_question_window_with_labelled_keys() -> None:
-    """same_window=1: every fact is stated before the question in the last window, the question
-    names the asked fact's label, and the weighted targets are exactly its value."""
+def test_retrieval_episodes_in_the_question_window_ask_every_labelled_fact() -> None:
+    """same_window=1: every fact is stated before the questions in the last window; each fact is
+    asked once, by a question naming its label, and the weighted targets are exactly the values."""
     from horizonlm.data.episodes import LABELS
     from horizonlm.data.stream import RetrievalMix
 
     tokens = (np.arange(400_000) % 26 + 97).astype(np.uint8)
     mix = RetrievalMix(every=2, rate=1.0, seed=3, answer_weight=7.0, same_window=1.0, max_keys=4)
-    batcher = LongStreamBatcher(tokens, 8, 1024, retrieval=mix)
+    batcher = LongStreamBatcher(tokens, 8, 2048, retrieval=mix)
     labels = [pattern.format(c=c).encode() for pattern, fillers in LABELS.values() for c in fillers]
-    facts_seen = set()
+    counts = set()
     for b in range(8):
         assert b"pass key" not in bytes(batcher.batch(0)[0][b].tolist())
         _, y, w = batcher.batch(1)
-        value = _asked_value(y[b], w[b], 7.0)
-        text = bytes(y[b].tolist())
-        question = text[text.rindex(b"  ") + 1 :] if b"  " in text else text  # after the last fact
-        stated = text[: text.rindex(value)]
-        assert value in stated
-        asked = [label for label in labels if label in question and label in stated]
-        assert asked, question
-        facts_seen.add(sum(stated.count(label) > 0 for label in labels))
-    assert len(facts_seen) > 1  # one to four facts
+        values = _answers(y[b], w[b], 7.0)
+        text = bytes(y[b].tolist()).lower()  # a fact may open its sentence with the label or the value
+        assert len(set(values)) == len(values)
+        assert all(text.count(v.lower()) == 2 for v in values)  # stated once, answered once (the weighted run)
+        named = [label for label in labels if text.count(label.lower()) >= 2]  # stated and asked
+        assert len(named) == len(values) and not [label for label in labels if text.count(label.lower()) == 1]
+        counts.add(len(values))
+    assert len(counts) > 1  # one to four facts
 
 
 def test_retrieval_needs_room_in_the_window() -> None:

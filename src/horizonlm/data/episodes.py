@@ -168,14 +168,15 @@ def draw_episode(rng: random.Random, n_facts: int, held_out: bool = False,
 
 
 def longest_fact(n_facts: int) -> int:
-    """A bound on the bytes ``n_facts`` facts and their question take (for window sizes)."""
+    """A bound on the bytes ``n_facts`` facts and a question with its answer for each take (for
+    window sizes)."""
     label = max(map(len, _labels()))
     kind = max(map(len, KINDS))
     value = max(len("99999"), max(map(len, WORDS)), len("AB-999"))
     core = max(len(c) for c in TRAIN_CORES + HELD_OUT_CORES) + 2 * kind + label + value
     fact = max(map(len, OPENERS)) + core + max(map(len, CLOSERS)) + 2
     question = max(len(q) for q in TRAIN_QUESTIONS + HELD_OUT_QUESTIONS) + 2 * kind + 2 * label
-    return n_facts * fact + question + value + 2
+    return n_facts * (fact + question + value + 2)
 
 
 __all__ = ["Fact", "draw_episode", "make_fact", "train_templates", "held_out_templates", "longest_fact",

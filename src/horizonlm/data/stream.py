@@ -59,7 +59,8 @@ class RetrievalMix:
     Each stream's windows are grouped in episodes of ``every`` windows. With probability
     ``rate`` an episode states 1 to ``max_keys`` labelled facts (phrasing, labels and values
     drawn from the training grammar, never the benchmark's sentences or the held-out phrasings)
-    and asks for one of them at the end of its last window, with the answer as the target. With
+    and asks for every one of them, in a random order, at the end of its last window, each
+    answer a target (so a window of four facts teaches four lookups for the bytes of one). With
     probability ``same_window`` the facts are stated in the question's own window: only there
     does writing the memory get a gradient, because entries carried from earlier windows are
     detached. Otherwise they are stated in an earlier window, so the fact can only travel
@@ -90,10 +91,12 @@ class RetrievalMix:
         rng = random.Random(f"{self.seed}-{stream}-{episode}")
         if rng.random() >= self.rate:
             return None
-        facts, asked = draw_episode(rng, rng.randint(1, self.max_keys))
+        facts, _ = draw_episode(rng, rng.randint(1, self.max_keys))
         same = self.every == 1 or rng.random() < self.same_window
         fact_step = self.every - 1 if same else rng.randrange(self.every - 1)
-        ask = f"{facts[asked].question} {facts[asked].value}.".encode()
+        asked = [facts[i] for i in rng.sample(range(len(facts)), len(facts))]  # every fact, in a random order
+        parts = [f"{fact.question} {fact.value}.".encode() for fact in asked]
+        ask = b"".join(parts)
         stated = [fact.statement.encode() for fact in facts]
         length = len(window)
         room = length - (len(ask) if same else 0) - sum(map(len, stated))
@@ -108,8 +111,11 @@ class RetrievalMix:
             return None
         window[length - len(ask) :] = np.frombuffer(ask, dtype=np.uint8)
         weights = np.ones(length - 1, dtype=np.float32)
-        answer = len(f" {facts[asked].value}.")
-        weights[length - 1 - answer :] = self.answer_weight  # the targets " 48213." after the question
+        end = length - len(ask)  # where the first question starts, then each part's end
+        for fact, part in zip(asked, parts):
+            end += len(part)
+            answer = len(f" {fact.value}.")
+            weights[end - 1 - answer : end - 1] = self.answer_weight  # the targets " 48213." after its question
         return weights
 
 
@@ -136,7 +142,7 @@ class LongStreamBatcher:
         self.windows = (self.stream_len - 1) // self.seq_len
         if self.retrieval is not None and self.retrieval.longest() > self.seq_len:
             raise HorizonError(f"seq_len={self.seq_len} is too short for {self.retrieval.max_keys} recall fact(s) "
-                               f"and the question ({self.retrieval.longest()} tokens)")
+                               f"and their questions ({self.retrieval.longest()} tokens)")
         if self.windows < 1:
             raise HorizonError(
                 f"{len(self.tokens)} tokens cannot fill {self.batch_size} streams of one window of "
