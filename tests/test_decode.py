@@ -46,19 +46,33 @@ def test_decoder_matches_model_steps(start: int) -> None:
     assert decoder.captures == len({p // chunk for p in replayed})  # one replay per chunk, not per step
 
 
-def test_decoder_with_induction_memory_steps_eagerly_and_matches_one_call() -> None:
-    """The induction memory writes an entry every step, so no step replays; the logits are the
-    model's one-call logits, past FIFO eviction."""
-    model = make_horizon(memory_capacity=4).eval()
-    end = 6 * model.config.chunk_size + 3
+@pytest.mark.parametrize(("start", "span"), [(0, 3), (5, 3), (7, 1), (13, 3)])
+def test_decoder_with_induction_memory_replays_and_matches_model_steps(start: int, span: int) -> None:
+    """The induction memory writes an entry every step, into a padded slot the chunk's own tokens
+    cannot see, so the steps between chunk ends replay too (one capture per chunk); the logits and
+    the state are the model's, step by step, past FIFO eviction, from any start in a chunk."""
+    model = make_horizon(memory_capacity=4, memory_key_span=span).eval()
+    chunk = model.config.chunk_size
+    end = 6 * chunk + 3
     tokens = _tokens(2, end, seed=3)
     with torch.no_grad():
-        want, want_state = model(tokens)
-        decoder = GraphedDecoder(model, model(tokens[:, :5])[1])
-        got = torch.stack([decoder.step(tokens[:, t : t + 1]) for t in range(5, end)], dim=1)  # (B, T, V)
-    torch.testing.assert_close(got, want[:, 5:], rtol=1e-9, atol=1e-10)
-    assert decoder.captures == 0 and decoder.eager_steps == end - 5
-    assert decoder.snapshot().memory.chunk_ids.tolist() == want_state.memory.chunk_ids.tolist()
+        state = model.init_state(2) if start == 0 else model(tokens[:, :start])[1]
+        decoder = GraphedDecoder(model, state)
+        want_state = state
+        for t in range(start, end):
+            got = decoder.step(tokens[:, t : t + 1])
+            want, want_state = model(tokens[:, t : t + 1], want_state)
+            torch.testing.assert_close(got, want[:, -1], rtol=1e-9, atol=1e-10)
+            if t % 5 == 0:  # mid-chunk snapshots are the model's state too, padding removed
+                snap = decoder.snapshot()
+                assert snap.memory.chunk_ids.tolist() == want_state.memory.chunk_ids.tolist()
+                for got_t, want_t in zip(state_tensors(snap), state_tensors(want_state), strict=True):
+                    torch.testing.assert_close(got_t, want_t, rtol=1e-9, atol=1e-10)
+        full = model(tokens)[0]
+    torch.testing.assert_close(got, full[:, -1], rtol=1e-9, atol=1e-10)
+    replayed = [p for p in range(start, end) if (p + 1) % chunk]
+    assert decoder.eager_steps == end - start - len(replayed)
+    assert decoder.captures == len({p // chunk for p in replayed})  # one replay per chunk, not per step
 
 
 def test_decoder_snapshot_is_independent() -> None:

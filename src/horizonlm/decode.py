@@ -14,9 +14,11 @@ HorizonLM: between chunk ends, a step's work depends only on the token and the s
 the exact position: the chunk clock stands still, the supervisor state is only read, and the
 memory is read, not written. So one replay, captured at the first such step of a chunk, serves
 every other step of that chunk; the step that completes a chunk (GRU update, memory write) runs
-eagerly (its work depends on the chunk's index and the memory grows by one entry). With
-the induction memory (``memory_kind="induction"``) every step writes a memory entry, so the memory is not
-constant inside a chunk: every step runs eagerly.
+eagerly (its work depends on the chunk's index and the memory grows by one entry). The induction
+memory (``memory_kind="induction"``) writes an entry every step, but that entry stays invisible
+until its chunk completes, so what a step reads is still constant inside a chunk: the replay reads
+a memory padded with one empty slot (tagged with the current chunk, so invisible) per step left
+in the chunk, and each step writes its entry into the next slot, at an index held on the device.
 
 Transformer: its step writes into a :class:`horizonlm.baseline.StaticKVCache` at a position held
 on the device, so a single replay serves every step up to the cache's capacity.
@@ -101,12 +103,23 @@ def _advance(state: HorizonState, steps: int) -> HorizonState:
     return replace(state, pos=state.pos + steps, supervisor=sup, memory=mem)
 
 
+def _padded(memory: MemoryState, chunk_size: int) -> MemoryState:
+    """``memory`` with an empty slot for each entry the rest of its chunk writes, tagged with the
+    current chunk (``pos // C``): no token of this chunk sees them, and the chunk ids stay in
+    stream order, as the read requires."""
+    free = chunk_size - memory.pos % chunk_size
+    batch = memory.keys.shape[0]
+    keys = torch.cat([memory.keys, memory.keys.new_zeros(batch, free, memory.keys.shape[2])], 1)  # (B, M+f, Dk)
+    values = torch.cat([memory.values, memory.values.new_zeros(batch, free, memory.values.shape[2])], 1)  # (B, M+f, Dv)
+    ids = torch.cat([memory.chunk_ids, memory.chunk_ids.new_full((free,), memory.pos // chunk_size)])  # (M+f,)
+    return replace(memory, keys=keys, values=values, chunk_ids=ids)
+
+
 class GraphedDecoder:
     """``step(tokens (B, 1)) -> logits (B, V)``, equal to ``model(tokens, state)`` step by step.
 
-    Steps inside a chunk replay (a CUDA graph on a GPU); chunk-end steps, states whose memory
-    lives in a store (searched on the host side) and a memory that writes every token
-    (the induction memory) run the model eagerly.
+    Steps inside a chunk replay (a CUDA graph on a GPU), with either memory; chunk-end steps and
+    states whose memory lives in a store (searched on the host side) run the model eagerly.
     """
 
     def __init__(self, model: HorizonLM, state: HorizonState, bf16: bool = True) -> None:
@@ -115,13 +128,15 @@ class GraphedDecoder:
         self.model = model
         self.state = state.clone()
         self.use_graphs = model.embed.weight.is_cuda
-        token_writes = model.memory is not None and model.memory.kind == "induction"
-        self.replays = not isinstance(state.memory, StoreMemoryState) and not token_writes
+        self.token_writes = model.memory is not None and model.memory.kind == "induction"
+        self.replays = not isinstance(state.memory, StoreMemoryState)
         self.bf16 = bf16 and self.use_graphs
         self.replay: Callable[[], Tensor] | None = None
         self.static_tokens: Tensor | None = None
+        self.filled: int | None = None  # induction, while replaying: real entries at the front of the padded memory
+        self.slot: Tensor | None = None  # the same count on the device: where the next entry is written
         self.captures = 0  # replays made: one per chunk with a replayed step
-        self.eager_steps = 0  # chunk ends, or every step of a store-backed state or token-writing memory
+        self.eager_steps = 0  # chunk ends, or every step of a store-backed state
 
     def _forward(self, tokens: Tensor, state: HorizonState):
         device_type = "cuda" if self.use_graphs else "cpu"
@@ -131,27 +146,57 @@ class GraphedDecoder:
     def _capture(self) -> None:
         """A replay of one in-chunk step over fresh buffers, which become the decoder's state."""
         inputs = self.state.clone()
-        tokens = torch.zeros(inputs.batch_size, 1, dtype=torch.long, device=self.model.embed.weight.device)  # (B, 1)
+        device = self.model.embed.weight.device
+        tokens = torch.zeros(inputs.batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
+        if self.token_writes:
+            self.filled = inputs.memory.keys.shape[1]
+            self.slot = torch.tensor([self.filled], device=device)  # (1,)
+            inputs = replace(inputs, memory=_padded(inputs.memory, self.model.config.chunk_size))
 
         def step(commit: bool) -> Tensor:
             logits, outputs = self._forward(tokens, inputs)  # (B, 1, V)
             if commit:
-                for dst, src in zip(state_tensors(inputs), state_tensors(outputs)):
-                    if dst.data_ptr() != src.data_ptr():
-                        dst.copy_(src)
+                self._commit(inputs, outputs)
             return logits[:, -1]  # (B, V)
 
         self.replay = replayable(step, self.use_graphs)
         self.static_tokens, self.state = tokens, inputs
         self.captures += 1
 
+    def _commit(self, inputs: HorizonState, outputs: HorizonState) -> None:
+        """Write a step's new state into the buffers it read. The induction memory's new entry
+        (the last of ``outputs``' entries) goes into the slot at ``self.slot``; the rest of its
+        output (the padded entries, sliced at a length frozen at capture) is not copied."""
+        writes = self.token_writes
+        for dst, src in zip(state_tensors(replace(inputs, memory=None) if writes else inputs),
+                            state_tensors(replace(outputs, memory=None) if writes else outputs)):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        if writes:
+            old, new = inputs.memory, outputs.memory
+            old.keys.index_copy_(1, self.slot, new.keys[:, -1:].to(old.keys.dtype))
+            old.values.index_copy_(1, self.slot, new.values[:, -1:].to(old.values.dtype))
+            old.last_key.copy_(new.last_key)
+            if old.tail is not None:
+                old.tail.copy_(new.tail)
+            self.slot.add_(1)
+
+    def _real_state(self) -> HorizonState:
+        """The decoder's state without the padding of an induction memory's replay."""
+        if self.filled is None:
+            return self.state
+        memory = self.state.memory
+        memory = replace(memory, keys=memory.keys[:, : self.filled], values=memory.values[:, : self.filled],
+                         chunk_ids=memory.chunk_ids[: self.filled])
+        return replace(self.state, memory=memory)
+
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per stream (B, 1); returns the next-token logits (B, V)."""
         _check_step_tokens(tokens, self.state.batch_size)
         ends_chunk = (self.state.pos + 1) % self.model.config.chunk_size == 0
         if not self.replays or ends_chunk:
-            logits, self.state = self._forward(tokens, self.state)  # (B, 1, V)
-            self.replay = None  # the next chunk reads a new supervisor state and memory: a new capture
+            logits, self.state = self._forward(tokens, self._real_state())  # (B, 1, V)
+            self.replay, self.filled, self.slot = None, None, None  # the next chunk reads a new state: a new capture
             self.eager_steps += 1
             return logits[:, -1]
         if self.replay is None:
@@ -159,11 +204,13 @@ class GraphedDecoder:
         self.static_tokens.copy_(tokens)
         logits = self.replay()  # (B, V)
         self.state = _advance(self.state, 1)
+        if self.filled is not None:
+            self.filled += 1
         return logits.clone()
 
     def snapshot(self) -> HorizonState:
         """The current state as a fresh, independent HorizonState."""
-        return self.state.clone()
+        return self._real_state().clone()
 
 
 class GraphedTransformerDecoder:
