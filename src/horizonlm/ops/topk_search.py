@@ -8,27 +8,29 @@ from torch import Tensor
 
 
 def topk_newest_first(scores: Tensor, k: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``scores.topk(k)`` along the last dim, except that equal scores rank newest first (the
-    larger ``positions``, by default the larger column index): which of several exactly equal
-    scores fills the k-th place is then a property of the entries, not of where they sit in the
-    matrix, so a stream read in one call and in pieces picks the same entries (identical contexts
-    make identical keys, so exact ties are common). Only rows with a tie at the k-th place are
-    re-ranked, by a stable sort. scores: (..., M), positions: (..., M) or None.
+    """``scores.topk(k)`` along the last dim, except that equal scores at the k-th place rank
+    newest first (the larger ``positions``, by default the larger column index): which of several
+    exactly equal scores fills the last places is then a property of the entries, not of where
+    they sit in the matrix, so a stream read in one call and in pieces picks the same entries
+    (identical contexts make identical keys, so exact ties are common).
+
+    The entries scoring strictly above the k-th score are all chosen whatever the order; the
+    places left go to the newest of those scoring exactly the k-th score, found by a second
+    ``topk`` over their positions. No branch depends on the data and nothing waits on the device,
+    so a CUDA graph can capture it. Rows whose k-th score is -inf (fewer than k finite) keep
+    ``topk``'s choice. scores: (..., M), positions: (..., M) or None (distinct within a row).
     Returns scores (..., k) descending and int64 column indices (..., k)."""
     top, index = scores.topk(k, dim=-1)  # (..., k)
     kth = top[..., -1:]  # (..., 1)
-    tied = torch.isfinite(kth[..., 0]) & ((scores >= kth).sum(-1) > k)  # (...,): more than k reach the k-th score
-    if not bool(tied.any()):
-        return top, index
-    rows = scores[tied]  # (R, M)
     if positions is None:
         positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)  # (..., M)
-    by_age = positions[tied].argsort(dim=-1, descending=True, stable=True)  # (R, M): newest first
-    by_score = rows.gather(-1, by_age).argsort(dim=-1, descending=True, stable=True)  # (R, M)
-    order = by_age.gather(-1, by_score[:, :k])  # (R, k)
-    top, index = top.clone(), index.clone()
-    top[tied], index[tied] = rows.gather(-1, order), order
-    return top, index
+    above = (top > kth).sum(-1, keepdim=True)  # (..., 1): places taken by strictly better scores
+    tied = torch.where(scores == kth, positions, positions.new_full((), -1))  # (..., M): positions of the ties
+    newest = tied.topk(k, dim=-1).indices  # (..., k): columns of the tied entries, newest first
+    place = torch.arange(k, device=scores.device)  # (k,)
+    from_tied = (place >= above) & torch.isfinite(kth)  # (..., k)
+    columns = newest.gather(-1, (place - above).clamp(min=0))  # (..., k)
+    return torch.where(from_tied, kth, top), torch.where(from_tied, columns, index)  # (..., k) twice
 
 
 def exact_topk(queries: Tensor, keys: Tensor, k: int, key_block: int = 1 << 20) -> tuple[Tensor, Tensor]:
