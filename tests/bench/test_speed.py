@@ -9,6 +9,7 @@ import torch
 from horizonlm.bench.speed import (
     DATASHEET_BF16_DENSE_FLOPS,
     PEAK_BF16_FLOPS,
+    SpeedConfig,
     check_graphed_decode,
     check_graphed_transformer_decode,
     flop_counts,
@@ -76,3 +77,10 @@ def test_decode_checks_run_on_cpu() -> None:
     device = torch.device("cpu")
     assert check_graphed_decode(device, preset="tiny", prefix=5, steps=20) < 1e-5
     assert check_graphed_transformer_decode(device, preset="tiny", prefix=5, steps=20) < 1e-5
+
+
+def test_speed_parts_are_checked() -> None:
+    """A misspelt part is refused, not silently skipped on a GPU."""
+    assert SpeedConfig(parts="checks,decode_profile").parts == "checks,decode_profile"
+    with pytest.raises(ValueError, match="parts"):
+        SpeedConfig(parts="checks,decod")

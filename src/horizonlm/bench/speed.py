@@ -53,6 +53,10 @@ datasheet lists "BF16 Tensor Core 1,979 TFLOPS" with 2:4 sparsity, i.e. 989 TFLO
 (third-party spec tables, e.g. hmc-tech.com's H100 SXM page, give 989.43 dense)."""
 
 
+SPEED_PARTS = ("ceilings", "checks", "train", "prefill", "decode", "decode_profile", "memory")
+"""The parts of ``horizon bench speed``, in the order they run."""
+
+
 @dataclass
 class SpeedConfig:
     """Settings of ``horizon bench speed``."""
@@ -62,7 +66,8 @@ class SpeedConfig:
     preset: str = "base"
     """Preset of both models (same width, depth and MLP)."""
     parts: str = "ceilings,checks,train,prefill,decode,memory"
-    """Comma-separated parts to run."""
+    """Comma-separated parts to run (``decode_profile``, not among the defaults: HorizonLM's decode
+    step profiled, kernels and their time against the wall time)."""
     models: str = "horizon,transformer"
     """Models of the checks, train, prefill and decode parts: ``horizon``, ``transformer`` and the
     peer ``gla`` (flash-linear-attention's GLA, extra ``[peers]``: checks, train and prefill; its
@@ -107,6 +112,9 @@ class SpeedConfig:
         unknown = [m for m in self.model_list if m not in MODEL_KINDS]
         if unknown or not self.model_list:
             raise ValueError(f"models must name some of {', '.join(MODEL_KINDS)}, got {self.models!r}")
+        parts = [p.strip() for p in self.parts.split(",") if p.strip()]
+        if not parts or set(parts) - set(SPEED_PARTS):
+            raise ValueError(f"parts must name some of {', '.join(SPEED_PARTS)}, got {self.parts!r}")
 
     @property
     def model_list(self) -> list[str]:
@@ -477,6 +485,26 @@ def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict
     return rows
 
 
+def bench_decode_profile(cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
+    """HorizonLM's decode step profiled at batch 1 after each of ``decode_contexts`` tokens
+    (:func:`horizonlm.bench.decode_profile.profile_decode`): kernels, their device time and the
+    wall time of a replayed step and of a chunk-end step."""
+    from horizonlm.bench.decode_profile import profile_decode
+
+    model = _build("horizon", cfg.preset, device).eval()
+    rows = []
+    for context in parse_ints(cfg.decode_contexts):
+        state = _prefill(model, context, cfg.prefill_window, device)
+        row = {"part": "decode_profile", "model": "horizon", "context": context, "batch": 1,
+               **profile_decode(model, state, steps=2 * model.config.chunk_size)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        state = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_memory_search(cfg: SpeedConfig, device: torch.device, bandwidth: float | None) -> list[dict[str, Any]]:
     from horizonlm.ops.topk_search import exact_topk
 
@@ -518,7 +546,7 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
         raise RuntimeError("horizon bench speed needs a CUDA GPU")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
-    parts = set(cfg.parts.split(","))
+    parts = {p.strip() for p in cfg.parts.split(",")}
     results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "rows": []}
     models = cfg.model_list
     results["flops"] = flop_counts(cfg.preset, tuple(models))
@@ -559,6 +587,9 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
             for kind in kinds:
                 results["rows"].extend(fn(kind))
                 save()
+    if "decode_profile" in parts and "horizon" in models:
+        results["decode_profile"] = bench_decode_profile(cfg, device)
+        save()
     if "memory" in parts:
         bandwidth = results.get("ceilings", {}).get("copy_bandwidth_bytes_per_s")
         results["rows"].extend(bench_memory_search(cfg, device, bandwidth))
