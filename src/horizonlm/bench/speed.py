@@ -40,6 +40,7 @@ from horizonlm.bench.common import (
 from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder
+from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json
 from horizonlm.model import HorizonLM
 from horizonlm.peers.gla import check_gla_kernel
@@ -543,7 +544,7 @@ def bench_memory_search(cfg: SpeedConfig, device: torch.device, bandwidth: float
 
 def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
     if not torch.cuda.is_available():
-        raise RuntimeError("horizon bench speed needs a CUDA GPU")
+        raise HorizonError("horizon bench speed needs a CUDA GPU (torch sees none here)")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     parts = {p.strip() for p in cfg.parts.split(",")}
