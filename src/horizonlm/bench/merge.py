@@ -85,13 +85,17 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
         if not isinstance(files[-1], dict) or not isinstance(files[-1].get("models"), dict):
             raise HorizonError(f"{path} has no 'models' entries: not a results file of horizon {cfg.kind}")
     merged = merge_results(files, [str(p) for p in paths])
-    atomic_write_json(out, merged)
     if cfg.kind == "quality":
         from horizonlm.bench.quality import plot_quality
+        from horizonlm.bench.quality_summary import format_quality_table, summarize_quality
 
+        merged["summary"] = summarize_quality(merged)
+        atomic_write_json(out, merged)
         plot_quality(merged, out.with_suffix(".png"))
+        print(format_quality_table(merged["summary"]))
     else:
         from horizonlm.passkey import plot_passkey
 
+        atomic_write_json(out, merged)
         plot_passkey(merged, out.with_suffix(".png"))
     return merged

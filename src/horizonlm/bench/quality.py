@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from horizonlm.bench.common import environment, save_figure
+from horizonlm.bench.quality_summary import format_quality_table, summarize_quality
 from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state, load_checkpoint
 from horizonlm.config import HorizonConfig
 from horizonlm.data.stream import load_meta, open_split
@@ -425,6 +426,7 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
             # and the file's "config" is only the last call's.
             entry["settings"] = {k: v for k, v in asdict(cfg).items() if k not in ("models", "replace", "stage")}
             results["models"][entry_name(name, cfg.seed)] = entry
+            results["summary"] = summarize_quality(results)
             print(json.dumps({"model": entry_name(name, cfg.seed), "lr": entry["lr"],
                               **{k: v.get("bits_per_byte", v.get("word_perplexity")) for k, v in entry["scores"].items()}}),
                   flush=True)
@@ -432,6 +434,8 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
     finally:
         workers.close()
     plot_quality(results, out.with_suffix(".png"))
+    if results.get("summary"):
+        print(format_quality_table(results["summary"]), flush=True)
     return results
 
 

@@ -1,0 +1,84 @@
+"""The table a quality results file supports: per model, each score over its seeds (mean, min,
+max, spread), and the ranking on the main score with whether each gap exceeds the seed spread.
+
+An entry ``MODEL-seedS`` is a second run of ``MODEL`` with another seed (``bench quality --seed``).
+A gap between two models counts as a ranking only where it is larger than the spread of either
+model's seeds; with one seed there is no spread to compare against, and the table says so rather
+than calling a gap real.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from typing import Any
+
+SEED_SUFFIX = re.compile(r"-seed\d+$")
+
+
+def _value(score: dict[str, Any]) -> float | None:
+    """A score's number: bits per byte, or word perplexity where that is what it measured."""
+    return score.get("bits_per_byte", score.get("word_perplexity"))
+
+
+def summarize_quality(results: dict[str, Any]) -> dict[str, Any]:
+    """Per model and score: seeds, mean, min, max, spread (max - min); then the ranking by the
+    mean of the main score (the test split scored with the state carried, or, for a model that
+    carries none, its only test score) with each gap to the next model and whether it exceeds
+    both models' spreads."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, entry in results.get("models", {}).items():
+        groups.setdefault(SEED_SUFFIX.sub("", name), []).append(entry)
+    models: dict[str, Any] = {}
+    for model, entries in groups.items():
+        names = sorted({key for entry in entries for key in entry.get("scores", {})})
+        scores = {}
+        for key in names:
+            values = [v for v in (_value(e["scores"][key]) for e in entries if key in e.get("scores", {}))
+                      if v is not None]
+            if values:
+                scores[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+                               "spread": max(values) - min(values), "runs": len(values)}
+        models[model] = {"seeds": sorted(e.get("seed", 0) for e in entries),
+                         "steps": [e.get("steps") for e in entries], "scores": scores}
+    main = _main_score(models)
+    ranked = sorted((m for m in models if main in models[m]["scores"]), key=lambda m: models[m]["scores"][main]["mean"])
+    ranking = []
+    for better, worse in zip(ranked, ranked[1:] + [None]):
+        row: dict[str, Any] = {"model": better, "mean": models[better]["scores"][main]["mean"]}
+        if worse is not None:
+            a, b = models[better]["scores"][main], models[worse]["scores"][main]
+            row["gap_to_next"] = b["mean"] - a["mean"]
+            row["beyond_seed_spread"] = (None if a["runs"] < 2 or b["runs"] < 2
+                                         else row["gap_to_next"] > max(a["spread"], b["spread"]))
+        ranking.append(row)
+    return {"main_score": main, "models": models, "ranking": ranking}
+
+
+def _main_score(models: dict[str, Any]) -> str | None:
+    """The ``*_test_carried`` score most models have (the corpus's own test split)."""
+    counts: dict[str, int] = {}
+    for model in models.values():
+        for key in model["scores"]:
+            if key.endswith("_test_carried"):
+                counts[key] = counts.get(key, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def format_quality_table(summary: dict[str, Any]) -> str:
+    """A Markdown table of the ranking: model, seeds, the main score's mean and spread, the gap to
+    the next model and whether it exceeds the seed spread."""
+    main = summary["main_score"]
+    if main is None:
+        return "(no *_test_carried score to rank the models by)"
+    lines = [f"| model | seeds | {main} (mean) | spread | gap to next | beyond the seed spread |",
+             "|---|---|---|---|---|---|"]
+    for row in summary["ranking"]:
+        model = summary["models"][row["model"]]
+        score = model["scores"][main]
+        gap = f"{row['gap_to_next']:.3f}" if "gap_to_next" in row else "-"
+        beyond = {None: "one seed: unknown", True: "yes", False: "no"}[row.get("beyond_seed_spread")] \
+            if "gap_to_next" in row else "-"
+        spread = f"{score['spread']:.3f}" if score["runs"] > 1 else "-"
+        lines.append(f"| {row['model']} | {len(model['seeds'])} | {score['mean']:.3f} | {spread} | {gap} | {beyond} |")
+    return "\n".join(lines)

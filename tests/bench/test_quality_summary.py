@@ -1,0 +1,43 @@
+"""The quality table: seeds grouped, spreads, and gaps called real only beyond the seed spread."""
+
+from __future__ import annotations
+
+import pytest
+
+from horizonlm.bench.quality_summary import format_quality_table, summarize_quality
+
+
+def _entry(carried: float, seed: int = 0, ppl: float = 100.0) -> dict:
+    return {"seed": seed, "steps": 10, "scores": {"novels_test_carried": {"bits_per_byte": carried},
+                                                   "wt_ppl": {"word_perplexity": ppl}}}
+
+
+def test_seeds_are_grouped_and_gaps_judged_against_their_spread() -> None:
+    results = {"models": {
+        "horizon": _entry(1.60), "horizon-seed1": _entry(1.62, seed=1),
+        "transformer": _entry(1.70), "transformer-seed1": _entry(1.71, seed=1),
+        "horizon_no_ssm": _entry(1.61), "horizon_no_ssm-seed2": _entry(1.64, seed=2),
+        "gla": _entry(1.90, ppl=300.0),
+    }}
+    summary = summarize_quality(results)
+    assert summary["main_score"] == "novels_test_carried"
+    horizon = summary["models"]["horizon"]
+    assert horizon["seeds"] == [0, 1] and horizon["scores"]["novels_test_carried"]["mean"] == pytest.approx(1.61)
+    assert horizon["scores"]["novels_test_carried"]["spread"] == pytest.approx(0.02)
+    assert summary["models"]["gla"]["scores"]["wt_ppl"]["mean"] == 300.0
+    ranking = summary["ranking"]
+    assert [r["model"] for r in ranking] == ["horizon", "horizon_no_ssm", "transformer", "gla"]
+    assert ranking[0]["gap_to_next"] == pytest.approx(0.015) and ranking[0]["beyond_seed_spread"] is False
+    assert ranking[1]["beyond_seed_spread"] is True  # 0.08 apart, spreads 0.03 and 0.01
+    assert ranking[2]["beyond_seed_spread"] is None  # gla has one seed: no spread to judge by
+    assert "gap_to_next" not in ranking[3]
+    table = format_quality_table(summary)
+    assert "| horizon | 2 | 1.610 | 0.020 | 0.015 | no |" in table
+    assert "| transformer | 2 | 1.705 | 0.010 | 0.195 | one seed: unknown |" in table
+    assert "| gla | 1 | 1.900 | - | - | - |" in table
+
+
+def test_nothing_to_rank() -> None:
+    summary = summarize_quality({"models": {"x": {"scores": {"wt_ppl": {"word_perplexity": 5.0}}}}})
+    assert summary["main_score"] is None and summary["ranking"] == []
+    assert "no *_test_carried" in format_quality_table(summary)
