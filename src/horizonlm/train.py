@@ -124,17 +124,18 @@ class TrainConfig(OptimizerSettings):
     training steps alone and every validation runs to its end, however long (comparisons at equal
     training time, as ``horizon bench quality`` makes)."""
     retrieval_every: int = 0
-    """Mix in passkey episodes of this many windows (question at the end of the last);
+    """Mix in recall episodes (generated facts, :mod:`horizonlm.data.episodes`, never the passkey
+    benchmark's sentences) of this many windows, every fact asked at the end of the last;
     0: plain language modelling. Needs a byte-level tokenizer."""
     retrieval_rate: float = 0.5
-    """Fraction of (stream, episode) pairs that carry a passkey episode."""
+    """Fraction of (stream, episode) pairs that carry a recall episode."""
     retrieval_weight: float = 1.0
-    """Loss weight of the answer's target tokens (the rest weigh 1)."""
+    """Loss weight of the answers' target tokens (the rest weigh 1)."""
     retrieval_same_window: float = 0.0
     """Fraction of episodes whose keys are stated in the question's window (the rest: in an
     earlier window). Writing the memory learns only from these: carried entries are detached."""
     retrieval_keys: int = 1
-    """Episodes hide 1 to this many labelled keys (one unlabelled key when 1)."""
+    """Facts per episode: 1 to this many, each with its own label, each asked once."""
     memory_read_dropout: float = 0.0
     """Share of streams whose memory read is left out for a whole training window (the memory
     still writes), drawn afresh each step: the model also learns to predict with nothing read,

@@ -109,9 +109,9 @@ class QualityConfig:
     recall_rate: float = 1.0
     """Share of (stream, episode) pairs that carry facts and a question."""
     recall_keys: int = 4
-    """Facts per episode: 1 to this many."""
+    """Facts per episode: 1 to this many, each asked once."""
     recall_weight: float = 5.0
-    """Loss weight of the answer's target bytes."""
+    """Loss weight of the answers' target bytes."""
     recall_same_window: float = 0.5
     """Share of episodes whose facts are in the question's window (the rest: an earlier window)."""
     position_bins: int = 16
