@@ -24,9 +24,10 @@ from horizonlm.passkey import (
     causal_summary,
     digit_positions,
     digits_right,
+    fact_entry_positions,
     run_passkey,
     score,
-    swap_digit_values,
+    swap_fact_entries,
     swap_key_text,
     swapped_answer,
 )
@@ -191,13 +192,23 @@ def test_causal_check_says_no_for_a_forced_reply() -> None:
     summary = causal_summary(keys, replies, without, swaps, swapped)
     assert summary["accuracy_without_read"] == 1.0 and summary["swap_trials"] == 2
     assert summary["follows_swap"] == 0.0 and summary["keeps_original_under_swap"] == 1.0
+    assert summary["digits_keeping_original"] == 1.0 and summary["digits_following_swap"] < 1.0
+
+
+def test_causal_summary_counts_digits_that_follow_the_swap() -> None:
+    summary = causal_summary([48213, 11111], [" 48213.", " 11111."], [" no", " 11111."], [90817, 22222],
+                             [" 90813.", None])
+    assert summary["swap_trials"] == 1 and summary["follows_swap"] == 0.0
+    assert summary["digits_following_swap"] == 0.8 and summary["digits_keeping_original"] == 0.4
+    assert summary["accuracy_without_read"] == 0.5
 
 
 @pytest.mark.parametrize("memory_layer", [0, 1])
-def test_swap_gives_the_facts_digit_entries_another_keys_values(memory_layer: int) -> None:
-    """The swap rewrites exactly the five entries the asked key's digits wrote, with the values
-    the same text writes there when it states the other key (before the first block a function of
-    the byte alone: ``W_v norm(embed(d))``); every other entry is left as it was."""
+def test_swap_gives_the_facts_entries_another_keys_statement(memory_layer: int) -> None:
+    """The swap rewrites exactly the fact's entries (the five digits' and the key span's after
+    them, keys and values) with those the same text writes when it states the other key (before
+    the first block a digit's value is a function of the byte alone: ``W_v norm(embed(d))``);
+    every other entry is left as it was."""
     rng = random.Random(4)
     asked = build_prompt(HAYSTACK, 900, 50, 1, rng, wording="heldout")
     torch.manual_seed(0)
@@ -206,19 +217,23 @@ def test_swap_gives_the_facts_digit_entries_another_keys_values(memory_layer: in
     tokens = torch.tensor([list(asked.text[: asked.question_at])])  # (1, T)
     other = torch.tensor([list(swap_key_text(asked, 90817)[: asked.question_at])])  # (1, T)
     digits = digit_positions(asked.text, asked.key)
+    rows = fact_entry_positions(asked, model.config.memory_key_span)
+    assert rows == list(range(digits[0], digits[-1] + model.config.memory_key_span + 1))
     with torch.no_grad():
         _, state = model(tokens)
         _, other_state = model(other)
-        swapped, usable = swap_digit_values(model, state, [asked], [90817], 256, cpu)
+        swapped, usable = swap_fact_entries(model, state, [asked], [90817], 256, cpu)
         if memory_layer == 0:
             embedded = model.memory.norm(model.embed(torch.tensor([list(b"90817")])))  # (1, 5, D)
             torch.testing.assert_close(swapped.memory.values[0, digits], model.memory.value(embedded)[0])
     assert usable == [True]
     assert swap_key_text(asked, 90817).count(b"90817") >= 1 and len(swap_key_text(asked, 90817)) == len(asked.text)
-    torch.testing.assert_close(swapped.memory.values[0, digits], other_state.memory.values[0, digits])
-    others = [i for i in range(state.memory.values.shape[1]) if i not in digits]
-    assert torch.equal(swapped.memory.values[0, others], state.memory.values[0, others])
-    assert not torch.allclose(swapped.memory.values[0, digits], state.memory.values[0, digits])
+    for field in ("keys", "values"):
+        new, old, want = (getattr(s.memory, field)[0] for s in (swapped, state, other_state))
+        torch.testing.assert_close(new[rows], want[rows])
+        others = [i for i in range(old.shape[0]) if i not in rows]
+        assert torch.equal(new[others], old[others])
+        assert not torch.allclose(new[rows], old[rows])
 
 
 def test_cli_runs_a_real_model(tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ Two wordings: ``benchmark`` ("The pass key is 48213. Remember it. 48213 is the p
 in windows with the state carried, so a HorizonLM reads a million-token prompt at constant memory.
 
 The causal check (``causal_check``) asks each prompt twice more: with the memory's read removed
-(its gated add dropped at every token), and with the values of the fact's digit entries replaced
-by those the same prompt writes there when it states another key (read off a second feed of
-that text, so the check holds wherever the memory reads). An answer that fails without the read
-and follows the swapped values came from the memory.
+(its gated add dropped at every token), and with the fact's entries (the digits' and those whose
+keys name a digit; keys and values) replaced by those the same prompt writes when it states
+another key (read off a second feed of that text, so the check holds wherever the memory reads).
+An answer that fails without the read and follows the swapped entries came from the memory.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class PasskeyConfig:
     wording: str = "benchmark"
     """``benchmark`` (the needle sentences) or ``heldout`` (phrasings the training mix never states)."""
     causal_check: bool = False
-    """Ask every prompt again with the memory's read removed and with the fact's digit entries
-    holding another key's values (the induction memory; three times the cost)."""
+    """Ask every prompt again with the memory's read removed and with the fact's entries as
+    another key's statement writes them (the induction memory; about four times the cost)."""
     memory_capacity: int = 0
     """Chunks the memory keeps while asking (0: as trained). Training keeps a few windows; a
     1M-token prompt needs 1M / chunk_size for the fact to stay visible. Weights do not depend on it."""
@@ -205,26 +205,35 @@ def answer(model: nn.Module, prompts: list[bytes], window: int, device: torch.de
     return decode(model, logits, state, device, new_tokens)
 
 
-def swap_digit_values(model: nn.Module, state: Any, prompts: list[Prompt], swap_keys: list[int],
+def swap_fact_entries(model: nn.Module, state: Any, prompts: list[Prompt], swap_keys: list[int],
                       window: int, device: torch.device) -> tuple[Any, list[bool]]:
-    """The state with each prompt's asked-key digit entries holding the values the same prompt
-    writes there with ``swap_keys``' digits in their place (read off a second feed of that
-    text, so it holds wherever the memory reads), and for each prompt whether its fact's entries
-    were still in the memory."""
+    """The state with each prompt's fact entries (keys and values) as the same prompt writes them
+    with ``swap_keys``' digits in the asked key's place, read off a second feed of that text (so
+    it holds wherever the memory reads), and for each prompt whether its fact's entries were
+    still in the memory. The fact's entries are those a digit wrote or whose key's span covers a
+    digit: positions ``first digit .. last digit + key span`` (a digit's key names the digits
+    before it, so values alone cannot carry the other key's chain of lookups)."""
     mem = state.memory
     first = mem.pos - mem.values.shape[1]  # stream position of the oldest entry kept
     swapped = np.stack([np.frombuffer(swap_key_text(p, k)[:p.question_at], dtype=np.uint8)
                         for p, k in zip(prompts, swap_keys)])  # (B, T)
     _, other = feed(model, swapped, window, device)
-    values = mem.values.clone()  # (B, M, Dv)
+    keys, values = mem.keys.clone(), mem.values.clone()  # (B, M, Dk), (B, M, Dv)
     usable = []
     for b, prompt in enumerate(prompts):
-        at = digit_positions(prompt.text, prompt.key)
-        usable.append(at[0] >= first)
+        rows = [p - first for p in fact_entry_positions(prompt, model.memory.key_span)]
+        usable.append(rows[0] >= 0)
         if usable[-1]:
-            rows = [p - first for p in at]
+            keys[b, rows] = other.memory.keys[b, rows].to(keys.dtype)
             values[b, rows] = other.memory.values[b, rows].to(values.dtype)
-    return replace(state, memory=replace(mem, values=values)), usable
+    return replace(state, memory=replace(mem, keys=keys, values=values)), usable
+
+
+def fact_entry_positions(prompt: Prompt, key_span: int) -> list[int]:
+    """Stream positions of the entries the asked key's first statement writes or keys: its five
+    digits and the ``key_span`` entries after them (their keys name digits), before the question."""
+    at = digit_positions(prompt.text, prompt.key)
+    return list(range(at[0], min(at[-1] + key_span + 1, prompt.question_at)))
 
 
 def swap_key_text(prompt: Prompt, swap_key: int) -> bytes:
@@ -236,14 +245,15 @@ def swap_key_text(prompt: Prompt, swap_key: int) -> bytes:
 @torch.no_grad()
 def swapped_answer(model: nn.Module, prompts: list[Prompt], swap_keys: list[int], window: int,
                    device: torch.device) -> list[str | None]:
-    """Answers after the asked fact's five digit entries were given the values of ``swap_keys``'
-    digits, just before the question is read. None where the fact's entries were evicted."""
+    """Answers after the asked fact's entries were replaced by those ``swap_keys``' statement
+    writes (:func:`swap_fact_entries`), just before the question is read. None where the fact's
+    entries were evicted."""
     question_at = prompts[0].question_at
     if any(p.question_at != question_at for p in prompts):  # questions of other lengths: one by one
         return [swapped_answer(model, [p], [k], window, device)[0] for p, k in zip(prompts, swap_keys)]
     data = np.stack([np.frombuffer(p.text, dtype=np.uint8) for p in prompts])  # (B, T)
     _, state = feed(model, data[:, :question_at], window, device)
-    state, usable = swap_digit_values(model, state, prompts, swap_keys, window, device)
+    state, usable = swap_fact_entries(model, state, prompts, swap_keys, window, device)
     logits, state = feed(model, data[:, question_at:], window, device, state)
     replies = decode(model, logits, state, device)
     return [reply if ok else None for reply, ok in zip(replies, usable)]
@@ -394,10 +404,13 @@ def causal_summary(keys: list[int], replies: list[str], without_read: list[str],
     """Whether the answers follow the memory: accuracy with the read removed, and with the fact's
     entries swapped the share of replies that are the swapped-in key (and that stay the original)."""
     asked = [i for i, reply in enumerate(swapped) if reply is not None]
+    n = max(1, len(asked))
     return {"accuracy_without_read": sum(map(score, without_read, keys)) / len(keys),
             "swap_trials": len(asked),
-            "follows_swap": sum(score(swapped[i], swap_keys[i]) for i in asked) / max(1, len(asked)),
-            "keeps_original_under_swap": sum(score(swapped[i], keys[i]) for i in asked) / max(1, len(asked)),
+            "follows_swap": sum(score(swapped[i], swap_keys[i]) for i in asked) / n,
+            "keeps_original_under_swap": sum(score(swapped[i], keys[i]) for i in asked) / n,
+            "digits_following_swap": sum(digits_right(swapped[i], swap_keys[i]) for i in asked) / (5 * n),
+            "digits_keeping_original": sum(digits_right(swapped[i], keys[i]) for i in asked) / (5 * n),
             "examples": [[keys[i], without_read[i], swap_keys[i], swapped[i]] for i in range(len(keys))]}
 
 
