@@ -307,16 +307,15 @@ def test_prepare_model_sets_the_asking_memory_and_refuses_what_cannot_run() -> N
     from horizonlm.errors import HorizonError
     from horizonlm.passkey import prepare_model
 
-    cpu = torch.device("cpu")
     model = HorizonLM(HorizonConfig.preset("tiny"))
     block = model.memory.query_block
-    prepare_model(model, PasskeyConfig(memory_capacity=4096, batch=2), cpu)
+    prepare_model(model, PasskeyConfig(memory_capacity=4096, batch=2))
     assert model.memory.capacity == 4096 and model.memory.query_block == block
     with pytest.raises(HorizonError, match="below the read's top-K"):
-        prepare_model(model, PasskeyConfig(memory_capacity=2), cpu)
+        prepare_model(model, PasskeyConfig(memory_capacity=2))
     chunk = HorizonLM(HorizonConfig.preset("tiny", memory_kind="chunk", memory_key_span=1))
     with pytest.raises(HorizonError, match="chunk memory"):
-        prepare_model(chunk, PasskeyConfig(causal_check=True), cpu)
+        prepare_model(chunk, PasskeyConfig(causal_check=True))
 
 
 def test_fact_in_memory_follows_the_visibility_rule() -> None:

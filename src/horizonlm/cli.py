@@ -402,7 +402,7 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     _warn_long_passkey_on_cpu(cfg, device, _warner("passkey"))
     ckpt = load_checkpoint(cfg.checkpoint)
     require_byte_level(ckpt.info.get("tokenizer", {}), f"passkey prompts are raw bytes; checkpoint {ckpt.path}")
-    prepare_model(ckpt.model, cfg, device)
+    prepare_model(ckpt.model, cfg)
     label = cfg.label or ckpt.info["kind"]
     out = results_path(cfg, ckpt.path)
     check_new_entry(out, entry_name(label, cfg.keys, cfg.wording), cfg.overwrite)

@@ -287,13 +287,13 @@ def answer_with_hits(model: nn.Module, prompts: list[bytes], keys: list[int], wi
     return replies, (found["hit_entry"] if memory.entries_per_chunk > 1 else found["hit"])  # (B, 5)
 
 
-def prepare_model(model: nn.Module, cfg: PasskeyConfig, device: torch.device) -> None:
-    """Set the model's memory for asking on ``device`` as ``cfg`` says (read_topk,
-    memory_capacity), and refuse a causal check the model cannot take, before any work."""
+def prepare_model(model: nn.Module, cfg: PasskeyConfig) -> None:
+    """Set the model's memory for asking as ``cfg`` says (read_topk, memory_capacity), and refuse
+    a causal check the model cannot take, before any work."""
     set_read_topk(model, cfg.read_topk)
     memory = getattr(model, "memory", None)
     if cfg.causal_check and (memory is None or memory.kind != "induction"):
-        raise HorizonError("causal_check swaps the values of the induction memory's entries; this model has "
+        raise HorizonError("causal_check swaps the induction memory's entries; this model has "
                            f"{'no memory' if memory is None else f'the {memory.kind} memory'}")
     if cfg.memory_capacity:
         if memory is None:
