@@ -20,6 +20,35 @@ def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))  # (B, T)
 
 
+def _decode_alongside(model, tokens: torch.Tensor, start: int, on_step=None):
+    """Decode ``tokens[:, start:]`` with a GraphedDecoder and with the model token by token from the
+    same state, asserting equal logits at every step (``on_step(t, decoder, model_state)`` after
+    each). Returns the decoder, the model's state and the last step's logits."""
+    with torch.no_grad():
+        state = model.init_state(tokens.shape[0]) if start == 0 else model(tokens[:, :start])[1]
+        decoder = GraphedDecoder(model, state)
+        want_state = state
+        for t in range(start, tokens.shape[1]):
+            got = decoder.step(tokens[:, t : t + 1])  # (B, V)
+            want, want_state = model(tokens[:, t : t + 1], want_state)  # (B, 1, V)
+            torch.testing.assert_close(got, want[:, -1], rtol=1e-9, atol=1e-10)
+            if on_step is not None:
+                on_step(t, decoder, want_state)
+    return decoder, want_state, got
+
+
+def _assert_same_state(got, want) -> None:
+    for got_t, want_t in zip(state_tensors(got), state_tensors(want), strict=True):
+        torch.testing.assert_close(got_t, want_t, rtol=1e-9, atol=1e-10)
+
+
+def _assert_one_replay_per_chunk(decoder: GraphedDecoder, start: int, end: int, chunk: int) -> None:
+    """Chunk-end steps ran eagerly; the others replayed, one capture per chunk, not per step."""
+    replayed = [p for p in range(start, end) if (p + 1) % chunk]
+    assert decoder.eager_steps == end - start - len(replayed)
+    assert decoder.captures == len({p // chunk for p in replayed})
+
+
 @pytest.mark.parametrize("start", [0, 5, 7])
 def test_decoder_matches_model_steps(start: int) -> None:
     """From a chunk's first token, mid-chunk and a chunk's last token, past FIFO eviction (the chunk
@@ -27,23 +56,12 @@ def test_decoder_matches_model_steps(start: int) -> None:
     model = make_horizon(memory_kind="chunk").eval()
     chunk, capacity = model.config.chunk_size, model.config.memory_capacity
     end = (capacity + 1) * chunk + 3  # more completed chunks than the memory holds
-    tokens = _tokens(2, end)
-    with torch.no_grad():
-        state = model.init_state(2) if start == 0 else model(tokens[:, :start])[1]
-        decoder = GraphedDecoder(model, state)
-        want_state = state
-        for t in range(start, end):
-            got = decoder.step(tokens[:, t : t + 1])
-            want, want_state = model(tokens[:, t : t + 1], want_state)
-            torch.testing.assert_close(got, want[:, -1], rtol=1e-9, atol=1e-10)
+    decoder, want_state, _ = _decode_alongside(model, _tokens(2, end), start)
     snap = decoder.snapshot()
     assert snap.pos == snap.supervisor.pos == snap.memory.pos == want_state.pos == end
     assert snap.memory.chunk_ids.tolist() == list(range(end // chunk - capacity, end // chunk))
-    for got_t, want_t in zip(state_tensors(snap), state_tensors(want_state), strict=True):
-        torch.testing.assert_close(got_t, want_t, rtol=1e-9, atol=1e-10)
-    replayed = [p for p in range(start, end) if (p + 1) % chunk]
-    assert decoder.eager_steps == end - start - len(replayed)
-    assert decoder.captures == len({p // chunk for p in replayed})  # one replay per chunk, not per step
+    _assert_same_state(snap, want_state)
+    _assert_one_replay_per_chunk(decoder, start, end, chunk)
 
 
 @pytest.mark.parametrize(("start", "span"), [(0, 3), (5, 3), (7, 1), (13, 3)])
@@ -55,24 +73,18 @@ def test_decoder_with_induction_memory_replays_and_matches_model_steps(start: in
     chunk = model.config.chunk_size
     end = 6 * chunk + 3
     tokens = _tokens(2, end, seed=3)
+
+    def snapshot_matches(t: int, decoder: GraphedDecoder, want_state) -> None:
+        if t % 5 == 0:  # mid-chunk snapshots are the model's state too, padding removed
+            snap = decoder.snapshot()
+            assert snap.memory.chunk_ids.tolist() == want_state.memory.chunk_ids.tolist()
+            _assert_same_state(snap, want_state)
+
+    decoder, _, got = _decode_alongside(model, tokens, start, snapshot_matches)
     with torch.no_grad():
-        state = model.init_state(2) if start == 0 else model(tokens[:, :start])[1]
-        decoder = GraphedDecoder(model, state)
-        want_state = state
-        for t in range(start, end):
-            got = decoder.step(tokens[:, t : t + 1])
-            want, want_state = model(tokens[:, t : t + 1], want_state)
-            torch.testing.assert_close(got, want[:, -1], rtol=1e-9, atol=1e-10)
-            if t % 5 == 0:  # mid-chunk snapshots are the model's state too, padding removed
-                snap = decoder.snapshot()
-                assert snap.memory.chunk_ids.tolist() == want_state.memory.chunk_ids.tolist()
-                for got_t, want_t in zip(state_tensors(snap), state_tensors(want_state), strict=True):
-                    torch.testing.assert_close(got_t, want_t, rtol=1e-9, atol=1e-10)
         full = model(tokens)[0]
     torch.testing.assert_close(got, full[:, -1], rtol=1e-9, atol=1e-10)
-    replayed = [p for p in range(start, end) if (p + 1) % chunk]
-    assert decoder.eager_steps == end - start - len(replayed)
-    assert decoder.captures == len({p // chunk for p in replayed})  # one replay per chunk, not per step
+    _assert_one_replay_per_chunk(decoder, start, end, chunk)
 
 
 def test_decoder_snapshot_is_independent() -> None:

@@ -7,9 +7,29 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def _require(condition: bool, name: str, message: str, value: Any) -> None:
+def require_field(condition: bool, name: str, message: str, value: Any) -> None:
+    """The one check of a config field: a ValueError that names the field and its value."""
     if not condition:
         raise ValueError(f"{name} {message}, got {value!r}")
+
+
+class DictConfig:
+    """What every model config dataclass shares: a plain dict for checkpoints, and back from one,
+    refusing unknown fields by name (a checkpoint of another model, a misspelt override)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def unknown_fields(cls, values: dict[str, Any]) -> list[str]:
+        return sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        unknown = cls.unknown_fields(values)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+        return cls(**values)
 
 
 SSM_KINDS = ("s4d", "selective")
@@ -21,7 +41,7 @@ RETIRED_FIELDS = ("memory_write", "memory_tie_query", "memory_before_supervisor"
 
 
 @dataclass
-class HorizonConfig:
+class HorizonConfig(DictConfig):
     """Shape and switches of a :class:`horizonlm.HorizonLM`. Field names follow DESIGN.md."""
 
     vocab_size: int = 256
@@ -119,32 +139,32 @@ class HorizonConfig:
             "memory_topk", "memory_capacity", "memory_query_block", "memory_key_span",
         ):
             value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+            require_field(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      "must be a positive integer", value)
-        _require(self.ssm_kind in SSM_KINDS, "ssm_kind", f"must be one of {SSM_KINDS}", self.ssm_kind)
-        _require(self.ssm_gate in SSM_GATES, "ssm_gate", f"must be one of {SSM_GATES}", self.ssm_gate)
-        _require(self.memory_kind in MEMORY_KINDS, "memory_kind", f"must be one of {MEMORY_KINDS}",
+        require_field(self.ssm_kind in SSM_KINDS, "ssm_kind", f"must be one of {SSM_KINDS}", self.ssm_kind)
+        require_field(self.ssm_gate in SSM_GATES, "ssm_gate", f"must be one of {SSM_GATES}", self.ssm_gate)
+        require_field(self.memory_kind in MEMORY_KINDS, "memory_kind", f"must be one of {MEMORY_KINDS}",
                  self.memory_kind)
         if self.ssm_kind == "s4d":
-            _require(self.ssm_state % 2 == 0, "ssm_state", "must be even for s4d (conjugate pairs)", self.ssm_state)
+            require_field(self.ssm_state % 2 == 0, "ssm_state", "must be even for s4d (conjugate pairs)", self.ssm_state)
         else:
-            _require(self.d_model % self.ssm_head_dim == 0, "ssm_head_dim", f"must divide d_model={self.d_model}",
+            require_field(self.d_model % self.ssm_head_dim == 0, "ssm_head_dim", f"must divide d_model={self.d_model}",
                      self.ssm_head_dim)
-        _require(self.ssm_chunk % 8 == 0 and self.ssm_chunk <= 1024, "ssm_chunk",
+        require_field(self.ssm_chunk % 8 == 0 and self.ssm_chunk <= 1024, "ssm_chunk",
                  "must be a multiple of 8 and at most 1024", self.ssm_chunk)
-        _require(0 < self.ssm_dt_min <= self.ssm_dt_max, "ssm_dt_min", "must be in (0, ssm_dt_max]", self.ssm_dt_min)
-        _require(self.memory_topk <= self.memory_capacity, "memory_topk",
+        require_field(0 < self.ssm_dt_min <= self.ssm_dt_max, "ssm_dt_min", "must be in (0, ssm_dt_max]", self.ssm_dt_min)
+        require_field(self.memory_topk <= self.memory_capacity, "memory_topk",
                  f"must not exceed memory_capacity={self.memory_capacity}", self.memory_topk)
-        _require(self.memory_tau > 0, "memory_tau", "must be positive", self.memory_tau)
-        _require(self.norm_eps > 0, "norm_eps", "must be positive", self.norm_eps)
-        _require(self.init_std > 0, "init_std", "must be positive", self.init_std)
+        require_field(self.memory_tau > 0, "memory_tau", "must be positive", self.memory_tau)
+        require_field(self.norm_eps > 0, "norm_eps", "must be positive", self.norm_eps)
+        require_field(self.init_std > 0, "init_std", "must be positive", self.init_std)
         if self.global_layer is not None:
-            _require(isinstance(self.global_layer, int) and 0 <= self.global_layer <= self.n_layers,
+            require_field(isinstance(self.global_layer, int) and 0 <= self.global_layer <= self.n_layers,
                      "global_layer", f"must be in [0, n_layers={self.n_layers}]", self.global_layer)
-        _require(isinstance(self.memory_layer, int) and not isinstance(self.memory_layer, bool)
+        require_field(isinstance(self.memory_layer, int) and not isinstance(self.memory_layer, bool)
                  and 0 <= self.memory_layer < self.n_layers, "memory_layer",
                  f"must be in [0, n_layers={self.n_layers})", self.memory_layer)
-        _require(self.memory_kind == "induction" or self.memory_layer == 0, "memory_layer",
+        require_field(self.memory_kind == "induction" or self.memory_layer == 0, "memory_layer",
                  "must be 0 for the chunk memory, which reads at global_layer", self.memory_layer)
 
     @property
@@ -152,13 +172,9 @@ class HorizonConfig:
         """Index of the block before which the supervisor and memory run."""
         return self.n_layers // 2 if self.global_layer is None else self.global_layer
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HorizonConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = cls.unknown_fields(values)
         if "ssm_fft_chunk" in unknown:
             raise ValueError("this model was made by an earlier HorizonLM (ungated FFT S4D block, field "
                              "ssm_fft_chunk); its weights do not fit the current gated SSM sublayer: retrain it")
@@ -166,9 +182,7 @@ class HorizonConfig:
         if retired:
             raise ValueError(f"this model was made by an earlier HorizonLM whose memory had the settings "
                              f"{', '.join(retired)}; the memory is now one induction design (memory_kind): retrain it")
-        if unknown:
-            raise ValueError(f"unknown HorizonConfig fields: {', '.join(unknown)}")
-        return cls(**values)
+        return super().from_dict(values)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> HorizonConfig:
@@ -194,7 +208,7 @@ HORIZON_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(DictConfig):
     """Shape of the :class:`horizonlm.TransformerLM` baseline (same embedding, norms and MLP)."""
 
     vocab_size: int = 256
@@ -219,23 +233,12 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+            require_field(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      "must be a positive integer", value)
-        _require(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}", self.n_heads)
-        _require((self.d_model // self.n_heads) % 2 == 0, "n_heads", "must leave an even head width for rotary",
+        require_field(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}", self.n_heads)
+        require_field((self.d_model // self.n_heads) % 2 == 0, "n_heads", "must leave an even head width for rotary",
                  self.n_heads)
-        _require(self.rope_base > 1, "rope_base", "must exceed 1", self.rope_base)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TransformerConfig fields: {', '.join(unknown)}")
-        return cls(**values)
+        require_field(self.rope_base > 1, "rope_base", "must exceed 1", self.rope_base)
 
     @classmethod
     def matching(cls, horizon: HorizonConfig, head_dim: int = 64) -> TransformerConfig:

@@ -62,6 +62,12 @@ def time_cuda(fn: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
     return times
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``|got - want| / |want|`` in float64 (Frobenius norms): how the benchmarks' GPU checks
+    compare a fast path with its reference."""
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300)).item()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

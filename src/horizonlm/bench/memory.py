@@ -23,6 +23,7 @@ from horizonlm.bench.common import (
     environment,
     median,
     parse_ints,
+    relative_error,
     save_figure,
     time_cuda,
 )
@@ -261,14 +262,10 @@ def _read_path_check(dtype: torch.dtype, device: torch.device, batch: int = 2, l
         return [read, *torch.autograd.grad((read * g_out).sum(), inputs)]
 
     fast, ref = run(False), run(True)
-
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
     row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "queries": length,
            "entries": carried + length, "capacity_chunks": capacity, "chunk": chunk, "top_k": k, "dim": dim,
-           **{f"{name}_rel_err": rel(a, b) for name, a, b in zip(("read", "grad_q", "grad_keys", "grad_values"),
-                                                                 fast, ref)}}
+           **{f"{name}_rel_err": relative_error(a, b)
+              for name, a, b in zip(("read", "grad_q", "grad_keys", "grad_values"), fast, ref)}}
     row["ok"] = all(v < (2e-2 if dtype != torch.float32 else 1e-3) for key, v in row.items() if key.endswith("rel_err"))
     print(json.dumps({"part": "read_path_check", **row}), flush=True)
     return row

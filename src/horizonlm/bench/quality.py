@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from horizonlm.bench.common import environment, save_figure
-from horizonlm.bench.quality_summary import format_quality_table, summarize_quality
+from horizonlm.bench.quality_summary import format_quality_table, score_value, summarize_quality
 from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state, load_checkpoint
 from horizonlm.config import HorizonConfig
 from horizonlm.data.stream import load_meta, open_split
@@ -428,7 +428,7 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
             results["models"][entry_name(name, cfg.seed)] = entry
             results["summary"] = summarize_quality(results)
             print(json.dumps({"model": entry_name(name, cfg.seed), "lr": entry["lr"],
-                              **{k: v.get("bits_per_byte", v.get("word_perplexity")) for k, v in entry["scores"].items()}}),
+                              **{k: score_value(v) for k, v in entry["scores"].items()}}),
                   flush=True)
             atomic_write_json(out, results)
     finally:

@@ -16,7 +16,7 @@ from typing import Any
 SEED_SUFFIX = re.compile(r"-seed\d+$")
 
 
-def _value(score: dict[str, Any]) -> float | None:
+def score_value(score: dict[str, Any]) -> float | None:
     """A score's number: bits per byte, or word perplexity where that is what it measured."""
     return score.get("bits_per_byte", score.get("word_perplexity"))
 
@@ -34,7 +34,7 @@ def summarize_quality(results: dict[str, Any]) -> dict[str, Any]:
         names = sorted({key for entry in entries for key in entry.get("scores", {})})
         scores = {}
         for key in names:
-            values = [v for v in (_value(e["scores"][key]) for e in entries if key in e.get("scores", {}))
+            values = [v for v in (score_value(e["scores"][key]) for e in entries if key in e.get("scores", {}))
                       if v is not None]
             if values:
                 scores[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from horizonlm.bench.common import environment, median, parse_ints, time_cuda
+from horizonlm.bench.common import environment, median, parse_ints, relative_error, time_cuda
 from horizonlm.config import HorizonConfig
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
@@ -67,10 +67,6 @@ class SSMBenchConfig:
             raise ValueError(f"chunks must be multiples of 8 (as ssm_chunk), got {self.chunks!r}")
 
 
-def _rel(a: Tensor, b: Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
-
-
 def _grads(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], seed: int) -> tuple[Tensor, ...]:
     g = torch.Generator(device=outputs[0].device).manual_seed(seed)
     loss = sum((o.double() * torch.randn(o.shape, generator=g, device=o.device, dtype=torch.float64)).sum()
@@ -86,9 +82,9 @@ def check_chunk_scan(device: torch.device) -> dict[str, float]:
     x0 = torch.randn(64, 4, 64, device=device, requires_grad=True)  # (H, B, 2N)
     fast = chunk_scan(z, a, x0)
     twin = chunk_scan_torch(z, a, x0)
-    out = {"x_in": _rel(fast[0], twin[0]), "x_end": _rel(fast[1], twin[1])}
+    out = {"x_in": relative_error(fast[0], twin[0]), "x_end": relative_error(fast[1], twin[1])}
     for name, gf, gt in zip(("grad_z", "grad_a", "grad_x0"), _grads(fast, (z, a, x0), 1), _grads(twin, (z, a, x0), 1)):
-        out[name] = _rel(gf, gt)
+        out[name] = relative_error(gf, gt)
     return out
 
 
@@ -115,10 +111,10 @@ def check_s4d(device: torch.device, matmul_dtype: torch.dtype) -> dict[str, floa
 
     fast, ref = run(True), run(False)
     inputs = (u, x0, *params)
-    out = {"y": _rel(fast[0], ref[0]), "state": _rel(fast[1], ref[1])}
+    out = {"y": relative_error(fast[0], ref[0]), "state": relative_error(fast[1], ref[1])}
     grads = zip(_grads(fast, inputs, 2), _grads(ref, inputs, 2))
     for name, (gf, gr) in zip(("u", "x0", "a_log_re", "a_im", "log_dt", "c"), grads):
-        out[f"grad_{name}"] = _rel(gf, gr)
+        out[f"grad_{name}"] = relative_error(gf, gr)
     return out
 
 
@@ -135,9 +131,9 @@ def check_ssd(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     inputs = (x, dt, a, b, c, s0)
     fast = ssd_chunked(x.to(dtype), dt, a, b.to(dtype), c.to(dtype), s0, 64)
     ref = ssd_recurrence_ref(*(t.double() for t in inputs))
-    out = {"y": _rel(fast[0], ref[0]), "state": _rel(fast[1], ref[1])}
+    out = {"y": relative_error(fast[0], ref[0]), "state": relative_error(fast[1], ref[1])}
     for name, gf, gr in zip(("x", "dt", "a", "b", "c", "s0"), _grads(fast, inputs, 3), _grads(ref, inputs, 3)):
-        out[f"grad_{name}"] = _rel(gf, gr)
+        out[f"grad_{name}"] = relative_error(gf, gr)
     return out
 
 

@@ -23,7 +23,6 @@ fla is imported only when a peer is built or checked; fla's kernels are Triton G
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from horizonlm.config import HORIZON_PRESETS, HorizonConfig
+from horizonlm.config import HORIZON_PRESETS, DictConfig, HorizonConfig, require_field
 from horizonlm.errors import HorizonError
 from horizonlm.layers.mlp import GLUMLP
 from horizonlm.model import check_tokens, init_weights
@@ -46,11 +45,6 @@ parameters at that preset (base: 103.16M against 102.61M)."""
 CHANNELS_PER_HEAD = 256
 """Model width per GLA head in the presets: at widths that are multiples of 256, keys 128 and
 values 256 wide per head, the head shape of fla's GLA-340M configuration (width 1024, 4 heads)."""
-
-
-def _require(condition: bool, name: str, message: str, value: Any) -> None:
-    if not condition:
-        raise ValueError(f"{name} {message}, got {value!r}")
 
 
 def _fla(module: str) -> ModuleType:
@@ -68,7 +62,7 @@ def gla_heads(d_model: int) -> int:
 
 
 @dataclass
-class GLAPeerConfig:
+class GLAPeerConfig(DictConfig):
     """Shape of the :class:`GLAPeerLM` peer: the transformer baseline's embedding, norms, MLP and
     head around fla's GLA layer."""
 
@@ -102,20 +96,20 @@ class GLAPeerConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "gate_low_rank_dim", "mlp_hidden"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+            require_field(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      "must be a positive integer", value)
         for name in ("expand_k", "expand_v"):
             value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
+            require_field(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
                      "must be a positive number", value)
             width = self.d_model * value
-            _require(width == round(width), name, f"must make d_model * {name} (d_model={self.d_model}) a whole "
+            require_field(width == round(width), name, f"must make d_model * {name} (d_model={self.d_model}) a whole "
                      "number of channels", value)
-            _require(round(width) % self.n_heads == 0, "n_heads",
+            require_field(round(width) % self.n_heads == 0, "n_heads",
                      f"must divide d_model * {name} = {round(width)}", self.n_heads)
-        _require(isinstance(self.carry_state, bool), "carry_state", "must be true or false", self.carry_state)
-        _require(self.norm_eps > 0, "norm_eps", "must be positive", self.norm_eps)
-        _require(self.init_std > 0, "init_std", "must be positive", self.init_std)
+        require_field(isinstance(self.carry_state, bool), "carry_state", "must be true or false", self.carry_state)
+        require_field(self.norm_eps > 0, "norm_eps", "must be positive", self.norm_eps)
+        require_field(self.init_std > 0, "init_std", "must be positive", self.init_std)
 
     @property
     def key_dim(self) -> int:
@@ -126,17 +120,6 @@ class GLAPeerConfig:
     def value_dim(self) -> int:
         """Values and output gates over all heads."""
         return round(self.d_model * self.expand_v)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GLAPeerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GLAPeerConfig fields: {', '.join(unknown)}")
-        return cls(**values)
 
     @classmethod
     def matching(cls, horizon: HorizonConfig) -> GLAPeerConfig:
