@@ -9,7 +9,7 @@ same text.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,49 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: t
     if until is not None:
         result["complete"] = complete
     return result
+
+
+@torch.no_grad()
+def evaluate_streams(model: nn.Module, streams: Sequence[np.ndarray], window: int, device: torch.device | str,
+                     batch: int = 16, bf16: bool = True) -> list[np.ndarray]:
+    """Every prediction's loss (nats) in several independent streams, ``batch`` streams at a time.
+
+    Each stream is scored as :func:`evaluate_tokens` scores one (a fresh state at its start, carried
+    across its windows when the model carries state), but the streams of a batch share each call:
+    streams of similar length are grouped and a shorter one is padded at its end, which no earlier
+    prediction can see (causality), and its padded predictions are dropped. Returns, per stream in
+    the order given, a float32 array of ``len(stream) - 1`` losses.
+    """
+    if window < 1 or batch < 1:
+        raise ValueError(f"window and batch must be >= 1, got {window}, {batch}")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    carry = carries_state(model)
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
+    losses = [np.zeros(max(0, len(s) - 1), dtype=np.float32) for s in streams]
+    order = sorted(range(len(streams)), key=lambda i: -len(streams[i]))  # similar lengths share a batch
+    for group in (order[g : g + batch] for g in range(0, len(order), batch)):
+        longest = len(streams[group[0]])
+        padded = np.zeros((len(group), longest), dtype=np.int64)  # (B, N)
+        for row, i in enumerate(group):
+            padded[row, : len(streams[i])] = streams[i]
+        state = None
+        for start in range(0, longest - 1, window):
+            chunk = torch.from_numpy(padded[:, start : start + window + 1])  # (B, T+1)
+            x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)  # (B, T)
+            with autocast:
+                logits, new_state = model(x, state if carry else None)  # (B, T, V)
+            nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
+            nats = nats.view(x.shape).cpu().numpy()  # (B, T)
+            for row, i in enumerate(group):
+                keep = min(x.shape[1], len(losses[i]) - start)
+                if keep > 0:
+                    losses[i][start : start + keep] = nats[row, :keep]
+            state = new_state if carry else None
+    if was_training:
+        model.train()
+    return losses
 
 
 def word_perplexity(total_nats: float, words: int) -> float:

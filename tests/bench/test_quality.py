@@ -103,7 +103,7 @@ def test_cold_starts_average_position_over_starts() -> None:
 
     bins = np.array([1, 2, 10, 51])
     tokens = np.arange(1000, dtype=np.uint8)
-    result = _score_cold_starts(Uniform(), tokens, 4, 50, "cpu", bins)
+    result = _score_cold_starts(Uniform(), tokens, 4, 50, "cpu", bins, batch=3)
     assert result["tokens"] == 200 and [b["from"] for b in result["by_position"]] == [1, 2, 10]
     assert all(abs(b["bits_per_byte"] - 8.0) < 1e-5 for b in result["by_position"])
 
@@ -127,11 +127,15 @@ def test_protocol_stages_sweep_then_main_without_retraining(tmp_path: Path, monk
     assert swept["data"]["path"] == str(tmp_path / "data") and swept["data"]["splits"]["train"]["sha256"]
     calls = []
     real = quality._run_task
-    monkeypatch.setattr(quality, "_run_task", lambda cfg, name, lr, final: calls.append((name, lr, final))
-                        or real(cfg, name, lr, final))
+    monkeypatch.setattr(quality, "_run_task", lambda cfg, name, lr, final, step_seconds=None:
+                        calls.append((name, lr, final, step_seconds)) or real(cfg, name, lr, final, step_seconds))
     assert main(["bench", "quality", *common, "--models", "horizon", "--stage", "main", "--seed", "1"]) == 0
-    best = min(swept["sweeps"]["horizon"], key=lambda r: r["valid_bits_per_byte"])["lr"]
-    assert calls == [("horizon", best, True)]
+    best = min(swept["sweeps"]["horizon"], key=lambda r: r["valid_bits_per_byte"])
+    # the main run's schedule is sized by the sweep run's recorded time per step: no probe run
+    assert best["seconds_per_step"] > 0
+    assert calls == [("horizon", best["lr"], True, best["seconds_per_step"])]
+    assert not (tmp_path / "runs" / "horizon-seed1-probe").exists()
+    best = best["lr"]
     entry = json.loads(out.read_text())["models"]["horizon-seed1"]
     assert entry["lr"] == best and entry["seed"] == 1 and entry["lr_from"] == "own sweep"
 

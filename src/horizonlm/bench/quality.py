@@ -30,7 +30,7 @@ from horizonlm.config import HorizonConfig
 from horizonlm.data.stream import load_meta, open_split
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
-from horizonlm.evaluate import evaluate_tokens, wikitext_word_count, word_perplexity
+from horizonlm.evaluate import evaluate_streams, wikitext_word_count, word_perplexity
 from horizonlm.fileio import atomic_write_json
 from horizonlm.train import TrainConfig, train
 
@@ -114,6 +114,8 @@ class QualityConfig:
     """Loss weight of the answers' target bytes."""
     recall_same_window: float = 0.5
     """Share of episodes whose facts are in the question's window (the rest: an earlier window)."""
+    eval_batch: int = 16
+    """Streams scored per call (books, reset windows, cold starts; each stream exactly as alone)."""
     position_bins: int = 16
     """Log-spaced bins of position within a book for the by-position curve."""
     cold_starts: int = 64
@@ -157,6 +159,8 @@ class QualityConfig:
             raise ValueError(f"stage must be all, sweep or main, got {self.stage!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.eval_batch < 1:
+            raise ValueError(f"eval_batch must be >= 1, got {self.eval_batch}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.minutes <= 0 or self.sweep_minutes <= 0:
@@ -175,7 +179,10 @@ def _overrides(name: str, preset: str) -> dict[str, Any]:
     return overrides
 
 
-def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) -> dict[str, Any]:
+def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path,
+           step_seconds: float | None = None) -> dict[str, Any]:
+    """One training run; its cosine schedule spans the steps that fit the budget at ``step_seconds``
+    per step (measured by a short probe run when not given)."""
     kind, overrides = ABLATIONS[name][0], _overrides(name, cfg.preset)
     steps = 10**9  # the budget ends each run; the schedule spans an estimate of the steps that fit
     tcfg = TrainConfig(data=cfg.data, out=str(out), model=kind, preset=cfg.preset, model_overrides=overrides,
@@ -187,10 +194,18 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path) 
                        retrieval_every=cfg.recall_every,
                        retrieval_rate=cfg.recall_rate, retrieval_keys=cfg.recall_keys,
                        retrieval_weight=cfg.recall_weight, retrieval_same_window=cfg.recall_same_window)
-    tcfg.steps = _estimate_steps(tcfg)
+    tcfg.steps = _estimate_steps(tcfg) if step_seconds is None else max(10, int(minutes * 60 / step_seconds))
     summary = train(tcfg)
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     return {"summary": summary, "log": [r for r in log if "loss" in r], "train_config": asdict(tcfg)}
+
+
+def _step_seconds(times: list[float]) -> float:
+    """Seconds per training step from the logged times of a run: the lower quartile of the
+    step-to-step times after the first four steps (warm-up: CUDA and library initialisation, the
+    allocator growing; a transiently slow step)."""
+    deltas = np.diff(times[3:]) if len(times) > 5 else np.diff(times)  # (n,)
+    return float(np.quantile(deltas, 0.25)) if len(deltas) else 1.0
 
 
 def _estimate_steps(tcfg: TrainConfig) -> int:
@@ -206,37 +221,42 @@ def _estimate_steps(tcfg: TrainConfig) -> int:
                            "eval_tokens": 2, "save_every": 0})
     train(probe)
     times = [r["time"] for r in map(json.loads, (Path(probe.out) / "log.jsonl").read_text().splitlines()) if "loss" in r]
-    deltas = np.diff(times[3:]) if len(times) > 5 else np.diff(times)  # (n,)
-    per_step = float(np.quantile(deltas, 0.25)) if len(deltas) else 1.0
-    return max(10, int(tcfg.max_minutes * 60 / max(per_step, 1e-6)))
+    return max(10, int(tcfg.max_minutes * 60 / max(_step_seconds(times), 1e-6)))
 
 
 def _score_books(model, tokens: np.ndarray, documents: list, window: int, device, reset_every: int | None,
-                 bins: np.ndarray) -> dict[str, Any]:
-    """Each book as its own stream; totals and bits per byte by (absolute) position in the book."""
-    total, count = 0.0, 0
+                 bins: np.ndarray, batch: int) -> dict[str, Any]:
+    """Each book as its own stream (with ``reset_every``, each stretch of that many bytes of it as
+    its own stream), ``batch`` streams per call; totals and bits per byte by (absolute) position in
+    the book."""
+    pieces, owner = [], []  # the streams scored, and (book, offset) of each
+    for book, (_, start, end) in enumerate(documents):
+        step = reset_every or (end - start)
+        for offset in range(0, end - start - 1, step):
+            pieces.append(tokens[start + offset : min(end, start + offset + step + 1)])
+            owner.append((book, offset))
+    per_piece = evaluate_streams(model, pieces, window, device, batch=batch)
+    per_book = [np.zeros(end - start - 1, dtype=np.float32) for _, start, end in documents]
+    for (book, offset), nats in zip(owner, per_piece):
+        per_book[book][offset : offset + len(nats)] = nats
     sums, counts = np.zeros(len(bins) - 1), np.zeros(len(bins) - 1)
-    for _, start, end in documents:
-        result = evaluate_tokens(model, tokens[start:end], window, device, reset_every=reset_every,
-                                 progress=False, keep_per_token=True)
-        total += result["total_nats"]
-        count += result["tokens"]
-        per = result["per_token_nats"]
+    for per in per_book:
         which = np.clip(np.searchsorted(bins, np.arange(1, len(per) + 1), side="right") - 1, 0, len(bins) - 2)
         np.add.at(sums, which, per)
         np.add.at(counts, which, 1)
+    total, count = float(sum(p.sum(dtype=np.float64) for p in per_book)), sum(len(p) for p in per_book)
     by_pos = [{"from": int(bins[i]), "to": int(bins[i + 1]), "bits_per_byte": float(sums[i] / counts[i] / math.log(2))}
               for i in range(len(bins) - 1) if counts[i]]
     return {"bits_per_byte": total / count / math.log(2), "tokens": count, "by_position": by_pos}
 
 
-def _score_cold_starts(model, tokens: np.ndarray, starts: int, length: int, device, bins: np.ndarray
-                       ) -> dict[str, Any]:
+def _score_cold_starts(model, tokens: np.ndarray, starts: int, length: int, device, bins: np.ndarray,
+                       batch: int) -> dict[str, Any]:
     """Bits per byte by position after a cold start, over ``starts`` evenly spaced starts: each
     start is scored as a book of ``length`` predicted bytes of its own."""
     documents = [[None, int(start), int(start) + length + 1]
                  for start in np.linspace(0, len(tokens) - length - 1, starts).astype(np.int64)]
-    return {**_score_books(model, tokens, documents, length, device, None, bins), "starts": starts}
+    return {**_score_books(model, tokens, documents, length, device, None, bins, batch), "starts": starts}
 
 
 def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, reset_window: int) -> dict[str, Any]:
@@ -249,36 +269,44 @@ def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, r
     longest = max(end - start for _, start, end in documents)
     bins = np.unique(np.geomspace(1, max(2, longest + 1), cfg.position_bins + 1).astype(np.int64))
     corpus = meta.get("corpus") or Path(cfg.data).name  # the scores are named after the corpus they read
+    batch = cfg.eval_batch
     scores: dict[str, Any] = {f"{corpus}_test_carried": _score_books(model, test, documents, cfg.eval_window, device,
-                                                                     None, bins)}
+                                                                     None, bins, batch)}
     if cfg.cold_starts:
         cold_bins = np.unique(np.geomspace(1, cfg.cold_length + 1, cfg.position_bins + 1).astype(np.int64))
         scores[f"{corpus}_test_cold_starts"] = _score_cold_starts(model, test[:limit], cfg.cold_starts,
-                                                                  cfg.cold_length, device, cold_bins)
+                                                                  cfg.cold_length, device, cold_bins, batch)
     if carries_state(model):
         scores[f"{corpus}_test_reset_each_window"] = _score_books(model, test, documents, reset_window, device,
-                                                                  reset_window, bins)
-    if cfg.wikitext_raw and Path(cfg.wikitext_raw).is_file():
-        raw = np.frombuffer(Path(cfg.wikitext_raw).read_bytes(), dtype=np.uint8)[:limit]
-        r = evaluate_tokens(model, raw, cfg.eval_window, device, progress=False)
-        scores["wikitext_raw_test"] = {"bits_per_byte": r["bits_per_byte"], "tokens": r["tokens"]}
-    if cfg.wikitext_tokens and Path(cfg.wikitext_tokens).is_file():
-        text = Path(cfg.wikitext_tokens).read_bytes()[:limit]
-        r = evaluate_tokens(model, np.frombuffer(text, dtype=np.uint8), cfg.eval_window, device, progress=False)
+                                                                  reset_window, bins, batch)
+    raw = Path(cfg.wikitext_raw).read_bytes()[:limit] if cfg.wikitext_raw and Path(cfg.wikitext_raw).is_file() else b""
+    text = (Path(cfg.wikitext_tokens).read_bytes()[:limit]
+            if cfg.wikitext_tokens and Path(cfg.wikitext_tokens).is_file() else b"")
+    wiki = [np.frombuffer(t, dtype=np.uint8) for t in (raw, text) if len(t) > 1]
+    wiki_nats = iter(evaluate_streams(model, wiki, cfg.eval_window, device, batch=batch))  # the two files at once
+    if len(raw) > 1:
+        nats = next(wiki_nats)
+        scores["wikitext_raw_test"] = {"bits_per_byte": float(nats.sum(dtype=np.float64) / len(nats) / math.log(2)),
+                                       "tokens": len(nats)}
+    if len(text) > 1:
+        nats = next(wiki_nats)
         words = wikitext_word_count(text.decode("utf-8", errors="replace"))
         scores["wikitext103_test_word_ppl_out_of_domain"] = {
-            "word_perplexity": word_perplexity(r["total_nats"], words), "words": words, "bytes": r["tokens"] + 1,
+            "word_perplexity": word_perplexity(float(nats.sum(dtype=np.float64)), words), "words": words,
+            "bytes": len(nats) + 1,
             "note": "byte model trained on novels only; total byte loss over the .tokens text divided by its words + <eos>"}
     return scores
 
 
-def _run_task(cfg: QualityConfig, name: str, lr: float, final: bool) -> dict[str, Any]:
-    """One sweep candidate (scored on the valid split) or one final run (trained, then scored)."""
+def _run_task(cfg: QualityConfig, name: str, lr: float, final: bool,
+              step_seconds: float | None = None) -> dict[str, Any]:
+    """One sweep candidate (scored on the valid split; its time per step recorded, so the main
+    run needs no probe) or one final run (trained, then scored)."""
     if not final:
         run = _train(cfg, name, lr, cfg.sweep_minutes, Path(cfg.runs) / f"{name}-lr{lr:g}")
         valid = run["summary"]["valid"][-1]["valid_bits_per_byte"] if run["summary"]["valid"] else float("inf")
-        return {"lr": lr, "valid_bits_per_byte": valid}
-    run = _train(cfg, name, lr, cfg.minutes, Path(cfg.runs) / entry_name(name, cfg.seed))
+        return {"lr": lr, "valid_bits_per_byte": valid, "seconds_per_step": _step_seconds([r["time"] for r in run["log"]])}
+    run = _train(cfg, name, lr, cfg.minutes, Path(cfg.runs) / entry_name(name, cfg.seed), step_seconds)
     summary = run["summary"]
     device = resolve_device(cfg.device)
     return {"lr": lr, "parameters": summary["parameters"], "tokens_seen": summary["tokens_seen"],
@@ -303,10 +331,11 @@ def data_record(data: str) -> dict[str, Any]:
     return {"path": data, "corpus": meta.get("corpus"), "tokenizer": meta["tokenizer"].get("kind"), "splits": splits}
 
 
-def _task_in_child(slot: int, cfg: dict[str, Any], name: str, lr: float, final: bool, result: str) -> None:
+def _task_in_child(slot: int, cfg: dict[str, Any], name: str, lr: float, final: bool, step_seconds: float | None,
+                   result: str) -> None:
     """Entry point of a worker process: sees one GPU only, writes its result as JSON."""
     os.environ["CUDA_VISIBLE_DEVICES"] = str(slot)  # before the first CUDA call of this process
-    atomic_write_json(Path(result), _run_task(QualityConfig(**cfg), name, lr, final))
+    atomic_write_json(Path(result), _run_task(QualityConfig(**cfg), name, lr, final, step_seconds))
 
 
 class _Workers:
@@ -319,19 +348,20 @@ class _Workers:
         for slot in range(cfg.workers):
             self.slots.put(slot)
 
-    def submit(self, name: str, lr: float, final: bool) -> Future:
+    def submit(self, name: str, lr: float, final: bool, step_seconds: float | None = None) -> Future:
         if self.pool is None:
             done: Future = Future()
-            done.set_result(_run_task(self.cfg, name, lr, final))
+            done.set_result(_run_task(self.cfg, name, lr, final, step_seconds))
             return done
-        return self.pool.submit(self._in_process, name, lr, final)
+        return self.pool.submit(self._in_process, name, lr, final, step_seconds)
 
-    def _in_process(self, name: str, lr: float, final: bool) -> dict[str, Any]:
+    def _in_process(self, name: str, lr: float, final: bool, step_seconds: float | None) -> dict[str, Any]:
         slot = self.slots.get()
         try:
             result = Path(self.cfg.runs) / f"{name}-lr{lr:g}-{'final' if final else 'sweep'}.json"
             process = mp.get_context("spawn").Process(target=_task_in_child,
-                                                      args=(slot, asdict(self.cfg), name, lr, final, str(result)))
+                                                      args=(slot, asdict(self.cfg), name, lr, final, step_seconds,
+                                                            str(result)))
             process.start()
             process.join()
             if process.exitcode != 0:
@@ -360,6 +390,14 @@ def _chosen_lr(name: str, borrow: list[str], sweeps: dict[str, list[Future]], re
     if name in borrow and "horizon" in results["models"]:  # the full model was swept by an earlier call
         return results["models"]["horizon"]["lr"]
     return lrs[0]
+
+
+def _swept_step_seconds(name: str, lr: float, sweeps: dict[str, list[Future]], results: dict[str, Any]
+                        ) -> float | None:
+    """Seconds per step of ``name``'s own sweep run at ``lr`` (this call's or the recorded one), which
+    sizes the main run's schedule without a probe; None when there is none (a borrowed rate)."""
+    runs = [f.result() for f in sweeps[name]] if name in sweeps else results["sweeps"].get(name, [])
+    return next((r.get("seconds_per_step") for r in runs if r["lr"] == lr), None)
 
 
 def run_quality(cfg: QualityConfig) -> dict[str, Any]:
@@ -412,7 +450,8 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
             for name in names:
                 lr = _chosen_lr(name, borrow, sweeps, results, lrs)
                 if name not in finals and lr is not None:
-                    finals[name] = workers.submit(name, lr, final=True)
+                    finals[name] = workers.submit(name, lr, final=True,
+                                                  step_seconds=_swept_step_seconds(name, lr, sweeps, results))
             pending = [f for runs in sweeps.values() for f in runs if not f.done()]
             if len(finals) < len(names) and pending:
                 wait(pending, return_when=FIRST_COMPLETED)
