@@ -239,8 +239,12 @@ def _read_path_check(dtype: torch.dtype, device: torch.device, batch: int = 2, l
                      dim: int = 128) -> dict[str, Any]:
     """The whole read as the base model runs it in training (one window of ``length`` tokens after
     ``carried`` entries, one entry per token, ``capacity`` chunks of ``chunk`` visible, the null
-    entry), through the fast selection and through the dense reference: the relative error of
-    the reads and of the gradients of queries, keys and values."""
+    entry), through the fast selection and through the dense reference in ``dtype``, each against
+    the dense read in float64 of the same inputs: the relative error of the reads and of the
+    gradients of queries, keys and values. In float32 the fast path must match (1e-3); in a
+    16-bit dtype both paths round, so the fast path must be no further from float64 than the dense
+    one (a dense bf16 read rounds every score to bf16; measured on a CPU, the fast path's
+    gradients were about twice as close)."""
     from horizonlm.ops.chunks import chunk_layout
     from horizonlm.ops.memory_read import memory_read
 
@@ -255,18 +259,22 @@ def _read_path_check(dtype: torch.dtype, device: torch.device, batch: int = 2, l
     g_out = torch.randn(batch, length, dim, generator=g, device=device).to(dtype)  # (B, L, Dv)
     null = torch.tensor([0.5], device=device)  # (1,)
 
-    def run(reference: bool) -> list[torch.Tensor]:
-        inputs = [t.clone().requires_grad_() for t in (q, keys, values)]
+    def run(reference: bool, as_dtype: torch.dtype) -> list[torch.Tensor]:
+        inputs = [t.to(as_dtype).clone().requires_grad_() for t in (q, keys, values)]
         read = memory_read(*inputs, ids, layout.completed_before, capacity, k, 10.0, 4096, null,
                            reference=reference)  # (B, L, Dv)
-        return [read, *torch.autograd.grad((read * g_out).sum(), inputs)]
+        return [read, *torch.autograd.grad((read * g_out.to(as_dtype)).sum(), inputs)]
 
-    fast, ref = run(False), run(True)
+    exact = run(True, torch.float64)
+    names = ("read", "grad_q", "grad_keys", "grad_values")
+    fast = {name: relative_error(a.double(), b) for name, a, b in zip(names, run(False, dtype), exact)}
+    dense = {name: relative_error(a.double(), b) for name, a, b in zip(names, run(True, dtype), exact)}
     row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "queries": length,
            "entries": carried + length, "capacity_chunks": capacity, "chunk": chunk, "top_k": k, "dim": dim,
-           **{f"{name}_rel_err": relative_error(a, b)
-              for name, a, b in zip(("read", "grad_q", "grad_keys", "grad_values"), fast, ref)}}
-    row["ok"] = all(v < (2e-2 if dtype != torch.float32 else 1e-3) for key, v in row.items() if key.endswith("rel_err"))
+           "against": "the dense read in float64 of the same inputs",
+           **{f"{name}_rel_err": v for name, v in fast.items()},
+           **{f"dense_{name}_rel_err": v for name, v in dense.items()}}
+    row["ok"] = all(fast[n] < 1e-3 if dtype == torch.float32 else fast[n] <= 1.1 * dense[n] + 1e-3 for n in names)
     print(json.dumps({"part": "read_path_check", **row}), flush=True)
     return row
 
