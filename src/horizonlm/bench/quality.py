@@ -51,6 +51,10 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # The induction memory keyed by the hidden state after two blocks instead of the embeddings:
     # its keys can carry a label a clause back, which 16 bytes of the token stream cannot.
     "horizon_memory_layer2": ("horizon", {"memory_layer": 2}),
+    # The induction memory trained against a long memory: 4096 chunks (512K tokens at base, a
+    # stream's whole life between cold restarts) instead of 64, so the read learns to pick the fact
+    # out of the crowd of near-matches a long prompt brings (the default keeps a few windows).
+    "horizon_long_memory": ("horizon", {"memory_capacity": 4096}),
     # A peer, not an ablation: flash-linear-attention's GLA (horizonlm.peers.gla, extra [peers], a
     # GPU), state carried across windows as HorizonLM's.
     "gla": ("gla", {}),
