@@ -42,6 +42,8 @@ def test_quality_bench_end_to_end(tmp_path: Path) -> None:
     assert "shakespeare_test_reset_each_window" not in results["models"]["transformer"]["scores"]
     assert results["models"]["horizon_no_memory"]["parameters"] < horizon["parameters"]
     assert horizon["scores"]["shakespeare_test_carried"]["tokens"] == 1999
+    curve = horizon["valid_curve"]  # validation loss against training seconds, spread over the main run
+    assert len(curve) >= 2 and all(a[0] < b[0] for a, b in zip(curve, curve[1:])) and curve[-1][1] < 8, curve
     assert horizon["scores"]["wikitext103_test_word_ppl_out_of_domain"]["words"] == 40 * (3 + 1 + 5 + 1)
     assert out.with_suffix(".png").is_file()
 

@@ -120,6 +120,13 @@ class QualityConfig:
     """Share of episodes whose facts are in the question's window (the rest: an earlier window)."""
     eval_batch: int = 16
     """Streams scored per call (books, reset windows, cold starts; each stream exactly as alone)."""
+    curve_points: int = 4
+    """Validations spread over each main run (on ``curve_tokens`` of the valid split, at most
+    ``max_eval_tokens``), for the validation loss against training time (``valid_curve``); 0: none.
+    Not counted in the training budget; each also saves a checkpoint (a few seconds on an H200),
+    so they stay few: a main run of the protocol must fit one 10-minute device call."""
+    curve_tokens: int = 262_144
+    """Valid tokens each of those validations scores."""
     position_bins: int = 16
     """Log-spaced bins of position within a book for the by-position curve."""
     cold_starts: int = 64
@@ -165,6 +172,9 @@ class QualityConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.eval_batch < 1:
             raise ValueError(f"eval_batch must be >= 1, got {self.eval_batch}")
+        if self.curve_points < 0 or self.curve_tokens < 1:
+            raise ValueError(f"curve_points must be >= 0 and curve_tokens >= 1, got {self.curve_points}, "
+                             f"{self.curve_tokens}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.minutes <= 0 or self.sweep_minutes <= 0:
@@ -184,9 +194,10 @@ def _overrides(name: str, preset: str) -> dict[str, Any]:
 
 
 def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path,
-           step_seconds: float | None = None) -> dict[str, Any]:
+           step_seconds: float | None = None, curve: bool = False) -> dict[str, Any]:
     """One training run; its cosine schedule spans the steps that fit the budget at ``step_seconds``
-    per step (measured by a short probe run when not given)."""
+    per step (measured by a short probe run when not given). With ``curve``, validated
+    ``curve_points`` times along the way on ``curve_tokens`` tokens (the last at the end)."""
     kind, overrides = ABLATIONS[name][0], _overrides(name, cfg.preset)
     steps = 10**9  # the budget ends each run; the schedule spans an estimate of the steps that fit
     tcfg = TrainConfig(data=cfg.data, out=str(out), model=kind, preset=cfg.preset, model_overrides=overrides,
@@ -199,6 +210,9 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path,
                        retrieval_rate=cfg.recall_rate, retrieval_keys=cfg.recall_keys,
                        retrieval_weight=cfg.recall_weight, retrieval_same_window=cfg.recall_same_window)
     tcfg.steps = _estimate_steps(tcfg) if step_seconds is None else max(10, int(minutes * 60 / step_seconds))
+    if curve and cfg.curve_points:
+        tcfg.eval_every = max(1, tcfg.steps // cfg.curve_points)
+        tcfg.eval_tokens = min(cfg.curve_tokens, cfg.max_eval_tokens or cfg.curve_tokens)
     summary = train(tcfg)
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     return {"summary": summary, "log": [r for r in log if "loss" in r], "train_config": asdict(tcfg)}
@@ -310,13 +324,15 @@ def _run_task(cfg: QualityConfig, name: str, lr: float, final: bool,
         run = _train(cfg, name, lr, cfg.sweep_minutes, Path(cfg.runs) / f"{name}-lr{lr:g}")
         valid = run["summary"]["valid"][-1]["valid_bits_per_byte"] if run["summary"]["valid"] else float("inf")
         return {"lr": lr, "valid_bits_per_byte": valid, "seconds_per_step": _step_seconds([r["time"] for r in run["log"]])}
-    run = _train(cfg, name, lr, cfg.minutes, Path(cfg.runs) / entry_name(name, cfg.seed), step_seconds)
+    run = _train(cfg, name, lr, cfg.minutes, Path(cfg.runs) / entry_name(name, cfg.seed), step_seconds, curve=True)
     summary = run["summary"]
+    seconds_at = {r["step"]: r["time"] for r in run["log"]}  # training seconds when each step ended
     device = resolve_device(cfg.device)
     return {"lr": lr, "parameters": summary["parameters"], "tokens_seen": summary["tokens_seen"],
             "train_seconds": summary["train_seconds"], "train_loss": summary["train_loss"], "steps": summary["step"],
             "first_step_seconds_incl_warmup": run["log"][0]["time"] if run["log"] else None,
             "loss_curve": [[r["time"], r["loss"]] for r in run["log"]],
+            "valid_curve": [[seconds_at.get(v["step"], 0.0), v["valid_bits_per_byte"]] for v in summary["valid"]],
             "scores": evaluate_model(cfg, Path(cfg.runs) / entry_name(name, cfg.seed) / "checkpoints", device,
                                      cfg.seq_len),
             "seed": cfg.seed, "environment": environment()}
@@ -492,9 +508,13 @@ def plot_quality(results: dict[str, Any], path: Path) -> None:
     colors = plt.get_cmap("tab10").colors
     for i, (name, entry) in enumerate(results["models"].items()):
         color = colors[i % len(colors)]  # one colour per model in both panels; carried solid, reset dotted
-        curve = np.array(entry["loss_curve"])
-        if len(curve):
-            axes[0].plot(curve[:, 0], curve[:, 1] / math.log(2), color=color, label=name)
+        valid = np.array(entry.get("valid_curve") or [])  # (n, 2): training seconds, valid bits/byte
+        curve = np.array(entry["loss_curve"])  # (n, 2): training seconds, train nats
+        if len(valid) > 1:
+            axes[0].plot(valid[:, 0], valid[:, 1], "o-", color=color, label=f"{name} (valid)")
+        elif len(curve):  # an entry from before the validation curve: its training loss, thin
+            axes[0].plot(curve[:, 0], curve[:, 1] / math.log(2), color=color, alpha=0.5, lw=0.8,
+                         label=f"{name} (train)")
         for suffix, style in (("_test_carried", "-"), ("_test_reset_each_window", ":")):
             pos = next((v for k, v in entry["scores"].items() if k.endswith(suffix)), {}).get("by_position", [])
             if pos:
@@ -504,7 +524,7 @@ def plot_quality(results: dict[str, Any], path: Path) -> None:
         if cold:
             axes[2].plot([(p["from"] + p["to"]) / 2 for p in cold], [p["bits_per_byte"] for p in cold], color=color,
                          label=name)
-    axes[0].set(xlabel="training seconds", ylabel="train bits per byte", title="loss against time")
+    axes[0].set(xlabel="seconds since training started", ylabel="bits per byte", title="loss against time")
     axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte",
                 title=f"{results.get('data', {}).get('corpus') or 'novels'} test by position (top clipped at 6)",
                 xscale="log", ylim=(None, 6))
