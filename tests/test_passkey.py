@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -143,11 +144,15 @@ def test_hits_record_whether_the_memory_read_the_facts_digits(keys: int) -> None
     for overrides, want in [(recipe, "all"), (one_byte, "not the first")]:
         torch.manual_seed(0)
         model = Forced(HorizonLM(HorizonConfig.preset("tiny", **overrides)), 2000, answers)
-        replies, hits = answer_with_hits(model, prompts, [p.key for p in asked], 512, torch.device("cpu"))
+        replies, hits, weights = answer_with_hits(model, prompts, [p.key for p in asked], 512, torch.device("cpu"))
         assert [r[:7] for r in replies] == [a.decode() for a in answers]
-        assert hits.shape == (3, 5)
+        assert hits.shape == weights.shape == (3, 5)
+        assert (weights[~hits] == 0).all()  # no weight on an entry the read did not hold
         if want == "all":
-            assert hits.all()
+            # one entry read, an exact match (score 1) against the null entry's s_0: its softmax weight
+            tau, s0 = model.memory.tau, model.memory.null_score.item()
+            exact = 1 / (1 + math.exp(tau * (s0 - 1)))
+            assert hits.all() and torch.allclose(weights, torch.full_like(weights, exact), atol=1e-4), weights
         else:
             assert not hits[:, 0].any()
 

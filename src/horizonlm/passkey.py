@@ -269,22 +269,26 @@ def digit_positions(prompt: bytes, key: int) -> list[int]:
 
 
 def answer_with_hits(model: nn.Module, prompts: list[bytes], keys: list[int], window: int,
-                     device: torch.device) -> tuple[list[str], Tensor | None]:
+                     device: torch.device) -> tuple[list[str], Tensor | None, Tensor | None]:
     """:func:`answer`, and for a model with a memory, per prompt and answer digit (B, 5): whether
     the memory's top-K read, at the token that predicts the digit, held the entry written at that
-    digit in the fact (induction memory) or its chunk (chunk memory). This records what the read
+    digit in the fact (induction memory) or its chunk (chunk memory), and (induction memory) the
+    softmax weight the read gave that entry (0 where not held; None for the chunk memory): a fact
+    held among near-matches that share the softmax gets a small weight. This records what the read
     selected, not that the answer came from it (the causal check, ``causal_check``, tests that).
     Read free-running: after a wrong digit the model asks about its own reply."""
     memory = getattr(model, "memory", None)
     if memory is None:
-        return answer(model, prompts, window, device), None
+        return answer(model, prompts, window, device), None, None
     length = len(prompts[0])
     query_pos = torch.arange(length, length + 5, device=device).expand(len(prompts), 5)  # (B, 5): " ", 4 digits
     answer_pos = torch.tensor([digit_positions(p, k) for p, k in zip(prompts, keys)], device=device)  # (B, 5)
     with MemoryProbe(memory, query_pos) as probe:
         replies = answer(model, prompts, window, device)
     found = probe.outcome(answer_pos)
-    return replies, (found["hit_entry"] if memory.entries_per_chunk > 1 else found["hit"])  # (B, 5)
+    if memory.entries_per_chunk > 1:
+        return replies, found["hit_entry"], found["entry_weight"]  # (B, 5) twice
+    return replies, found["hit"], None  # (B, 5)
 
 
 def prepare_model(model: nn.Module, cfg: PasskeyConfig) -> None:
@@ -358,11 +362,12 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
     asked = [build_prompt(haystack, length, depth, cfg.keys, rng, cfg.wording) for _ in range(cfg.trials)]
     keys = [p.key for p in asked]
     swap_keys = [rng.randint(10000, 99999) for _ in asked]
-    replies, hits, without_read, swapped, t0 = [], [], [], [], time.perf_counter()
+    replies, hits, weights, without_read, swapped, t0 = [], [], [], [], [], time.perf_counter()
     for first in range(0, len(asked), cfg.batch):
         group = asked[first : first + cfg.batch]
         try:
-            got, hit = answer_with_hits(model, [p.text for p in group], [p.key for p in group], cfg.window, device)
+            got, hit, weight = answer_with_hits(model, [p.text for p in group], [p.key for p in group], cfg.window,
+                                                device)
             if cfg.causal_check:
                 with reads_dropped(model.memory):
                     without_read += answer(model, [p.text for p in group], cfg.window, device)
@@ -372,6 +377,8 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
         replies += got
         if hit is not None:
             hits.append(hit.cpu())
+        if weight is not None:
+            weights.append(weight.cpu())
         bar.update(len(group))
     seconds = time.perf_counter() - t0
     correct = sum(score(reply, key) for reply, key in zip(replies, keys))
@@ -382,6 +389,8 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
             "examples": [[key, reply] for key, reply in zip(keys, replies)]}
     if hits:
         cell["memory_hit_by_digit"] = torch.cat(hits).float().mean(0).tolist()  # 5 rates, the first digit first
+    if weights:  # the read's mean weight on the fact's own entry, per digit (0 where not held)
+        cell["memory_weight_by_digit"] = torch.cat(weights).float().mean(0).tolist()
     memory = getattr(model, "memory", None)
     if memory is not None:
         cell["fact_in_memory"] = sum(fact_in_memory(p, memory.chunk_size, memory.capacity) for p in asked) / len(asked)

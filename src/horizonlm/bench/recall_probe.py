@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from horizonlm.errors import HorizonError
-from horizonlm.ops.memory_read import memory_topk_ids
+from horizonlm.ops.memory_read import memory_topk_ids, read_weights
 from horizonlm.state import MemoryState
 
 
@@ -32,6 +32,7 @@ class MemoryProbe:
         self.selected = torch.full((batch, queries, memory.top_k), -1, dtype=torch.long,
                                    device=query_pos.device)  # (B, P, K)
         self.selected_pos = self.selected.clone()  # (B, P, K)
+        self.selected_weight = torch.zeros(batch, queries, memory.top_k, device=query_pos.device)  # (B, P, K)
         self._handle = None
 
     def __enter__(self) -> MemoryProbe:
@@ -70,8 +71,23 @@ class MemoryProbe:
         keep = inside.unsqueeze(-1)  # (B, P, 1)
         if per_token:  # the one search gives both: each picked entry's position, and its chunk tag
             self.selected_pos = torch.where(keep, picked, self.selected_pos)  # (B, P, K)
+            weights = self._read_weights(module, p.queries, keys, local.clamp(0, length - 1), picked, first)  # (B, P, K)
+            self.selected_weight = torch.where(keep, weights, self.selected_weight)  # (B, P, K)
             picked = torch.where(picked >= 0, ids[(picked - first).clamp(min=0)], -1)  # (B, P, K)
         self.selected = torch.where(keep, picked, self.selected)  # (B, P, K)
+
+    @staticmethod
+    def _read_weights(module: nn.Module, queries: Tensor, keys: Tensor, at: Tensor, picked: Tensor,
+                      first: int) -> Tensor:
+        """The softmax weight the read gave each picked entry (:func:`read_weights`, the null entry
+        included), at the query positions ``at`` (B, P); ``picked`` holds stream positions (B, P, K),
+        -1 where fewer than K were visible, ``first`` the stream position of ``keys``' first row."""
+        q = queries.gather(1, at.unsqueeze(-1).expand(-1, -1, queries.shape[-1]))  # (B, P, Dk)
+        rows = torch.arange(keys.shape[0], device=keys.device).view(-1, 1, 1)  # (B, 1, 1)
+        k = keys[rows, (picked - first).clamp(min=0)]  # (B, P, K, Dk)
+        scores = torch.einsum("bpd,bpkd->bpk", q.float(), k.float())  # (B, P, K)
+        scores = scores.masked_fill(picked < 0, float("-inf"))  # (B, P, K)
+        return read_weights(scores, module.tau, module.null_score)  # (B, P, K)
 
     def outcome(self, answer_pos: Tensor) -> dict[str, Tensor]:
         """Per query (B, P): ``applicable`` (the answer's chunk completed before the query, so the
@@ -92,6 +108,8 @@ class MemoryProbe:
             "applicable": answer_chunk < seen,  # (B, P)
             "hit": (self.selected == answer_chunk.unsqueeze(-1)).any(-1),  # (B, P)
             "hit_entry": (self.selected_pos == answer_pos.unsqueeze(-1)).any(-1),  # (B, P); False in chunk mode
+            # the read's softmax weight on the answer's own entry (0 where not picked; chunk mode: 0)
+            "entry_weight": (self.selected_weight * (self.selected_pos == answer_pos.unsqueeze(-1))).sum(-1),  # (B, P)
             "evicted": answer_chunk < seen - self.memory.capacity,  # (B, P)
             "chance": ((1 - miss) * (entries > 0)).float(),  # (B, P)
         }
