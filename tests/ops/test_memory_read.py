@@ -64,3 +64,17 @@ def test_equal_scores_rank_newest_first_wherever_the_entries_sit() -> None:
     assert sorted((topk_newest_first(padded, 3)[1][0] - 5).tolist()) == [3, 5, 6]
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]]).flip(-1)  # reversed ages: the oldest ties now win
     assert sorted(topk_newest_first(tied, 3, positions)[1][0].tolist()) == [1, 2, 3]
+
+
+def test_read_weights_give_finite_gradients_with_empty_slots() -> None:
+    """Slots with no visible entry (-inf) get weight 0, and a learned scale tau and the null score
+    get finite gradients through them (an inf times a zero gradient would be NaN)."""
+    from horizonlm.ops.memory_read import read_weights
+
+    scores = torch.tensor([[0.9, 0.2, float("-inf")], [float("-inf")] * 3], dtype=torch.float64)  # (2, K)
+    tau = torch.tensor([10.0], dtype=torch.float64, requires_grad=True)  # (1,)
+    null = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)  # (1,)
+    weights = read_weights(scores, tau, null)  # (2, K)
+    assert weights[0, 2] == 0 and (weights[1] == 0).all() and weights[0, 0] > weights[0, 1] > 0
+    (weights * torch.arange(1.0, 4.0, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(tau.grad).all() and torch.isfinite(null.grad).all() and tau.grad != 0

@@ -41,7 +41,9 @@ def read_weights(top_scores: Tensor, tau: float, null_score: Tensor | None = Non
     with nothing visible reads exactly what an unmatched token reads in training (zero).
     top_scores: (..., K). Returns (..., K)."""
     valid = torch.isfinite(top_scores)  # (..., K)
-    logits = (tau * top_scores).masked_fill(~valid, -1e4)  # (..., K); finite, so no NaN anywhere
+    # -inf slots are zeroed before the scale and masked after: no inf reaches a product, so a learned
+    # (tensor) tau gets a finite gradient too.
+    logits = (tau * top_scores.masked_fill(~valid, 0.0)).masked_fill(~valid, -1e4)  # (..., K)
     if null_score is None:
         return torch.softmax(logits, dim=-1) * valid  # (..., K); all zero where nothing is visible
     null = (tau * null_score).to(logits.dtype).expand(*logits.shape[:-1], 1)  # (..., 1)
