@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from horizonlm.checkpoint import Checkpoint, carries_state, load_checkpoint
@@ -78,6 +78,19 @@ class EvalConfig:
                              "and no max_tokens")
 
 
+def _window_nats(model: nn.Module, chunk: np.ndarray, state: Any, carry: bool, device: torch.device,
+                 bf16: bool) -> tuple[Tensor, Any]:
+    """One window of each stream in a batch: ``chunk`` (B, T+1) token ids, the inputs and their
+    next tokens. Returns every prediction's loss in nats (B, T) and the state to carry (None for
+    a model that restarts every window)."""
+    chunk = torch.from_numpy(np.asarray(chunk, dtype=np.int64))  # (B, T+1)
+    x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)  # (B, T)
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16):
+        logits, new_state = model(x, state if carry else None)  # (B, T, V)
+    nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(x.shape)  # (B, T)
+    return nats, (new_state if carry else None)
+
+
 @torch.no_grad()
 def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: torch.device | str,
                     bytes_per_token: float = 1.0, max_tokens: int | None = None, reset_every: int | None = None,
@@ -100,7 +113,6 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: t
     model.eval()
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
     carry = carries_state(model)
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
     total, count, state = 0.0, 0, None
     per_token = np.zeros(max(0, n - 1), dtype=np.float32) if keep_per_token else None
     starts = range(0, n - 1, window)
@@ -109,16 +121,13 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, window: int, device: t
                       dynamic_ncols=True):
         if reset_every is not None and start % reset_every == 0:
             state = None
-        chunk = torch.from_numpy(np.asarray(tokens[start : min(n, start + window + 1)], dtype=np.int64))  # (T+1,)
-        x, y = chunk[:-1].unsqueeze(0).to(device), chunk[1:].unsqueeze(0).to(device)  # (1, T)
-        with autocast:
-            logits, new_state = model(x, state if carry else None)  # (1, T, V)
-        losses = F.cross_entropy(logits.float()[0], y[0], reduction="none")  # (T,)
+        window_tokens = np.asarray(tokens[start : min(n, start + window + 1)])[None]  # (1, T+1)
+        nats, state = _window_nats(model, window_tokens, state, carry, device, bf16)  # (1, T)
+        losses = nats[0]  # (T,)
         total += losses.sum().item()
         count += losses.numel()
         if per_token is not None:
             per_token[start : start + losses.numel()] = losses.cpu().numpy()
-        state = new_state if carry else None
         if until is not None and start + window < n - 1 and until():
             complete = False
             break
@@ -156,7 +165,6 @@ def evaluate_streams(model: nn.Module, streams: Sequence[np.ndarray], window: in
     was_training = model.training
     model.eval()
     carry = carries_state(model)
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16)
     losses = [np.zeros(max(0, len(s) - 1), dtype=np.float32) for s in streams]
     order = sorted(range(len(streams)), key=lambda i: -len(streams[i]))  # similar lengths share a batch
     for group in (order[g : g + batch] for g in range(0, len(order), batch)):
@@ -166,17 +174,12 @@ def evaluate_streams(model: nn.Module, streams: Sequence[np.ndarray], window: in
             padded[row, : len(streams[i])] = streams[i]
         state = None
         for start in range(0, longest - 1, window):
-            chunk = torch.from_numpy(padded[:, start : start + window + 1])  # (B, T+1)
-            x, y = chunk[:, :-1].to(device), chunk[:, 1:].to(device)  # (B, T)
-            with autocast:
-                logits, new_state = model(x, state if carry else None)  # (B, T, V)
-            nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
-            nats = nats.view(x.shape).cpu().numpy()  # (B, T)
+            nats, state = _window_nats(model, padded[:, start : start + window + 1], state, carry, device, bf16)
+            nats = nats.cpu().numpy()  # (B, T)
             for row, i in enumerate(group):
-                keep = min(x.shape[1], len(losses[i]) - start)
+                keep = min(nats.shape[1], len(losses[i]) - start)
                 if keep > 0:
                     losses[i][start : start + keep] = nats[row, :keep]
-            state = new_state if carry else None
     if was_training:
         model.train()
     return losses
