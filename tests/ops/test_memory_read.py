@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from horizonlm.ops.chunks import chunk_layout
-from horizonlm.ops.memory_read import memory_read
+from horizonlm.ops.memory_read import memory_read, memory_topk_ids
 from horizonlm.ops.reference import memory_read_ref
 
 
@@ -78,3 +78,50 @@ def test_read_weights_give_finite_gradients_with_empty_slots() -> None:
     assert weights[0, 2] == 0 and (weights[1] == 0).all() and weights[0, 0] > weights[0, 1] > 0
     (weights * torch.arange(1.0, 4.0, dtype=torch.float64)).sum().backward()
     assert torch.isfinite(tau.grad).all() and torch.isfinite(null.grad).all() and tau.grad != 0
+
+
+def test_under_autocast_the_selection_scores_in_autocast_dtype() -> None:
+    """Two keys whose cosines with the query differ by less than bfloat16 resolves: in float32
+    the closer one is read; under bfloat16 autocast they tie, and the tie goes newest first (the
+    other one). The read's weights and values stay float32 either way, and memory_topk_ids picks
+    what the read picks."""
+    q = F.normalize(torch.tensor([[[1.0, 0.0, 0.0, 0.0]]]), dim=-1)  # (1, 1, 4)
+    keys = F.normalize(torch.tensor([[[1.0, 1e-3, 0.0, 0.0], [1.0, 2e-3, 0.0, 0.0]]]), dim=-1)  # (1, 2, 4)
+    values = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (1, 2, 2)
+    ids, seen = torch.tensor([0, 1]), torch.tensor([2])  # both entries visible
+
+    def read() -> tuple[torch.Tensor, torch.Tensor]:
+        out = memory_read(q, keys, values, ids, seen, capacity=4, top_k=1, tau=10.0)  # (1, 1, 2)
+        return out, memory_topk_ids(q, keys, ids, seen, 4, 1, labels=torch.tensor([10, 11]))
+
+    plain, plain_ids = read()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, low_ids = read()
+    assert plain.dtype == low.dtype == torch.float32
+    assert plain[0, 0].argmax() == 0 and plain_ids.item() == 10  # float32: the closer key, entry 0
+    assert low[0, 0].argmax() == 1 and low_ids.item() == 11  # bfloat16: a tie, newest first
+
+
+def test_under_autocast_the_fast_selection_gets_keys_cast_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton kernel ignores autocast, so memory_read hands the selection the keys already in
+    autocast's dtype, cast once per call (the torch twin's products would follow autocast anyway)."""
+    import horizonlm.ops.memory_read as module
+
+    seen_keys = []
+    real = module.topk_read
+
+    def spy(q, keys, entry_ids, completed_before, capacity, k, selection_keys=None):
+        seen_keys.append(selection_keys)
+        return real(q, keys, entry_ids, completed_before, capacity, k, selection_keys)
+
+    monkeypatch.setattr(module, "topk_read", spy)
+    q = F.normalize(torch.randn(1, 6, 4), dim=-1)  # (1, L, 4)
+    keys = F.normalize(torch.randn(1, 5, 4), dim=-1)  # (1, M, 4)
+    ids, seen = torch.arange(5), torch.full((6,), 5)
+    memory_read(q, keys, torch.randn(1, 5, 3), ids, seen, capacity=8, top_k=2, tau=10.0, block=2)
+    assert seen_keys == [None] * 3
+    seen_keys.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        memory_read(q, keys, torch.randn(1, 5, 3), ids, seen, capacity=8, top_k=2, tau=10.0, block=2)
+    assert len(seen_keys) == 3 and all(k is seen_keys[0] for k in seen_keys)  # one cast serves every block
+    assert seen_keys[0].dtype == torch.bfloat16 and torch.equal(seen_keys[0], keys.to(torch.bfloat16))

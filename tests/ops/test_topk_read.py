@@ -214,3 +214,16 @@ def test_triton_kernel_breaks_exact_ties_newest_first_in_interpreter() -> None:
     cut through them, across entry blocks and split parts: the kernel picks the same entries as
     the dense reference, the newest of the tied ones."""
     assert_passes_in_interpreter(_TRITON_TIES_CHECK, timeout=300)
+
+
+def test_selection_keys_choose_while_the_scores_stay_in_q_dtype() -> None:
+    """topk_read chooses against ``selection_keys`` (here bfloat16, where two near keys tie and the
+    newest wins) and recomputes the chosen score from ``keys`` in q's dtype."""
+    q = F.normalize(torch.tensor([[[1.0, 0.0, 0.0, 0.0]]]), dim=-1)  # (1, 1, 4)
+    keys = F.normalize(torch.tensor([[[1.0, 1e-3, 0.0, 0.0], [1.0, 2e-3, 0.0, 0.0]]]), dim=-1)  # (1, 2, 4)
+    ids, seen = torch.tensor([0, 1]), torch.tensor([2])
+    scores, index = topk_read(q, keys, ids, seen, 4, 1)
+    assert index.item() == 0
+    scores, index = topk_read(q, keys, ids, seen, 4, 1, selection_keys=keys.to(torch.bfloat16))
+    assert index.item() == 1 and scores.dtype == torch.float32
+    assert scores.item() == (q[0, 0] @ keys[0, 1]).item()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from horizonlm.devices import autocast_dtype
 from horizonlm.ops.topk_read import topk_read, topk_visible_dense, visible_mask
 
 __all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 
 
 def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capacity: int,
-                 k: int, reference: bool = False) -> tuple[Tensor, Tensor]:
+                 k: int, reference: bool = False, selection_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The K best visible entries of a block of queries: scores (-inf where fewer than K are
     visible), differentiable in q and keys, and indices into ``keys``; equal scores rank newest
     first (entries are kept in stream order). One selection serves the read and the diagnostics.
@@ -26,10 +27,17 @@ def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capac
     device (checked against the dense selection on an H200 by ``horizon bench memory --read``:
     bench/results/memory_read.json), its blocked torch twin elsewhere; the dense selection
     (``topk_visible_dense``, chosen by ``reference``) is the reference the tests and the GPU check
-    hold both to."""
+    hold both to. ``selection_keys``: see :func:`topk_read` (the fast selection only)."""
     if reference:
         return topk_visible_dense(q, keys, entry_ids, seen, capacity, k)  # (B, Lb, K) twice
-    return topk_read(q, keys, entry_ids, seen, capacity, k)  # (B, Lb, K) twice
+    return topk_read(q, keys, entry_ids, seen, capacity, k, selection_keys)  # (B, Lb, K) twice
+
+
+def _selection_keys(keys: Tensor) -> Tensor | None:
+    """The keys the fast selection scores against under autocast: cast once to autocast's dtype
+    (None outside autocast, where it scores ``keys`` as they are)."""
+    low = autocast_dtype(keys.device)
+    return None if low is None else keys.detach().to(low)  # (B, M, Dk)
 
 
 def read_weights(top_scores: Tensor, tau: float, null_score: Tensor | None = None) -> Tensor:
@@ -69,19 +77,23 @@ def memory_read(
     queries: (B, L, Dk), keys: (B, M, Dk), values: (B, M, Dv), entry_ids: (M,),
     completed_before: (L,), null_score: (1,) or None. A token with no visible entry reads zeros.
     ``reference`` selects with the dense score matrix instead of ``ops.topk_read`` (the check of
-    the fast selection). Returns (B, L, Dv).
+    the fast selection). Under autocast the fast selection scores in autocast's dtype (the keys
+    cast once per call): in bfloat16 the H200 kernel takes a third of its float32 time
+    (bench/results/memory_read.json), which is what a long training memory costs; the chosen
+    scores, the weights and the gradients stay in the queries' dtype. Returns (B, L, Dv).
     """
     batch, length, _ = queries.shape
     n_entries = keys.shape[1]
     if n_entries == 0:
         return queries.new_zeros(batch, length, values.shape[-1])  # (B, L, Dv)
     k = min(top_k, n_entries)
+    selection_keys = None if reference else _selection_keys(keys)  # (B, M, Dk) or None
     batch_index = torch.arange(batch, device=queries.device).view(batch, 1, 1)  # (B, 1, 1)
     reads = []
     for start in range(0, length, block):
         q = queries[:, start : start + block]  # (B, Lb, Dk)
         top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k,
-                                             reference)  # (B, Lb, K) twice
+                                             reference, selection_keys)  # (B, Lb, K) twice
         weights = read_weights(top_scores, tau, null_score)  # (B, Lb, K)
         picked = values[batch_index, top_index]  # (B, Lb, K, Dv)
         reads.append(torch.einsum("blk,blkd->bld", weights, picked))  # (B, Lb, Dv)
@@ -103,15 +115,17 @@ def memory_topk_ids(
     fewer than K are visible: which chunks a read found, for diagnostics (``bench recall``'s
     retrieval hit rate). Same arguments as :func:`memory_read`; ``labels`` (M,), if given, is
     reported instead of each entry's chunk id (e.g. the stream position of its token). Returns
-    (B, L, K) int64."""
+    (B, L, K) int64. Selects as :func:`memory_read` does (under autocast, in its dtype)."""
     batch, length, _ = queries.shape
     k = min(top_k, keys.shape[1])
     if k == 0:
         return torch.full((batch, length, top_k), -1, dtype=torch.long, device=queries.device)  # (B, L, K)
+    selection_keys = _selection_keys(keys)  # (B, M, Dk) or None
     picked = []
     for start in range(0, length, block):
         q = queries[:, start : start + block]  # (B, Lb, Dk)
-        top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k)
+        top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k,
+                                             selection_keys=selection_keys)
         ids = (entry_ids if labels is None else labels)[top_index]  # (B, Lb, K)
         picked.append(ids.masked_fill(~torch.isfinite(top_scores), -1))  # (B, Lb, K)
     return torch.cat(picked, dim=1)  # (B, L, K)

@@ -233,11 +233,14 @@ def topk_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, completed_before: T
 
 
 def topk_read(q: Tensor, keys: Tensor, entry_ids: Tensor, completed_before: Tensor, capacity: int,
-              k: int) -> tuple[Tensor, Tensor]:
+              k: int, selection_keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`topk_visible` with differentiable scores: the chosen ``q_t . k_idx`` recomputed in
-    torch (in q's dtype), so gradients reach q and keys through autograd. Returns scores (B, L, K)
-    and indices (B, L, K)."""
-    chosen, index = topk_visible(q.detach(), keys.detach(), entry_ids, completed_before, capacity, k)
+    torch (in q's dtype), so gradients reach q and keys through autograd. ``selection_keys``, if
+    given, are the keys the selection scores against instead of ``keys`` (the same entries in
+    another dtype; q is cast to theirs): ``memory_read`` passes them cast once to autocast's dtype.
+    Returns scores (B, L, K) and indices (B, L, K)."""
+    pick = keys.detach() if selection_keys is None else selection_keys  # (B, M, Dk)
+    chosen, index = topk_visible(q.detach().to(pick.dtype), pick, entry_ids, completed_before, capacity, k)
     batch_index = torch.arange(q.shape[0], device=q.device).view(-1, 1, 1)  # (B, 1, 1)
     picked = keys[batch_index, index]  # (B, L, K, Dk)
     scores = torch.einsum("bld,blkd->blk", q, picked)  # (B, L, K)
