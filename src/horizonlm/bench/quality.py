@@ -55,6 +55,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # stream's whole life between cold restarts) instead of 64, so the read learns to pick the fact
     # out of the crowd of near-matches a long prompt brings (the default keeps a few windows).
     "horizon_long_memory": ("horizon", {"memory_capacity": 4096}),
+    # Between the two: 1024 chunks (128K tokens, 16 training windows), a quarter of the long
+    # memory's read in training.
+    "horizon_memory_128k": ("horizon", {"memory_capacity": 1024}),
     # A peer, not an ablation: flash-linear-attention's GLA (horizonlm.peers.gla, extra [peers], a
     # GPU), state carried across windows as HorizonLM's.
     "gla": ("gla", {}),
