@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from horizonlm.bench.quality import ABLATIONS, QualityConfig, _overrides, run_quality
+from horizonlm.bench.quality import ABLATIONS, QualityConfig, _fill_steps, _overrides, _step_seconds, run_quality
 from horizonlm.cli import main
 from horizonlm.config import HorizonConfig
 from horizonlm.model import HorizonLM
 from horizonlm.data.prepare import prepare
 from horizonlm.errors import HorizonError
+from horizonlm.train import TrainConfig
 
 
 def test_quality_bench_end_to_end(tmp_path: Path) -> None:
@@ -156,3 +158,25 @@ def test_a_protocol_fixes_its_settings_and_results_of_another_are_refused(tmp_pa
     prepare("shakespeare", tmp_path / "data")
     with pytest.raises(HorizonError, match="protocol"):
         run_quality(QualityConfig(protocol="h200-8min", data=str(tmp_path / "data"), out=str(out), device="cpu"))
+
+
+def test_step_seconds_is_the_mean_of_a_filling_memory_without_outliers() -> None:
+    """Steps that slow from 0.4 to 1.0 s as a memory fills, a 9 s validation among them: the
+    budget holds (total time / mean step) steps, so the estimate is the ramp's mean, not its
+    quick start, and the validation does not count."""
+    deltas = list(np.linspace(0.4, 1.0, 60))
+    deltas[30] += 9.0
+    times = np.concatenate([[0.0, 5.0, 6.0, 7.0], 7.0 + np.cumsum(deltas)]).tolist()  # warm-up, then the ramp
+    assert abs(_step_seconds(times) - 0.7) < 0.02
+
+
+def test_a_timing_probe_covers_one_fill_of_the_memory() -> None:
+    def cfg(model: str = "horizon", reset: int = 64, **overrides) -> TrainConfig:
+        return TrainConfig(data="unused", out="unused", model=model, preset="base", model_overrides=overrides,
+                           seq_len=8192, reset_stream_every=reset)
+
+    assert _fill_steps(cfg()) == 1  # 64 chunks of 128 tokens: one window
+    assert _fill_steps(cfg(memory_capacity=4096)) == 64  # 512K tokens
+    assert _fill_steps(cfg(reset=16, memory_capacity=4096)) == 16  # restarted cold before it fills
+    assert _fill_steps(cfg(use_memory=False)) == 0
+    assert _fill_steps(cfg(model="transformer")) == 0

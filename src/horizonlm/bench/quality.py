@@ -222,24 +222,35 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path,
 
 
 def _step_seconds(times: list[float]) -> float:
-    """Seconds per training step from the logged times of a run: the lower quartile of the
-    step-to-step times after the first four steps (warm-up: CUDA and library initialisation, the
-    allocator growing; a transiently slow step)."""
+    """Seconds per training step from the logged times of a run, as "how many steps fit in the
+    budget" needs it: the mean step-to-step time after the first four steps (warm-up: CUDA and
+    library initialisation, the allocator growing), without steps over twice the median (a
+    validation, a transiently slow device). A mean, not a low quantile: a memory that fills over a stream's
+    life makes steps slower as it fills, and a low quantile counts the quick steps of an empty
+    memory only (the lower quartile sized horizon_long_memory's 8-minute schedule at 1,065 steps
+    of 0.45 s; it ran 1.0 s a step and was cut at step 504)."""
     deltas = np.diff(times[3:]) if len(times) > 5 else np.diff(times)  # (n,)
-    return float(np.quantile(deltas, 0.25)) if len(deltas) else 1.0
+    if not len(deltas):
+        return 1.0
+    return float(deltas[deltas <= 2 * np.median(deltas)].mean())
+
+
+def _fill_steps(tcfg: TrainConfig) -> int:
+    """Training steps until a stream's memory holds all it can (capped by the stream's cold
+    restarts): a timing probe runs at least this long, so it times full memories too."""
+    model = tcfg.model_config(256)
+    capacity, chunk = model.get("memory_capacity"), model.get("chunk_size")
+    if not model.get("use_memory", False) or not capacity or not chunk:
+        return 0
+    steps = math.ceil(capacity * chunk / tcfg.seq_len)
+    return min(steps, tcfg.reset_stream_every) if tcfg.reset_stream_every else steps
 
 
 def _estimate_steps(tcfg: TrainConfig) -> int:
-    """Time a few steps to size the cosine schedule to the budget (the timing run is discarded).
-
-    The per-step time is the lower quartile of the step-to-step times after the first four steps:
-    warm-up (CUDA and library initialisation, the allocator growing) and a transiently slow
-    device inflate a mean, and a schedule sized by an inflated time ends before the budget does
-    (on an H200 one model's 8-step mean was 0.63 s against 0.52 s in its run, so it trained
-    173 s of 210). A schedule sized by a slightly quick time is cut by the budget a few steps
-    before its end instead, so every model still trains for the same time."""
-    probe = TrainConfig(**{**asdict(tcfg), "out": tcfg.out + "-probe", "steps": 16, "max_minutes": 0,
-                           "eval_tokens": 2, "save_every": 0})
+    """Time a few steps to size the cosine schedule to the budget (the timing run is discarded):
+    16 steps, or one fill of the memory and 4 more where that is longer (see :func:`_step_seconds`)."""
+    probe = TrainConfig(**{**asdict(tcfg), "out": tcfg.out + "-probe", "steps": max(16, _fill_steps(tcfg) + 4),
+                           "max_minutes": 0, "eval_tokens": 2, "save_every": 0})
     train(probe)
     times = [r["time"] for r in map(json.loads, (Path(probe.out) / "log.jsonl").read_text().splitlines()) if "loss" in r]
     return max(10, int(tcfg.max_minutes * 60 / max(_step_seconds(times), 1e-6)))
