@@ -1,16 +1,26 @@
 """``horizon bench memory --read`` on the CPU: tiny sizes run the torch twin end to end (checks
 pass, rows timed, results under "read" beside the other parts); the GPU sizes are refused with a
-message that names the flags."""
+message that names the flags; a section the results file already holds is replaced only with
+--overwrite (refused before anything runs, the file left as it was)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from horizonlm.bench.memory import MemoryBenchConfig, run_memory_bench
+from horizonlm.cli import main
 from horizonlm.errors import HorizonError
+
+TINY_READ: dict[str, Any] = dict(read=True, read_device="cpu", read_queries=70, read_entries=300, read_dims="16",
+                                 read_topks="4", read_dtypes="float32", read_dense_queries=40, read_check_queries=50,
+                                 read_check_entries=640)
+"""The smallest --read the CPU runs in well under a second."""
+TINY_READ_FLAGS: list[str] = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in TINY_READ.items()]
+"""The same settings as flags of ``horizon bench memory``."""
 
 
 def test_read_part_runs_the_twin_at_tiny_sizes(tmp_path: Path) -> None:
@@ -52,3 +62,58 @@ def test_read_part_refuses_gpu_sizes_on_the_cpu(tmp_path: Path) -> None:
     with pytest.raises(HorizonError, match="one at a time"):
         run_memory_bench(MemoryBenchConfig(out=str(out), read=True, gpu=True))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("part", ["read", "cpu", "gpu"])
+def test_existing_section_is_refused_without_overwrite_and_left_as_it_was(tmp_path: Path, capsys, monkeypatch,
+                                                                          part: str) -> None:
+    """Refused before anything is measured (a refusal after the run would waste it), through the
+    command line: exit 2, the flag to pass named, the file byte-identical."""
+    import horizonlm.bench.memory as memory
+
+    def measured(*_: Any) -> None:
+        raise AssertionError("measured before refusing")
+
+    for name in ("bench_read", "bench_cpu", "bench_gpu"):
+        monkeypatch.setattr(memory, name, measured)
+    out = tmp_path / "memory.json"
+    out.write_text(json.dumps({part: {"rows": ["a user's results"]}, "other": {"rows": []}}, indent=1))
+    before = out.read_bytes()
+    flags = {"read": TINY_READ_FLAGS, "cpu": ["--sizes=100", "--backends=torch"], "gpu": ["--gpu"]}[part]
+    assert main(["bench", "memory", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"already holds bench memory's '{part}' results" in err and "pass --overwrite" in err, err
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.json"]  # no temporary file, no PNG
+
+
+def test_overwrite_replaces_the_read_section_and_keeps_the_others(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    out.write_text(json.dumps({"read": {"stale": True}, "cpu": {"rows": ["kept"]}}))
+    run_memory_bench(MemoryBenchConfig(out=str(out), overwrite=True, **TINY_READ))
+    results = json.loads(out.read_text())
+    assert "stale" not in results["read"] and results["read"]["config"]["overwrite"] is True
+    assert results["read"]["checks"] and all(row["ok"] for row in results["read"]["checks"])
+    assert results["cpu"] == {"rows": ["kept"]}
+
+
+def test_read_section_is_added_to_a_file_without_one_keeping_its_sections(tmp_path: Path) -> None:
+    """No --overwrite needed: the read check is stored beside the store sizes, which stay as they were."""
+    out = tmp_path / "memory.json"
+    others = {"cpu": {"rows": [{"entries": 100, "backend": "torch"}]}, "gpu": {"rows": [{"part": "gpu_ingest"}]}}
+    out.write_text(json.dumps(others))
+    results = run_memory_bench(MemoryBenchConfig(out=str(out), **TINY_READ))
+    on_disk = json.loads(out.read_text())
+    assert on_disk == results and set(on_disk) == {"cpu", "gpu", "read"}
+    assert {k: on_disk[k] for k in others} == others
+    assert on_disk["read"]["selection"] == "torch twin" and on_disk["read"]["rows"]
+
+
+def test_results_file_that_is_not_one_is_refused_before_the_run(tmp_path: Path) -> None:
+    """Not JSON, or JSON that is not an object: refused, never replaced by the new section."""
+    for text in ("not json {", "[1, 2]"):
+        out = tmp_path / "memory.json"
+        out.write_text(text)
+        with pytest.raises(HorizonError, match="not a memory results file.*give another --out"):
+            run_memory_bench(MemoryBenchConfig(out=str(out), overwrite=True, **TINY_READ))
+        assert out.read_text() == text

@@ -28,7 +28,7 @@ from horizonlm.bench.common import (
     time_cuda,
 )
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import atomic_write_json
+from horizonlm.fileio import atomic_write_json, existing_file
 from horizonlm.memory.store import MemoryStore, StoreConfig
 
 
@@ -37,7 +37,11 @@ class MemoryBenchConfig:
     """Settings of ``horizon bench memory``."""
 
     out: str = "bench/results/memory.json"
-    """Where the JSON goes (the PNG lands beside it)."""
+    """Where the JSON goes (the PNG lands beside it). Each part (the CPU stores, --gpu, --read) is
+    a section of it: a section the file lacks is added beside the others, one it holds is refused
+    unless --overwrite."""
+    overwrite: bool = False
+    """Replace this part's section of an existing results file (the other sections are kept)."""
     dim: int = 128
     """Key width (the base preset's memory_dim)."""
     sizes: str = "10000,100000,1000000,10000000"
@@ -342,19 +346,56 @@ def bench_read(cfg: MemoryBenchConfig) -> dict[str, Any]:
     return out
 
 
+def _read_results(out: Path) -> dict[str, Any]:
+    """The results file as it is now (empty when there is none); a file that is not one is
+    refused, never replaced."""
+    if not out.exists():
+        return {}
+    existing_file(out, "--out")
+    try:
+        results = json.loads(out.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HorizonError(f"--out {out} is not a memory results file (not valid JSON: {err}); "
+                           "give another --out") from err
+    if not isinstance(results, dict):
+        raise HorizonError(f"--out {out} is not a memory results file (not a JSON object); give another --out")
+    return results
+
+
+def _check_free(out: Path, section: str, overwrite: bool, meanwhile: bool = False) -> dict[str, Any]:
+    """The results file, after refusing to replace its ``section`` without ``overwrite``: called
+    before any measurement (fail fast), and again just before the write (another call may have
+    written it meanwhile)."""
+    results = _read_results(out)
+    if section in results and not overwrite:
+        when = " (written by another call while this one measured)" if meanwhile else ""
+        raise HorizonError(f"{out} already holds bench memory's {section!r} results{when}; pass --overwrite to "
+                           "replace them (the other sections are kept), or --out for another file")
+    return results
+
+
+def _save(out: Path, section: str, value: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """Add ``section`` to the results file as it is now, so sections written meanwhile are kept;
+    atomic, so an interrupted write leaves the previous file."""
+    results = _check_free(out, section, overwrite, meanwhile=True)
+    results[section] = value
+    atomic_write_json(out, results)
+    return results
+
+
 def run_memory_bench(cfg: MemoryBenchConfig) -> dict[str, Any]:
+    """One part of the bench into its section of ``cfg.out`` ("cpu", "gpu" or "read"); a section
+    the file already holds is refused before anything is measured, unless ``cfg.overwrite``."""
     if cfg.read and cfg.gpu:
         raise HorizonError("--read and --gpu are separate parts of bench memory; run them one at a time")
     out = Path(cfg.out)
-    results: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    section = "read" if cfg.read else ("gpu" if cfg.gpu else "cpu")
+    _check_free(out, section, cfg.overwrite)
+    env = environment()
     if cfg.read:
-        results["read"] = {"environment": environment(), "config": asdict(cfg), **bench_read(cfg)}
-        atomic_write_json(out, results)
-        return results
-    key = "gpu" if cfg.gpu else "cpu"
-    results[key] = {"environment": environment(), "config": asdict(cfg),
-                    "rows": bench_gpu(cfg) if cfg.gpu else bench_cpu(cfg)}
-    atomic_write_json(out, results)
+        return _save(out, section, {"environment": env, "config": asdict(cfg), **bench_read(cfg)}, cfg.overwrite)
+    rows = bench_gpu(cfg) if cfg.gpu else bench_cpu(cfg)
+    results = _save(out, section, {"environment": env, "config": asdict(cfg), "rows": rows}, cfg.overwrite)
     if "cpu" in results:
         plot_memory(results, out.with_suffix(".png"))
     return results
