@@ -44,6 +44,7 @@ class S4DCore(nn.Module):
         self.d = nn.Parameter(torch.ones(d_model))  # (D,)
         for p in (self.log_dt, self.a_log_re, self.a_im, self.c, self.d):
             setattr(p, SSM_PARAM_TAG, True)
+        self._step_cache: tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
     def init_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
         real = torch.float64 if self.d.dtype == torch.float64 else torch.float32
@@ -69,11 +70,31 @@ class S4DCore(nn.Module):
         compute = state.dtype
         matmul_dtype = autocast_dtype(u.device) or compute
         with torch.autocast(device_type=u.device.type, enabled=False):
-            dt_a, a_bar, b_bar = discretize(self.a_log_re.to(compute), self.a_im.to(compute), self.log_dt.to(compute))
-            c = torch.view_as_complex(self.c.to(compute).contiguous())  # (D, N/2)
-            skip = self.d.to(compute)  # (D,)
             if u.shape[2] == 1:
+                a_bar, b_bar, c, skip = self._step_operators(compute)  # (D, N/2) x3, (D,)
                 x = u[..., 0].t().to(compute)  # (B, D)
                 y, new_state = s4d_step(x, a_bar, b_bar, c, state)  # (B, D)
                 return (y + skip * x).t().unsqueeze(-1).to(matmul_dtype), new_state  # (D, B, 1)
-            return s4d_chunked(u, dt_a, b_bar, c, state, self.chunk, matmul_dtype, skip)  # (D, B, L)
+            dt_a, _, b_bar = discretize(self.a_log_re.to(compute), self.a_im.to(compute), self.log_dt.to(compute))
+            c = torch.view_as_complex(self.c.to(compute).contiguous())  # (D, N/2)
+            return s4d_chunked(u, dt_a, b_bar, c, state, self.chunk, matmul_dtype, self.d.to(compute))  # (D, B, L)
+
+    def _operators(self, compute: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``Abar``, ``Bbar``, C (complex, (D, N/2)) and D ((D,)) in ``compute``."""
+        _, a_bar, b_bar = discretize(self.a_log_re.to(compute), self.a_im.to(compute), self.log_dt.to(compute))
+        c = torch.view_as_complex(self.c.to(compute).contiguous())  # (D, N/2)
+        return a_bar, b_bar, c, self.d.to(compute)
+
+    def _step_operators(self, compute: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`_operators` for a one-token step. Without gradients (decoding) they are kept
+        until a parameter changes (its storage, dtype or in-place version), so a decode step does
+        not re-run the discretisation's eight kernels in each of the model's blocks; a CUDA graph
+        captured over a step reads the kept ones, so a graphed decoder decodes with the weights it
+        was captured with. With gradients they are recomputed, and nothing is kept."""
+        if torch.is_grad_enabled():
+            return self._operators(compute)
+        params = (self.a_log_re, self.a_im, self.log_dt, self.c, self.d)
+        key = (compute, *((p.data_ptr(), p.dtype, p._version) for p in params))
+        if self._step_cache is None or self._step_cache[0] != key:
+            self._step_cache = (key, self._operators(compute))
+        return self._step_cache[1]
