@@ -103,8 +103,9 @@ def test_under_autocast_the_selection_scores_in_autocast_dtype() -> None:
 
 
 def test_under_autocast_the_fast_selection_gets_keys_cast_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Triton kernel ignores autocast, so memory_read hands the selection the keys already in
-    autocast's dtype, cast once per call (the torch twin's products would follow autocast anyway)."""
+    """The Triton kernel ignores autocast, so memory_read hands the selection of a long call the
+    keys already in autocast's dtype, cast once per call (the torch twin's products would follow
+    autocast anyway); a call of one query tile or less (a decode step) reads them as they are."""
     import horizonlm.ops.memory_read as module
 
     seen_keys = []
@@ -115,13 +116,18 @@ def test_under_autocast_the_fast_selection_gets_keys_cast_once(monkeypatch: pyte
         return real(q, keys, entry_ids, completed_before, capacity, k, selection_keys)
 
     monkeypatch.setattr(module, "topk_read", spy)
-    q = F.normalize(torch.randn(1, 6, 4), dim=-1)  # (1, L, 4)
+    length = 3 * module.QUERY_TILE
+    q = F.normalize(torch.randn(1, length, 4), dim=-1)  # (1, L, 4)
     keys = F.normalize(torch.randn(1, 5, 4), dim=-1)  # (1, M, 4)
-    ids, seen = torch.arange(5), torch.full((6,), 5)
-    memory_read(q, keys, torch.randn(1, 5, 3), ids, seen, capacity=8, top_k=2, tau=10.0, block=2)
+    ids, seen = torch.arange(5), torch.full((length,), 5)
+    block = module.QUERY_TILE
+    memory_read(q, keys, torch.randn(1, 5, 3), ids, seen, capacity=8, top_k=2, tau=10.0, block=block)
     assert seen_keys == [None] * 3
     seen_keys.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        memory_read(q, keys, torch.randn(1, 5, 3), ids, seen, capacity=8, top_k=2, tau=10.0, block=2)
-    assert len(seen_keys) == 3 and all(k is seen_keys[0] for k in seen_keys)  # one cast serves every block
-    assert seen_keys[0].dtype == torch.bfloat16 and torch.equal(seen_keys[0], keys.to(torch.bfloat16))
+        memory_read(q, keys, torch.randn(1, 5, 3), ids, seen, capacity=8, top_k=2, tau=10.0, block=block)
+        assert len(seen_keys) == 3 and all(k is seen_keys[0] for k in seen_keys)  # one cast serves every block
+        assert seen_keys[0].dtype == torch.bfloat16 and torch.equal(seen_keys[0], keys.to(torch.bfloat16))
+        seen_keys.clear()
+        memory_read(q[:, :1], keys, torch.randn(1, 5, 3), ids, seen[:1], capacity=8, top_k=2, tau=10.0)
+        assert seen_keys == [None]

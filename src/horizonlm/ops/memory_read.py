@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from horizonlm.devices import autocast_dtype
-from horizonlm.ops.topk_read import topk_read, topk_visible_dense, visible_mask
+from horizonlm.ops.topk_read import QUERY_TILE, topk_read, topk_visible_dense, visible_mask
 
 __all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 
@@ -33,11 +33,15 @@ def _top_visible(q: Tensor, keys: Tensor, entry_ids: Tensor, seen: Tensor, capac
     return topk_read(q, keys, entry_ids, seen, capacity, k, selection_keys)  # (B, Lb, K) twice
 
 
-def _selection_keys(keys: Tensor) -> Tensor | None:
+def _selection_keys(keys: Tensor, queries: int) -> Tensor | None:
     """The keys the fast selection scores against under autocast: cast once to autocast's dtype
-    (None outside autocast, where it scores ``keys`` as they are)."""
+    when ``queries`` (per sequence) span more than one of the kernel's query tiles, each of
+    which reads every key; None otherwise (outside autocast, or a decode step, where one pass
+    over the keys as they are costs less than the cast), and the keys are scored as they are."""
     low = autocast_dtype(keys.device)
-    return None if low is None else keys.detach().to(low)  # (B, M, Dk)
+    if low is None or queries <= QUERY_TILE:
+        return None
+    return keys.detach().to(low)  # (B, M, Dk)
 
 
 def read_weights(top_scores: Tensor, tau: float, null_score: Tensor | None = None) -> Tensor:
@@ -77,8 +81,8 @@ def memory_read(
     queries: (B, L, Dk), keys: (B, M, Dk), values: (B, M, Dv), entry_ids: (M,),
     completed_before: (L,), null_score: (1,) or None. A token with no visible entry reads zeros.
     ``reference`` selects with the dense score matrix instead of ``ops.topk_read`` (the check of
-    the fast selection). Under autocast the fast selection scores in autocast's dtype (the keys
-    cast once per call): in bfloat16 the H200 kernel takes a third of its float32 time
+    the fast selection). Under autocast the fast selection of a long call scores in autocast's
+    dtype (the keys cast once per call): in bfloat16 the H200 kernel takes a third of its float32 time
     (bench/results/memory_read.json), which is what a long training memory costs; the chosen
     scores, the weights and the gradients stay in the queries' dtype. Returns (B, L, Dv).
     """
@@ -87,7 +91,7 @@ def memory_read(
     if n_entries == 0:
         return queries.new_zeros(batch, length, values.shape[-1])  # (B, L, Dv)
     k = min(top_k, n_entries)
-    selection_keys = None if reference else _selection_keys(keys)  # (B, M, Dk) or None
+    selection_keys = None if reference else _selection_keys(keys, length)  # (B, M, Dk) or None
     batch_index = torch.arange(batch, device=queries.device).view(batch, 1, 1)  # (B, 1, 1)
     reads = []
     for start in range(0, length, block):
@@ -120,7 +124,7 @@ def memory_topk_ids(
     k = min(top_k, keys.shape[1])
     if k == 0:
         return torch.full((batch, length, top_k), -1, dtype=torch.long, device=queries.device)  # (B, L, K)
-    selection_keys = _selection_keys(keys)  # (B, M, Dk) or None
+    selection_keys = _selection_keys(keys, length)  # (B, M, Dk) or None
     picked = []
     for start in range(0, length, block):
         q = queries[:, start : start + block]  # (B, Lb, Dk)

@@ -174,6 +174,8 @@ if triton is not None:
 
 
 _BLOCK_L = 64
+QUERY_TILE = _BLOCK_L
+"""Queries per program of the kernel: each program reads every visible key once."""
 _BLOCK_M = 128
 _PRECISION = "tf32x3"
 """float32 products as three TF32 products (error near float32 rounding, so the kernel chooses
