@@ -489,7 +489,8 @@ def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict
 def bench_decode_profile(cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
     """HorizonLM's decode step profiled at batch 1 after each of ``decode_contexts`` tokens
     (:func:`horizonlm.bench.decode_profile.profile_decode`): kernels, their device time and the
-    wall time of a replayed step and of a chunk-end step."""
+    wall time (with and without the profiler) of a replayed step, of a step that captures its
+    chunk's graph and of a chunk-end step."""
     from horizonlm.bench.decode_profile import profile_decode
 
     model = _build("horizon", cfg.preset, device).eval()
