@@ -120,8 +120,9 @@ class GraphedDecoder:
 
     Steps inside a chunk replay (a CUDA graph on a GPU), with either memory; chunk-end steps and
     states whose memory lives in a store (searched on the host side) run the model eagerly.
-    The model's weights are fixed while it decodes: the SSM cores keep their discretised
-    operators between steps (``S4DCore._step_operators``), and a captured graph reads those.
+    The model's weights are fixed while it decodes: the SSM cores and the convolutions keep
+    their parameter-only work between steps (``layers.derived.Derived``), and a captured graph
+    reads what they kept.
     """
 
     def __init__(self, model: HorizonLM, state: HorizonState, bf16: bool = True) -> None:

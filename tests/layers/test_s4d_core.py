@@ -27,7 +27,7 @@ def test_kept_operators_equal_recomputed_ones_and_the_parallel_form() -> None:
     u = torch.randn(6, 2, 9, dtype=torch.float64)  # (D, B, L)
     with torch.no_grad():
         kept = _steps(core, u)  # (D, B, L)
-        assert core._step_cache is not None
+        assert core.kept.key is not None
         parallel, _ = core(u)  # (D, B, L)
     with torch.enable_grad():
         recomputed = _steps(core, u)  # (D, B, L)
@@ -43,7 +43,7 @@ def test_a_changed_parameter_is_seen_by_the_next_step() -> None:
         for module in (core, fresh):
             module.log_dt.add_(0.5)  # in place, as an optimizer step
             module.c.mul_(-1.0)
-        fresh._step_cache = None
+        fresh.kept.key = None
         assert torch.equal(_steps(core, u), _steps(fresh, u))
         core.float()  # a new dtype and new storage
         assert _steps(core, u.float()).dtype == torch.float32
@@ -55,4 +55,4 @@ def test_a_step_with_gradients_reaches_every_ssm_parameter_and_keeps_nothing() -
     y.square().sum().backward()
     for p in (core.a_log_re, core.a_im, core.log_dt, core.c, core.d):
         assert p.grad is not None and p.grad.abs().sum() > 0
-    assert core._step_cache is None
+    assert core.kept.key is None

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from horizonlm.ops.dilated_conv import buffer_length, multires_causal_conv
+from horizonlm.layers.derived import Derived
+from horizonlm.ops.dilated_conv import buffer_length, effective_kernel, folded_causal_conv
 
 
 class MultiResConv(nn.Module):
@@ -22,6 +23,7 @@ class MultiResConv(nn.Module):
         self.mix_logits = nn.Parameter(torch.zeros(levels))  # (R,)
         self.out = nn.Linear(d_model, d_model)
         self.buffer_length = buffer_length(kernel_size, levels)
+        self.kept = Derived[Tensor]()  # the folded kernel, between calls without gradients
 
     def init_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
         return self.weight.new_zeros(batch_size, self.buffer_length, self.weight.shape[1], device=device)  # (B, P, D)
@@ -29,6 +31,11 @@ class MultiResConv(nn.Module):
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if state is None:
             state = self.init_state(x.shape[0], x.device)
-        mix = torch.softmax(self.mix_logits, dim=0)  # (R,)
-        y, new_state = multires_causal_conv(x, state.to(x.dtype), self.weight.to(x.dtype), mix.to(x.dtype))  # (B, L, D)
+        kernel = self.kept((self.weight, self.mix_logits), (x.dtype, x.device), lambda: self.kernel(x.dtype))  # (D, P+1)
+        y, new_state = folded_causal_conv(x, state.to(x.dtype), kernel)  # (B, L, D)
         return self.out(F.gelu(y)), new_state  # (B, L, D)
+
+    def kernel(self, dtype: torch.dtype) -> Tensor:
+        """The R dilated kernels and their softmax mix folded into one causal kernel (D, P+1)."""
+        mix = torch.softmax(self.mix_logits, dim=0)  # (R,)
+        return effective_kernel(self.weight.to(dtype), mix.to(dtype))  # (D, P+1)

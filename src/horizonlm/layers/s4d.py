@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from horizonlm.devices import autocast_dtype
+from horizonlm.layers.derived import Derived
 from horizonlm.layers.param_tags import SSM_PARAM_TAG
 from horizonlm.ops.s4d import discretize, s4d_chunked, s4d_step
 
@@ -44,7 +45,7 @@ class S4DCore(nn.Module):
         self.d = nn.Parameter(torch.ones(d_model))  # (D,)
         for p in (self.log_dt, self.a_log_re, self.a_im, self.c, self.d):
             setattr(p, SSM_PARAM_TAG, True)
-        self._step_cache: tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
+        self.kept = Derived[tuple[Tensor, Tensor, Tensor, Tensor]]()  # the step's operators, between decode steps
 
     def init_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
         real = torch.float64 if self.d.dtype == torch.float64 else torch.float32
@@ -86,15 +87,8 @@ class S4DCore(nn.Module):
         return a_bar, b_bar, c, self.d.to(compute)
 
     def _step_operators(self, compute: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`_operators` for a one-token step. Without gradients (decoding) they are kept
-        until a parameter changes (its storage, dtype or in-place version), so a decode step does
-        not re-run the discretisation's eight kernels in each of the model's blocks; a CUDA graph
-        captured over a step reads the kept ones, so a graphed decoder decodes with the weights it
-        was captured with. With gradients they are recomputed, and nothing is kept."""
-        if torch.is_grad_enabled():
-            return self._operators(compute)
+        """:meth:`_operators` for a one-token step, kept between steps made without gradients
+        (:class:`horizonlm.layers.derived.Derived`): a decode step does not redo the
+        discretisation's eight kernels in each of the model's blocks."""
         params = (self.a_log_re, self.a_im, self.log_dt, self.c, self.d)
-        key = (compute, *((p.data_ptr(), p.dtype, p._version) for p in params))
-        if self._step_cache is None or self._step_cache[0] != key:
-            self._step_cache = (key, self._operators(compute))
-        return self._step_cache[1]
+        return self.kept(params, compute, lambda: self._operators(compute))

@@ -42,9 +42,14 @@ def multires_causal_conv(x: Tensor, buffer: Tensor, weight: Tensor, mix: Tensor)
     weight: (R, D, k), mix: (R,). Returns y (B, L, D) and the new buffer (B, P, D): the last P rows
     of ``cat([buffer, x])``, copied out of x (a view would keep all of x alive in the state).
     """
+    return folded_causal_conv(x, buffer, effective_kernel(weight, mix))  # (B, L, D), (B, P, D)
+
+
+def folded_causal_conv(x: Tensor, buffer: Tensor, kernel: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`multires_causal_conv` with the kernel already folded (:func:`effective_kernel`,
+    (D, P+1)): a layer that keeps the folded kernel between decode steps calls this."""
     pad = buffer.shape[1]
     length = x.shape[1]
-    kernel = effective_kernel(weight, mix)  # (D, P+1)
     y = causal_depthwise_conv(x, buffer, kernel)  # (B, L, D)
     if length >= pad:
         new_buffer = x[:, length - pad :].clone()  # (B, P, D)
