@@ -250,8 +250,9 @@ def test_cli_runs_a_real_model(tmp_path: Path) -> None:
     assert main(["passkey", "--checkpoint", str(tmp_path / "ckpt"), "--haystack", str(hay), "--lengths", "512,2048",
                  "--depths", "0,100", "--trials", "2", "--max-length", "1024", "--out", str(out),
                  "--device", "cpu", "--no-progress"]) == 0
-    cells = json.loads(out.read_text())["models"]["horizon (1 key)"]["cells"]
-    assert [c["status"] for c in cells] == ["ok", "ok", "not run", "not run"]
+    entry = json.loads(out.read_text())["models"]["horizon (1 key)"]
+    assert [c["status"] for c in entry["cells"]] == ["ok", "ok", "not run", "not run"]
+    assert entry["environment"]["checkpoint"] == {"path": str(tmp_path / "ckpt" / "step-00000001"), "step": 1}
     assert out.with_suffix(".png").is_file()
 
 

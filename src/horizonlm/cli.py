@@ -406,7 +406,8 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     label = cfg.label or ckpt.info["kind"]
     out = results_path(cfg, ckpt.path)
     check_new_entry(out, entry_name(label, cfg.keys, cfg.wording), cfg.overwrite)
-    env = environment()
+    # which weights answered: a run folder resolves to its latest checkpoint, whose step says how far it trained
+    env = {**environment(), "checkpoint": {"path": str(ckpt.path), "step": ckpt.info.get("step")}}
     entry = run_passkey(ckpt.model.to(device), load_haystack(cfg), cfg, device, label,
                         on_cell=lambda partial: save_results(out, label, partial, env))
     plot_passkey(save_results(out, label, entry, env), out.with_suffix(".png"))
