@@ -117,3 +117,16 @@ def test_results_file_that_is_not_one_is_refused_before_the_run(tmp_path: Path) 
         with pytest.raises(HorizonError, match="not a memory results file.*give another --out"):
             run_memory_bench(MemoryBenchConfig(out=str(out), overwrite=True, **TINY_READ))
         assert out.read_text() == text
+
+
+def test_tiles_are_parsed_and_refused_off_the_gpu_before_anything_runs(tmp_path: Path) -> None:
+    from horizonlm.bench.memory import _parse_tiles
+
+    assert _parse_tiles(" 64x128, 128X64 ,") == [(64, 128), (128, 64)]
+    for bad in ("64", "64x100", "8x64", "ax64"):
+        with pytest.raises(HorizonError, match="--read-tiles"):
+            _parse_tiles(bad)
+    out = tmp_path / "read.json"
+    with pytest.raises(HorizonError, match="needs a CUDA device"):
+        run_memory_bench(MemoryBenchConfig(out=str(out), read_tiles="128x64", **TINY_READ))
+    assert not out.exists()

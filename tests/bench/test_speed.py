@@ -84,3 +84,12 @@ def test_speed_parts_are_checked() -> None:
     assert SpeedConfig(parts="checks,decode_profile").parts == "checks,decode_profile"
     with pytest.raises(ValueError, match="parts"):
         SpeedConfig(parts="checks,decod")
+
+
+def test_an_existing_results_file_is_refused_before_anything_runs(tmp_path, capsys) -> None:
+    from horizonlm.cli import main
+
+    out = tmp_path / "speed.json"
+    out.write_text('{"rows": []}')
+    assert main(["bench", "speed", "--out", str(out), "--parts", "decode"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == '{"rows": []}'

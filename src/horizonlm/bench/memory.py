@@ -87,6 +87,10 @@ class MemoryBenchConfig:
     chunks over read_check_entries entries, 64 per chunk)."""
     read_check_entries: int = 65536
     """With --read: entries of the check."""
+    read_tiles: str = ""
+    """With --read on CUDA: kernel tiles ``QxE`` (queries x entries per program, powers of two
+    >= 16; e.g. ``64x128,128x64,128x128``) timed at the timed read's size beside the default
+    tile, each checked to select what the default tile selects (results under "tiles")."""
 
 
 def _store_config(backend: str, size: int) -> StoreConfig:
@@ -293,6 +297,9 @@ def bench_read(cfg: MemoryBenchConfig) -> dict[str, Any]:
     from horizonlm.ops import topk_read
 
     device = resolve_device(cfg.read_device)
+    tiles = _parse_tiles(cfg.read_tiles)
+    if tiles and (device.type != "cuda" or topk_read.triton is None):
+        raise HorizonError("--read-tiles times the Triton kernel's tiles and needs a CUDA device with triton")
     sizes = [cfg.read_queries * cfg.read_entries, 2 * cfg.read_check_queries * cfg.read_check_entries]
     if device.type != "cuda" and max(sizes) > _CPU_READ_LIMIT:
         raise HorizonError(f"bench memory --read times the Triton kernel and needs a CUDA device at these sizes; "
@@ -340,10 +347,52 @@ def bench_read(cfg: MemoryBenchConfig) -> dict[str, Any]:
                 row["speedup"] = row["dense_ms"] / row["ms"]
                 print(json.dumps({"part": "read_time", **row}), flush=True)
                 out["rows"].append(row)
+            if tiles:
+                out.setdefault("tiles", []).extend(_time_tiles(q, keys, ids, seen, tiles, parse_ints(cfg.read_topks)))
             q = keys = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return out
+
+
+def _parse_tiles(text: str) -> list[tuple[int, int]]:
+    """``"64x128,128x64"`` -> [(64, 128), (128, 64)]; each side a power of two >= 16."""
+    tiles = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        sides = item.lower().split("x")
+        if len(sides) != 2 or not all(side.isdigit() for side in sides):
+            raise HorizonError(f"--read-tiles: {item!r} is not QUERIESxENTRIES (e.g. 128x64)")
+        block_l, block_m = map(int, sides)
+        if any(n < 16 or n & (n - 1) for n in (block_l, block_m)):
+            raise HorizonError(f"--read-tiles: {item!r} needs powers of two >= 16 on both sides")
+        tiles.append((block_l, block_m))
+    return tiles
+
+
+def _time_tiles(q: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor, seen: torch.Tensor,
+                tiles: list[tuple[int, int]], topks: list[int]) -> list[dict[str, Any]]:
+    """The kernel at each tile against its default tile on the same inputs: the selection compared
+    and the time. A tile the compiler or the device refuses is recorded with its error."""
+    from horizonlm.ops import topk_read
+
+    rows = []
+    for k in topks:
+        base = topk_read.topk_visible_triton(q, keys, ids, seen, keys.shape[1], k)  # (1, L, K) twice
+        for block_l, block_m in tiles:
+            row = {"dtype": str(q.dtype).removeprefix("torch."), "dim": q.shape[-1], "top_k": k,
+                   "queries": q.shape[1], "entries": keys.shape[1], "block_l": block_l, "block_m": block_m}
+
+            def run() -> tuple[torch.Tensor, torch.Tensor]:
+                return topk_read.topk_visible_triton(q, keys, ids, seen, keys.shape[1], k, block_l=block_l,
+                                                     block_m=block_m)  # (1, L, K) twice
+
+            try:
+                row.update(_same_selection(run(), base), ms=1000 * median(time_cuda(run, 1, 3)))
+            except Exception as err:  # a tile too large for the device's registers or shared memory
+                row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            print(json.dumps({"part": "read_tile", **row}), flush=True)
+            rows.append(row)
+    return rows
 
 
 def _read_results(out: Path) -> dict[str, Any]:

@@ -63,7 +63,9 @@ class SpeedConfig:
     """Settings of ``horizon bench speed``."""
 
     out: str = "bench/results/speed.json"
-    """Where the JSON goes (the PNG lands beside it)."""
+    """Where the JSON goes (the PNG lands beside it); refused if it exists, unless --overwrite."""
+    overwrite: bool = False
+    """Replace an existing results file."""
     preset: str = "base"
     """Preset of both models (same width, depth and MLP)."""
     parts: str = "ceilings,checks,train,prefill,decode,memory"
@@ -544,6 +546,9 @@ def bench_memory_search(cfg: SpeedConfig, device: torch.device, bandwidth: float
 
 
 def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:  # before anything runs: the file is written after the first part
+        raise HorizonError(f"{out} exists; pass --overwrite to replace it or --out for another file")
     if not torch.cuda.is_available():
         raise HorizonError("horizon bench speed needs a CUDA GPU (torch sees none here)")
     device = torch.device("cuda")
@@ -553,7 +558,6 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
     models = cfg.model_list
     results["flops"] = flop_counts(cfg.preset, tuple(models))
     results["parameters"] = {kind: counts["parameters"] for kind, counts in results["flops"].items()}
-    out = Path(cfg.out)
 
     def save() -> None:
         atomic_write_json(out, results)
