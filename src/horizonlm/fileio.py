@@ -108,6 +108,16 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def refuse_existing(path: str | Path, overwrite: bool) -> Path:
+    """``path`` as a Path, after refusing (a :class:`HorizonError`) to replace a results file
+    that is there unless ``overwrite``: checked before any work, so nothing is measured for a
+    file that would not be written."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise HorizonError(f"{path} exists; pass --overwrite to replace it or --out for another file")
+    return path
+
+
 def existing_file(path: str | Path, what: str) -> Path:
     """``path`` when it names a file; otherwise a :class:`HorizonError` that starts with
     ``what`` (the flag, in the user's words) and says what the path is instead."""

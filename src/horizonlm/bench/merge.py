@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import atomic_write_json
+from horizonlm.fileio import atomic_write_json, refuse_existing
 
 KINDS = ("quality", "passkey")
 
@@ -72,8 +72,7 @@ def run_merge(cfg: MergeConfig) -> dict[str, Any]:
     paths = cfg.paths()
     if out.resolve() in {p.resolve() for p in paths}:
         raise HorizonError(f"{out} is one of the inputs: give the merged file another name")
-    if out.exists() and not cfg.overwrite:
-        raise HorizonError(f"{out} exists; pass --overwrite to replace it")
+    refuse_existing(out, cfg.overwrite)
     files = []
     for path in paths:
         try:

@@ -41,7 +41,7 @@ from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import atomic_write_json
+from horizonlm.fileio import atomic_write_json, refuse_existing
 from horizonlm.model import HorizonLM
 from horizonlm.peers.gla import check_gla_kernel
 
@@ -546,9 +546,7 @@ def bench_memory_search(cfg: SpeedConfig, device: torch.device, bandwidth: float
 
 
 def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:  # before anything runs: the file is written after the first part
-        raise HorizonError(f"{out} exists; pass --overwrite to replace it or --out for another file")
+    out = refuse_existing(cfg.out, cfg.overwrite)  # before anything runs: the file is written after the first part
     if not torch.cuda.is_available():
         raise HorizonError("horizon bench speed needs a CUDA GPU (torch sees none here)")
     device = torch.device("cuda")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +19,7 @@ from torch import Tensor, nn
 from horizonlm.bench.common import environment, median, parse_ints, relative_error, time_cuda
 from horizonlm.config import HorizonConfig
 from horizonlm.devices import resolve_device
-from horizonlm.errors import HorizonError
-from horizonlm.fileio import atomic_write_json
+from horizonlm.fileio import atomic_write_json, refuse_existing
 from horizonlm.layers.multires_conv import MultiResConv
 from horizonlm.layers.ssm import SSMSublayer
 from horizonlm.ops.chunk_scan import chunk_scan, chunk_scan_torch
@@ -181,9 +179,7 @@ def _layers(cfg: SSMBenchConfig) -> dict[str, Callable[[], nn.Module]]:
 
 
 def run_ssm_bench(cfg: SSMBenchConfig) -> dict[str, Any]:
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise HorizonError(f"{out} exists; pass --overwrite to replace it or --out for another file")
+    out = refuse_existing(cfg.out, cfg.overwrite)
     device = resolve_device(cfg.device)
     width = HorizonConfig.preset(cfg.preset).d_model
     results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "checks": {}, "layers": {}}
