@@ -45,7 +45,8 @@ class S4DCore(nn.Module):
         self.d = nn.Parameter(torch.ones(d_model))  # (D,)
         for p in (self.log_dt, self.a_log_re, self.a_im, self.c, self.d):
             setattr(p, SSM_PARAM_TAG, True)
-        self.kept = Derived[tuple[Tensor, Tensor, Tensor, Tensor]]()  # the step's operators, between decode steps
+        # The one-token step's operators, kept between decode steps.
+        self.kept = Derived[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]()
 
     def init_state(self, batch_size: int, device: torch.device | None = None) -> Tensor:
         real = torch.float64 if self.d.dtype == torch.float64 else torch.float32
@@ -72,21 +73,20 @@ class S4DCore(nn.Module):
         matmul_dtype = autocast_dtype(u.device) or compute
         with torch.autocast(device_type=u.device.type, enabled=False):
             if u.shape[2] == 1:
-                a_bar, b_bar, c, skip = self._step_operators(compute)  # (D, N/2) x3, (D,)
+                _, a_bar, b_bar, c, skip = self._step_operators(compute)  # (D, N/2) x4, (D,)
                 x = u[..., 0].t().to(compute)  # (B, D)
                 y, new_state = s4d_step(x, a_bar, b_bar, c, state)  # (B, D)
                 return (y + skip * x).t().unsqueeze(-1).to(matmul_dtype), new_state  # (D, B, 1)
-            dt_a, _, b_bar = discretize(self.a_log_re.to(compute), self.a_im.to(compute), self.log_dt.to(compute))
-            c = torch.view_as_complex(self.c.to(compute).contiguous())  # (D, N/2)
-            return s4d_chunked(u, dt_a, b_bar, c, state, self.chunk, matmul_dtype, self.d.to(compute))  # (D, B, L)
+            dt_a, _, b_bar, c, skip = self._operators(compute)  # (D, N/2) x4, (D,)
+            return s4d_chunked(u, dt_a, b_bar, c, state, self.chunk, matmul_dtype, skip)  # (D, B, L)
 
-    def _operators(self, compute: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``Abar``, ``Bbar``, C (complex, (D, N/2)) and D ((D,)) in ``compute``."""
-        _, a_bar, b_bar = discretize(self.a_log_re.to(compute), self.a_im.to(compute), self.log_dt.to(compute))
+    def _operators(self, compute: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``dt*A``, ``Abar``, ``Bbar``, C (complex, (D, N/2)) and D ((D,)) in ``compute``."""
+        dt_a, a_bar, b_bar = discretize(self.a_log_re.to(compute), self.a_im.to(compute), self.log_dt.to(compute))
         c = torch.view_as_complex(self.c.to(compute).contiguous())  # (D, N/2)
-        return a_bar, b_bar, c, self.d.to(compute)
+        return dt_a, a_bar, b_bar, c, self.d.to(compute)
 
-    def _step_operators(self, compute: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _step_operators(self, compute: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """:meth:`_operators` for a one-token step, kept between steps made without gradients
         (:class:`horizonlm.layers.derived.Derived`): a decode step does not redo the
         discretisation's eight kernels in each of the model's blocks."""
