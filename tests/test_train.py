@@ -64,6 +64,23 @@ def test_state_is_carried_between_windows(data_dir: Path, tmp_path: Path) -> Non
     assert "state0.memory.keys" in ckpt.train_tensors
 
 
+def test_save_streams_off_keeps_no_carried_state_and_resumes_cold(data_dir: Path, tmp_path: Path) -> None:
+    """save_streams=False: the checkpoint holds weights, optimizer and RNG but no stream state, and
+    a resume starts its streams cold (so its losses differ from a run that carried them)."""
+    train(_cfg(data_dir, tmp_path / "run", steps=3, save_every=3, save_streams=False))
+    ckpt = load_checkpoint(tmp_path / "run", with_train_state=True)
+    assert ckpt.info["carried_states"] == [{"kind": None}]
+    assert not any(k.startswith("state") for k in ckpt.train_tensors)
+    assert any(k.startswith("opt") for k in ckpt.train_tensors) and "rng.cpu" in ckpt.train_tensors
+    train(_cfg(data_dir, tmp_path / "run", steps=5, save_streams=False, resume=True))
+    train(_cfg(data_dir, tmp_path / "carried", steps=3, save_every=3))
+    train(_cfg(data_dir, tmp_path / "carried", steps=5, resume=True))
+    cold, carried = _losses(tmp_path / "run"), _losses(tmp_path / "carried")
+    assert len(cold) == len(carried) == 5
+    torch.testing.assert_close(torch.tensor(cold[:3]), torch.tensor(carried[:3]))
+    assert cold[3] != carried[3]
+
+
 def test_reset_every_starts_each_episode_fresh(data_dir: Path, tmp_path: Path) -> None:
     """reset_every=2: steps 0 and 2 start from an empty state, so after 3 steps the carried
     state has seen one window, not three; the passkey mix trains alongside."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from horizonlm.bench.quality import ABLATIONS, STEP_MARGIN, QualityConfig, _fill_steps, _overrides, _step_seconds, run_quality
+from horizonlm.checkpoint import load_checkpoint
 from horizonlm.cli import main
 from horizonlm.config import HorizonConfig
 from horizonlm.model import HorizonLM
@@ -48,6 +49,10 @@ def test_quality_bench_end_to_end(tmp_path: Path) -> None:
     assert len(curve) >= 2 and all(a[0] < b[0] for a, b in zip(curve, curve[1:])) and curve[-1][1] < 8, curve
     assert horizon["scores"]["wikitext103_test_word_ppl_out_of_domain"]["words"] == 40 * (3 + 1 + 5 + 1)
     assert out.with_suffix(".png").is_file()
+    # runs never resumed keep no stream state in their checkpoints (a long memory's is gigabytes)
+    ckpt = load_checkpoint(tmp_path / "runs" / "horizon", with_train_state=True)
+    assert ckpt.info["train_config"]["save_streams"] is False
+    assert not any(k.startswith("state") for k in ckpt.train_tensors)
 
 
 def test_quality_runs_in_worker_processes_and_adds_to_earlier_results(tmp_path: Path) -> None:
