@@ -8,8 +8,11 @@ decoding on the GPU is checked by ``horizon bench speed`` (its ``checks`` part).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder, state_tensors
 
@@ -35,6 +38,21 @@ def _decode_alongside(model, tokens: torch.Tensor, start: int, on_step=None):
             if on_step is not None:
                 on_step(t, decoder, want_state)
     return decoder, want_state, got
+
+
+@contextmanager
+def _casts():
+    """The data pointers of the tensors cast (``aten._to_copy``) inside the block."""
+    sources: list[int] = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) == "aten._to_copy":
+                sources.append(args[0].data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    with Casts():
+        yield sources
 
 
 def _assert_same_state(got, want) -> None:
@@ -99,6 +117,33 @@ def test_decoder_snapshot_is_independent() -> None:
             decoder.step(tokens[:, t : t + 1])
     for got_t, want_t in zip(state_tensors(snap), before, strict=True):
         assert torch.equal(got_t, want_t)
+
+
+def test_bf16_decoder_casts_each_linear_once_and_equals_autocast_steps() -> None:
+    """bf16 decoding over Linear weights cast once (``autocast_weights``) gives exactly the logits
+    of the model under autocast step by step, across chunk ends, and a step casts no Linear
+    weight itself (the same step under plain autocast casts each Linear weight it uses)."""
+    model = make_horizon(dtype=torch.float32).eval()
+    tokens = _tokens(2, 3 * model.config.chunk_size + 2)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    with torch.no_grad():
+        state = model(tokens[:, :5])[1]
+        decoder = GraphedDecoder(model, state, bf16=True)
+        want_state = state
+        for t in range(5, tokens.shape[1]):
+            got = decoder.step(tokens[:, t : t + 1])  # (B, V)
+            with autocast:
+                want, want_state = model(tokens[:, t : t + 1], want_state)  # (B, 1, V)
+            assert torch.equal(got, want[:, -1]), t
+        assert decoder.captures > 1 and decoder.eager_steps > 1
+        linear = {p.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+        cast_linear = []
+        for weights in (None, decoder.weights):
+            decoder.weights = weights
+            with _casts() as sources:
+                decoder._forward(tokens[:, :1], want_state)
+            cast_linear.append(len(linear & set(sources)))
+    assert cast_linear[0] > 20 and cast_linear[1] == 0, cast_linear
 
 
 def test_decoder_refuses_wrong_token_shape() -> None:

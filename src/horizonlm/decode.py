@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from horizonlm.baseline import TransformerLM
 from horizonlm.model import HorizonLM
@@ -54,6 +55,21 @@ def state_tensors(state: HorizonState) -> list[Tensor]:
         out.extend([state.memory.keys, state.memory.values, state.memory.chunk_ids])
         out.extend(t for t in (state.memory.last_key, state.memory.tail) if t is not None)
     return out
+
+
+def autocast_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Every Linear's weight and bias, cast to ``dtype`` once, by module path.
+
+    Under autocast a step casts each of them itself, one kernel each, every step: the decoders
+    turn autocast's cast cache off, since a cached cast is freed when the autocast region ends
+    while a captured graph would still read it. Autocast leaves a tensor already in its dtype as
+    it is, so a step over these casts (through ``functional_call``) computes exactly what it
+    computes over the originals, with a copy of the Linear weights (half their bytes in bf16)
+    kept beside them. Tied weights (the head and the embedding) are cast apart: only the Linear's
+    use takes the cast."""
+    return {f"{name}.{pname}": p.detach().to(dtype)
+            for name, module in model.named_modules() if isinstance(module, nn.Linear)
+            for pname, p in module.named_parameters(recurse=False)}
 
 
 def replayable(step: Callable[[bool], Tensor], use_graph: bool) -> Callable[[], Tensor]:
@@ -121,11 +137,13 @@ class GraphedDecoder:
     Steps inside a chunk replay (a CUDA graph on a GPU), with either memory; chunk-end steps and
     states whose memory lives in a store (searched on the host side) run the model eagerly.
     The model's weights are fixed while it decodes: the SSM cores and the convolutions keep
-    their parameter-only work between steps (``layers.derived.Derived``), and a captured graph
-    reads what they kept.
+    their parameter-only work between steps (``layers.derived.Derived``), the Linear weights are
+    cast once for bf16 (:func:`autocast_weights`), and a captured graph reads what they kept.
+
+    ``bf16``: autocast to bf16 (None: on a GPU only; True on a CPU too).
     """
 
-    def __init__(self, model: HorizonLM, state: HorizonState, bf16: bool = True) -> None:
+    def __init__(self, model: HorizonLM, state: HorizonState, bf16: bool | None = None) -> None:
         if not isinstance(model, HorizonLM):
             raise ValueError("GraphedDecoder needs a HorizonLM (GraphedTransformerDecoder serves the baseline)")
         self.model = model
@@ -133,7 +151,8 @@ class GraphedDecoder:
         self.use_graphs = model.embed.weight.is_cuda
         self.token_writes = model.memory is not None and model.memory.kind == "induction"
         self.replays = not isinstance(state.memory, StoreMemoryState)
-        self.bf16 = bf16 and self.use_graphs
+        self.bf16 = self.use_graphs if bf16 is None else bf16
+        self.weights = autocast_weights(model, torch.bfloat16) if self.bf16 else None
         self.replay: Callable[[], Tensor] | None = None
         self.static_tokens: Tensor | None = None
         self.filled: int | None = None  # induction, while replaying: real entries at the front of the padded memory
@@ -144,7 +163,9 @@ class GraphedDecoder:
     def _forward(self, tokens: Tensor, state: HorizonState):
         device_type = "cuda" if self.use_graphs else "cpu"
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            return self.model(tokens, state)
+            if self.weights is None:
+                return self.model(tokens, state)
+            return functional_call(self.model, self.weights, (tokens, state), tie_weights=False, strict=False)
 
     def _capture(self) -> None:
         """A replay of one in-chunk step over fresh buffers, which become the decoder's state."""

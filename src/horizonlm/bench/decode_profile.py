@@ -180,7 +180,7 @@ def _spans(prof: profile, device: torch.device) -> tuple[list[Span], list[Span]]
     return spans, outermost
 
 
-def profile_decode(model: nn.Module, state: HorizonState, steps: int, bf16: bool = True) -> dict[str, Any]:
+def profile_decode(model: nn.Module, state: HorizonState, steps: int, bf16: bool | None = None) -> dict[str, Any]:
     """Profile ``steps`` graphed decode steps of ``model`` from ``state``, after one chunk of
     warm-up steps and ``steps`` steps timed the same way without the profiler (its overhead is
     their difference). Per step kind (see :data:`STEP_KINDS`): steps, median wall ms, and per step
