@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder, state_tensors
+from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder, bf16_linears, state_tensors
 
 from .conftest import make_horizon, make_transformer
 
@@ -119,31 +119,69 @@ def test_decoder_snapshot_is_independent() -> None:
         assert torch.equal(got_t, want_t)
 
 
-def test_bf16_decoder_casts_each_linear_once_and_equals_autocast_steps() -> None:
-    """bf16 decoding over Linear weights cast once (``autocast_weights``) gives exactly the logits
-    of the model under autocast step by step, across chunk ends, and a step casts no Linear
-    weight itself (the same step under plain autocast casts each Linear weight it uses)."""
+@pytest.mark.parametrize("kind", ["horizon", "transformer"])
+def test_bf16_linears_casts_once_and_computes_the_same_under_autocast(kind: str) -> None:
+    """The copy's Linear weights are bf16 and its steps under autocast cast none of them, where
+    the original's cast every Linear weight they use; the logits are exactly the original's; the
+    original keeps its float32 weights (and its tied head)."""
+    model = (make_horizon if kind == "horizon" else make_transformer)(dtype=torch.float32).eval()
+    shadow = bf16_linears(model)
+    tokens = _tokens(2, 7)
+    with torch.no_grad():
+        state = model(tokens[:, :6])[1]
+        runs = []
+        for net in (model, shadow):
+            linear = {p.data_ptr() for m in net.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), _casts() as sources:
+                if kind == "horizon":
+                    logits = net(tokens[:, 6:], state)[0]  # (B, 1, V)
+                else:
+                    logits = net.forward_static(tokens[:, 6:], model.static_cache(state, 64, torch.bfloat16))
+            runs.append((logits, len(linear & set(sources))))
+    (want, cast_before), (got, cast_after) = runs
+    assert torch.equal(got, want)
+    assert cast_before > 10 and cast_after == 0, (cast_before, cast_after)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert {p.dtype for m in shadow.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()} == {torch.bfloat16}
+    if getattr(model.config, "tie_embeddings", False):
+        assert model.head.weight is model.embed.weight and shadow.embed.weight.dtype == torch.float32
+
+
+def test_bf16_decoders_step_over_the_cast_copy() -> None:
+    """With bf16, each decoder steps the cast copy: HorizonLM's logits exactly those of the model
+    under autocast step by step, across chunk ends; the transformer's those of the same decoder
+    stepping the original model."""
     model = make_horizon(dtype=torch.float32).eval()
     tokens = _tokens(2, 3 * model.config.chunk_size + 2)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
     with torch.no_grad():
         state = model(tokens[:, :5])[1]
         decoder = GraphedDecoder(model, state, bf16=True)
+        assert decoder.runner is not model
         want_state = state
         for t in range(5, tokens.shape[1]):
             got = decoder.step(tokens[:, t : t + 1])  # (B, V)
-            with autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
                 want, want_state = model(tokens[:, t : t + 1], want_state)  # (B, 1, V)
             assert torch.equal(got, want[:, -1]), t
         assert decoder.captures > 1 and decoder.eager_steps > 1
-        linear = {p.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
-        cast_linear = []
-        for weights in (None, decoder.weights):
-            decoder.weights = weights
+        transformer = make_transformer(dtype=torch.float32).eval()
+        state = transformer(tokens[:, :5])[1]
+        cast = GraphedTransformerDecoder(transformer, state, capacity=16, bf16=True)
+        plain = GraphedTransformerDecoder(transformer, state, capacity=16, bf16=True)
+        plain.runner = transformer
+        for t in range(5, 12):
+            assert torch.equal(cast.step(tokens[:, t : t + 1]), plain.step(tokens[:, t : t + 1])), t
+
+        def linear_casts(net, stepper) -> int:
+            linear = {p.data_ptr() for m in net.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
             with _casts() as sources:
-                decoder._forward(tokens[:, :1], want_state)
-            cast_linear.append(len(linear & set(sources)))
-    assert cast_linear[0] > 20 and cast_linear[1] == 0, cast_linear
+                stepper.step(tokens[:, :1])
+            return len(linear & set(sources))
+
+        assert linear_casts(model, decoder) == 0 and linear_casts(transformer, cast) == 0  # steps use the copies
+        uncast = GraphedDecoder(model, want_state, bf16=True)
+        uncast.runner = model
+        assert linear_casts(model, uncast) > 0 and linear_casts(transformer, plain) > 0  # the originals cast
 
 
 def test_decoder_refuses_wrong_token_shape() -> None:

@@ -28,16 +28,19 @@ The decoders own private copies of the state; ``snapshot`` returns an ordinary s
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from horizonlm.baseline import TransformerLM
 from horizonlm.model import HorizonLM
 from horizonlm.state import HorizonState, KVState, MemoryState, StoreMemoryState
+
+M = TypeVar("M", bound=nn.Module)
 
 CAPTURE_WARMUP = 2
 """Eager, state-preserving runs of a step before its CUDA graph is captured (lazy
@@ -57,19 +60,23 @@ def state_tensors(state: HorizonState) -> list[Tensor]:
     return out
 
 
-def autocast_weights(model: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Every Linear's weight and bias, cast to ``dtype`` once, by module path.
+def bf16_linears(model: M) -> M:
+    """A copy of ``model`` whose Linear weights and biases are bf16, cast once, for decoding under
+    autocast.
 
-    Under autocast a step casts each of them itself, one kernel each, every step: the decoders
-    turn autocast's cast cache off, since a cached cast is freed when the autocast region ends
-    while a captured graph would still read it. Autocast leaves a tensor already in its dtype as
-    it is, so a step over these casts (through ``functional_call``) computes exactly what it
-    computes over the originals, with a copy of the Linear weights (half their bytes in bf16)
-    kept beside them. Tied weights (the head and the embedding) are cast apart: only the Linear's
-    use takes the cast."""
-    return {f"{name}.{pname}": p.detach().to(dtype)
-            for name, module in model.named_modules() if isinstance(module, nn.Linear)
-            for pname, p in module.named_parameters(recurse=False)}
+    Under autocast a step casts each Linear's weight and bias itself, one kernel each, every step:
+    the decoders turn autocast's cast cache off, since a cached cast is freed when the autocast
+    region ends while a captured graph would still read it. Autocast leaves a tensor already in
+    its dtype as it is, so a step of the copy under autocast computes exactly what a step of
+    ``model`` does. Every other parameter stays as it is; a weight the head ties to the embedding
+    is untied in the copy (only the Linear's use is cast). The copy holds the Linear weights in
+    half their bytes beside the original model."""
+    shadow = copy.deepcopy(model)
+    for module in shadow.modules():
+        if isinstance(module, nn.Linear):
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
+    return shadow
 
 
 def replayable(step: Callable[[bool], Tensor], use_graph: bool) -> Callable[[], Tensor]:
@@ -138,7 +145,7 @@ class GraphedDecoder:
     states whose memory lives in a store (searched on the host side) run the model eagerly.
     The model's weights are fixed while it decodes: the SSM cores and the convolutions keep
     their parameter-only work between steps (``layers.derived.Derived``), the Linear weights are
-    cast once for bf16 (:func:`autocast_weights`), and a captured graph reads what they kept.
+    cast once for bf16 (:func:`bf16_linears`), and a captured graph reads what they kept.
 
     ``bf16``: autocast to bf16 (None: on a GPU only; True on a CPU too).
     """
@@ -152,7 +159,7 @@ class GraphedDecoder:
         self.token_writes = model.memory is not None and model.memory.kind == "induction"
         self.replays = not isinstance(state.memory, StoreMemoryState)
         self.bf16 = self.use_graphs if bf16 is None else bf16
-        self.weights = autocast_weights(model, torch.bfloat16) if self.bf16 else None
+        self.runner = bf16_linears(model) if self.bf16 else model  # what each step calls
         self.replay: Callable[[], Tensor] | None = None
         self.static_tokens: Tensor | None = None
         self.filled: int | None = None  # induction, while replaying: real entries at the front of the padded memory
@@ -163,9 +170,7 @@ class GraphedDecoder:
     def _forward(self, tokens: Tensor, state: HorizonState):
         device_type = "cuda" if self.use_graphs else "cpu"
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            if self.weights is None:
-                return self.model(tokens, state)
-            return functional_call(self.model, self.weights, (tokens, state), tie_weights=False, strict=False)
+            return self.runner(tokens, state)
 
     def _capture(self) -> None:
         """A replay of one in-chunk step over fresh buffers, which become the decoder's state."""
@@ -240,14 +245,16 @@ class GraphedDecoder:
 class GraphedTransformerDecoder:
     """``step(tokens (B, 1)) -> logits (B, V)``, equal to ``model(tokens, state)`` step by step,
     over a static KV cache of at least ``capacity`` slots (rounded up to a multiple of 64, so
-    fused attention kernels take the mask's row stride). One replay serves every step."""
+    fused attention kernels take the mask's row stride). One replay serves every step.
+    ``bf16`` as for :class:`GraphedDecoder`, the Linear weights cast once the same way."""
 
-    def __init__(self, model: TransformerLM, state: KVState, capacity: int, bf16: bool = True) -> None:
+    def __init__(self, model: TransformerLM, state: KVState, capacity: int, bf16: bool | None = None) -> None:
         if not isinstance(model, TransformerLM):
             raise ValueError("GraphedTransformerDecoder needs a TransformerLM")
         self.model = model
         self.use_graphs = model.embed.weight.is_cuda
-        self.bf16 = bf16 and self.use_graphs
+        self.bf16 = self.use_graphs if bf16 is None else bf16
+        self.runner = bf16_linears(model) if self.bf16 else model  # what each step calls
         dtype = torch.bfloat16 if self.bf16 else model.embed.weight.dtype
         self.cache = model.static_cache(state, -(-capacity // 64) * 64, dtype)
         self.pos = state.pos  # tokens in the cache, counted on the host (cache.pos on the device)
@@ -261,7 +268,7 @@ class GraphedTransformerDecoder:
         harmlessly: no step reads a slot before writing it, and the next step writes that one."""
         device_type = "cuda" if self.use_graphs else "cpu"
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            logits = self.model.forward_static(self.static_tokens, self.cache)  # (B, 1, V)
+            logits = self.runner.forward_static(self.static_tokens, self.cache)  # (B, 1, V)
         if commit:
             self.cache.pos.add_(1)
         return logits[:, -1]  # (B, V)
