@@ -17,6 +17,7 @@ from horizonlm.bench.speed import (
     mfu_columns,
     mfu_peaks,
     train_flops_per_token,
+    whole_chunks_mean,
 )
 
 from ..conftest import make_horizon, make_transformer
@@ -71,6 +72,17 @@ def test_mfu_against_three_peaks() -> None:
     assert cols["mfu_vs_measured_matmul"] == pytest.approx(0.5)
     assert cols["mfu_vs_datasheet"] == pytest.approx(250e12 / DATASHEET_BF16_DENSE_FLOPS)
     assert mfu_columns(1.0, mfu_peaks(None))["mfu_vs_measured_matmul"] is None
+
+
+def test_whole_chunks_mean_skips_the_first_chunk_touched_and_takes_whole_chunks() -> None:
+    """Chunk 4: from position 6, the chunks touched are [4, 8), [8, 12), [12, 16); the first is
+    partial and carries first-time work, so steps 2..9 (positions 8..15) are the whole chunks."""
+    times = [100.0, 100.0] + [1.0, 1.0, 1.0, 5.0] * 2 + [7.0]  # (11 steps from position 6)
+    assert whole_chunks_mean(times, 6, 4) == 2.0
+    assert whole_chunks_mean(times, 8, 4) == 2.0  # from a chunk start: that chunk skipped, steps 4..7
+    assert whole_chunks_mean(times, 9, 4) == (1 + 1 + 5 + 1 + 1 + 1 + 5 + 7) / 8  # steps 3..10, two chunks
+    assert whole_chunks_mean(times[:9], 6, 4) == 2.0  # one whole chunk, the next incomplete
+    assert whole_chunks_mean(times[:5], 6, 4) is None
 
 
 def test_decode_checks_run_on_cpu() -> None:

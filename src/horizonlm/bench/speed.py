@@ -421,6 +421,18 @@ def bench_prefill(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dic
     return rows
 
 
+def whole_chunks_mean(times: list[float], start_pos: int, chunk: int) -> float | None:
+    """Mean seconds per step over the whole chunks of a decode run, from the second chunk the run
+    touches on (the first carries first-time work: kernel compilation, workspaces): what a long
+    generation pays per token, each chunk's graph capture and eager chunk-end step included.
+    Step i feeds the token at stream position ``start_pos + i``. None when no whole chunk follows."""
+    first = (-start_pos) % chunk or chunk  # the first step of the second chunk touched
+    whole = (len(times) - first) // chunk
+    if whole < 1:
+        return None
+    return sum(times[first : first + whole * chunk]) / (whole * chunk)
+
+
 def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: torch.device
                   ) -> tuple[list[float], dict[str, Any]]:
     """Per-step seconds of one decode row and what describes how it ran."""
@@ -428,8 +440,12 @@ def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: 
     if kind == "horizon":
         decoder = GraphedDecoder(model, state)
         times = time_cuda(lambda: decoder.step(token), 0, cfg.decode_steps)
+        amortized = whole_chunks_mean(times, state.pos, model.config.chunk_size)
         return times, {"graphed": True, "graph_captures": decoder.captures, "eager_steps": decoder.eager_steps,
-                       "mode": "CUDA graph per chunk, captures inside the timed steps; chunk-end steps eager"}
+                       "mode": "CUDA graph per chunk, captures inside the timed steps; chunk-end steps eager",
+                       "whole_chunks_ms_per_token": None if amortized is None else 1000 * amortized,
+                       "whole_chunks": "mean over the whole chunks after the first one touched, each with its "
+                                       "graph capture and eager chunk-end step"}
     if kind == "transformer":
         decoder = GraphedTransformerDecoder(model, state, state.pos + cfg.decode_steps)
         times = time_cuda(lambda: decoder.step(token), 0, cfg.decode_steps)
