@@ -60,11 +60,22 @@ def _assert_same_state(got, want) -> None:
         torch.testing.assert_close(got_t, want_t, rtol=1e-9, atol=1e-10)
 
 
-def _assert_one_replay_per_chunk(decoder: GraphedDecoder, start: int, end: int, chunk: int) -> None:
-    """Chunk-end steps ran eagerly; the others replayed, one capture per chunk, not per step."""
+def _assert_replays(decoder: GraphedDecoder, start: int, end: int, chunk: int, capacity: int,
+                    at_chunk_start: bool) -> None:
+    """Chunk-end steps ran eagerly; the others replayed: one capture per chunk while the memory
+    fills, then none: a replay captured once the memory is full (for the induction memory, at a
+    chunk's first step, ``at_chunk_start``) serves every later chunk."""
     replayed = [p for p in range(start, end) if (p + 1) % chunk]
     assert decoder.eager_steps == end - start - len(replayed)
-    assert decoder.captures == len({p // chunk for p in replayed})
+    captures, kept = 0, False
+    for k in sorted({p // chunk for p in replayed}):
+        if kept:  # k >= capacity: the memory keeps its size from here on
+            continue
+        captures += 1
+        first = min(p for p in replayed if p // chunk == k)
+        kept = k >= capacity and (first % chunk == 0 or not at_chunk_start)
+    assert decoder.captures == captures
+    assert captures < len({p // chunk for p in replayed})  # some chunk reused a replay
 
 
 @pytest.mark.parametrize("start", [0, 5, 7])
@@ -79,14 +90,15 @@ def test_decoder_matches_model_steps(start: int) -> None:
     assert snap.pos == snap.supervisor.pos == snap.memory.pos == want_state.pos == end
     assert snap.memory.chunk_ids.tolist() == list(range(end // chunk - capacity, end // chunk))
     _assert_same_state(snap, want_state)
-    _assert_one_replay_per_chunk(decoder, start, end, chunk)
+    _assert_replays(decoder, start, end, chunk, capacity, at_chunk_start=False)
 
 
 @pytest.mark.parametrize(("start", "span"), [(0, 3), (5, 3), (7, 1), (13, 3)])
 def test_decoder_with_induction_memory_replays_and_matches_model_steps(start: int, span: int) -> None:
     """The induction memory writes an entry every step, into a padded slot the chunk's own tokens
-    cannot see, so the steps between chunk ends replay too (one capture per chunk); the logits and
-    the state are the model's, step by step, past FIFO eviction, from any start in a chunk."""
+    cannot see, so the steps between chunk ends replay too (one capture per chunk until the memory
+    is full, then one for every chunk); the logits and the state are the model's, step by step,
+    past FIFO eviction, from any start in a chunk."""
     model = make_horizon(memory_capacity=4, memory_key_span=span).eval()
     chunk = model.config.chunk_size
     end = 6 * chunk + 3
@@ -102,7 +114,7 @@ def test_decoder_with_induction_memory_replays_and_matches_model_steps(start: in
     with torch.no_grad():
         full = model(tokens)[0]
     torch.testing.assert_close(got, full[:, -1], rtol=1e-9, atol=1e-10)
-    _assert_one_replay_per_chunk(decoder, start, end, chunk)
+    _assert_replays(decoder, start, end, chunk, model.config.memory_capacity, at_chunk_start=True)
 
 
 def test_decoder_snapshot_is_independent() -> None:

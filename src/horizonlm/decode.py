@@ -14,7 +14,11 @@ HorizonLM: between chunk ends, a step's work depends only on the token and the s
 the exact position: the chunk clock stands still, the supervisor state is only read, and the
 memory is read, not written. So one replay, captured at the first such step of a chunk, serves
 every other step of that chunk; the step that completes a chunk (GRU update, memory write) runs
-eagerly (its work depends on the chunk's index and the memory grows by one entry). The induction
+eagerly (its work depends on the chunk's index and the memory grows by one entry). Once the
+memory is full its size stops changing, and a step depends on the stream position only through
+which entries it sees (their chunk ids against its own chunk, baked in at capture): the decoder
+then copies each new chunk's state into the same buffers with the chunk ids moved back into the
+capture's frame, and one replay serves every later chunk (``GraphedDecoder._rebase``). The induction
 memory (``memory_kind="induction"``) writes an entry every step, but that entry stays invisible
 until its chunk completes, so what a step reads is still constant inside a chunk: the replay reads
 a memory padded with one empty slot (tagged with the current chunk, so invisible) per step left
@@ -142,7 +146,8 @@ class GraphedDecoder:
     """``step(tokens (B, 1)) -> logits (B, V)``, equal to ``model(tokens, state)`` step by step.
 
     Steps inside a chunk replay (a CUDA graph on a GPU), with either memory; chunk-end steps and
-    states whose memory lives in a store (searched on the host side) run the model eagerly.
+    states whose memory lives in a store (searched on the host side) run the model eagerly. A
+    replay is captured per chunk while the memory fills, then one serves every chunk.
     The model's weights are fixed while it decodes: the SSM cores and the convolutions keep
     their parameter-only work between steps (``layers.derived.Derived``), the Linear weights are
     cast once for bf16 (:func:`bf16_linears`), and a captured graph reads what they kept.
@@ -164,7 +169,10 @@ class GraphedDecoder:
         self.static_tokens: Tensor | None = None
         self.filled: int | None = None  # induction, while replaying: real entries at the front of the padded memory
         self.slot: Tensor | None = None  # the same count on the device: where the next entry is written
-        self.captures = 0  # replays made: one per chunk with a replayed step
+        self.captured_filled: int | None = None  # induction: real entries when the replay was captured
+        self.frame = 0  # the chunk the replay was captured in: its baked stream position's chunk
+        self.shift = 0  # chunks from the replay's frame to the real stream (buffers hold chunk ids - shift)
+        self.captures = 0  # replays made: one per chunk with a replayed step, until the memory is full
         self.eager_steps = 0  # chunk ends, or every step of a store-backed state
 
     def _forward(self, tokens: Tensor, state: HorizonState):
@@ -178,9 +186,10 @@ class GraphedDecoder:
         device = self.model.embed.weight.device
         tokens = torch.zeros(inputs.batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
         if self.token_writes:
-            self.filled = inputs.memory.keys.shape[1]
+            self.filled = self.captured_filled = inputs.memory.keys.shape[1]
             self.slot = torch.tensor([self.filled], device=device)  # (1,)
             inputs = replace(inputs, memory=_padded(inputs.memory, self.model.config.chunk_size))
+        self.frame, self.shift = inputs.pos // self.model.config.chunk_size, 0
 
         def step(commit: bool) -> Tensor:
             logits, outputs = self._forward(tokens, inputs)  # (B, 1, V)
@@ -210,13 +219,59 @@ class GraphedDecoder:
                 old.tail.copy_(new.tail)
             self.slot.add_(1)
 
+    def _fits(self, new: HorizonState) -> bool:
+        """Whether the replay can serve the chunk ``new`` starts: every state tensor keeps its shape
+        (the memory is full, so FIFO eviction keeps its size), and for the induction memory the
+        replay was captured at a chunk start (its padding holds a whole chunk's entries)."""
+        if self.replay is None:
+            return False
+        if self.token_writes:
+            padding = self.state.memory.keys.shape[1] - self.captured_filled
+            return new.memory.keys.shape[1] == self.captured_filled and padding == self.model.config.chunk_size
+        now, then = state_tensors(self.state), state_tensors(new)
+        return len(now) == len(then) and all(a.shape == b.shape for a, b in zip(now, then))
+
+    def _rebase(self, new: HorizonState) -> bool:
+        """After an eager chunk end, keep the replay for the chunk ``new`` starts if it fits (see
+        :meth:`_fits`): ``new`` is copied into the replay's buffers with its chunk ids moved back
+        by the chunks since the capture. A step's work depends on the stream position only through
+        which entries it sees (chunk ids against its own chunk, baked at capture), so in that frame
+        it computes what it computes in the real one. Returns whether the replay was kept."""
+        if not self._fits(new):
+            return False
+        buffers, chunk = self.state, self.model.config.chunk_size
+        shift = new.pos // chunk - self.frame
+        for dst, src in zip(state_tensors(replace(buffers, memory=None)), state_tensors(replace(new, memory=None))):
+            dst.copy_(src)
+        memory = buffers.memory
+        if memory is not None:
+            fresh, entries = new.memory, new.memory.keys.shape[1]
+            memory.keys[:, :entries].copy_(fresh.keys)
+            memory.values[:, :entries].copy_(fresh.values)
+            memory.chunk_ids[:entries].copy_(fresh.chunk_ids - shift)
+            for name in ("last_key", "tail"):
+                if getattr(memory, name) is not None:
+                    getattr(memory, name).copy_(getattr(fresh, name))
+            if self.token_writes:  # the next entry at the padding's front (its old entries are invisible)
+                self.slot.fill_(entries)
+                self.filled = entries
+            memory = replace(memory, pos=fresh.pos)
+        supervisor = None if buffers.supervisor is None else replace(buffers.supervisor, pos=new.supervisor.pos)
+        self.state = replace(buffers, pos=new.pos, supervisor=supervisor, memory=memory)
+        self.shift = shift
+        return True
+
     def _real_state(self) -> HorizonState:
-        """The decoder's state without the padding of an induction memory's replay."""
-        if self.filled is None:
-            return self.state
+        """The decoder's state in the real stream: without the padding of an induction memory's
+        replay, its chunk ids moved from the replay's frame to the stream's."""
         memory = self.state.memory
-        memory = replace(memory, keys=memory.keys[:, : self.filled], values=memory.values[:, : self.filled],
-                         chunk_ids=memory.chunk_ids[: self.filled])
+        if memory is None or isinstance(memory, StoreMemoryState) or (self.filled is None and not self.shift):
+            return self.state
+        if self.filled is not None:
+            memory = replace(memory, keys=memory.keys[:, : self.filled], values=memory.values[:, : self.filled],
+                             chunk_ids=memory.chunk_ids[: self.filled])
+        if self.shift:
+            memory = replace(memory, chunk_ids=memory.chunk_ids + self.shift)  # (M,)
         return replace(self.state, memory=memory)
 
     def step(self, tokens: Tensor) -> Tensor:
@@ -224,9 +279,10 @@ class GraphedDecoder:
         _check_step_tokens(tokens, self.state.batch_size)
         ends_chunk = (self.state.pos + 1) % self.model.config.chunk_size == 0
         if not self.replays or ends_chunk:
-            logits, self.state = self._forward(tokens, self._real_state())  # (B, 1, V)
-            self.replay, self.filled, self.slot = None, None, None  # the next chunk reads a new state: a new capture
+            logits, new = self._forward(tokens, self._real_state())  # (B, 1, V)
             self.eager_steps += 1
+            if not self._rebase(new):  # the next chunk's state does not fit the replay: a new capture
+                self.state, self.replay, self.filled, self.slot, self.shift = new, None, None, None, 0
             return logits[:, -1]
         if self.replay is None:
             self._capture()
