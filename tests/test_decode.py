@@ -23,13 +23,13 @@ def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))  # (B, T)
 
 
-def _decode_alongside(model, tokens: torch.Tensor, start: int, on_step=None):
+def _decode_alongside(model, tokens: torch.Tensor, start: int, on_step=None, **decoder_options):
     """Decode ``tokens[:, start:]`` with a GraphedDecoder and with the model token by token from the
     same state, asserting equal logits at every step (``on_step(t, decoder, model_state)`` after
     each). Returns the decoder, the model's state and the last step's logits."""
     with torch.no_grad():
         state = model.init_state(tokens.shape[0]) if start == 0 else model(tokens[:, :start])[1]
-        decoder = GraphedDecoder(model, state)
+        decoder = GraphedDecoder(model, state, **decoder_options)
         want_state = state
         for t in range(start, tokens.shape[1]):
             got = decoder.step(tokens[:, t : t + 1])  # (B, V)
@@ -115,6 +115,32 @@ def test_decoder_with_induction_memory_replays_and_matches_model_steps(start: in
         full = model(tokens)[0]
     torch.testing.assert_close(got, full[:, -1], rtol=1e-9, atol=1e-10)
     _assert_replays(decoder, start, end, chunk, model.config.memory_capacity, at_chunk_start=True)
+
+
+@pytest.mark.parametrize(("kind", "start"), [("induction", 0), ("induction", 13), ("chunk", 5)])
+def test_graphed_chunk_ends_match_model_steps(kind: str, start: int) -> None:
+    """graph_chunk_ends: once one replay serves every chunk, the chunk-end step replays too (one
+    capture), its eviction and the frame's shift inside it; logits and states (snapshots at chunk
+    ends and inside chunks) are the model's step by step, and no chunk end after that runs eagerly."""
+    model = make_horizon(memory_kind=kind, memory_capacity=4, memory_key_span=3 if kind == "induction" else 1).eval()
+    chunk, capacity = model.config.chunk_size, model.config.memory_capacity
+    end = (capacity + 4) * chunk + 3
+    tokens = _tokens(2, end, seed=5)
+
+    def snapshot_matches(t: int, decoder: GraphedDecoder, want_state) -> None:
+        if (t + 1) % chunk in (0, 2):
+            snap = decoder.snapshot()
+            assert snap.pos == want_state.pos
+            assert snap.memory.chunk_ids.tolist() == want_state.memory.chunk_ids.tolist()
+            _assert_same_state(snap, want_state)
+
+    decoder, _, _ = _decode_alongside(model, tokens, start, snapshot_matches, graph_chunk_ends=True)
+    ends = [p for p in range(start, end) if (p + 1) % chunk == 0]
+    assert decoder.end_captures == 1
+    # eager only until the first chunk end after a replay captured at a chunk start with the memory full
+    first_full = max(capacity, -(-start // chunk) if kind == "induction" else start // chunk)
+    assert decoder.eager_steps == sum(1 for p in ends if p // chunk < first_full)
+    assert decoder.eager_steps < len(ends)
 
 
 def test_decoder_snapshot_is_independent() -> None:

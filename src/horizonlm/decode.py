@@ -153,9 +153,14 @@ class GraphedDecoder:
     cast once for bf16 (:func:`bf16_linears`), and a captured graph reads what they kept.
 
     ``bf16``: autocast to bf16 (None: on a GPU only; True on a CPU too).
+    ``graph_chunk_ends``: once one replay serves every chunk, replay the chunk-end step too (a
+    second graph, captured once: the supervisor's update, the memory's eviction and the frame's
+    shift inside it), so no step runs eagerly. Off by default until timed and checked against
+    eager decoding on a GPU (RESULTS.md 3.2); CPU tests hold it to the model step by step.
     """
 
-    def __init__(self, model: HorizonLM, state: HorizonState, bf16: bool | None = None) -> None:
+    def __init__(self, model: HorizonLM, state: HorizonState, bf16: bool | None = None,
+                 graph_chunk_ends: bool = False) -> None:
         if not isinstance(model, HorizonLM):
             raise ValueError("GraphedDecoder needs a HorizonLM (GraphedTransformerDecoder serves the baseline)")
         self.model = model
@@ -174,6 +179,9 @@ class GraphedDecoder:
         self.shift = 0  # chunks from the replay's frame to the real stream (buffers hold chunk ids - shift)
         self.captures = 0  # replays made: one per chunk with a replayed step, until the memory is full
         self.eager_steps = 0  # chunk ends, or every step of a store-backed state
+        self.graph_chunk_ends = graph_chunk_ends
+        self.end_replay: Callable[[], Tensor] | None = None  # the chunk-end step's replay, once captured
+        self.end_captures = 0
 
     def _forward(self, tokens: Tensor, state: HorizonState):
         device_type = "cuda" if self.use_graphs else "cpu"
@@ -218,6 +226,56 @@ class GraphedDecoder:
             if old.tail is not None:
                 old.tail.copy_(new.tail)
             self.slot.add_(1)
+
+    def _full(self) -> bool:
+        """Whether the replay serves every later chunk: captured with the memory full (and, for
+        the induction memory, at a chunk start), so no chunk end changes a buffer's shape."""
+        if self.replay is None:
+            return False
+        memory, config = self.state.memory, self.model.config
+        if memory is None:
+            return True
+        if self.token_writes:
+            return (self.captured_filled == config.memory_capacity * config.chunk_size
+                    and memory.keys.shape[1] - self.captured_filled == config.chunk_size)
+        return memory.keys.shape[1] == config.memory_capacity
+
+    def _capture_chunk_end(self) -> None:
+        """A replay of the chunk-end step over the in-chunk replay's buffers, in its frame: the
+        real entries are a view of the padded memory's front (the last slot is this step's own
+        entry), and the commit writes the new state back, its chunk ids moved back by the one
+        chunk just completed, so the in-chunk replay serves the next chunk as it is."""
+        chunk, buffers = self.model.config.chunk_size, self.state
+        end = self.frame * chunk + chunk - 1  # the chunk end's position in the frame
+        memory = buffers.memory
+        if memory is not None:
+            real = memory.keys.shape[1] - 1 if self.token_writes else memory.keys.shape[1]
+            memory = replace(memory, keys=memory.keys[:, :real], values=memory.values[:, :real],
+                             chunk_ids=memory.chunk_ids[:real], pos=end)
+        supervisor = None if buffers.supervisor is None else replace(buffers.supervisor, pos=end)
+        inputs = replace(buffers, pos=end, supervisor=supervisor, memory=memory)
+        tokens, outputs_memory = self.static_tokens, buffers.memory
+
+        def step(commit: bool) -> Tensor:
+            logits, outputs = self._forward(tokens, inputs)  # (B, 1, V)
+            if commit:
+                for dst, src in zip(state_tensors(replace(inputs, memory=None)),
+                                    state_tensors(replace(outputs, memory=None))):
+                    dst.copy_(src)
+                if outputs_memory is not None:
+                    fresh, entries = outputs.memory, outputs.memory.keys.shape[1]
+                    outputs_memory.keys[:, :entries].copy_(fresh.keys)
+                    outputs_memory.values[:, :entries].copy_(fresh.values)
+                    outputs_memory.chunk_ids[:entries].copy_(fresh.chunk_ids - 1)
+                    for name in ("last_key", "tail"):
+                        if getattr(outputs_memory, name) is not None:
+                            getattr(outputs_memory, name).copy_(getattr(fresh, name))
+                    if self.token_writes:
+                        self.slot.fill_(entries)
+            return logits[:, -1]  # (B, V)
+
+        self.end_replay = replayable(step, self.use_graphs)
+        self.end_captures += 1
 
     def _fits(self, new: HorizonState) -> bool:
         """Whether the replay can serve the chunk ``new`` starts: every state tensor keeps its shape
@@ -278,6 +336,16 @@ class GraphedDecoder:
         """Feed one token per stream (B, 1); returns the next-token logits (B, V)."""
         _check_step_tokens(tokens, self.state.batch_size)
         ends_chunk = (self.state.pos + 1) % self.model.config.chunk_size == 0
+        if ends_chunk and self.graph_chunk_ends and self._full():
+            if self.end_replay is None:
+                self._capture_chunk_end()
+            self.static_tokens.copy_(tokens)
+            logits = self.end_replay()  # (B, V)
+            self.state = _advance(self.state, 1)
+            self.shift += 1
+            if self.filled is not None:
+                self.filled = self.captured_filled
+            return logits.clone()
         if not self.replays or ends_chunk:
             logits, new = self._forward(tokens, self._real_state())  # (B, 1, V)
             self.eager_steps += 1

@@ -22,6 +22,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,7 @@ def run_checks(device: torch.device) -> dict[str, Any]:
             low, _ = model(tokens)
         out["bf16_autocast_vs_float32_logits_rel_err"] = ((low.float() - full).norm() / full.norm()).item()
     for name, check in (("graphed_decode_vs_eager", check_graphed_decode),
+                        ("graphed_decode_chunk_ends_vs_eager", partial(check_graphed_decode, graph_chunk_ends=True)),
                         ("transformer_graphed_decode_vs_eager", check_graphed_transformer_decode)):
         try:
             out[f"{name}_max_rel_err"] = check(device)
@@ -305,11 +307,13 @@ def peer_checks(kind: str, device: torch.device) -> dict[str, Any]:
     return out
 
 
-def check_graphed_decode(device: torch.device, preset: str = "small", prefix: int = 100, steps: int = 300) -> float:
+def check_graphed_decode(device: torch.device, preset: str = "small", prefix: int = 100, steps: int = 300,
+                         graph_chunk_ends: bool = False) -> float:
     """Graphed HorizonLM steps (300 cross two chunk ends of the small preset) against eager
     steps, float32, no autocast: the worst relative error of the logits, over two runs: after
     ``prefix`` tokens (the memory filling, a capture per chunk) and after ``prefix`` tokens more
-    than the memory holds (full: one capture serves every chunk)."""
+    than the memory holds (full: one capture serves every chunk; with ``graph_chunk_ends`` its
+    chunk ends replay too)."""
     torch.manual_seed(0)
     model = HorizonLM(HorizonConfig.preset(preset)).to(device).eval()
     config = model.config
@@ -319,7 +323,7 @@ def check_graphed_decode(device: torch.device, preset: str = "small", prefix: in
     with torch.no_grad():
         for start in (prefix, full):
             _, state = model(tokens[:, :start])
-            decoder = GraphedDecoder(model, state, bf16=False)
+            decoder = GraphedDecoder(model, state, bf16=False, graph_chunk_ends=graph_chunk_ends)
             for t in range(start, start + steps):
                 got = decoder.step(tokens[:, t : t + 1])  # (B, V)
                 want, state = model(tokens[:, t : t + 1], state)  # (B, 1, V)
@@ -443,13 +447,15 @@ def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: 
                   ) -> tuple[list[float], dict[str, Any]]:
     """Per-step seconds of one decode row and what describes how it ran."""
     token = torch.zeros(state.batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
-    if kind == "horizon":
-        decoder = GraphedDecoder(model, state)
+    if kind in ("horizon", "horizon+graphed_ends"):
+        ends = kind == "horizon+graphed_ends"
+        decoder = GraphedDecoder(model, state, graph_chunk_ends=ends)
         times = time_cuda(lambda: decoder.step(token), 0, cfg.decode_steps)
         amortized = whole_chunks_mean(times, state.pos, model.config.chunk_size)
         return times, {"graphed": True, "graph_captures": decoder.captures, "eager_steps": decoder.eager_steps,
+                       "chunk_end_captures": decoder.end_captures,
                        "mode": "CUDA graph per chunk until the memory is full, then one for all; captures inside the "
-                               "timed steps; chunk-end steps eager",
+                               "timed steps; chunk-end steps " + ("replayed once the memory is full" if ends else "eager"),
                        "whole_chunks_ms_per_token": None if amortized is None else 1000 * amortized,
                        "whole_chunks": "mean over the whole chunks after the first one touched, each with its "
                                        "eager chunk-end step (and its graph capture while the memory fills)"}
@@ -471,7 +477,8 @@ def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: 
 
 
 def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
-    """Decode rows for ``kind``: ``horizon`` and ``transformer`` graphed, ``transformer+eager``;
+    """Decode rows for ``kind``: ``horizon`` and ``transformer`` graphed, ``horizon+graphed_ends``
+    (its chunk-end steps replayed too once the memory is full), ``transformer+eager``;
     a peer's say not run (no graphed decoder here: an eager one would not compare like for like)."""
     rows = []
     base_kind = kind.split("+")[0]
@@ -609,6 +616,8 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
             kinds = list(models)
             if part == "train" and cfg.compile:
                 kinds += [f"{k}+compile" for k in models if k in ("horizon", "transformer")]
+            if part == "decode" and "horizon" in models:
+                kinds += ["horizon+graphed_ends"]
             if part == "decode" and "transformer" in models:
                 kinds += ["transformer+eager"]
             for kind in kinds:
@@ -639,7 +648,7 @@ def plot_speed(results: dict[str, Any], path: Path) -> None:
               ("decode", "context", "ms_per_token_step", "decode ms per step (median, batch 1)", "context (tokens)"))
     for ax, (part, x, y, title, xlabel) in zip(axes, panels):
         styles = {"horizon": "o-", "transformer": "s--", "horizon+compile": "o:", "transformer+compile": "s:",
-                  "transformer+eager": "x:"}
+                  "horizon+graphed_ends": "o-.", "transformer+eager": "x:"}
         peers = sorted({r["model"] for r in rows} - set(styles))
         for kind, marker in [*styles.items(), *((peer, "^-.") for peer in peers)]:
             pts = sorted((r[x], r[y]) for r in rows
