@@ -254,24 +254,12 @@ class GraphedDecoder:
                              chunk_ids=memory.chunk_ids[:real], pos=end)
         supervisor = None if buffers.supervisor is None else replace(buffers.supervisor, pos=end)
         inputs = replace(buffers, pos=end, supervisor=supervisor, memory=memory)
-        tokens, outputs_memory = self.static_tokens, buffers.memory
+        tokens = self.static_tokens
 
         def step(commit: bool) -> Tensor:
             logits, outputs = self._forward(tokens, inputs)  # (B, 1, V)
             if commit:
-                for dst, src in zip(state_tensors(replace(inputs, memory=None)),
-                                    state_tensors(replace(outputs, memory=None))):
-                    dst.copy_(src)
-                if outputs_memory is not None:
-                    fresh, entries = outputs.memory, outputs.memory.keys.shape[1]
-                    outputs_memory.keys[:, :entries].copy_(fresh.keys)
-                    outputs_memory.values[:, :entries].copy_(fresh.values)
-                    outputs_memory.chunk_ids[:entries].copy_(fresh.chunk_ids - 1)
-                    for name in ("last_key", "tail"):
-                        if getattr(outputs_memory, name) is not None:
-                            getattr(outputs_memory, name).copy_(getattr(fresh, name))
-                    if self.token_writes:
-                        self.slot.fill_(entries)
+                self._load(buffers, outputs, 1)
             return logits[:, -1]  # (B, V)
 
         self.end_replay = replayable(step, self.use_graphs)
@@ -297,27 +285,34 @@ class GraphedDecoder:
         it computes what it computes in the real one. Returns whether the replay was kept."""
         if not self._fits(new):
             return False
-        buffers, chunk = self.state, self.model.config.chunk_size
-        shift = new.pos // chunk - self.frame
-        for dst, src in zip(state_tensors(replace(buffers, memory=None)), state_tensors(replace(new, memory=None))):
-            dst.copy_(src)
-        memory = buffers.memory
-        if memory is not None:
-            fresh, entries = new.memory, new.memory.keys.shape[1]
-            memory.keys[:, :entries].copy_(fresh.keys)
-            memory.values[:, :entries].copy_(fresh.values)
-            memory.chunk_ids[:entries].copy_(fresh.chunk_ids - shift)
-            for name in ("last_key", "tail"):
-                if getattr(memory, name) is not None:
-                    getattr(memory, name).copy_(getattr(fresh, name))
-            if self.token_writes:  # the next entry at the padding's front (its old entries are invisible)
-                self.slot.fill_(entries)
-                self.filled = entries
-            memory = replace(memory, pos=fresh.pos)
+        buffers = self.state
+        self.shift = new.pos // self.model.config.chunk_size - self.frame
+        self._load(buffers, new, self.shift)
+        memory = None if buffers.memory is None else replace(buffers.memory, pos=new.memory.pos)
+        if self.token_writes:
+            self.filled = self.captured_filled
         supervisor = None if buffers.supervisor is None else replace(buffers.supervisor, pos=new.supervisor.pos)
         self.state = replace(buffers, pos=new.pos, supervisor=supervisor, memory=memory)
-        self.shift = shift
         return True
+
+    def _load(self, buffers: HorizonState, new: HorizonState, shift: int) -> None:
+        """Copy ``new`` into the replay's ``buffers``: the blocks' and the supervisor's tensors, and
+        the memory's entries at the front, their chunk ids less ``shift`` (into the replay's
+        frame); for the induction memory the next entry's slot back at the padding's front (the
+        padding's old entries are tagged with the replay's own chunk: invisible)."""
+        for dst, src in zip(state_tensors(replace(buffers, memory=None)), state_tensors(replace(new, memory=None))):
+            dst.copy_(src)
+        if buffers.memory is None:
+            return
+        memory, fresh, entries = buffers.memory, new.memory, new.memory.keys.shape[1]
+        memory.keys[:, :entries].copy_(fresh.keys)
+        memory.values[:, :entries].copy_(fresh.values)
+        memory.chunk_ids[:entries].copy_(fresh.chunk_ids - shift)
+        for name in ("last_key", "tail"):
+            if getattr(memory, name) is not None:
+                getattr(memory, name).copy_(getattr(fresh, name))
+        if self.token_writes:
+            self.slot.fill_(entries)
 
     def _real_state(self) -> HorizonState:
         """The decoder's state in the real stream: without the padding of an induction memory's
