@@ -6,8 +6,8 @@ contexts, and exact memory search. Timings are CUDA-event medians after warm-up;
 records peak memory. Failures (out of memory) are rows too.
 
 Like for like: both models decode by CUDA graph replay (HorizonLM one graph per chunk until its
-memory is full, then one for every chunk; the transformer one graph over a static KV cache); the transformer's eager decode is kept as extra
-rows, ``transformer+eager``, labelled ``graphed: false``. MFU is given against three peaks: the
+memory is full, then one for every chunk; the transformer one graph over a static KV cache); the
+transformer's eager decode is kept as extra rows, ``transformer+eager``, labelled ``graphed: false``. MFU is given against three peaks: the
 quoted 790 TFLOP/s, the bf16 matmul rate measured in the same run, and the datasheet peak.
 
 A peer named in ``models`` (``gla``, flash-linear-attention's GLA) is timed in training and in
@@ -433,9 +433,9 @@ def bench_prefill(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dic
 def whole_chunks_mean(times: list[float], start_pos: int, chunk: int) -> float | None:
     """Mean seconds per step over the whole chunks of a decode run, from the second chunk the run
     touches on (the first carries first-time work: kernel compilation, workspaces): what a long
-    generation pays per token, each chunk's eager chunk-end step included (and its graph capture,
-    while the memory fills).
-    Step i feeds the token at stream position ``start_pos + i``. None when no whole chunk follows."""
+    generation pays per token, each chunk's chunk-end step included (and its graph capture, while
+    the memory fills). Step i feeds the token at stream position ``start_pos + i``. None when no
+    whole chunk follows."""
     first = (-start_pos) % chunk or chunk  # the first step of the second chunk touched
     whole = (len(times) - first) // chunk
     if whole < 1:
@@ -458,7 +458,7 @@ def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: 
                                "timed steps; chunk-end steps " + ("replayed once the memory is full" if ends else "eager"),
                        "whole_chunks_ms_per_token": None if amortized is None else 1000 * amortized,
                        "whole_chunks": "mean over the whole chunks after the first one touched, each with its "
-                                       "eager chunk-end step (and its graph capture while the memory fills)"}
+                                       "chunk-end step (and its graph capture while the memory fills)"}
     if kind == "transformer":
         decoder = GraphedTransformerDecoder(model, state, state.pos + cfg.decode_steps)
         times = time_cuda(lambda: decoder.step(token), 0, cfg.decode_steps)
