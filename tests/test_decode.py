@@ -180,7 +180,8 @@ def test_bf16_linears_casts_once_and_computes_the_same_under_autocast(kind: str)
     assert torch.equal(got, want)
     assert cast_before > 10 and cast_after == 0, (cast_before, cast_after)
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert {p.dtype for m in shadow.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()} == {torch.bfloat16}
+    cast = {p.dtype for m in shadow.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+    assert cast == {torch.bfloat16}
     if getattr(model.config, "tie_embeddings", False):
         assert model.head.weight is model.embed.weight and shadow.embed.weight.dtype == torch.float32
 

@@ -7,8 +7,9 @@ records peak memory. Failures (out of memory) are rows too.
 
 Like for like: both models decode by CUDA graph replay (HorizonLM one graph per chunk until its
 memory is full, then one for every chunk; the transformer one graph over a static KV cache); the
-transformer's eager decode is kept as extra rows, ``transformer+eager``, labelled ``graphed: false``. MFU is given against three peaks: the
-quoted 790 TFLOP/s, the bf16 matmul rate measured in the same run, and the datasheet peak.
+transformer's eager decode is kept as extra rows, ``transformer+eager``, labelled ``graphed: false``.
+MFU is given against three peaks: the quoted 790 TFLOP/s, the bf16 matmul rate measured in the
+same run, and the datasheet peak.
 
 A peer named in ``models`` (``gla``, flash-linear-attention's GLA) is timed in training and in
 prefill (its state carried between windows, as HorizonLM's), after its kernel is checked against a
@@ -454,8 +455,9 @@ def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: 
         amortized = whole_chunks_mean(times, state.pos, model.config.chunk_size)
         return times, {"graphed": True, "graph_captures": decoder.captures, "eager_steps": decoder.eager_steps,
                        "chunk_end_captures": decoder.end_captures,
-                       "mode": "CUDA graph per chunk until the memory is full, then one for all; captures inside the "
-                               "timed steps; chunk-end steps " + ("replayed once the memory is full" if ends else "eager"),
+                       "mode": ("CUDA graph per chunk until the memory is full, then one for all; captures inside "
+                                "the timed steps; chunk-end steps "
+                                + ("replayed once the memory is full" if ends else "eager")),
                        "whole_chunks_ms_per_token": None if amortized is None else 1000 * amortized,
                        "whole_chunks": "mean over the whole chunks after the first one touched, each with its "
                                        "chunk-end step (and its graph capture while the memory fills)"}
