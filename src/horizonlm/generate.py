@@ -139,7 +139,8 @@ def generate(model: nn.Module, tokenizer: Tokenizer, cfg: GenerateConfig, device
         logits, state = model(torch.tensor([start[-1:]], device=device), state)  # (1, 1, V)
         last_logits = logits[:, -1]  # (1, V)
     text = codecs.getincrementaldecoder("utf-8")(errors="replace") if isinstance(tokenizer, ByteTokenizer) else None
-    # HorizonLM steps through a CUDA graph per chunk on a GPU (eagerly elsewhere); the baseline's
+    # HorizonLM replays CUDA graphs on a GPU (one per chunk, one for all once the memory is full;
+    # the steps replay without graphs elsewhere); the baseline's
     # cache grows every step, so it steps eagerly.
     stepper = GraphedDecoder(model, state, bf16=False) if isinstance(model, HorizonLM) else None
     out: list[int] = []
