@@ -28,6 +28,8 @@ while IFS= read -r line; do
   eval "timeout $left python3 -m horizonlm.cli $line" > "$out/logs/$n.log" 2>&1
   echo "[$SECONDS s] exit $?" >> "$out/logs/commands.txt"
 done < "$commands"
+df -h . /tmp > "$out/logs/disk.txt" 2>&1  # a full disk stops a run's checkpoint (session 13)
+du -sh runs/* >> "$out/logs/disk.txt" 2>&1
 for run in runs/*/*/log.jsonl; do  # the training logs of the runs made here
   [ -f "$run" ] && mkdir -p "$out/logs/$(dirname "$run")" && cp "$run" "$(dirname "$run")/config.json" "$out/logs/$(dirname "$run")/"
 done
