@@ -143,6 +143,23 @@ def test_graphed_chunk_ends_match_model_steps(kind: str, start: int) -> None:
     assert decoder.eager_steps < len(ends)
 
 
+@pytest.mark.parametrize("overrides", [{"use_memory": False}, {"use_supervisor": False}])
+@pytest.mark.parametrize("graph_chunk_ends", [False, True])
+def test_decoder_without_memory_or_supervisor_matches_model_steps(overrides: dict, graph_chunk_ends: bool) -> None:
+    """Without a memory one replay serves every chunk from the start (nothing changes shape), and
+    with graphed chunk ends no step runs eagerly; without the supervisor the chunk ends still
+    replay once the memory is full. Logits are the model's step by step either way."""
+    model = make_horizon(**overrides).eval()
+    chunk = model.config.chunk_size
+    decoder, want_state, _ = _decode_alongside(model, _tokens(2, 12 * chunk + 3, seed=7), 3,
+                                               graph_chunk_ends=graph_chunk_ends)
+    _assert_same_state(decoder.snapshot(), want_state)
+    if "use_memory" in overrides:
+        assert decoder.captures == 1 and decoder.eager_steps == (0 if graph_chunk_ends else 12)
+    else:
+        assert decoder.end_captures == int(graph_chunk_ends)
+
+
 def test_decoder_snapshot_is_independent() -> None:
     model = make_horizon().eval()
     tokens = _tokens(1, 12, seed=1)
