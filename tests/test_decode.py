@@ -40,6 +40,11 @@ def _decode_alongside(model, tokens: torch.Tensor, start: int, on_step=None, **d
     return decoder, want_state, got
 
 
+def _linear_tensors(net: torch.nn.Module) -> set[int]:
+    """The data pointers of every Linear's weight and bias in ``net``."""
+    return {p.data_ptr() for m in net.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+
+
 @contextmanager
 def _casts():
     """The data pointers of the tensors cast (``aten._to_copy``) inside the block."""
@@ -186,7 +191,7 @@ def test_bf16_linears_casts_once_and_computes_the_same_under_autocast(kind: str)
         state = model(tokens[:, :6])[1]
         runs = []
         for net in (model, shadow):
-            linear = {p.data_ptr() for m in net.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+            linear = _linear_tensors(net)
             with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), _casts() as sources:
                 if kind == "horizon":
                     logits = net(tokens[:, 6:], state)[0]  # (B, 1, V)
@@ -229,7 +234,7 @@ def test_bf16_decoders_step_over_the_cast_copy() -> None:
             assert torch.equal(cast.step(tokens[:, t : t + 1]), plain.step(tokens[:, t : t + 1])), t
 
         def linear_casts(net, stepper) -> int:
-            linear = {p.data_ptr() for m in net.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+            linear = _linear_tensors(net)
             with _casts() as sources:
                 stepper.step(tokens[:, :1])
             return len(linear & set(sources))

@@ -251,9 +251,8 @@ class GraphedDecoder:
         if memory is not None:
             real = memory.keys.shape[1] - 1 if self.token_writes else memory.keys.shape[1]
             memory = replace(memory, keys=memory.keys[:, :real], values=memory.values[:, :real],
-                             chunk_ids=memory.chunk_ids[:real], pos=end)
-        supervisor = None if buffers.supervisor is None else replace(buffers.supervisor, pos=end)
-        inputs = replace(buffers, pos=end, supervisor=supervisor, memory=memory)
+                             chunk_ids=memory.chunk_ids[:real])
+        inputs = _advance(replace(buffers, memory=memory), end - buffers.pos)
         tokens = self.static_tokens
 
         def step(commit: bool) -> Tensor:
@@ -265,34 +264,19 @@ class GraphedDecoder:
         self.end_replay = replayable(step, self.use_graphs)
         self.end_captures += 1
 
-    def _fits(self, new: HorizonState) -> bool:
-        """Whether the replay can serve the chunk ``new`` starts: every state tensor keeps its shape
-        (the memory is full, so FIFO eviction keeps its size), and for the induction memory the
-        replay was captured at a chunk start (its padding holds a whole chunk's entries)."""
-        if self.replay is None:
-            return False
-        if self.token_writes:
-            padding = self.state.memory.keys.shape[1] - self.captured_filled
-            return new.memory.keys.shape[1] == self.captured_filled and padding == self.model.config.chunk_size
-        now, then = state_tensors(self.state), state_tensors(new)
-        return len(now) == len(then) and all(a.shape == b.shape for a, b in zip(now, then))
-
     def _rebase(self, new: HorizonState) -> bool:
-        """After an eager chunk end, keep the replay for the chunk ``new`` starts if it fits (see
-        :meth:`_fits`): ``new`` is copied into the replay's buffers with its chunk ids moved back
-        by the chunks since the capture. A step's work depends on the stream position only through
+        """After an eager chunk end, keep the replay for the chunk ``new`` starts if it serves every
+        chunk (:meth:`_full`: then no state tensor of ``new`` changed shape): ``new`` is copied into
+        the replay's buffers with its chunk ids moved back by the chunks since the capture. A step's work depends on the stream position only through
         which entries it sees (chunk ids against its own chunk, baked at capture), so in that frame
         it computes what it computes in the real one. Returns whether the replay was kept."""
-        if not self._fits(new):
+        if not self._full():
             return False
-        buffers = self.state
         self.shift = new.pos // self.model.config.chunk_size - self.frame
-        self._load(buffers, new, self.shift)
-        memory = None if buffers.memory is None else replace(buffers.memory, pos=new.memory.pos)
+        self._load(self.state, new, self.shift)
         if self.token_writes:
             self.filled = self.captured_filled
-        supervisor = None if buffers.supervisor is None else replace(buffers.supervisor, pos=new.supervisor.pos)
-        self.state = replace(buffers, pos=new.pos, supervisor=supervisor, memory=memory)
+        self.state = _advance(self.state, new.pos - self.state.pos)
         return True
 
     def _load(self, buffers: HorizonState, new: HorizonState, shift: int) -> None:
