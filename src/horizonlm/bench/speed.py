@@ -56,7 +56,7 @@ datasheet lists "BF16 Tensor Core 1,979 TFLOPS" with 2:4 sparsity, i.e. 989 TFLO
 (third-party spec tables, e.g. hmc-tech.com's H100 SXM page, give 989.43 dense)."""
 
 
-SPEED_PARTS = ("ceilings", "checks", "train", "prefill", "decode", "decode_profile", "memory")
+SPEED_PARTS = ("ceilings", "checks", "train", "prefill", "prefill_profile", "decode", "decode_profile", "memory")
 """The parts of ``horizon bench speed``, in the order they run."""
 
 
@@ -71,8 +71,9 @@ class SpeedConfig:
     preset: str = "base"
     """Preset of both models (same width, depth and MLP)."""
     parts: str = "ceilings,checks,train,prefill,decode,memory"
-    """Comma-separated parts to run (``decode_profile``, not among the defaults: HorizonLM's decode
-    step profiled, kernels and their time against the wall time)."""
+    """Comma-separated parts to run (not among the defaults: ``decode_profile``, HorizonLM's decode
+    step profiled, kernels and their time against the wall time; ``prefill_profile``, one prefill
+    window of HorizonLM after the memory has filled, its device time per module and per kernel)."""
     models: str = "horizon,transformer"
     """Models of the checks, train, prefill and decode parts: ``horizon``, ``transformer`` and the
     peer ``gla`` (flash-linear-attention's GLA, extra ``[peers]``: checks, train and prefill; its
@@ -110,8 +111,8 @@ class SpeedConfig:
     warmup: int = 2
     """Untimed repetitions first."""
     compile: bool = True
-    """Also time training with every block torch.compile'd (rows labelled ``+compile``; HorizonLM
-    and the transformer only)."""
+    """Also time training and prefill with every block torch.compile'd (rows labelled ``+compile``;
+    HorizonLM and the transformer only)."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.model_list if m not in MODEL_KINDS]
@@ -405,11 +406,15 @@ def _prefill(model: nn.Module, length: int, window: int, device: torch.device, s
 
 
 def bench_prefill(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
+    """Prefill rows for ``kind`` (``horizon``, ``transformer`` or a peer, optionally ``+compile``)."""
     rows = []
-    model = _build(kind, cfg.preset, device).eval()
+    model = _build(kind.split("+")[0], cfg.preset, device).eval()
+    if kind.endswith("+compile"):
+        for block in model.blocks:
+            block.compile()
     _prefill(model, min(cfg.prefill_window, 8192) * 2, min(cfg.prefill_window, 8192), device)  # warm-up
     for length in parse_ints(cfg.prefill_lengths):
-        if kind == "transformer" and length > cfg.transformer_prefill_max:
+        if kind.startswith("transformer") and length > cfg.transformer_prefill_max:
             rows.append({"part": "prefill", "model": kind, "seq_len": length, "batch": 1, "status": "not run",
                          "reason": f"beyond transformer_prefill_max={cfg.transformer_prefill_max}: quadratic time"})
             continue
@@ -520,6 +525,37 @@ def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict
     return rows
 
 
+def bench_prefill_profile(cfg: SpeedConfig, device: torch.device) -> dict[str, Any]:
+    """One prefill window of HorizonLM (``prefill_window`` tokens, batch 1, bf16) after seven
+    windows have filled the memory: device ms per module kind and the kernels that take most
+    (:mod:`horizonlm.bench.prefill_profile`), eager, then with every block compiled."""
+    from horizonlm.bench.prefill_profile import module_device_ms, top_kernels
+
+    model = _build("horizon", cfg.preset, device).eval()
+    window = cfg.prefill_window
+    state = _prefill(model, 7 * window, window, device)
+    tokens = torch.randint(0, 256, (1, window), device=device)  # (1, W)
+
+    @torch.no_grad()
+    def run() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(tokens, state)
+
+    run()
+    result: dict[str, Any] = {"window": window, "context_before": 7 * window, "batch": 1,
+                              "eager": {"modules_ms": module_device_ms(model, run, device),
+                                        "kernels": top_kernels(run, device)}}
+    print(json.dumps(result), flush=True)
+    for block in model.blocks:
+        block.compile()
+    run()
+    run()
+    times = time_cuda(run, 0, 3)
+    result["compiled"] = {"window_ms": [1000 * t for t in times], "kernels": top_kernels(run, device)}
+    print(json.dumps(result["compiled"]), flush=True)
+    return result
+
+
 def bench_decode_profile(cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
     """HorizonLM's decode step profiled at batch 1 after each of ``decode_contexts`` tokens
     (:func:`horizonlm.bench.decode_profile.profile_decode`): kernels, their device time and the
@@ -616,7 +652,7 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
     for part, fn in benches:
         if part in parts:
             kinds = list(models)
-            if part == "train" and cfg.compile:
+            if part in ("train", "prefill") and cfg.compile:
                 kinds += [f"{k}+compile" for k in models if k in ("horizon", "transformer")]
             if part == "decode" and "horizon" in models:
                 kinds += ["horizon+graphed_ends"]
@@ -625,6 +661,9 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
             for kind in kinds:
                 results["rows"].extend(fn(kind))
                 save()
+    if "prefill_profile" in parts and "horizon" in models:
+        results["prefill_profile"] = bench_prefill_profile(cfg, device)
+        save()
     if "decode_profile" in parts and "horizon" in models:
         results["decode_profile"] = bench_decode_profile(cfg, device)
         save()
