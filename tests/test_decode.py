@@ -26,7 +26,9 @@ def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 def _decode_alongside(model, tokens: torch.Tensor, start: int, on_step=None, **decoder_options):
     """Decode ``tokens[:, start:]`` with a GraphedDecoder and with the model token by token from the
     same state, asserting equal logits at every step (``on_step(t, decoder, model_state)`` after
-    each). Returns the decoder, the model's state and the last step's logits."""
+    each). Returns the decoder, the model's state and the last step's logits. Chunk ends run
+    eagerly unless ``graph_chunk_ends=True`` is passed (the counts of ``_assert_replays``)."""
+    decoder_options.setdefault("graph_chunk_ends", False)
     with torch.no_grad():
         state = model.init_state(tokens.shape[0]) if start == 0 else model(tokens[:, :start])[1]
         decoder = GraphedDecoder(model, state, **decoder_options)

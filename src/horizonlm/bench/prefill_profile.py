@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 TOP_KERNELS = 25
@@ -80,14 +81,15 @@ def module_device_ms(model: nn.Module, run: Any, device: torch.device) -> dict[s
 
 def top_kernels(run: Any, device: torch.device, top: int = TOP_KERNELS) -> dict[str, Any]:
     """Device time per kernel name over one call of ``run`` (``torch.profiler``), the ``top``
-    largest, with their call counts, and the sum over every kernel."""
+    largest, with their call counts, and the sum over every kernel (device events only: the
+    operators' own rows, which carry their kernels' device time again, are left out)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize(device)
     rows = []
     for event in prof.key_averages():
         ms = getattr(event, "self_device_time_total", 0.0) / 1000
-        if ms > 0:
+        if ms > 0 and event.device_type != DeviceType.CPU:  # kernels only: an operator's row repeats its kernels
             rows.append({"name": event.key[:100], "calls": event.count, "device_ms": ms})
     rows.sort(key=lambda r: -r["device_ms"])
     return {"kernels_device_ms": sum(r["device_ms"] for r in rows), "kernel_names": len(rows), "top": rows[:top]}
