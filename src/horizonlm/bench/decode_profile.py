@@ -34,8 +34,9 @@ from horizonlm.decode import GraphedDecoder
 from horizonlm.state import HorizonState
 
 STEP_KINDS = ("replay", "capture", "eager")
-"""How a step runs: a replay of its chunk's graph, the replayed step that first captures that graph
-(its warm-ups, the capture, then the replay), or eagerly (a chunk end)."""
+"""How a step runs: a replay of its chunk's graph (or of the chunk-end graph), the step that first
+captures a graph (its warm-ups, the capture, then the replay), or eagerly (a chunk end while the
+memory fills)."""
 
 STEP_PREFIX = "decode_step_"
 """The name of a step's profiler range, followed by the step's index in the profiled window."""
@@ -150,14 +151,15 @@ def _run_steps(decoder: GraphedDecoder, token: torch.Tensor, steps: int, device:
     counters after the step, not predicted."""
     out = []
     for i in range(steps):
-        captures, eager = decoder.captures, decoder.eager_steps
+        captures, eager = decoder.captures + decoder.end_captures, decoder.eager_steps
         _sync(device)
         start = time.perf_counter()
         with record_function(f"{STEP_PREFIX}{i}"):
             decoder.step(token)
             _sync(device)
         wall = time.perf_counter() - start
-        kind = "eager" if decoder.eager_steps > eager else "capture" if decoder.captures > captures else "replay"
+        made = decoder.captures + decoder.end_captures > captures
+        kind = "eager" if decoder.eager_steps > eager else "capture" if made else "replay"
         out.append((kind, wall))
     return out
 
