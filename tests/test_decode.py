@@ -27,8 +27,10 @@ def _decode_alongside(model, tokens: torch.Tensor, start: int, on_step=None, **d
     """Decode ``tokens[:, start:]`` with a GraphedDecoder and with the model token by token from the
     same state, asserting equal logits at every step (``on_step(t, decoder, model_state)`` after
     each). Returns the decoder, the model's state and the last step's logits. Chunk ends run
-    eagerly unless ``graph_chunk_ends=True`` is passed (the counts of ``_assert_replays``)."""
+    eagerly and a filling memory captures a replay per chunk unless ``graph_chunk_ends`` and
+    ``fill_frame_entries`` are passed (the counts of ``_assert_replays``)."""
     decoder_options.setdefault("graph_chunk_ends", False)
+    decoder_options.setdefault("fill_frame_entries", 0)
     with torch.no_grad():
         state = model.init_state(tokens.shape[0]) if start == 0 else model(tokens[:, :start])[1]
         decoder = GraphedDecoder(model, state, **decoder_options)
@@ -150,6 +152,47 @@ def test_graphed_chunk_ends_match_model_steps(kind: str, start: int) -> None:
     assert decoder.eager_steps < len(ends)
 
 
+@pytest.mark.parametrize(("kind", "start"), [("induction", 0), ("induction", 13), ("chunk", 0), ("chunk", 5)])
+@pytest.mark.parametrize("graph_chunk_ends", [False, True])
+def test_a_filling_memory_padded_to_full_replays_one_graph(kind: str, start: int, graph_chunk_ends: bool) -> None:
+    """With fill_frame_entries (the decoder's default), a memory not yet full is padded with
+    filler entries no token sees, in a frame moved on to a full memory: one replay serves every
+    chunk from the first capture at a chunk start (the chunk memory: from any start), through
+    the filling and past FIFO eviction; logits and states (fillers removed, chunk ids the
+    stream's) are the model's step by step."""
+    model = make_horizon(memory_kind=kind, memory_capacity=4, memory_key_span=3 if kind == "induction" else 1).eval()
+    chunk, capacity = model.config.chunk_size, model.config.memory_capacity
+    end = (capacity + 3) * chunk + 3
+    tokens = _tokens(2, end, seed=11)
+
+    def snapshot_matches(t: int, decoder: GraphedDecoder, want_state) -> None:
+        if (t + 1) % chunk in (0, 1, 3):
+            snap = decoder.snapshot()
+            assert snap.pos == want_state.pos
+            assert snap.memory.chunk_ids.tolist() == want_state.memory.chunk_ids.tolist()
+            _assert_same_state(snap, want_state)
+
+    decoder, _, _ = _decode_alongside(model, tokens, start, snapshot_matches, graph_chunk_ends=graph_chunk_ends,
+                                      fill_frame_entries=capacity * chunk)
+    mid_chunk = kind == "induction" and start % chunk != 0  # not full until a capture at a chunk start
+    assert decoder.captures == 1 + int(mid_chunk)
+    ends = sum(1 for p in range(start, end) if (p + 1) % chunk == 0)
+    assert decoder.eager_steps == (int(mid_chunk) if graph_chunk_ends else ends)
+    assert decoder.end_captures == int(graph_chunk_ends)
+    assert decoder.fillers == 0
+
+
+def test_a_memory_beyond_fill_frame_entries_is_not_padded() -> None:
+    """A memory larger than fill_frame_entries is not preallocated: a replay per chunk while it
+    fills, as without the option."""
+    model = make_horizon(memory_capacity=4).eval()
+    chunk = model.config.chunk_size
+    decoder, _, _ = _decode_alongside(model, _tokens(1, 3 * chunk, seed=2), 0, fill_frame_entries=4 * chunk - 1)
+    assert decoder.captures == 3 and decoder.fillers == 0
+    with pytest.raises(ValueError, match="fill_frame_entries"):
+        GraphedDecoder(model, model.init_state(1), fill_frame_entries=-1)
+
+
 @pytest.mark.parametrize("overrides", [{"use_memory": False}, {"use_supervisor": False}])
 @pytest.mark.parametrize("graph_chunk_ends", [False, True])
 def test_decoder_without_memory_or_supervisor_matches_model_steps(overrides: dict, graph_chunk_ends: bool) -> None:
@@ -212,7 +255,7 @@ def test_bf16_linears_casts_once_and_computes_the_same_under_autocast(kind: str)
 
 def test_bf16_decoders_step_over_the_cast_copy() -> None:
     """With bf16, each decoder steps the cast copy: HorizonLM's logits exactly those of the model
-    under autocast step by step, across chunk ends; the transformer's those of the same decoder
+    under autocast step by step, across chunk ends (eager and replayed, fillers in the memory); the transformer's those of the same decoder
     stepping the original model."""
     model = make_horizon(dtype=torch.float32).eval()
     tokens = _tokens(2, 3 * model.config.chunk_size + 2)
@@ -226,7 +269,7 @@ def test_bf16_decoders_step_over_the_cast_copy() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
                 want, want_state = model(tokens[:, t : t + 1], want_state)  # (B, 1, V)
             assert torch.equal(got, want[:, -1]), t
-        assert decoder.captures > 1 and decoder.eager_steps > 1
+        assert decoder.captures > 1 and decoder.eager_steps >= 1 and decoder.end_captures == 1  # every kind of step
         transformer = make_transformer(dtype=torch.float32).eval()
         state = transformer(tokens[:, :5])[1]
         cast = GraphedTransformerDecoder(transformer, state, capacity=16, bf16=True)

@@ -142,6 +142,29 @@ def _padded(memory: MemoryState, chunk_size: int) -> MemoryState:
     return replace(memory, keys=keys, values=values, chunk_ids=ids)
 
 
+UNSEEN_CHUNK = -(2**40)
+"""The chunk id of a filler entry: below every real chunk id (so entries stay in stream order) and
+seen by no token, whatever the frame's shift."""
+
+
+def _full_frame(state: HorizonState, capacity: int, per_chunk: int, chunk_size: int) -> tuple[HorizonState, int]:
+    """``state`` moved into a frame where its memory is full: its positions moved on to chunk
+    ``capacity`` (if earlier), its chunk ids moved on with them, and filler entries (zero keys and
+    values, chunk id :data:`UNSEEN_CHUNK`) in front for the chunks not yet written. Every token
+    then sees the entries it sees in the real stream, and an eviction drops fillers first, so a
+    step's work in the frame is its work in the stream while the entries keep the full memory's
+    count. Returns the moved state and the number of fillers."""
+    memory = state.memory
+    moved = max(0, capacity - state.pos // chunk_size)  # chunks the frame is ahead
+    fillers = moved * per_chunk
+    batch = memory.keys.shape[0]
+    keys = torch.cat([memory.keys.new_zeros(batch, fillers, memory.keys.shape[2]), memory.keys], 1)  # (B, F+M, Dk)
+    values = torch.cat([memory.values.new_zeros(batch, fillers, memory.values.shape[2]), memory.values], 1)  # (B, F+M, Dv)
+    ids = torch.cat([memory.chunk_ids.new_full((fillers,), UNSEEN_CHUNK), memory.chunk_ids + moved])  # (F+M,)
+    frame = _advance(replace(state, memory=replace(memory, keys=keys, values=values, chunk_ids=ids)), moved * chunk_size)
+    return frame, fillers
+
+
 class GraphedDecoder:
     """``step(tokens (B, 1)) -> logits (B, V)``, equal to ``model(tokens, state)`` step by step.
 
@@ -152,6 +175,13 @@ class GraphedDecoder:
     their parameter-only work between steps (``layers.derived.Derived``), the Linear weights are
     cast once for bf16 (:func:`bf16_linears`), and a captured graph reads what they kept.
 
+    While the memory fills, its chunks would change the replay's shapes: a memory of at most
+    ``fill_frame_entries`` entries (capacity x entries a chunk) is instead padded to its full size
+    at the first capture, with filler entries no token sees, in a frame whose stream position is
+    moved on so that the memory counts as full (:func:`_full_frame`); one replay then serves every
+    chunk from the start. A larger memory (the whole 1M-token memory of a passkey run, say) is not
+    preallocated: a replay is captured per chunk until it is full.
+
     ``bf16``: autocast to bf16 (None: on a GPU only; True on a CPU too).
     ``graph_chunk_ends``: once one replay serves every chunk, replay the chunk-end step too (a
     second graph, captured once: the supervisor's update, the memory's eviction and the frame's
@@ -161,7 +191,7 @@ class GraphedDecoder:
     """
 
     def __init__(self, model: HorizonLM, state: HorizonState, bf16: bool | None = None,
-                 graph_chunk_ends: bool = True) -> None:
+                 graph_chunk_ends: bool = True, fill_frame_entries: int = 65536) -> None:
         if not isinstance(model, HorizonLM):
             raise ValueError("GraphedDecoder needs a HorizonLM (GraphedTransformerDecoder serves the baseline)")
         self.model = model
@@ -183,22 +213,37 @@ class GraphedDecoder:
         self.graph_chunk_ends = graph_chunk_ends
         self.end_replay: Callable[[], Tensor] | None = None  # the chunk-end step's replay, once captured
         self.end_captures = 0
+        if fill_frame_entries < 0:
+            raise ValueError(f"fill_frame_entries must be >= 0, got {fill_frame_entries}")
+        self.fill_frame_entries = fill_frame_entries
+        self.fillers = 0  # filler entries at the front of the replay's memory (see _full_frame)
 
     def _forward(self, tokens: Tensor, state: HorizonState):
         device_type = "cuda" if self.use_graphs else "cpu"
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             return self.runner(tokens, state)
 
+    def _fills_frame(self, state: HorizonState) -> bool:
+        """Whether a capture from ``state`` pads its memory to full size (:func:`_full_frame`)."""
+        memory = self.model.memory
+        return (isinstance(state.memory, MemoryState) and state.pos // self.model.config.chunk_size < memory.capacity
+                and memory.capacity * memory.entries_per_chunk <= self.fill_frame_entries)
+
     def _capture(self) -> None:
         """A replay of one in-chunk step over fresh buffers, which become the decoder's state."""
-        inputs = self.state.clone()
+        inputs, chunk, self.fillers = self.state.clone(), self.model.config.chunk_size, 0
+        real_pos = inputs.pos
+        if self._fills_frame(inputs):
+            memory = self.model.memory
+            inputs, self.fillers = _full_frame(inputs, memory.capacity, memory.entries_per_chunk, chunk)
         device = self.model.embed.weight.device
         tokens = torch.zeros(inputs.batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
         if self.token_writes:
             self.filled = self.captured_filled = inputs.memory.keys.shape[1]
             self.slot = torch.tensor([self.filled], device=device)  # (1,)
-            inputs = replace(inputs, memory=_padded(inputs.memory, self.model.config.chunk_size))
-        self.frame, self.shift = inputs.pos // self.model.config.chunk_size, 0
+            inputs = replace(inputs, memory=_padded(inputs.memory, chunk))
+        self.frame = inputs.pos // chunk
+        self.shift = real_pos // chunk - self.frame
 
         def step(commit: bool) -> Tensor:
             logits, outputs = self._forward(tokens, inputs)  # (B, 1, V)
@@ -207,7 +252,7 @@ class GraphedDecoder:
             return logits[:, -1]  # (B, V)
 
         self.replay = replayable(step, self.use_graphs)
-        self.static_tokens, self.state = tokens, inputs
+        self.static_tokens, self.state = tokens, _advance(inputs, real_pos - inputs.pos)  # positions: the stream's
         self.captures += 1
 
     def _commit(self, inputs: HorizonState, outputs: HorizonState) -> None:
@@ -233,13 +278,13 @@ class GraphedDecoder:
         the induction memory, at a chunk start), so no chunk end changes a buffer's shape."""
         if self.replay is None:
             return False
-        memory, config = self.state.memory, self.model.config
+        memory, chunk = self.state.memory, self.model.config.chunk_size
         if memory is None:
             return True
+        capacity = self.model.memory.capacity
         if self.token_writes:
-            return (self.captured_filled == config.memory_capacity * config.chunk_size
-                    and memory.keys.shape[1] - self.captured_filled == config.chunk_size)
-        return memory.keys.shape[1] == config.memory_capacity
+            return self.captured_filled == capacity * chunk and memory.keys.shape[1] - self.captured_filled == chunk
+        return memory.keys.shape[1] == capacity
 
     def _capture_chunk_end(self) -> None:
         """A replay of the chunk-end step over the in-chunk replay's buffers, in its frame: the
@@ -258,8 +303,8 @@ class GraphedDecoder:
 
         def step(commit: bool) -> Tensor:
             logits, outputs = self._forward(tokens, inputs)  # (B, 1, V)
-            if commit:
-                self._load(buffers, outputs, 1)
+            if commit:  # the fillers left are among the outputs' entries, evicted first
+                self._load(buffers, outputs, 1, 0)
             return logits[:, -1]  # (B, V)
 
         self.end_replay = replayable(step, self.use_graphs)
@@ -274,30 +319,40 @@ class GraphedDecoder:
         if not self._full():
             return False
         self.shift = new.pos // self.model.config.chunk_size - self.frame
-        self._load(self.state, new, self.shift)
+        self.fillers = 0 if new.memory is None else self._entry_slots() - new.memory.keys.shape[1]
+        self._load(self.state, new, self.shift, self.fillers)
         if self.token_writes:
             self.filled = self.captured_filled
         self.state = _advance(self.state, new.pos - self.state.pos)
         return True
 
-    def _load(self, buffers: HorizonState, new: HorizonState, shift: int) -> None:
+    def _entry_slots(self) -> int:
+        """Entries the replay's memory holds besides the current chunk's padding: the full memory's
+        count, fillers included."""
+        return self.captured_filled if self.token_writes else self.state.memory.keys.shape[1]
+
+    def _load(self, buffers: HorizonState, new: HorizonState, shift: int, fillers: int) -> None:
         """Copy ``new`` into the replay's ``buffers``: the blocks' and the supervisor's tensors, and
-        the memory's entries at the front, their chunk ids less ``shift`` (into the replay's
-        frame); for the induction memory the next entry's slot back at the padding's front (the
-        padding's old entries are tagged with the replay's own chunk: invisible)."""
+        the memory's entries after ``fillers`` filler entries (none once the memory is full), their
+        chunk ids less ``shift`` (into the replay's frame); for the induction memory the next
+        entry's slot back at the padding's front (the padding's old entries are tagged with the
+        replay's own chunk: invisible). It runs inside the chunk-end replay too, so it reads and
+        sets no decoder attribute that changes between steps."""
         for dst, src in zip(state_tensors(replace(buffers, memory=None)), state_tensors(replace(new, memory=None))):
             dst.copy_(src)
         if buffers.memory is None:
             return
-        memory, fresh, entries = buffers.memory, new.memory, new.memory.keys.shape[1]
-        memory.keys[:, :entries].copy_(fresh.keys)
-        memory.values[:, :entries].copy_(fresh.values)
-        memory.chunk_ids[:entries].copy_(fresh.chunk_ids - shift)
+        memory, fresh = buffers.memory, new.memory
+        end = fillers + fresh.keys.shape[1]
+        memory.keys[:, fillers:end].copy_(fresh.keys)
+        memory.values[:, fillers:end].copy_(fresh.values)
+        memory.chunk_ids[:fillers].fill_(UNSEEN_CHUNK)
+        memory.chunk_ids[fillers:end].copy_(fresh.chunk_ids - shift)
         for name in ("last_key", "tail"):
             if getattr(memory, name) is not None:
                 getattr(memory, name).copy_(getattr(fresh, name))
         if self.token_writes:
-            self.slot.fill_(entries)
+            self.slot.fill_(end)
 
     def _real_state(self) -> HorizonState:
         """The decoder's state in the real stream: without the padding of an induction memory's
@@ -305,9 +360,10 @@ class GraphedDecoder:
         memory = self.state.memory
         if memory is None or isinstance(memory, StoreMemoryState) or (self.filled is None and not self.shift):
             return self.state
-        if self.filled is not None:
-            memory = replace(memory, keys=memory.keys[:, : self.filled], values=memory.values[:, : self.filled],
-                             chunk_ids=memory.chunk_ids[: self.filled])
+        if self.filled is not None or self.fillers:
+            real = slice(self.fillers, self.filled)
+            memory = replace(memory, keys=memory.keys[:, real], values=memory.values[:, real],
+                             chunk_ids=memory.chunk_ids[real])
         if self.shift:
             memory = replace(memory, chunk_ids=memory.chunk_ids + self.shift)  # (M,)
         return replace(self.state, memory=memory)
@@ -323,6 +379,7 @@ class GraphedDecoder:
             logits = self.end_replay()  # (B, V)
             self.state = _advance(self.state, 1)
             self.shift += 1
+            self.fillers = max(0, self.fillers - self.model.memory.entries_per_chunk) if self.fillers else 0
             if self.filled is not None:
                 self.filled = self.captured_filled
             return logits.clone()
@@ -330,7 +387,7 @@ class GraphedDecoder:
             logits, new = self._forward(tokens, self._real_state())  # (B, 1, V)
             self.eager_steps += 1
             if not self._rebase(new):  # the next chunk's state does not fit the replay: a new capture
-                self.state, self.replay, self.filled, self.slot, self.shift = new, None, None, None, 0
+                self.state, self.replay, self.filled, self.slot, self.shift, self.fillers = new, None, None, None, 0, 0
             return logits[:, -1]
         if self.replay is None:
             self._capture()

@@ -25,8 +25,10 @@ def test_profile_counts_replayed_capturing_and_chunk_end_steps() -> None:
     chunk = model.config.chunk_size
     with torch.no_grad():
         state = model(torch.randint(0, 256, (1, 5)))[1]
-        result = profile_decode(model, state, steps=2 * chunk, bf16=False)
+        result = profile_decode(model, state, steps=2 * chunk, bf16=False, graph_chunk_ends=False,
+                                fill_frame_entries=0)
     assert result["eager"]["steps"] == 2 and result["capture"]["steps"] == 2  # two chunk ends, two captures
+    assert "chunk_end" not in result
     assert result["replay"]["steps"] == 2 * chunk - 4
     for kind in ("eager", "capture", "replay"):
         row = result[kind]
@@ -38,6 +40,18 @@ def test_profile_counts_replayed_capturing_and_chunk_end_steps() -> None:
     attribution = result["attribution"]
     assert attribution["steps_run"] == attribution["host_step_ranges"] == 2 * chunk
     assert attribution["items_outside_steps"] == 0 and attribution["device_range_copies"] == 0
+
+
+def test_profile_of_the_default_decoder_has_replays_only() -> None:
+    """The default decoder pads the filling memory and replays its chunk ends: after the warm-up
+    chunk every step replays one of two graphs, and the chunk ends are counted apart."""
+    model = make_horizon(dtype=torch.float32).eval()
+    chunk = model.config.chunk_size
+    with torch.no_grad():
+        state = model(torch.randint(0, 256, (1, 5)))[1]
+        result = profile_decode(model, state, steps=2 * chunk, bf16=False)
+    assert result["chunk_end"]["steps"] == 2 and result["replay"]["steps"] == 2 * chunk - 2
+    assert "eager" not in result and "capture" not in result
 
 
 def test_step_index_reads_host_ranges_only() -> None:

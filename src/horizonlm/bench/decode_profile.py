@@ -33,10 +33,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from horizonlm.decode import GraphedDecoder
 from horizonlm.state import HorizonState
 
-STEP_KINDS = ("replay", "capture", "eager")
-"""How a step runs: a replay of its chunk's graph (or of the chunk-end graph), the step that first
-captures a graph (its warm-ups, the capture, then the replay), or eagerly (a chunk end while the
-memory fills)."""
+STEP_KINDS = ("replay", "chunk_end", "capture", "eager")
+"""How a step runs: a replay of the in-chunk graph, a replay of the chunk-end graph, the step that
+first captures a graph (its warm-ups, the capture, then the replay), or eagerly (a chunk end the
+decoder does not replay)."""
 
 STEP_PREFIX = "decode_step_"
 """The name of a step's profiler range, followed by the step's index in the profiled window."""
@@ -152,6 +152,7 @@ def _run_steps(decoder: GraphedDecoder, token: torch.Tensor, steps: int, device:
     out = []
     for i in range(steps):
         captures, eager = decoder.captures + decoder.end_captures, decoder.eager_steps
+        ends_chunk = (decoder.state.pos + 1) % decoder.model.config.chunk_size == 0
         _sync(device)
         start = time.perf_counter()
         with record_function(f"{STEP_PREFIX}{i}"):
@@ -159,7 +160,8 @@ def _run_steps(decoder: GraphedDecoder, token: torch.Tensor, steps: int, device:
             _sync(device)
         wall = time.perf_counter() - start
         made = decoder.captures + decoder.end_captures > captures
-        kind = "eager" if decoder.eager_steps > eager else "capture" if made else "replay"
+        kind = ("eager" if decoder.eager_steps > eager else "capture" if made
+                else "chunk_end" if ends_chunk else "replay")
         out.append((kind, wall))
     return out
 
@@ -182,14 +184,16 @@ def _spans(prof: profile, device: torch.device) -> tuple[list[Span], list[Span]]
     return spans, outermost
 
 
-def profile_decode(model: nn.Module, state: HorizonState, steps: int, bf16: bool | None = None) -> dict[str, Any]:
+def profile_decode(model: nn.Module, state: HorizonState, steps: int, bf16: bool | None = None,
+                   **decoder_options: Any) -> dict[str, Any]:
     """Profile ``steps`` graphed decode steps of ``model`` from ``state``, after one chunk of
     warm-up steps and ``steps`` steps timed the same way without the profiler (its overhead is
     their difference). Per step kind (see :data:`STEP_KINDS`): steps, median wall ms, and per step
     the kernels (device activities on a GPU, outermost CPU operators on a CPU), their summed and
-    their overlap-free time in ms; under ``attribution``, what was counted and what was left out."""
+    their overlap-free time in ms; under ``attribution``, what was counted and what was left out.
+    ``decoder_options`` go to :class:`GraphedDecoder` (its defaults are what a user decodes with)."""
     device = model.embed.weight.device
-    decoder = GraphedDecoder(model, state, bf16=bf16)
+    decoder = GraphedDecoder(model, state, bf16=bf16, **decoder_options)
     token = torch.zeros(state.batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
     _run_steps(decoder, token, model.config.chunk_size, device)  # a capture and a chunk end first
     unprofiled = _run_steps(decoder, token, steps, device)

@@ -127,6 +127,11 @@ class SpeedConfig:
         return [m.strip() for m in self.models.split(",") if m.strip()]
 
 
+PER_CHUNK_DECODER = {"graph_chunk_ends": False, "fill_frame_entries": 0}
+"""The graphed decoder as it was before its defaults: chunk ends eager, a replay captured per
+chunk while the memory fills (the decode rows ``horizon+per_chunk``)."""
+
+
 def chunk_end_modules(model: nn.Module) -> list[nn.Module]:
     """HorizonLM's projections applied once per completed chunk, to its last token only: the
     supervisor's summary and GRU, the memory's key and value (per token when every token writes,
@@ -273,8 +278,8 @@ def run_checks(device: torch.device) -> dict[str, Any]:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             low, _ = model(tokens)
         out["bf16_autocast_vs_float32_logits_rel_err"] = ((low.float() - full).norm() / full.norm()).item()
-    for name, check in (("graphed_decode_vs_eager", check_graphed_decode),
-                        ("graphed_decode_chunk_ends_vs_eager", partial(check_graphed_decode, graph_chunk_ends=True)),
+    for name, check in (("graphed_decode_vs_eager", partial(check_graphed_decode, **PER_CHUNK_DECODER)),
+                        ("graphed_decode_chunk_ends_vs_eager", check_graphed_decode),
                         ("transformer_graphed_decode_vs_eager", check_graphed_transformer_decode)):
         try:
             out[f"{name}_max_rel_err"] = check(device)
@@ -310,12 +315,13 @@ def peer_checks(kind: str, device: torch.device) -> dict[str, Any]:
 
 
 def check_graphed_decode(device: torch.device, preset: str = "small", prefix: int = 100, steps: int = 300,
-                         graph_chunk_ends: bool = False) -> float:
+                         **decoder_options: Any) -> float:
     """Graphed HorizonLM steps (300 cross two chunk ends of the small preset) against eager
     steps, float32, no autocast: the worst relative error of the logits, over two runs: after
-    ``prefix`` tokens (the memory filling, a capture per chunk) and after ``prefix`` tokens more
-    than the memory holds (full: one capture serves every chunk; with ``graph_chunk_ends`` its
-    chunk ends replay too)."""
+    ``prefix`` tokens (the memory filling: by default padded to full, one capture for every
+    chunk; with :data:`PER_CHUNK_DECODER` a capture per chunk and eager chunk ends) and after
+    ``prefix`` tokens more than the memory holds (full: one capture serves every chunk).
+    ``decoder_options`` go to :class:`GraphedDecoder`."""
     torch.manual_seed(0)
     model = HorizonLM(HorizonConfig.preset(preset)).to(device).eval()
     config = model.config
@@ -325,7 +331,7 @@ def check_graphed_decode(device: torch.device, preset: str = "small", prefix: in
     with torch.no_grad():
         for start in (prefix, full):
             _, state = model(tokens[:, :start])
-            decoder = GraphedDecoder(model, state, bf16=False, graph_chunk_ends=graph_chunk_ends)
+            decoder = GraphedDecoder(model, state, bf16=False, **decoder_options)
             for t in range(start, start + steps):
                 got = decoder.step(tokens[:, t : t + 1])  # (B, V)
                 want, state = model(tokens[:, t : t + 1], state)  # (B, 1, V)
@@ -453,16 +459,18 @@ def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: 
                   ) -> tuple[list[float], dict[str, Any]]:
     """Per-step seconds of one decode row and what describes how it ran."""
     token = torch.zeros(state.batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
-    if kind in ("horizon", "horizon+graphed_ends"):
-        ends = kind == "horizon+graphed_ends"
-        decoder = GraphedDecoder(model, state, graph_chunk_ends=ends)
+    if kind in ("horizon", "horizon+per_chunk"):
+        per_chunk = kind == "horizon+per_chunk"
+        decoder = GraphedDecoder(model, state, **(PER_CHUNK_DECODER if per_chunk else {}))
         times = time_cuda(lambda: decoder.step(token), 0, cfg.decode_steps)
         amortized = whole_chunks_mean(times, state.pos, model.config.chunk_size)
         return times, {"graphed": True, "graph_captures": decoder.captures, "eager_steps": decoder.eager_steps,
                        "chunk_end_captures": decoder.end_captures,
-                       "mode": ("CUDA graph per chunk until the memory is full, then one for all; captures inside "
-                                "the timed steps; chunk-end steps "
-                                + ("replayed once the memory is full" if ends else "eager")),
+                       "mode": ("CUDA graph per chunk until the memory is full, then one for all; chunk-end steps "
+                                "eager" if per_chunk else
+                                "one CUDA graph for every chunk (a filling memory padded to full size) and one for "
+                                "the chunk-end step")
+                               + "; captures inside the timed steps",
                        "whole_chunks_ms_per_token": None if amortized is None else 1000 * amortized,
                        "whole_chunks": "mean over the whole chunks after the first one touched, each with its "
                                        "chunk-end step (and its graph capture while the memory fills)"}
@@ -484,8 +492,9 @@ def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: 
 
 
 def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
-    """Decode rows for ``kind``: ``horizon`` and ``transformer`` graphed, ``horizon+graphed_ends``
-    (its chunk-end steps replayed too once the memory is full), ``transformer+eager``;
+    """Decode rows for ``kind``: ``horizon`` and ``transformer`` graphed (the decoders' defaults),
+    ``horizon+per_chunk`` (:data:`PER_CHUNK_DECODER`: a replay per chunk while the memory fills,
+    chunk ends eager), ``transformer+eager``;
     a peer's say not run (no graphed decoder here: an eager one would not compare like for like)."""
     rows = []
     base_kind = kind.split("+")[0]
@@ -655,7 +664,7 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
             if part in ("train", "prefill") and cfg.compile:
                 kinds += [f"{k}+compile" for k in models if k in ("horizon", "transformer")]
             if part == "decode" and "horizon" in models:
-                kinds += ["horizon+graphed_ends"]
+                kinds += ["horizon+per_chunk"]
             if part == "decode" and "transformer" in models:
                 kinds += ["transformer+eager"]
             for kind in kinds:
@@ -689,7 +698,7 @@ def plot_speed(results: dict[str, Any], path: Path) -> None:
               ("decode", "context", "ms_per_token_step", "decode ms per step (median, batch 1)", "context (tokens)"))
     for ax, (part, x, y, title, xlabel) in zip(axes, panels):
         styles = {"horizon": "o-", "transformer": "s--", "horizon+compile": "o:", "transformer+compile": "s:",
-                  "horizon+graphed_ends": "o-.", "transformer+eager": "x:"}
+                  "horizon+per_chunk": "o-.", "transformer+eager": "x:"}
         peers = sorted({r["model"] for r in rows} - set(styles))
         for kind, marker in [*styles.items(), *((peer, "^-.") for peer in peers)]:
             pts = sorted((r[x], r[y]) for r in rows
