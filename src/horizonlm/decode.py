@@ -18,7 +18,10 @@ eagerly (its work depends on the chunk's index and the memory grows by one entry
 memory is full its size stops changing, and a step depends on the stream position only through
 which entries it sees (their chunk ids against its own chunk, baked in at capture): the decoder
 then copies each new chunk's state into the same buffers with the chunk ids moved back into the
-capture's frame, and one replay serves every later chunk (``GraphedDecoder._rebase``). The induction
+capture's frame, and one replay serves every later chunk (``GraphedDecoder._rebase``); the
+chunk-end step then replays too, from a second graph. A memory still filling is padded to its
+full size with entries no token sees, in a frame moved on to a full memory (``_full_frame``), so
+the same holds from the first chunk. The induction
 memory (``memory_kind="induction"``) writes an entry every step, but that entry stays invisible
 until its chunk completes, so what a step reads is still constant inside a chunk: the replay reads
 a memory padded with one empty slot (tagged with the current chunk, so invisible) per step left
@@ -168,9 +171,9 @@ def _full_frame(state: HorizonState, capacity: int, per_chunk: int, chunk_size: 
 class GraphedDecoder:
     """``step(tokens (B, 1)) -> logits (B, V)``, equal to ``model(tokens, state)`` step by step.
 
-    Steps inside a chunk replay (a CUDA graph on a GPU), with either memory; chunk-end steps and
-    states whose memory lives in a store (searched on the host side) run the model eagerly. A
-    replay is captured per chunk while the memory fills, then one serves every chunk.
+    Steps inside a chunk replay (a CUDA graph on a GPU), with either memory, and so do chunk-end
+    steps once one replay serves every chunk; states whose memory lives in a store (searched on
+    the host side) run the model eagerly.
     The model's weights are fixed while it decodes: the SSM cores and the convolutions keep
     their parameter-only work between steps (``layers.derived.Derived``), the Linear weights are
     cast once for bf16 (:func:`bf16_linears`), and a captured graph reads what they kept.
@@ -379,7 +382,8 @@ class GraphedDecoder:
             logits = self.end_replay()  # (B, V)
             self.state = _advance(self.state, 1)
             self.shift += 1
-            self.fillers = max(0, self.fillers - self.model.memory.entries_per_chunk) if self.fillers else 0
+            if self.fillers:  # the chunk end evicted the oldest chunk's entries: fillers first
+                self.fillers = max(0, self.fillers - self.model.memory.entries_per_chunk)
             if self.filled is not None:
                 self.filled = self.captured_filled
             return logits.clone()
