@@ -111,6 +111,12 @@ class HorizonConfig(DictConfig):
     embeddings alone (an n-gram lookup: a repeated context scores exactly 1); a later layer keys
     them by the hidden state there, which also carries what the n tokens lack (a label a clause
     back). The ``chunk`` memory reads at ``global_layer``, so it must stay 0 there."""
+    memory_late_read: bool = False
+    """Add what the induction memory added to the residual stream a second time, just before the
+    final norm, through a gate of its own and a projection that starts at zero
+    (:class:`horizonlm.layers.memory.LateRead`): a read made at the token embeddings otherwise
+    reaches the logits only through every block. A named variant (``horizon_late_read``) until
+    the H200 protocol decides; on the CPU it learned the copy sooner (RESULTS.md 1.3b)."""
     memory_tau: float = 10.0
     """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
     memory_query_block: int = 1024
@@ -166,6 +172,11 @@ class HorizonConfig(DictConfig):
                  f"must be in [0, n_layers={self.n_layers})", self.memory_layer)
         require_field(self.memory_kind == "induction" or self.memory_layer == 0, "memory_layer",
                  "must be 0 for the chunk memory, which reads at global_layer", self.memory_layer)
+        require_field(isinstance(self.memory_late_read, bool), "memory_late_read", "must be a bool",
+                 self.memory_late_read)
+        require_field(not self.memory_late_read or (self.use_memory and self.memory_kind == "induction"),
+                 "memory_late_read", "needs the induction memory (use_memory, memory_kind='induction')",
+                 self.memory_late_read)
 
     @property
     def global_at(self) -> int:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from horizonlm.config import HorizonConfig
-from horizonlm.layers.memory import RetrievalMemory
+from horizonlm.layers.memory import LateRead, RetrievalMemory
 from horizonlm.layers.mlp import GLUMLP
 from horizonlm.layers.multires_conv import MultiResConv
 from horizonlm.layers.ssm import SSMSublayer
@@ -94,9 +94,12 @@ class HorizonLM(nn.Module):
                                        config.memory_topk, config.memory_tau, config.memory_query_block, config.norm_eps,
                                        config.memory_kind, config.memory_key_span)
                        if config.use_memory else None)
+        self.late_read = LateRead(config.d_model, config.norm_eps) if config.memory_late_read else None
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         init_weights(self, config.init_std)
+        if self.late_read is not None:
+            nn.init.zeros_(self.late_read.out.weight)  # W_o' = 0: the model starts as without it
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
 
@@ -148,7 +151,9 @@ class HorizonLM(nn.Module):
         block_states = []
         for i in range(len(self.blocks) + 1):
             if induction and i == self.config.memory_layer:
+                before = h
                 h, mem_state = self.memory(h, state.memory)  # (B, L, D)
+                added = h - before  # (B, L, D): the memory's gated read (zero where reads are dropped)
             if i == self.config.global_at:
                 if self.supervisor is not None:
                     h, sup_state = self.supervisor(h, state.supervisor)  # (B, L, D)
@@ -157,6 +162,8 @@ class HorizonLM(nn.Module):
             if i < len(self.blocks):
                 h, block_state = self.blocks[i](h, state.blocks[i])  # (B, L, D)
                 block_states.append(block_state)
+        if self.late_read is not None:
+            h = self.late_read(h, added)  # (B, L, D)
         logits = self.head(self.final_norm(h))  # (B, L, V)
         new_state = HorizonState(pos=state.pos + length, blocks=tuple(block_states), supervisor=sup_state,
                                  memory=mem_state, batch_size=batch)

@@ -58,6 +58,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # Between the two: 1024 chunks (128K tokens, 16 training windows), a quarter of the long
     # memory's read in training.
     "horizon_memory_128k": ("horizon", {"memory_capacity": 1024}),
+    # The default with the memory's read added again just before the final norm (LateRead): a
+    # short path from the read to the logits, for a model that finds the fact and answers in prose.
+    "horizon_late_read": ("horizon", {"memory_late_read": True}),
     # A peer, not an ablation: flash-linear-attention's GLA (horizonlm.peers.gla, extra [peers], a
     # GPU), state carried across windows as HorizonLM's.
     "gla": ("gla", {}),

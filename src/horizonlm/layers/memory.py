@@ -267,6 +267,24 @@ class RetrievalMemory(nn.Module):
         return torch.einsum("lk,lkd->ld", weights, picked)  # (Lb, Dv)
 
 
+class LateRead(nn.Module):
+    """``h + sigmoid(W_g' norm(h)) * W_o' m``: ``m``, what the induction memory added to the
+    residual stream where it reads, added again just before the final norm, with a gate of its
+    own. A read made at the token embeddings reaches the logits otherwise only through every
+    block; this path is one product from the read to the head. W_o' starts at zero (the model
+    zeroes it after its weight init), so a model starts as it would without it.
+    h, m: (B, L, D). Returns (B, L, D)."""
+
+    def __init__(self, d_model: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(d_model, eps=eps)
+        self.gate = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, h: Tensor, added: Tensor) -> Tensor:
+        return h + torch.sigmoid(self.gate(self.norm(h))) * self.out(added)  # (B, L, D)
+
+
 @contextlib.contextmanager
 def reads_dropped(memory: nn.Module, rows: Tensor | None = None) -> Iterator[None]:
     """Within this context the memory's gated add is left out, for the streams where ``rows``

@@ -1,0 +1,70 @@
+"""The late read (``memory_late_read``): what the induction memory added, added again before the
+final norm. It starts at zero, learns, leaves the stream contract intact and follows the memory
+when the read is dropped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from horizonlm import HorizonConfig
+from horizonlm.decode import GraphedDecoder
+from horizonlm.layers.memory import reads_dropped
+
+from ..conftest import make_horizon
+from ..test_streaming import _assert_same, _stream
+
+
+def _tokens(length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+def test_it_starts_as_the_model_without_it_and_learns() -> None:
+    """W_o' starts at zero: the logits are exactly those of the same weights without the late read,
+    and W_o' is what gets a gradient first."""
+    with_late = make_horizon(memory_late_read=True)
+    without = make_horizon(memory_late_read=False)
+    without.load_state_dict({k: v for k, v in with_late.state_dict().items() if not k.startswith("late_read.")})
+    tokens = _tokens(60)
+    got, _ = with_late(tokens)
+    want, _ = without(tokens)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.square().mean().backward()
+    assert with_late.late_read.out.weight.grad.abs().sum() > 0
+
+
+def test_a_dropped_read_adds_nothing_late_either() -> None:
+    """With the memory's read left out (training's read dropout, passkey's causal check), the late
+    path adds nothing: the model equals itself with the late read's projection zeroed."""
+    model = make_horizon(memory_late_read=True)
+    torch.nn.init.normal_(model.late_read.out.weight, std=0.5)
+    tokens = _tokens(60, seed=1)
+    with torch.no_grad(), reads_dropped(model.memory):
+        dropped, _ = model(tokens)
+        model.late_read.out.weight.zero_()
+        dropped_no_late, _ = model(tokens)
+    torch.testing.assert_close(dropped, dropped_no_late, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_splits_steps_and_graphed_decode_equal_one_call(seed: int) -> None:
+    """Pieces, single steps and the graphed decoder give the one call's logits, with a trained-like
+    (non-zero) late projection, past FIFO eviction."""
+    model = make_horizon(seed=seed, memory_late_read=True, memory_capacity=4, memory_key_span=3).eval()
+    torch.nn.init.normal_(model.late_read.out.weight, std=0.5)
+    tokens = _tokens(150, seed)
+    with torch.no_grad():
+        full, _ = model(tokens)
+        pieces, _ = _stream(model, tokens, [7, 40, 1, 33, 69])
+        steps, _ = _stream(model, tokens, [1] * tokens.shape[1])
+        decoder = GraphedDecoder(model, model(tokens[:, :5])[1])
+        decoded = torch.stack([decoder.step(tokens[:, t : t + 1]) for t in range(5, tokens.shape[1])], 1)  # (B, T-5, V)
+    _assert_same(pieces, full)
+    _assert_same(steps, full)
+    _assert_same(decoded, full[:, 5:])
+
+
+@pytest.mark.parametrize("overrides", [dict(memory_kind="chunk"), dict(use_memory=False), dict(memory_late_read=1)])
+def test_it_needs_the_induction_memory(overrides: dict) -> None:
+    with pytest.raises(ValueError, match="memory_late_read"):
+        HorizonConfig(**{"memory_late_read": True, **overrides})
