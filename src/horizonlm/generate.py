@@ -139,9 +139,9 @@ def generate(model: nn.Module, tokenizer: Tokenizer, cfg: GenerateConfig, device
         logits, state = model(torch.tensor([start[-1:]], device=device), state)  # (1, 1, V)
         last_logits = logits[:, -1]  # (1, V)
     text = codecs.getincrementaldecoder("utf-8")(errors="replace") if isinstance(tokenizer, ByteTokenizer) else None
-    # HorizonLM replays CUDA graphs on a GPU (one per chunk, one for all once the memory is full;
-    # the steps replay without graphs elsewhere); the baseline's
-    # cache grows every step, so it steps eagerly.
+    # HorizonLM replays CUDA graphs on a GPU (one for every in-chunk step and one for chunk ends, a
+    # filling memory padded to its full size; the steps replay without graphs elsewhere); the
+    # baseline's cache grows every step, so it steps eagerly.
     stepper = GraphedDecoder(model, state, bf16=False) if isinstance(model, HorizonLM) else None
     out: list[int] = []
     for _ in range(cfg.tokens):
