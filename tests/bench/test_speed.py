@@ -10,6 +10,7 @@ from horizonlm.bench.speed import (
     DATASHEET_BF16_DENSE_FLOPS,
     PEAK_BF16_FLOPS,
     SpeedConfig,
+    _build,
     check_graphed_decode,
     check_graphed_transformer_decode,
     flop_counts,
@@ -90,6 +91,19 @@ def test_decode_checks_run_on_cpu() -> None:
     assert check_graphed_decode(device, preset="tiny", prefix=5, steps=20) < 1e-5
     assert check_graphed_decode(device, preset="tiny", prefix=5, steps=20, graph_chunk_ends=True) < 1e-5
     assert check_graphed_transformer_decode(device, preset="tiny", prefix=5, steps=20) < 1e-5
+
+
+def test_variants_are_horizon_variants_of_the_quality_bench() -> None:
+    """Variants timed beside the default are built with their quality-bench overrides; a name that
+    is not a HorizonLM variant is refused before anything runs."""
+    assert SpeedConfig(variants="horizon_no_memory, horizon_late_read").variant_list == [
+        "horizon_no_memory", "horizon_late_read"]
+    for bad in ("horizon_nope", "transformer", "horizon", "gla"):
+        with pytest.raises(ValueError, match="variants"):
+            SpeedConfig(variants=bad)
+    assert _build("horizon_no_memory", "tiny", None).memory is None
+    assert _build("horizon_late_read", "tiny", None).late_read is not None
+    assert _build("horizon", "tiny", None).late_read is None
 
 
 def test_speed_parts_are_checked() -> None:

@@ -39,6 +39,7 @@ from horizonlm.bench.common import (
     save_figure,
     time_cuda,
 )
+from horizonlm.bench.quality import ABLATIONS
 from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state
 from horizonlm.config import HorizonConfig, TransformerConfig
 from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder
@@ -113,11 +114,18 @@ class SpeedConfig:
     compile: bool = True
     """Also time training and prefill with every block torch.compile'd (rows labelled ``+compile``;
     HorizonLM and the transformer only)."""
+    variants: str = ""
+    """HorizonLM variants also timed in training, eager, by their ``bench quality`` names (e.g.
+    ``horizon_no_memory,horizon_late_read``): issue 25's step with the memory against the step
+    without it, and what a variant's step costs."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.model_list if m not in MODEL_KINDS]
         if unknown or not self.model_list:
             raise ValueError(f"models must name some of {', '.join(MODEL_KINDS)}, got {self.models!r}")
+        bad = [v for v in self.variant_list if ABLATIONS.get(v, ("",))[0] != "horizon" or v == "horizon"]
+        if bad:
+            raise ValueError(f"variants must name HorizonLM variants of bench quality, got {', '.join(bad)}")
         parts = [p.strip() for p in self.parts.split(",") if p.strip()]
         if not parts or set(parts) - set(SPEED_PARTS):
             raise ValueError(f"parts must name some of {', '.join(SPEED_PARTS)}, got {self.parts!r}")
@@ -125,6 +133,10 @@ class SpeedConfig:
     @property
     def model_list(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    @property
+    def variant_list(self) -> list[str]:
+        return [v.strip() for v in self.variants.split(",") if v.strip()]
 
 
 PER_CHUNK_DECODER = {"graph_chunk_ends": False, "fill_frame_entries": 0}
@@ -221,9 +233,11 @@ def mfu_columns(model_flops_per_s: float, peaks: dict[str, float | None]) -> dic
 
 
 def _build(kind: str, preset: str, device: torch.device | None) -> nn.Module:
-    """``kind`` at ``preset`` (on ``device``; None: where it was built)."""
+    """``kind`` (a model kind, or a variant of ``bench quality``) at ``preset`` (on ``device``;
+    None: where it was built)."""
     torch.manual_seed(0)
-    model = build_model(kind, MODEL_KINDS[kind][1].preset(preset).to_dict())
+    base, overrides = (kind, {}) if kind in MODEL_KINDS else ABLATIONS[kind]
+    model = build_model(base, {**MODEL_KINDS[base][1].preset(preset).to_dict(), **overrides})
     return model if device is None else model.to(device)
 
 
@@ -663,6 +677,8 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
             kinds = list(models)
             if part in ("train", "prefill") and cfg.compile:
                 kinds += [f"{k}+compile" for k in models if k in ("horizon", "transformer")]
+            if part == "train":
+                kinds += cfg.variant_list
             if part == "decode" and "horizon" in models:
                 kinds += ["horizon+per_chunk"]
             if part == "decode" and "transformer" in models:
