@@ -44,7 +44,7 @@ MODELS = {
     "horizon_induction_memory_small": lambda: make_horizon(memory_capacity=4),
     "horizon_induction_memory_one_token": lambda: make_horizon(memory_capacity=4, memory_key_span=1),
     "horizon_induction_memory_after_block_0": lambda: make_horizon(memory_layer=1),
-    "horizon_late_read": lambda: _late_read_model(),
+    "horizon_late_read": _late_read_model,
     "horizon_chunk_memory": lambda: make_horizon(memory_kind="chunk", memory_key_span=1),
     "horizon_chunk_memory_span": lambda: make_horizon(memory_kind="chunk", memory_key_span=3),
     "horizon_ssm_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_conv=False),

@@ -255,8 +255,8 @@ def test_bf16_linears_casts_once_and_computes_the_same_under_autocast(kind: str)
 
 def test_bf16_decoders_step_over_the_cast_copy() -> None:
     """With bf16, each decoder steps the cast copy: HorizonLM's logits exactly those of the model
-    under autocast step by step, across chunk ends (eager and replayed, fillers in the memory); the transformer's those of the same decoder
-    stepping the original model."""
+    under autocast step by step, across chunk ends (eager and replayed, fillers in the memory); the
+    transformer's those of the same decoder stepping the original model."""
     model = make_horizon(dtype=torch.float32).eval()
     tokens = _tokens(2, 3 * model.config.chunk_size + 2)
     with torch.no_grad():

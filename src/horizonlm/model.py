@@ -153,7 +153,8 @@ class HorizonLM(nn.Module):
             if induction and i == self.config.memory_layer:
                 before = h
                 h, mem_state = self.memory(h, state.memory)  # (B, L, D)
-                added = h - before  # (B, L, D): the memory's gated read (zero where reads are dropped)
+                if self.late_read is not None:
+                    added = h - before  # (B, L, D): the memory's gated read (zero where reads are dropped)
             if i == self.config.global_at:
                 if self.supervisor is not None:
                     h, sup_state = self.supervisor(h, state.supervisor)  # (B, L, D)
