@@ -133,16 +133,22 @@ def _advance(state: HorizonState, steps: int) -> HorizonState:
     return replace(state, pos=state.pos + steps, supervisor=sup, memory=mem)
 
 
+def _blank_entries(memory: MemoryState, count: int, chunk_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``count`` entries of zero key and value, tagged ``chunk_id``: keys (B, n, Dk), values
+    (B, n, Dv), chunk ids (n,)."""
+    batch = memory.keys.shape[0]
+    return (memory.keys.new_zeros(batch, count, memory.keys.shape[2]),  # (B, n, Dk)
+            memory.values.new_zeros(batch, count, memory.values.shape[2]),  # (B, n, Dv)
+            memory.chunk_ids.new_full((count,), chunk_id))  # (n,)
+
+
 def _padded(memory: MemoryState, chunk_size: int) -> MemoryState:
     """``memory`` with an empty slot for each entry the rest of its chunk writes, tagged with the
     current chunk (``pos // C``): no token of this chunk sees them, and the chunk ids stay in
     stream order, as the read requires."""
-    free = chunk_size - memory.pos % chunk_size
-    batch = memory.keys.shape[0]
-    keys = torch.cat([memory.keys, memory.keys.new_zeros(batch, free, memory.keys.shape[2])], 1)  # (B, M+f, Dk)
-    values = torch.cat([memory.values, memory.values.new_zeros(batch, free, memory.values.shape[2])], 1)  # (B, M+f, Dv)
-    ids = torch.cat([memory.chunk_ids, memory.chunk_ids.new_full((free,), memory.pos // chunk_size)])  # (M+f,)
-    return replace(memory, keys=keys, values=values, chunk_ids=ids)
+    keys, values, ids = _blank_entries(memory, chunk_size - memory.pos % chunk_size, memory.pos // chunk_size)
+    return replace(memory, keys=torch.cat([memory.keys, keys], 1), values=torch.cat([memory.values, values], 1),
+                   chunk_ids=torch.cat([memory.chunk_ids, ids]))  # M+f entries
 
 
 UNSEEN_CHUNK = -(2**40)
@@ -150,22 +156,25 @@ UNSEEN_CHUNK = -(2**40)
 seen by no token, whatever the frame's shift."""
 
 
-def _full_frame(state: HorizonState, capacity: int, per_chunk: int, chunk_size: int) -> tuple[HorizonState, int]:
-    """``state`` moved into a frame where its memory is full: its positions moved on to chunk
-    ``capacity`` (if earlier), its chunk ids moved on with them, and filler entries (zero keys and
-    values, chunk id :data:`UNSEEN_CHUNK`) in front for the chunks not yet written. Every token
-    then sees the entries it sees in the real stream, and an eviction drops fillers first, so a
-    step's work in the frame is its work in the stream while the entries keep the full memory's
-    count. Returns the moved state and the number of fillers."""
+def _frame_lead(pos: int, capacity: int, chunk_size: int) -> int:
+    """Chunks a frame whose memory counts as full is ahead of stream position ``pos``: the chunks
+    a memory of ``capacity`` chunks has not yet written (0 once it is full)."""
+    return max(0, capacity - pos // chunk_size)
+
+
+def _full_frame(state: HorizonState, capacity: int, per_chunk: int, chunk_size: int) -> HorizonState:
+    """``state`` moved into a frame where its memory is full: its positions moved on by
+    :func:`_frame_lead` chunks, its chunk ids moved on with them, and filler entries (zero keys
+    and values, chunk id :data:`UNSEEN_CHUNK`), ``per_chunk`` a chunk not yet written, in front.
+    Every token then sees the entries it sees in the real stream, and an eviction drops fillers
+    first, so a step's work in the frame is its work in the stream while the entries keep the
+    full memory's count."""
     memory = state.memory
-    moved = max(0, capacity - state.pos // chunk_size)  # chunks the frame is ahead
-    fillers = moved * per_chunk
-    batch = memory.keys.shape[0]
-    keys = torch.cat([memory.keys.new_zeros(batch, fillers, memory.keys.shape[2]), memory.keys], 1)  # (B, F+M, Dk)
-    values = torch.cat([memory.values.new_zeros(batch, fillers, memory.values.shape[2]), memory.values], 1)  # (B, F+M, Dv)
-    ids = torch.cat([memory.chunk_ids.new_full((fillers,), UNSEEN_CHUNK), memory.chunk_ids + moved])  # (F+M,)
-    frame = _advance(replace(state, memory=replace(memory, keys=keys, values=values, chunk_ids=ids)), moved * chunk_size)
-    return frame, fillers
+    moved = _frame_lead(state.pos, capacity, chunk_size)
+    keys, values, ids = _blank_entries(memory, moved * per_chunk, UNSEEN_CHUNK)
+    memory = replace(memory, keys=torch.cat([keys, memory.keys], 1), values=torch.cat([values, memory.values], 1),
+                     chunk_ids=torch.cat([ids, memory.chunk_ids + moved]))  # F+M entries
+    return _advance(replace(state, memory=memory), moved * chunk_size)
 
 
 class GraphedDecoder:
@@ -219,7 +228,7 @@ class GraphedDecoder:
         if fill_frame_entries < 0:
             raise ValueError(f"fill_frame_entries must be >= 0, got {fill_frame_entries}")
         self.fill_frame_entries = fill_frame_entries
-        self.fillers = 0  # filler entries at the front of the replay's memory (see _full_frame)
+        self.frame_filled = False  # the replay's memory was padded to full size at capture (_full_frame)
 
     def _forward(self, tokens: Tensor, state: HorizonState):
         device_type = "cuda" if self.use_graphs else "cpu"
@@ -232,13 +241,27 @@ class GraphedDecoder:
         return (isinstance(state.memory, MemoryState) and state.pos // self.model.config.chunk_size < memory.capacity
                 and memory.capacity * memory.entries_per_chunk <= self.fill_frame_entries)
 
+    def _fillers_at(self, pos: int) -> int:
+        """Filler entries at the front of the replay's memory at stream position ``pos``: a
+        padded frame's chunks not yet written (each chunk end evicts one chunk of them)."""
+        if not self.frame_filled:
+            return 0
+        memory = self.model.memory
+        return _frame_lead(pos, memory.capacity, self.model.config.chunk_size) * memory.entries_per_chunk
+
+    @property
+    def fillers(self) -> int:
+        """Filler entries at the front of the replay's memory now."""
+        return self._fillers_at(self.state.pos)
+
     def _capture(self) -> None:
         """A replay of one in-chunk step over fresh buffers, which become the decoder's state."""
-        inputs, chunk, self.fillers = self.state.clone(), self.model.config.chunk_size, 0
+        inputs, chunk = self.state.clone(), self.model.config.chunk_size
         real_pos = inputs.pos
-        if self._fills_frame(inputs):
+        self.frame_filled = self._fills_frame(inputs)
+        if self.frame_filled:
             memory = self.model.memory
-            inputs, self.fillers = _full_frame(inputs, memory.capacity, memory.entries_per_chunk, chunk)
+            inputs = _full_frame(inputs, memory.capacity, memory.entries_per_chunk, chunk)
         device = self.model.embed.weight.device
         tokens = torch.zeros(inputs.batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
         if self.token_writes:
@@ -322,17 +345,11 @@ class GraphedDecoder:
         if not self._full():
             return False
         self.shift = new.pos // self.model.config.chunk_size - self.frame
-        self.fillers = 0 if new.memory is None else self._entry_slots() - new.memory.keys.shape[1]
-        self._load(self.state, new, self.shift, self.fillers)
+        self._load(self.state, new, self.shift, self._fillers_at(new.pos))
         if self.token_writes:
             self.filled = self.captured_filled
         self.state = _advance(self.state, new.pos - self.state.pos)
         return True
-
-    def _entry_slots(self) -> int:
-        """Entries the replay's memory holds besides the current chunk's padding: the full memory's
-        count, fillers included."""
-        return self.captured_filled if self.token_writes else self.state.memory.keys.shape[1]
 
     def _load(self, buffers: HorizonState, new: HorizonState, shift: int, fillers: int) -> None:
         """Copy ``new`` into the replay's ``buffers``: the blocks' and the supervisor's tensors, and
@@ -382,8 +399,6 @@ class GraphedDecoder:
             logits = self.end_replay()  # (B, V)
             self.state = _advance(self.state, 1)
             self.shift += 1
-            if self.fillers:  # the chunk end evicted the oldest chunk's entries: fillers first
-                self.fillers = max(0, self.fillers - self.model.memory.entries_per_chunk)
             if self.filled is not None:
                 self.filled = self.captured_filled
             return logits.clone()
@@ -391,7 +406,8 @@ class GraphedDecoder:
             logits, new = self._forward(tokens, self._real_state())  # (B, 1, V)
             self.eager_steps += 1
             if not self._rebase(new):  # the next chunk's state does not fit the replay: a new capture
-                self.state, self.replay, self.filled, self.slot, self.shift, self.fillers = new, None, None, None, 0, 0
+                self.state, self.replay, self.filled, self.slot, self.shift = new, None, None, None, 0
+                self.frame_filled = False
             return logits[:, -1]
         if self.replay is None:
             self._capture()
