@@ -241,6 +241,20 @@ def _build(kind: str, preset: str, device: torch.device | None) -> nn.Module:
     return model if device is None else model.to(device)
 
 
+def _compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` every block of ``model`` in place (the ``+compile`` rows)."""
+    for block in model.blocks:
+        block.compile()
+
+
+def _build_timed(kind: str, preset: str, device: torch.device) -> nn.Module:
+    """:func:`_build` of a row's ``kind``, its blocks compiled when it ends in ``+compile``."""
+    model = _build(kind.split("+")[0], preset, device)
+    if kind.endswith("+compile"):
+        _compile_blocks(model)
+    return model
+
+
 def _oom_guard(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run one measurement; out-of-memory and other failures become rows, not crashes."""
     try:
@@ -377,10 +391,7 @@ def bench_train(kind: str, cfg: SpeedConfig, device: torch.device,
     """Training rows for ``kind`` (``horizon``, ``transformer`` or a peer, optionally ``+compile``)."""
     peaks = peaks or mfu_peaks(None)
     rows = []
-    model = _build(kind.split("+")[0], cfg.preset, device)
-    if kind.endswith("+compile"):
-        for block in model.blocks:
-            block.compile()
+    model = _build_timed(kind, cfg.preset, device)
     base = model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     for length in parse_ints(cfg.train_lengths):
@@ -428,10 +439,7 @@ def _prefill(model: nn.Module, length: int, window: int, device: torch.device, s
 def bench_prefill(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
     """Prefill rows for ``kind`` (``horizon``, ``transformer`` or a peer, optionally ``+compile``)."""
     rows = []
-    model = _build(kind.split("+")[0], cfg.preset, device).eval()
-    if kind.endswith("+compile"):
-        for block in model.blocks:
-            block.compile()
+    model = _build_timed(kind, cfg.preset, device).eval()
     _prefill(model, min(cfg.prefill_window, 8192) * 2, min(cfg.prefill_window, 8192), device)  # warm-up
     for length in parse_ints(cfg.prefill_lengths):
         if kind.startswith("transformer") and length > cfg.transformer_prefill_max:
@@ -569,8 +577,7 @@ def bench_prefill_profile(cfg: SpeedConfig, device: torch.device) -> dict[str, A
                               "eager": {"modules_ms": module_device_ms(model, run, device),
                                         "kernels": top_kernels(run, device)}}
     print(json.dumps(result), flush=True)
-    for block in model.blocks:
-        block.compile()
+    _compile_blocks(model)
     run()
     run()
     times = time_cuda(run, 0, 3)
