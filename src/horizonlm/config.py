@@ -38,6 +38,9 @@ MEMORY_KINDS = ("induction", "chunk")
 # Fields of earlier memory designs (retired by measurement, see docs/RESULTS.md section 1.1): a
 # checkpoint that has them was made with another memory and its weights do not fit this one.
 RETIRED_FIELDS = ("memory_write", "memory_tie_query", "memory_before_supervisor")
+# Fields added after models were first saved, with the value every model saved before them has: a
+# checkpoint without the field loads as the model it was, not as today's default.
+ADDED_FIELDS: dict[str, Any] = {"memory_late_read": False}
 
 
 @dataclass
@@ -111,12 +114,14 @@ class HorizonConfig(DictConfig):
     embeddings alone (an n-gram lookup: a repeated context scores exactly 1); a later layer keys
     them by the hidden state there, which also carries what the n tokens lack (a label a clause
     back). The ``chunk`` memory reads at ``global_layer``, so it must stay 0 there."""
-    memory_late_read: bool = False
+    memory_late_read: bool | None = None
     """Add what the induction memory added to the residual stream a second time, just before the
     final norm, through a gate of its own and a projection that starts at zero
     (:class:`horizonlm.layers.memory.LateRead`): a read made at the token embeddings otherwise
-    reaches the logits only through every block. A named variant (``horizon_late_read``) until
-    the H200 protocol decides; on the CPU it learned the copy sooner (RESULTS.md 1.3b)."""
+    reaches the logits only through every block. None (the default) means on wherever there is an
+    induction memory, off without memory or with the chunk memory. On one H200 under the protocol
+    h200-8min it answered passkeys at 128K and 1M tokens that the model without it did not, at
+    equal quality (RESULTS.md 1.3d); ``horizon_no_late_read`` is the ablation."""
     memory_tau: float = 10.0
     """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
     memory_query_block: int = 1024
@@ -172,11 +177,19 @@ class HorizonConfig(DictConfig):
                  f"must be in [0, n_layers={self.n_layers})", self.memory_layer)
         require_field(self.memory_kind == "induction" or self.memory_layer == 0, "memory_layer",
                  "must be 0 for the chunk memory, which reads at global_layer", self.memory_layer)
-        require_field(isinstance(self.memory_late_read, bool), "memory_late_read", "must be a bool",
-                 self.memory_late_read)
+        require_field(self.memory_late_read is None or isinstance(self.memory_late_read, bool), "memory_late_read",
+                 "must be a bool or None", self.memory_late_read)
         require_field(not self.memory_late_read or (self.use_memory and self.memory_kind == "induction"),
                  "memory_late_read", "needs the induction memory (use_memory, memory_kind='induction')",
                  self.memory_late_read)
+
+    @property
+    def has_late_read(self) -> bool:
+        """Whether the model has the late read (``memory_late_read``; None: wherever the induction
+        memory is, so switching the memory off or to the chunk design needs no second override)."""
+        if self.memory_late_read is None:
+            return self.use_memory and self.memory_kind == "induction"
+        return self.memory_late_read
 
     @property
     def global_at(self) -> int:
@@ -193,7 +206,7 @@ class HorizonConfig(DictConfig):
         if retired:
             raise ValueError(f"this model was made by an earlier HorizonLM whose memory had the settings "
                              f"{', '.join(retired)}; the memory is now one induction design (memory_kind): retrain it")
-        return super().from_dict(values)
+        return super().from_dict({**ADDED_FIELDS, **values})
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> HorizonConfig:

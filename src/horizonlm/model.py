@@ -94,7 +94,7 @@ class HorizonLM(nn.Module):
                                        config.memory_topk, config.memory_tau, config.memory_query_block, config.norm_eps,
                                        config.memory_kind, config.memory_key_span)
                        if config.use_memory else None)
-        self.late_read = LateRead(config.d_model, config.norm_eps) if config.memory_late_read else None
+        self.late_read = LateRead(config.d_model, config.norm_eps) if config.has_late_read else None
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         init_weights(self, config.init_std)

@@ -44,6 +44,9 @@ def test_quality_bench_end_to_end(tmp_path: Path) -> None:
     assert cold["tokens"] == 300 and cold["starts"] == 3 and cold["by_position"][0]["from"] == 1
     assert "shakespeare_test_reset_each_window" not in results["models"]["transformer"]["scores"]
     assert results["models"]["horizon_no_memory"]["parameters"] < horizon["parameters"]
+    # each entry says what its name meant when it ran
+    assert results["models"]["horizon_no_memory"]["model_overrides"] == {"use_memory": False}
+    assert horizon["model_overrides"] == {} and horizon["model_config"]["d_model"] == 32
     assert horizon["scores"]["shakespeare_test_carried"]["tokens"] == 1999
     curve = horizon["valid_curve"]  # validation loss against training seconds, spread over the main run
     assert len(curve) >= 2 and all(a[0] < b[0] for a, b in zip(curve, curve[1:])) and curve[-1][1] < 8, curve

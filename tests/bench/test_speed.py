@@ -96,14 +96,14 @@ def test_decode_checks_run_on_cpu() -> None:
 def test_variants_are_horizon_variants_of_the_quality_bench() -> None:
     """Variants timed beside the default are built with their quality-bench overrides; a name that
     is not a HorizonLM variant is refused before anything runs."""
-    assert SpeedConfig(variants="horizon_no_memory, horizon_late_read").variant_list == [
-        "horizon_no_memory", "horizon_late_read"]
+    assert SpeedConfig(variants="horizon_no_memory, horizon_no_late_read").variant_list == [
+        "horizon_no_memory", "horizon_no_late_read"]
     for bad in ("horizon_nope", "transformer", "horizon", "gla"):
         with pytest.raises(ValueError, match="variants"):
             SpeedConfig(variants=bad)
     assert _build("horizon_no_memory", "tiny", None).memory is None
-    assert _build("horizon_late_read", "tiny", None).late_read is not None
-    assert _build("horizon", "tiny", None).late_read is None
+    assert _build("horizon_no_late_read", "tiny", None).late_read is None
+    assert _build("horizon", "tiny", None).late_read is not None
 
 
 def test_speed_parts_are_checked() -> None:

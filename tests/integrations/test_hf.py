@@ -74,6 +74,20 @@ def test_round_trip_identical_logits(tmp_path: Path, kind: str) -> None:
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(x).logits, model(x)[0])
 
 
+def test_an_export_saved_before_the_late_read_loads_without_it(tmp_path: Path) -> None:
+    """A config.json without ``memory_late_read`` (exported before the field existed) loads the
+    model it was, without the late read, through transformers and through ``load_any``."""
+    model, _, out = exported(tmp_path, memory_late_read=False)
+    config = json.loads((out / CONFIG_FILE).read_text())
+    del config["memory_late_read"]
+    (out / CONFIG_FILE).write_text(json.dumps(config))
+    hm = AutoModelForCausalLM.from_pretrained(out)
+    assert hm.model.late_read is None and hm.config.model_config().has_late_read is False
+    x = torch.randint(0, 256, (1, 21))
+    assert torch.equal(hm(x).logits, model(x)[0])
+    assert load_any(out).model.late_read is None
+
+
 def test_autotokenizer(tmp_path: Path) -> None:
     _, _, out = exported(tmp_path)
     text = "Ünïcode ROMEO:\n\tthe end"

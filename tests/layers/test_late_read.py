@@ -1,13 +1,17 @@
 """The late read (``memory_late_read``): what the induction memory added, added again before the
-final norm. It starts at zero, learns, leaves the stream contract intact and follows the memory
-when the read is dropped."""
+final norm. On by default wherever the induction memory is; it starts at zero, learns, leaves the
+stream contract intact and follows the memory when the read is dropped; a model saved before it
+existed loads without it."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from horizonlm import HorizonConfig
+from horizonlm.checkpoint import load_checkpoint, save_checkpoint
 from horizonlm.decode import GraphedDecoder
 from horizonlm.layers.memory import reads_dropped
 
@@ -68,3 +72,32 @@ def test_splits_steps_and_graphed_decode_equal_one_call(seed: int) -> None:
 def test_it_needs_the_induction_memory(overrides: dict) -> None:
     with pytest.raises(ValueError, match="memory_late_read"):
         HorizonConfig(**{"memory_late_read": True, **overrides})
+
+
+def test_it_is_on_wherever_the_induction_memory_is() -> None:
+    """None (the default) means on with the induction memory, off without memory or with the chunk
+    memory, so those switches need no second override (a dict of a config merged with them too)."""
+    for preset in ("tiny", "cpu", "small", "base"):
+        assert HorizonConfig.preset(preset).has_late_read
+    assert not HorizonConfig(use_memory=False).has_late_read
+    assert not HorizonConfig(memory_kind="chunk", memory_key_span=1).has_late_read
+    assert not HorizonConfig(memory_late_read=False).has_late_read
+    assert not HorizonConfig(**{**HorizonConfig.preset("tiny").to_dict(), "use_memory": False}).has_late_read
+    assert make_horizon().late_read is not None and make_horizon(use_memory=False).late_read is None
+
+
+def test_a_model_saved_before_the_field_loads_as_it_was(tmp_path) -> None:
+    """A checkpoint whose config has no ``memory_late_read`` (saved before it existed) had no late
+    read: it loads as that model, weights and logits, instead of as today's default."""
+    old = make_horizon(memory_late_read=False)
+    path = save_checkpoint(tmp_path / "old", 1, old, {})
+    meta_path = next(p for p in path.glob("*.json") if "memory_late_read" in p.read_text())
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["memory_late_read"]
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_checkpoint(path).model.to(torch.float64)
+    assert loaded.config.memory_late_read is False and loaded.late_read is None
+    tokens = _tokens(40)
+    torch.testing.assert_close(loaded(tokens)[0], old(tokens)[0], rtol=0, atol=0)
+    assert HorizonConfig.from_dict({k: v for k, v in HorizonConfig().to_dict().items()
+                                    if k != "memory_late_read"}).memory_late_read is False

@@ -58,9 +58,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # Between the two: 1024 chunks (128K tokens, 16 training windows), a quarter of the long
     # memory's read in training.
     "horizon_memory_128k": ("horizon", {"memory_capacity": 1024}),
-    # The default with the memory's read added again just before the final norm (LateRead): a
-    # short path from the read to the logits, for a model that finds the fact and answers in prose.
-    "horizon_late_read": ("horizon", {"memory_late_read": True}),
+    # The default without the memory's read added again before the final norm (LateRead), the
+    # default until 4 December 2026 (RESULTS.md 1.3d): the read reaches the logits only through every block.
+    "horizon_no_late_read": ("horizon", {"memory_late_read": False}),
     # A peer, not an ablation: flash-linear-attention's GLA (horizonlm.peers.gla, extra [peers], a
     # GPU), state carried across windows as HorizonLM's.
     "gla": ("gla", {}),
@@ -353,7 +353,11 @@ def _run_task(cfg: QualityConfig, name: str, lr: float, final: bool,
     summary = run["summary"]
     seconds_at = {r["step"]: r["time"] for r in run["log"]}  # training seconds when each step ended
     device = resolve_device(cfg.device)
+    kind, overrides = ABLATIONS[name][0], _overrides(name, cfg.preset)
     return {"lr": lr, "parameters": summary["parameters"], "tokens_seen": summary["tokens_seen"],
+            # what the name meant when this ran (a default can change between calls of one file)
+            "model_overrides": overrides,
+            "model_config": MODEL_KINDS[kind][1].preset(cfg.preset, **overrides).to_dict(),
             "train_seconds": summary["train_seconds"], "train_loss": summary["train_loss"], "steps": summary["step"],
             "first_step_seconds_incl_warmup": run["log"][0]["time"] if run["log"] else None,
             "loss_curve": [[r["time"], r["loss"]] for r in run["log"]],

@@ -116,7 +116,7 @@ class SpeedConfig:
     HorizonLM and the transformer only)."""
     variants: str = ""
     """HorizonLM variants also timed in training, eager, by their ``bench quality`` names (e.g.
-    ``horizon_no_memory,horizon_late_read``): issue 25's step with the memory against the step
+    ``horizon_no_memory,horizon_no_late_read``): issue 25's step with the memory against the step
     without it, and what a variant's step costs."""
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from horizonlm.baseline import TransformerLM
-from horizonlm.config import HorizonConfig, TransformerConfig
+from horizonlm.config import ADDED_FIELDS, HorizonConfig, TransformerConfig
 from horizonlm.integrations.export import MODEL_TYPES
 from horizonlm.model import HorizonLM
 from horizonlm.state import HorizonState, KVState, MemoryState
@@ -50,11 +50,13 @@ class _ModelConfigMixin:
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
-        """Refuse another model's config (transformers only warns, then builds a broken model)."""
+        """Refuse another model's config (transformers only warns, then builds a broken model); a
+        config saved before a field was added loads as the model it was (``ADDED_FIELDS``)."""
         found = config_dict.get("model_type", cls.model_type)
         if found != cls.model_type:
             raise ValueError(f"config.json is for a model of type {found!r}; {cls.__name__} needs {cls.model_type!r}")
-        return super().from_dict(config_dict, **kwargs)
+        added = ADDED_FIELDS if cls.model_config_class is HorizonConfig else {}
+        return super().from_dict({**added, **config_dict}, **kwargs)
 
 
 def _config_class(name: str, model_type: str, model_config_class: type, attribute_map: dict[str, str]) -> type:
