@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa
 
 from horizonlm import HorizonConfig  # noqa: E402
 from horizonlm.checkpoint import load_checkpoint  # noqa: E402
+from horizonlm.fileio import sha256_file  # noqa: E402
 from horizonlm.data.tokenizers import BPETokenizer, ByteTokenizer  # noqa: E402
 from horizonlm.generate import GenerateConfig, generate  # noqa: E402
 from horizonlm.integrations import hf  # noqa: E402
@@ -81,9 +82,13 @@ def test_an_export_saved_before_the_late_read_loads_without_it(tmp_path: Path) -
     config = json.loads((out / CONFIG_FILE).read_text())
     del config["memory_late_read"]
     (out / CONFIG_FILE).write_text(json.dumps(config))
+    meta = json.loads((out / "checkpoint.json").read_text())  # as that export wrote it: no field, its hash
+    del meta["config"]["memory_late_read"]
+    meta["files"][CONFIG_FILE] = sha256_file(out / CONFIG_FILE)
+    (out / "checkpoint.json").write_text(json.dumps(meta))
     hm = AutoModelForCausalLM.from_pretrained(out)
     assert hm.model.late_read is None and hm.config.model_config().has_late_read is False
-    x = torch.randint(0, 256, (1, 21))
+    x = torch.randint(0, 256, (2, 37))
     assert torch.equal(hm(x).logits, model(x)[0])
     assert load_any(out).model.late_read is None
 
