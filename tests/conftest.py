@@ -12,9 +12,14 @@ def tiny_config(**overrides) -> HorizonConfig:
     return HorizonConfig.preset("tiny", **overrides)
 
 
-def make_horizon(dtype=torch.float64, seed: int = 0, **overrides) -> HorizonLM:
+def make_horizon(dtype=torch.float64, seed: int = 0, as_initialised: bool = False, **overrides) -> HorizonLM:
+    """The tiny preset with random weights; the late read's W_o' random too (it starts at zero, which
+    would leave that path out of every check), unless ``as_initialised``."""
     torch.manual_seed(seed)
-    return HorizonLM(tiny_config(**overrides)).to(dtype)
+    model = HorizonLM(tiny_config(**overrides))
+    if model.late_read is not None and not as_initialised:
+        torch.nn.init.normal_(model.late_read.out.weight, std=0.5)
+    return model.to(dtype)
 
 
 def make_transformer(dtype=torch.float64, seed: int = 0) -> TransformerLM:

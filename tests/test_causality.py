@@ -31,12 +31,6 @@ def _check(outputs: torch.Tensor, changed_outputs: torch.Tensor, j: int) -> None
     assert after > 1e-6, f"changing token {j} had no effect from {j} on"
 
 
-def _late_read_model():
-    model = make_horizon(memory_late_read=True)
-    torch.nn.init.normal_(model.late_read.out.weight, std=0.5)  # as if trained: W_o' starts at zero
-    return model
-
-
 MODELS = {
     "horizon": lambda: make_horizon(),
     "horizon_supervisor_only": lambda: make_horizon(use_memory=False, use_ssm=False, use_conv=False),
@@ -44,7 +38,7 @@ MODELS = {
     "horizon_induction_memory_small": lambda: make_horizon(memory_capacity=4),
     "horizon_induction_memory_one_token": lambda: make_horizon(memory_capacity=4, memory_key_span=1),
     "horizon_induction_memory_after_block_0": lambda: make_horizon(memory_layer=1),
-    "horizon_late_read": _late_read_model,
+    "horizon_no_late_read": lambda: make_horizon(memory_late_read=False),
     "horizon_chunk_memory": lambda: make_horizon(memory_kind="chunk", memory_key_span=1),
     "horizon_chunk_memory_span": lambda: make_horizon(memory_kind="chunk", memory_key_span=3),
     "horizon_ssm_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_conv=False),

@@ -22,10 +22,14 @@ HERE = Path(__file__).parent
 
 
 def tiny_model(kind: str = "horizon", seed: int = 0, **overrides) -> HorizonLM | TransformerLM:
-    """Float32 (as trained and exported), tiny preset."""
+    """Float32 (as trained and exported), tiny preset; the late read's W_o', which starts at zero,
+    random as if trained, so the bridges carry that path too."""
     torch.manual_seed(seed)
     if kind == "horizon":
-        return HorizonLM(HorizonConfig.preset("tiny", **overrides))
+        model = HorizonLM(HorizonConfig.preset("tiny", **overrides))
+        if model.late_read is not None:
+            torch.nn.init.normal_(model.late_read.out.weight, std=0.5)
+        return model
     return TransformerLM(TransformerConfig.preset("tiny", **overrides))
 
 

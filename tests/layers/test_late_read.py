@@ -26,7 +26,7 @@ def _tokens(length: int, seed: int = 0) -> torch.Tensor:
 def test_it_starts_as_the_model_without_it_and_learns() -> None:
     """W_o' starts at zero: the logits are exactly those of the same weights without the late read,
     and W_o' is what gets a gradient first."""
-    with_late = make_horizon(memory_late_read=True)
+    with_late = make_horizon(memory_late_read=True, as_initialised=True)
     without = make_horizon(memory_late_read=False)
     without.load_state_dict({k: v for k, v in with_late.state_dict().items() if not k.startswith("late_read.")})
     tokens = _tokens(60)
@@ -41,7 +41,6 @@ def test_a_dropped_read_adds_nothing_late_either() -> None:
     """With the memory's read left out (training's read dropout, passkey's causal check), the late
     path adds nothing: the model equals itself with the late read's projection zeroed."""
     model = make_horizon(memory_late_read=True)
-    torch.nn.init.normal_(model.late_read.out.weight, std=0.5)
     tokens = _tokens(60, seed=1)
     with torch.no_grad(), reads_dropped(model.memory):
         dropped, _ = model(tokens)
@@ -55,7 +54,6 @@ def test_splits_steps_and_graphed_decode_equal_one_call(seed: int) -> None:
     """Pieces, single steps and the graphed decoder give the one call's logits, with a trained-like
     (non-zero) late projection, past FIFO eviction."""
     model = make_horizon(seed=seed, memory_late_read=True, memory_capacity=4, memory_key_span=3).eval()
-    torch.nn.init.normal_(model.late_read.out.weight, std=0.5)
     tokens = _tokens(150, seed)
     with torch.no_grad():
         full, _ = model(tokens)
