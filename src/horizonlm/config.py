@@ -40,7 +40,7 @@ MEMORY_KINDS = ("induction", "chunk")
 RETIRED_FIELDS = ("memory_write", "memory_tie_query", "memory_before_supervisor")
 # Fields added after models were first saved, with the value every model saved before them has: a
 # checkpoint without the field loads as the model it was, not as today's default.
-ADDED_FIELDS: dict[str, Any] = {"memory_late_read": False}
+ADDED_FIELDS: dict[str, Any] = {"memory_late_read": False, "memory_tau_growth": False}
 
 
 @dataclass
@@ -124,6 +124,12 @@ class HorizonConfig(DictConfig):
     equal quality (RESULTS.md 1.3d); ``horizon_no_late_read`` is the ablation."""
     memory_tau: float = 10.0
     """tau: inverse temperature of the softmax over the top-K scores (keys are unit vectors)."""
+    memory_tau_growth: bool = False
+    """Grow the induction memory's tau with the entries a token sees, ``tau_t = tau (1 + a log n_t)``,
+    ``a`` learned from 0 (:func:`horizonlm.ops.memory_read.count_tau`): a memory asked far larger
+    than in training otherwise blurs its read with near-matches. A named variant
+    (``horizon_tau_growth``) until the H200 protocol decides: on the CPU, asked with 16 times its
+    training memory, it read prose better instead of worse, and answered fewer passkeys (RESULTS.md 1.3e)."""
     memory_query_block: int = 1024
     """Queries searched at once; bounds the score matrix at B*block*M."""
     global_layer: int | None = None
@@ -177,6 +183,11 @@ class HorizonConfig(DictConfig):
                  f"must be in [0, n_layers={self.n_layers})", self.memory_layer)
         require_field(self.memory_kind == "induction" or self.memory_layer == 0, "memory_layer",
                  "must be 0 for the chunk memory, which reads at global_layer", self.memory_layer)
+        require_field(isinstance(self.memory_tau_growth, bool), "memory_tau_growth", "must be a bool",
+                 self.memory_tau_growth)
+        require_field(not self.memory_tau_growth or (self.use_memory and self.memory_kind == "induction"),
+                 "memory_tau_growth", "needs the induction memory (use_memory, memory_kind='induction')",
+                 self.memory_tau_growth)
         require_field(self.memory_late_read is None or isinstance(self.memory_late_read, bool), "memory_late_read",
                  "must be a bool or None", self.memory_late_read)
         require_field(not self.memory_late_read or (self.use_memory and self.memory_kind == "induction"),

@@ -30,7 +30,7 @@ def test_quality_bench_end_to_end(tmp_path: Path) -> None:
                  "--wikitext-tokens", str(tokens), "--models", "horizon,horizon_no_memory,transformer",
                  "--preset", "tiny", "--minutes", "0.01", "--lrs", "0.003,0.01", "--sweep-minutes", "0.005",
                  "--batch-size", "2", "--seq-len", "32", "--eval-window", "64", "--max-eval-tokens", "2000",
-                 "--cold-starts", "3", "--cold-length", "100",
+                 "--cold-starts", "3", "--cold-length", "100", "--score-memory-capacity", "40",
                  "--runs", str(tmp_path / "runs"), "--out", str(out), "--device", "cpu"]) == 0
     results = json.loads(out.read_text())
     assert set(results["models"]) == {"horizon", "horizon_no_memory", "transformer"}
@@ -39,7 +39,11 @@ def test_quality_bench_end_to_end(tmp_path: Path) -> None:
     # the scores are named after the corpus trained on (here the shipped Shakespeare, not the novels)
     assert set(horizon["scores"]) == {"shakespeare_test_carried", "shakespeare_test_reset_each_window",
                                       "wikitext_raw_test", "wikitext103_test_word_ppl_out_of_domain",
-                                      "shakespeare_test_cold_starts"}
+                                      "shakespeare_test_cold_starts", "shakespeare_test_carried_memory_40"}
+    longer = horizon["scores"]["shakespeare_test_carried_memory_40"]  # asked with 40 chunks, trained with 6
+    assert longer["memory_capacity"] == 40 and longer["trained_memory_capacity"] == 6
+    assert longer["tokens"] == 1999 and longer["bits_per_byte"] != horizon["scores"]["shakespeare_test_carried"]["bits_per_byte"]
+    assert "shakespeare_test_carried_memory_40" not in results["models"]["horizon_no_memory"]["scores"]
     cold = horizon["scores"]["shakespeare_test_cold_starts"]
     assert cold["tokens"] == 300 and cold["starts"] == 3 and cold["by_position"][0]["from"] == 1
     assert "shakespeare_test_reset_each_window" not in results["models"]["transformer"]["scores"]

@@ -61,6 +61,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # The default without the memory's read added again before the final norm (LateRead), the
     # default until 4 December 2026 (RESULTS.md 1.3d): the read reaches the logits only through every block.
     "horizon_no_late_read": ("horizon", {"memory_late_read": False}),
+    # The read's tau grown with the log of the entries a token sees (count_tau), so a memory asked far
+    # larger than in training stays sharp: a candidate for one model that reads a book and finds a fact.
+    "horizon_tau_growth": ("horizon", {"memory_tau_growth": True}),
     # A peer, not an ablation: flash-linear-attention's GLA (horizonlm.peers.gla, extra [peers], a
     # GPU), state carried across windows as HorizonLM's.
     "gla": ("gla", {}),
@@ -141,6 +144,10 @@ class QualityConfig:
     nothing remembered, averaged over many starts rather than the few books' first bytes."""
     cold_length: int = 2048
     """Bytes scored after each cold start."""
+    score_memory_capacity: int = 0
+    """Also score the test split with the state carried and the memory asked at this many chunks
+    (``{corpus}_test_carried_memory_{N}``; 0: not): a model trained with a short memory, asked
+    with a long one, as ``horizon passkey --memory-capacity`` asks it. Models without a memory skip it."""
     runs: str = "runs/quality"
     """Folder for each model's run."""
     out: str = "bench/results/quality.json"
@@ -183,6 +190,8 @@ class QualityConfig:
                              f"{self.curve_tokens}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.score_memory_capacity < 0:
+            raise ValueError(f"score_memory_capacity must be >= 0, got {self.score_memory_capacity}")
         if self.minutes <= 0 or self.sweep_minutes <= 0:
             raise ValueError(f"minutes and sweep_minutes must be > 0, got {self.minutes}, {self.sweep_minutes}")
 
@@ -322,6 +331,15 @@ def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, r
     if carries_state(model):
         scores[f"{corpus}_test_reset_each_window"] = _score_books(model, test, documents, reset_window, device,
                                                                   reset_window, bins, batch)
+    memory = getattr(model, "memory", None)
+    if cfg.score_memory_capacity and memory is not None:
+        trained, memory.capacity = memory.capacity, cfg.score_memory_capacity
+        try:
+            scores[f"{corpus}_test_carried_memory_{cfg.score_memory_capacity}"] = {
+                **_score_books(model, test, documents, cfg.eval_window, device, None, bins, batch),
+                "memory_capacity": cfg.score_memory_capacity, "trained_memory_capacity": trained}
+        finally:
+            memory.capacity = trained
     raw = Path(cfg.wikitext_raw).read_bytes()[:limit] if cfg.wikitext_raw and Path(cfg.wikitext_raw).is_file() else b""
     text = (Path(cfg.wikitext_tokens).read_bytes()[:limit]
             if cfg.wikitext_tokens and Path(cfg.wikitext_tokens).is_file() else b"")

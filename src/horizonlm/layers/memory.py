@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from horizonlm.ops.causal_conv import causal_depthwise_conv
 from horizonlm.ops.chunks import ChunkLayout, chunk_layout
-from horizonlm.ops.memory_read import memory_read, read_weights, visible_mask
+from horizonlm.ops.memory_read import count_tau, memory_read, read_weights, visible_mask
+from horizonlm.ops.topk_read import visible_counts
 from horizonlm.ops.topk_search import topk_newest_first
 from horizonlm.state import MemoryState, StoreMemoryState
 
@@ -68,7 +69,8 @@ class RetrievalMemory(nn.Module):
     """
 
     def __init__(self, d_model: int, dim: int, chunk_size: int, capacity: int, top_k: int, tau: float,
-                 query_block: int, eps: float, kind: str = "induction", key_span: int = 1) -> None:
+                 query_block: int, eps: float, kind: str = "induction", key_span: int = 1,
+                 tau_growth: bool = False) -> None:
         super().__init__()
         if kind not in ("induction", "chunk"):
             raise ValueError(f"kind must be 'induction' or 'chunk', got {kind!r}")
@@ -87,6 +89,8 @@ class RetrievalMemory(nn.Module):
         self.query = nn.Linear(d_model, dim, bias=False) if kind == "chunk" else None
         # s_0: the null entry's cosine score; exact matches (1) outweigh it by exp(tau / 2).
         self.null_score = nn.Parameter(torch.full((1,), 0.5)) if kind == "induction" else None  # (1,)
+        # a in tau_t = tau (1 + a log n_t) (ops.memory_read.count_tau); 0: the read starts as with a fixed tau.
+        self.tau_growth = nn.Parameter(torch.zeros(1)) if tau_growth else None  # (1,)
         self.gate = nn.Linear(d_model, d_model)
         self.out = nn.Linear(dim, d_model, bias=False)
         # w_j of the key span's filter, tap n-1 on token t (see causal_conv). Drawn at random rather
@@ -136,7 +140,7 @@ class RetrievalMemory(nn.Module):
         else:  # chunk mode, no chunk ends here (most decode steps): the memory is read as it is, not copied
             keys, values, ids = state.keys, state.values, state.chunk_ids
         read = memory_read(p.queries, keys, values, ids, p.layout.completed_before, self.capacity, self.top_k,
-                           self.tau, self.query_block, self.null_score)  # (B, L, Dv)
+                           self.tau, self.query_block, self.null_score, tau_growth=self.tau_growth)  # (B, L, Dv)
         keep = self._evicted(keys.shape[1], state.pos + h.shape[1])
         new_state = MemoryState(keys=keys[:, keep:].detach(), values=values[:, keep:].detach(),
                                 chunk_ids=ids[keep:], pos=state.pos + h.shape[1], **self._carried(p))
@@ -255,7 +259,11 @@ class RetrievalMemory(nn.Module):
         scores = torch.cat([scores_s, scores_n], dim=1)  # (Lb, S+m)
         ages = torch.cat([safe, stored + torch.arange(m, device=q.device).expand(q.shape[0], m)], dim=1)  # (Lb, S+m)
         top, pick = topk_newest_first(scores, min(self.top_k, scores.shape[1]), ages)  # (Lb, K)
-        weights = read_weights(top, self.tau, self.null_score)  # (Lb, K)
+        counts = None
+        if self.tau_growth is not None:  # entries visible in the store and among this call's
+            positions = store.positions.to(q.device)  # (stored,)
+            counts = visible_counts(positions, seen, window) + visible_counts(new_ids, seen, window)  # (Lb,)
+        weights = read_weights(top, count_tau(self.tau, self.tau_growth, counts), self.null_score)  # (Lb, K)
         from_store = pick < n_store  # (Lb, K)
         new_part = new_values[(pick - n_store).clamp(min=0, max=max(m - 1, 0))] if m else None  # (Lb, K, Dv)
         if n_store:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from horizonlm.devices import autocast_dtype
-from horizonlm.ops.topk_read import QUERY_TILE, topk_read, topk_visible_dense, visible_mask
+from horizonlm.ops.topk_read import QUERY_TILE, topk_read, topk_visible_dense, visible_counts, visible_mask
 
 __all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 
@@ -44,14 +44,28 @@ def _selection_keys(keys: Tensor, queries: int) -> Tensor | None:
     return keys.detach().to(low)  # (B, M, Dk)
 
 
-def read_weights(top_scores: Tensor, tau: float, null_score: Tensor | None = None) -> Tensor:
+def count_tau(tau: float, growth: Tensor | None, counts: Tensor | None) -> float | Tensor:
+    """The read's inverse temperature for each token: ``tau_t = tau * (1 + a * log n_t)`` with
+    ``n_t`` the entries token t sees (at least 1) and a learned ``a`` (``growth``; None: ``tau``).
+
+    Among more entries the best near-matches of a query come closer to an exact match, so a fixed
+    tau blurs a read more the more it may see; growing tau with log n keeps it as sharp (the
+    argument of Scalable-Softmax, Nakanishi 2025, made here for a top-K read). counts: (L,).
+    Returns tau or (L, 1), to scale (..., L, K) scores."""
+    if growth is None:
+        return tau
+    return (tau * (1 + growth * torch.log(counts.clamp(min=1).to(growth.dtype)))).unsqueeze(-1)  # (L, 1)
+
+
+def read_weights(top_scores: Tensor, tau: float | Tensor, null_score: Tensor | None = None) -> Tensor:
     """Softmax weights of the K best scores (-inf where fewer than K are visible, weight 0 there).
 
     With ``null_score`` s_0 a null entry of value zero joins the softmax with logit ``tau * s_0``:
     ``w_j = exp(tau s_j) / (exp(tau s_0) + sum_i exp(tau s_i))``, so a read whose best matches
     score below s_0 fades towards zero instead of averaging whatever was nearest, and a token
     with nothing visible reads exactly what an unmatched token reads in training (zero).
-    top_scores: (..., K). Returns (..., K)."""
+    top_scores: (..., K); tau a number or a tensor broadcast against them (:func:`count_tau`).
+    Returns (..., K)."""
     valid = torch.isfinite(top_scores)  # (..., K)
     # -inf slots are zeroed before the scale and masked after: no inf reaches a product, so a learned
     # (tensor) tau gets a finite gradient too.
@@ -74,12 +88,14 @@ def memory_read(
     block: int = 1024,
     null_score: Tensor | None = None,
     reference: bool = False,
+    tau_growth: Tensor | None = None,
 ) -> Tensor:
     """``r_t = sum_{j in topK} softmax(tau * q_t . k_j) v_j`` over the visible entries, with the
     null entry of :func:`read_weights` in the softmax when ``null_score`` is given.
 
     queries: (B, L, Dk), keys: (B, M, Dk), values: (B, M, Dv), entry_ids: (M,),
     completed_before: (L,), null_score: (1,) or None. A token with no visible entry reads zeros.
+    ``tau_growth`` (1,) grows tau with the entries each token sees (:func:`count_tau`).
     ``reference`` selects with the dense score matrix instead of ``ops.topk_read`` (the check of
     the fast selection). Under autocast the fast selection of a long call scores in autocast's
     dtype (the keys cast once per call): in bfloat16 the H200 kernel takes a third of its float32 time
@@ -93,12 +109,15 @@ def memory_read(
     k = min(top_k, n_entries)
     selection_keys = None if reference else _selection_keys(keys, length)  # (B, M, Dk) or None
     batch_index = torch.arange(batch, device=queries.device).view(batch, 1, 1)  # (B, 1, 1)
+    counts = None if tau_growth is None else visible_counts(entry_ids, completed_before, capacity)  # (L,)
+    taus = count_tau(tau, tau_growth, counts)  # tau or (L, 1)
     reads = []
     for start in range(0, length, block):
         q = queries[:, start : start + block]  # (B, Lb, Dk)
         top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k,
                                              reference, selection_keys)  # (B, Lb, K) twice
-        weights = read_weights(top_scores, tau, null_score)  # (B, Lb, K)
+        tau_block = taus if tau_growth is None else taus[start : start + block]  # number or (Lb, 1)
+        weights = read_weights(top_scores, tau_block, null_score)  # (B, Lb, K)
         picked = values[batch_index, top_index]  # (B, Lb, K, Dv)
         reads.append(torch.einsum("blk,blkd->bld", weights, picked))  # (B, Lb, Dv)
     return torch.cat(reads, dim=1)  # (B, L, Dv)

@@ -5,6 +5,8 @@ Tests run them in float64 and compare outputs, final states and gradients with t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -51,9 +53,11 @@ def memory_read_ref(
     top_k: int,
     tau: float,
     null_score: Tensor | None = None,
+    tau_growth: Tensor | None = None,
 ) -> Tensor:
     """Brute force: for every token, score every visible entry, sort, softmax over the best K
-    (and, with ``null_score``, a null entry of value zero and score ``null_score``)."""
+    (and, with ``null_score``, a null entry of value zero and score ``null_score``); with
+    ``tau_growth`` a, the token's tau is ``tau (1 + a log n)``, n its visible entries."""
     batch, length, _ = queries.shape
     out = queries.new_zeros(batch, length, values.shape[-1])  # (B, L, Dv)
     for b in range(batch):
@@ -65,9 +69,10 @@ def memory_read_ref(
                 continue
             scores = torch.stack([queries[b, t] @ keys[b, m] for m in visible])  # (V,)
             order = torch.argsort(scores, descending=True, stable=True)[:top_k]  # (K,)
-            logits = tau * scores[order]  # (K,)
+            tau_t = tau if tau_growth is None else tau * (1 + tau_growth * math.log(len(visible)))
+            logits = tau_t * scores[order]  # (K,)
             if null_score is not None:
-                logits = torch.cat([logits, (tau * null_score).reshape(1).to(logits.dtype)])  # (K+1,)
+                logits = torch.cat([logits, (tau_t * null_score).reshape(1).to(logits.dtype)])  # (K+1,)
             weights = torch.softmax(logits, dim=0)[: len(order)]  # (K,)
             picked = torch.stack([values[b, visible[i]] for i in order.tolist()])  # (K, Dv)
             out[b, t] = weights @ picked

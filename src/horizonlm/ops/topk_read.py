@@ -58,6 +58,14 @@ def visible_mask(entry_ids: Tensor, completed_before: Tensor, capacity: int) -> 
     return (ids < seen) & (ids >= seen - capacity)  # (L, M)
 
 
+def visible_counts(entry_ids: Tensor, completed_before: Tensor, capacity: int) -> Tensor:
+    """(L,) int64: how many entries each token sees, ``visible_mask(...).sum(-1)`` by two binary
+    searches (entry ids ascend, as a memory holds them), without the (L, M) mask."""
+    ids = entry_ids.contiguous()  # (M,)
+    seen = completed_before.to(ids.dtype)  # (L,)
+    return torch.searchsorted(ids, seen) - torch.searchsorted(ids, seen - capacity)  # (L,)
+
+
 def visible_range(entry_ids: Tensor, completed_before: Tensor, capacity: int, block: int) -> tuple[Tensor, Tensor]:
     """For each block of ``block`` queries, the entries any of them may see: ``[lo, hi)``, each
     (ceil(L / block),) int64. A binary search per block, on the device, so nothing waits on it."""
