@@ -129,7 +129,8 @@ class HorizonConfig(DictConfig):
     ``a`` learned from 0 (:func:`horizonlm.ops.memory_read.count_tau`): a memory asked far larger
     than in training otherwise blurs its read with near-matches. A named variant
     (``horizon_tau_growth``) until the H200 protocol decides: on the CPU, asked with 16 times its
-    training memory, it read prose better instead of worse, and answered fewer passkeys (RESULTS.md 1.3e)."""
+    training memory, it read prose better instead of worse in two seeds; its passkeys there are
+    undecided (RESULTS.md 1.3e)."""
     memory_query_block: int = 1024
     """Queries searched at once; bounds the score matrix at B*block*M."""
     global_layer: int | None = None
