@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from horizonlm import HorizonConfig, HorizonLM
+from horizonlm.decode import GraphedDecoder
 
 from .conftest import make_horizon, make_transformer
 
@@ -33,6 +34,21 @@ def _assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
     rel = ((a - b).norm() / b.norm()).item()
     assert rel < 1e-5, f"relative difference {rel}"
     assert (a - b).abs().max().item() < 1e-4
+
+
+def assert_pieces_steps_and_decode_equal_one_call(model, tokens: torch.Tensor, prefix: int = 5) -> torch.Tensor:
+    """Pieces of uneven sizes, single steps, and the graphed decoder after ``prefix`` tokens give
+    the one call's logits; returns those (B, T, V)."""
+    with torch.no_grad():
+        full, _ = model(tokens)
+        pieces, _ = _stream(model, tokens, [7, 40, 1, 33, tokens.shape[1] - 81])
+        steps, _ = _stream(model, tokens, [1] * tokens.shape[1])
+        decoder = GraphedDecoder(model, model(tokens[:, :prefix])[1])
+        decoded = torch.stack([decoder.step(tokens[:, t : t + 1]) for t in range(prefix, tokens.shape[1])], 1)  # (B, T-p, V)
+    _assert_same(pieces, full)
+    _assert_same(steps, full)
+    _assert_same(decoded, full[:, prefix:])
+    return full
 
 
 @pytest.mark.parametrize("seed,ssm_kind", [(0, "s4d"), (1, "s4d"), (2, "s4d"), (0, "selective"), (1, "selective")])

@@ -186,14 +186,12 @@ class HorizonConfig(DictConfig):
                  "must be 0 for the chunk memory, which reads at global_layer", self.memory_layer)
         require_field(isinstance(self.memory_tau_growth, bool), "memory_tau_growth", "must be a bool",
                  self.memory_tau_growth)
-        require_field(not self.memory_tau_growth or (self.use_memory and self.memory_kind == "induction"),
-                 "memory_tau_growth", "needs the induction memory (use_memory, memory_kind='induction')",
-                 self.memory_tau_growth)
         require_field(self.memory_late_read is None or isinstance(self.memory_late_read, bool), "memory_late_read",
                  "must be a bool or None", self.memory_late_read)
-        require_field(not self.memory_late_read or (self.use_memory and self.memory_kind == "induction"),
-                 "memory_late_read", "needs the induction memory (use_memory, memory_kind='induction')",
-                 self.memory_late_read)
+        for name in ("memory_tau_growth", "memory_late_read"):  # parts of the induction memory
+            value = getattr(self, name)
+            require_field(not value or (self.use_memory and self.memory_kind == "induction"), name,
+                     "needs the induction memory (use_memory, memory_kind='induction')", value)
 
     @property
     def has_late_read(self) -> bool:

@@ -12,11 +12,10 @@ import torch
 
 from horizonlm import HorizonConfig
 from horizonlm.checkpoint import load_checkpoint, save_checkpoint
-from horizonlm.decode import GraphedDecoder
 from horizonlm.layers.memory import reads_dropped
 
 from ..conftest import make_horizon
-from ..test_streaming import _assert_same, _stream
+from ..test_streaming import assert_pieces_steps_and_decode_equal_one_call
 
 
 def _tokens(length: int, seed: int = 0) -> torch.Tensor:
@@ -54,16 +53,7 @@ def test_splits_steps_and_graphed_decode_equal_one_call(seed: int) -> None:
     """Pieces, single steps and the graphed decoder give the one call's logits, with a trained-like
     (non-zero) late projection, past FIFO eviction."""
     model = make_horizon(seed=seed, memory_late_read=True, memory_capacity=4, memory_key_span=3).eval()
-    tokens = _tokens(150, seed)
-    with torch.no_grad():
-        full, _ = model(tokens)
-        pieces, _ = _stream(model, tokens, [7, 40, 1, 33, 69])
-        steps, _ = _stream(model, tokens, [1] * tokens.shape[1])
-        decoder = GraphedDecoder(model, model(tokens[:, :5])[1])
-        decoded = torch.stack([decoder.step(tokens[:, t : t + 1]) for t in range(5, tokens.shape[1])], 1)  # (B, T-5, V)
-    _assert_same(pieces, full)
-    _assert_same(steps, full)
-    _assert_same(decoded, full[:, 5:])
+    assert_pieces_steps_and_decode_equal_one_call(model, _tokens(150, seed))
 
 
 @pytest.mark.parametrize("overrides", [dict(memory_kind="chunk"), dict(use_memory=False), dict(memory_late_read=1)])

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from horizonlm import HorizonConfig
-from horizonlm.decode import GraphedDecoder
 from horizonlm.memory.store import StoreConfig
 from horizonlm.ops.memory_read import memory_read
 from horizonlm.ops.reference import memory_read_ref
 from horizonlm.ops.topk_read import visible_counts, visible_mask
 
 from ..conftest import make_horizon
-from ..test_streaming import _assert_same, _stream
+from ..test_streaming import assert_pieces_steps_and_decode_equal_one_call
 
 
 def _tokens(length: int, seed: int = 0, batch: int = 2) -> torch.Tensor:
@@ -71,15 +70,7 @@ def test_splits_steps_and_graphed_decode_equal_one_call(seed: int) -> None:
     """With a learned-like a, past FIFO eviction and through the decoder's padded filling memory."""
     model = _grown(make_horizon(seed=seed, memory_tau_growth=True, memory_capacity=4, memory_key_span=3)).eval()
     tokens = _tokens(150, seed)
-    with torch.no_grad():
-        full, _ = model(tokens)
-        pieces, _ = _stream(model, tokens, [7, 40, 1, 33, 69])
-        steps, _ = _stream(model, tokens, [1] * tokens.shape[1])
-        decoder = GraphedDecoder(model, model(tokens[:, :5])[1])
-        decoded = torch.stack([decoder.step(tokens[:, t : t + 1]) for t in range(5, tokens.shape[1])], 1)  # (B, T-5, V)
-    _assert_same(pieces, full)
-    _assert_same(steps, full)
-    _assert_same(decoded, full[:, 5:])
+    full = assert_pieces_steps_and_decode_equal_one_call(model, tokens)
     assert not torch.equal(full, make_horizon(seed=seed, memory_capacity=4, memory_key_span=3).eval()(tokens)[0])
 
 

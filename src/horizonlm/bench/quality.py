@@ -25,7 +25,7 @@ import torch
 
 from horizonlm.bench.common import environment, save_figure
 from horizonlm.bench.quality_summary import format_quality_table, score_value, summarize_quality
-from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state, load_checkpoint
+from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state, checkpoint_info, load_checkpoint
 from horizonlm.config import HorizonConfig
 from horizonlm.data.stream import load_meta, open_split
 from horizonlm.devices import resolve_device
@@ -371,17 +371,16 @@ def _run_task(cfg: QualityConfig, name: str, lr: float, final: bool,
     summary = run["summary"]
     seconds_at = {r["step"]: r["time"] for r in run["log"]}  # training seconds when each step ended
     device = resolve_device(cfg.device)
-    kind, overrides = ABLATIONS[name][0], _overrides(name, cfg.preset)
+    checkpoints = Path(cfg.runs) / entry_name(name, cfg.seed) / "checkpoints"
     return {"lr": lr, "parameters": summary["parameters"], "tokens_seen": summary["tokens_seen"],
             # what the name meant when this ran (a default can change between calls of one file)
-            "model_overrides": overrides,
-            "model_config": MODEL_KINDS[kind][1].preset(cfg.preset, **overrides).to_dict(),
+            "model_overrides": run["train_config"]["model_overrides"],
+            "model_config": checkpoint_info(checkpoints)[1]["config"],
             "train_seconds": summary["train_seconds"], "train_loss": summary["train_loss"], "steps": summary["step"],
             "first_step_seconds_incl_warmup": run["log"][0]["time"] if run["log"] else None,
             "loss_curve": [[r["time"], r["loss"]] for r in run["log"]],
             "valid_curve": [[seconds_at.get(v["step"], 0.0), v["valid_bits_per_byte"]] for v in summary["valid"]],
-            "scores": evaluate_model(cfg, Path(cfg.runs) / entry_name(name, cfg.seed) / "checkpoints", device,
-                                     cfg.seq_len),
+            "scores": evaluate_model(cfg, checkpoints, device, cfg.seq_len),
             "seed": cfg.seed, "environment": environment()}
 
 
