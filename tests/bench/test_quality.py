@@ -145,7 +145,10 @@ def test_protocol_stages_sweep_then_main_without_retraining(tmp_path: Path, monk
     real = quality._run_task
     monkeypatch.setattr(quality, "_run_task", lambda cfg, name, lr, final, step_seconds=None:
                         calls.append((name, lr, final, step_seconds)) or real(cfg, name, lr, final, step_seconds))
+    swept["renamed_entries"] = {"note": "kept by later calls"}
+    out.write_text(json.dumps(swept))
     assert main(["bench", "quality", *common, "--models", "horizon", "--stage", "main", "--seed", "1"]) == 0
+    assert json.loads(out.read_text())["renamed_entries"] == {"note": "kept by later calls"}
     best = min(swept["sweeps"]["horizon"], key=lambda r: r["valid_bits_per_byte"])
     # the main run's schedule is sized by the sweep run's recorded time per step: no probe run
     assert best["seconds_per_step"] > 0
@@ -154,6 +157,10 @@ def test_protocol_stages_sweep_then_main_without_retraining(tmp_path: Path, monk
     best = best["lr"]
     entry = json.loads(out.read_text())["models"]["horizon-seed1"]
     assert entry["lr"] == best and entry["seed"] == 1 and entry["lr_from"] == "own sweep"
+    summary = json.loads(out.read_text())["summary"]
+    assert main(["bench", "quality", *common, "--models", "horizon_no_memory", "--stage", "sweep"]) == 0
+    again = json.loads(out.read_text())  # a later sweep keeps the main runs' summary and the records beside it
+    assert again["summary"] == summary and again["renamed_entries"] == {"note": "kept by later calls"}
 
 
 def test_a_protocol_fixes_its_settings_and_results_of_another_are_refused(tmp_path: Path) -> None:

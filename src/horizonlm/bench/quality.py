@@ -488,6 +488,8 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
             raise HorizonError(f"{out} holds results of protocol {earlier.get('protocol', {}).get('name') or 'none'!r}, "
                                f"this call is {cfg.protocol or 'none'!r}: give another --out")
         results["models"], results["sweeps"] = earlier.get("models", {}), earlier.get("sweeps", {})
+        for key, value in earlier.items():  # what this call does not remake (the summary, renaming records) stays
+            results.setdefault(key, value)
         made = results["sweeps"] if cfg.stage == "sweep" else results["models"]
         again = sorted(set(made) & {entry_name(n, cfg.seed) if cfg.stage != "sweep" else n for n in names})
         if again and not cfg.replace:
