@@ -13,13 +13,25 @@ def tiny_config(**overrides) -> HorizonConfig:
 
 
 def make_horizon(dtype=torch.float64, seed: int = 0, as_initialised: bool = False, **overrides) -> HorizonLM:
-    """The tiny preset with random weights; the late read's W_o' random too (it starts at zero, which
-    would leave that path out of every check), unless ``as_initialised``."""
+    """The tiny preset with random weights; the late read's W_o' random too and the tau growth's a
+    nonzero (both start at zero, which would leave those paths out of every check), unless
+    ``as_initialised``."""
     torch.manual_seed(seed)
     model = HorizonLM(tiny_config(**overrides))
-    if model.late_read is not None and not as_initialised:
-        torch.nn.init.normal_(model.late_read.out.weight, std=0.5)
+    if not as_initialised:
+        as_if_trained(model)
     return model.to(dtype)
+
+
+def as_if_trained(model: HorizonLM) -> HorizonLM:
+    """Give the parts that start as a no-op (the late read's W_o', the tau growth's a) values a
+    trained model has, so the checks cover them."""
+    with torch.no_grad():
+        if model.late_read is not None:
+            torch.nn.init.normal_(model.late_read.out.weight, std=0.5)
+        if model.memory is not None and model.memory.tau_growth is not None:
+            model.memory.tau_growth.fill_(0.3)
+    return model
 
 
 def make_transformer(dtype=torch.float64, seed: int = 0) -> TransformerLM:

@@ -31,12 +31,6 @@ def _check(outputs: torch.Tensor, changed_outputs: torch.Tensor, j: int) -> None
     assert after > 1e-6, f"changing token {j} had no effect from {j} on"
 
 
-def _tau_grown(model):
-    with torch.no_grad():
-        model.memory.tau_growth.fill_(0.3)  # as if trained: a starts at zero
-    return model
-
-
 MODELS = {
     "horizon": lambda: make_horizon(),
     "horizon_supervisor_only": lambda: make_horizon(use_memory=False, use_ssm=False, use_conv=False),
@@ -45,7 +39,7 @@ MODELS = {
     "horizon_induction_memory_one_token": lambda: make_horizon(memory_capacity=4, memory_key_span=1),
     "horizon_induction_memory_after_block_0": lambda: make_horizon(memory_layer=1),
     "horizon_no_late_read": lambda: make_horizon(memory_late_read=False),
-    "horizon_tau_growth": lambda: _tau_grown(make_horizon(memory_tau_growth=True, memory_capacity=4)),
+    "horizon_no_tau_growth": lambda: make_horizon(memory_tau_growth=False),
     "horizon_chunk_memory": lambda: make_horizon(memory_kind="chunk", memory_key_span=1),
     "horizon_chunk_memory_span": lambda: make_horizon(memory_kind="chunk", memory_key_span=3),
     "horizon_ssm_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_conv=False),

@@ -252,7 +252,9 @@ def test_cli_runs_a_real_model(tmp_path: Path) -> None:
                  "--device", "cpu", "--no-progress"]) == 0
     entry = json.loads(out.read_text())["models"]["horizon (1 key)"]
     assert [c["status"] for c in entry["cells"]] == ["ok", "ok", "not run", "not run"]
-    assert entry["environment"]["checkpoint"] == {"path": str(tmp_path / "ckpt" / "step-00000001"), "step": 1}
+    # the read's learned scalars as the checkpoint holds them (a fresh model: a = 0, s_0 = 0.5)
+    assert entry["environment"]["checkpoint"] == {"path": str(tmp_path / "ckpt" / "step-00000001"), "step": 1,
+                                                  "memory_read": {"tau": 10.0, "null_score": 0.5, "tau_growth": 0.0}}
     assert out.with_suffix(".png").is_file()
 
 

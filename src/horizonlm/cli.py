@@ -407,7 +407,9 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     out = results_path(cfg, ckpt.path)
     check_new_entry(out, entry_name(label, cfg.keys, cfg.wording), cfg.overwrite)
     # which weights answered: a run folder resolves to its latest checkpoint, whose step says how far it trained
-    env = {**environment(), "checkpoint": {"path": str(ckpt.path), "step": ckpt.info.get("step")}}
+    memory = getattr(ckpt.model, "memory", None)
+    env = {**environment(), "checkpoint": {"path": str(ckpt.path), "step": ckpt.info.get("step"),
+                                           "memory_read": memory.read_scalars() if memory is not None else None}}
     entry = run_passkey(ckpt.model.to(device), load_haystack(cfg), cfg, device, label,
                         on_cell=lambda partial: save_results(out, label, partial, env))
     plot_passkey(save_results(out, label, entry, env), out.with_suffix(".png"))

@@ -92,7 +92,7 @@ class HorizonLM(nn.Module):
                            if config.use_supervisor else None)
         self.memory = (RetrievalMemory(config.d_model, config.memory_dim, config.chunk_size, config.memory_capacity,
                                        config.memory_topk, config.memory_tau, config.memory_query_block, config.norm_eps,
-                                       config.memory_kind, config.memory_key_span, config.memory_tau_growth)
+                                       config.memory_kind, config.memory_key_span, config.has_tau_growth)
                        if config.use_memory else None)
         self.late_read = LateRead(config.d_model, config.norm_eps) if config.has_late_read else None
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)

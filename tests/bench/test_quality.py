@@ -28,7 +28,7 @@ def test_quality_bench_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "quality.json"
     assert main(["bench", "quality", "--data", str(tmp_path / "data"), "--wikitext-raw", str(raw),
                  "--wikitext-tokens", str(tokens), "--models", "horizon,horizon_no_memory,transformer",
-                 "--preset", "tiny", "--minutes", "0.01", "--lrs", "0.003,0.01", "--sweep-minutes", "0.005",
+                 "--preset", "tiny", "--minutes", "0.02", "--lrs", "0.003,0.01", "--sweep-minutes", "0.005",
                  "--batch-size", "2", "--seq-len", "32", "--eval-window", "64", "--max-eval-tokens", "2000",
                  "--cold-starts", "3", "--cold-length", "100", "--score-memory-capacity", "40",
                  "--runs", str(tmp_path / "runs"), "--out", str(out), "--device", "cpu"]) == 0
@@ -51,6 +51,8 @@ def test_quality_bench_end_to_end(tmp_path: Path) -> None:
     # each entry says what its name meant when it ran
     assert results["models"]["horizon_no_memory"]["model_overrides"] == {"use_memory": False}
     assert horizon["model_overrides"] == {} and horizon["model_config"]["d_model"] == 32
+    assert isinstance(horizon["memory_read"]["tau_growth"], float) and horizon["memory_read"]["tau"] == 10.0
+    assert results["models"]["horizon_no_memory"]["memory_read"] is None
     assert horizon["scores"]["shakespeare_test_carried"]["tokens"] == 1999
     curve = horizon["valid_curve"]  # validation loss against training seconds, spread over the main run
     assert len(curve) >= 2 and all(a[0] < b[0] for a, b in zip(curve, curve[1:])) and curve[-1][1] < 8, curve

@@ -13,6 +13,8 @@ import torch
 from horizonlm import HorizonConfig, HorizonLM, TransformerConfig, TransformerLM
 from horizonlm.checkpoint import save_checkpoint
 
+from ..conftest import as_if_trained
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -22,14 +24,11 @@ HERE = Path(__file__).parent
 
 
 def tiny_model(kind: str = "horizon", seed: int = 0, **overrides) -> HorizonLM | TransformerLM:
-    """Float32 (as trained and exported), tiny preset; the late read's W_o', which starts at zero,
-    random as if trained, so the bridges carry that path too."""
+    """Float32 (as trained and exported), tiny preset; the late read's W_o' and the tau growth's a,
+    which start at zero, set as if trained, so the bridges carry those paths too."""
     torch.manual_seed(seed)
     if kind == "horizon":
-        model = HorizonLM(HorizonConfig.preset("tiny", **overrides))
-        if model.late_read is not None:
-            torch.nn.init.normal_(model.late_read.out.weight, std=0.5)
-        return model
+        return as_if_trained(HorizonLM(HorizonConfig.preset("tiny", **overrides)))
     return TransformerLM(TransformerConfig.preset("tiny", **overrides))
 
 

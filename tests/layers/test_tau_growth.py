@@ -5,14 +5,17 @@ single steps, the graphed decoder and the store-backed memory equal one call."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from horizonlm import HorizonConfig
+from horizonlm.checkpoint import load_checkpoint, save_checkpoint
 from horizonlm.memory.store import StoreConfig
 from horizonlm.ops.memory_read import memory_read
 from horizonlm.ops.reference import memory_read_ref
-from horizonlm.ops.topk_read import visible_counts, visible_mask
+from horizonlm.ops.topk_read import live_visible_counts, visible_counts, visible_mask
 
 from ..conftest import make_horizon
 from ..test_streaming import assert_pieces_steps_and_decode_equal_one_call
@@ -22,28 +25,29 @@ def _tokens(length: int, seed: int = 0, batch: int = 2) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))  # (B, T)
 
 
-def _grown(model, a: float = 0.3):
-    with torch.no_grad():
-        model.memory.tau_growth.fill_(a)
-    return model
-
-
 def test_visible_counts_are_the_mask_summed() -> None:
     """Ascending ids with filler entries in front (the padded decode frame's -2^40), several windows."""
     ids = torch.tensor([-(2**40)] * 3 + [0, 0, 1, 1, 1, 3, 4, 4, 6])  # (M,)
     seen = torch.tensor([0, 1, 2, 4, 5, 7, 9])  # (L,)
+    live = torch.rand(2, ids.shape[0], generator=torch.Generator().manual_seed(3)) > 0.4  # (B, M)
     for capacity in (1, 2, 3, 10):
-        assert visible_counts(ids, seen, capacity).tolist() == visible_mask(ids, seen, capacity).sum(-1).tolist()
+        mask = visible_mask(ids, seen, capacity)  # (L, M)
+        assert visible_counts(ids, seen, capacity).tolist() == mask.sum(-1).tolist()
+        want = (mask.unsqueeze(0) & live.unsqueeze(1)).sum(-1)  # (B, L)
+        assert live_visible_counts(ids, seen, capacity, live).tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("reference_selection", [False, True])
 def test_read_equals_the_brute_force(reference_selection: bool) -> None:
     """Outputs and gradients (queries, keys, values, s_0 and a) against ops.reference, float64,
-    with entries evicted from the window and tokens that see none."""
+    with entries evicted from the window, tokens that see none, and the first stream's oldest
+    entries zeroed as a cold restart leaves them (not counted in n_t)."""
     g = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(2, 11, 5, generator=g, dtype=torch.float64), dim=-1)  # (B, L, Dk)
     k = torch.nn.functional.normalize(torch.randn(2, 14, 5, generator=g, dtype=torch.float64), dim=-1)  # (B, M, Dk)
+    k[0, :5] = 0.0
     v = torch.randn(2, 14, 3, generator=g, dtype=torch.float64)  # (B, M, Dv)
+    v[0, :5] = 0.0
     ids = torch.arange(14) // 3  # (M,)
     seen = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 4, 5, 5])  # (L,)
     null = torch.tensor([0.2], dtype=torch.float64)  # (1,)
@@ -68,16 +72,17 @@ def test_read_equals_the_brute_force(reference_selection: bool) -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_splits_steps_and_graphed_decode_equal_one_call(seed: int) -> None:
     """With a learned-like a, past FIFO eviction and through the decoder's padded filling memory."""
-    model = _grown(make_horizon(seed=seed, memory_tau_growth=True, memory_capacity=4, memory_key_span=3)).eval()
+    model = make_horizon(seed=seed, memory_capacity=4, memory_key_span=3).eval()  # a = 0.3, as if trained
+    assert model.memory.tau_growth.item() == pytest.approx(0.3)
     tokens = _tokens(150, seed)
     full = assert_pieces_steps_and_decode_equal_one_call(model, tokens)
-    assert not torch.equal(full, make_horizon(seed=seed, memory_capacity=4, memory_key_span=3).eval()(tokens)[0])
+    fixed = make_horizon(seed=seed, memory_capacity=4, memory_key_span=3, memory_tau_growth=False).eval()
+    assert not torch.equal(full, fixed(tokens)[0])
 
 
 def test_store_backed_memory_equals_in_state_memory() -> None:
     """The store path counts its visible entries as the in-state path does."""
-    model = _grown(make_horizon(dtype=torch.float32, memory_tau_growth=True, memory_capacity=1000,
-                                memory_query_block=7)).eval()
+    model = make_horizon(dtype=torch.float32, memory_capacity=1000, memory_query_block=7).eval()
     tokens = _tokens(100, seed=2, batch=1)
     with torch.no_grad():
         want, _ = model(tokens)
@@ -96,3 +101,31 @@ def test_store_backed_memory_equals_in_state_memory() -> None:
 def test_it_needs_the_induction_memory(overrides: dict) -> None:
     with pytest.raises(ValueError, match="memory_tau_growth"):
         HorizonConfig(**{"memory_tau_growth": True, **overrides})
+
+
+def test_it_is_on_wherever_the_induction_memory_is() -> None:
+    """None (the default) means on with the induction memory, off without memory or with the chunk
+    memory (no second override needed there)."""
+    for preset in ("tiny", "cpu", "small", "base"):
+        assert HorizonConfig.preset(preset).has_tau_growth
+    assert not HorizonConfig(use_memory=False).has_tau_growth
+    assert not HorizonConfig(memory_kind="chunk", memory_key_span=1).has_tau_growth
+    assert not HorizonConfig(memory_tau_growth=False).has_tau_growth
+    assert make_horizon(as_initialised=True).memory.tau_growth.item() == 0.0
+    assert make_horizon(use_memory=False).memory is None
+    assert make_horizon(memory_kind="chunk", memory_key_span=1).memory.tau_growth is None
+
+
+def test_a_model_saved_before_the_field_loads_as_it_was(tmp_path) -> None:
+    """A checkpoint whose config has no ``memory_tau_growth`` (saved before it existed) had a fixed
+    tau: it loads as that model, weights and logits, instead of as today's default."""
+    old = make_horizon(memory_tau_growth=False)
+    path = save_checkpoint(tmp_path / "old", 1, old, {})
+    meta_path = next(p for p in path.glob("*.json") if "memory_tau_growth" in p.read_text())
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["memory_tau_growth"]
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_checkpoint(path).model.to(torch.float64)
+    assert loaded.config.memory_tau_growth is False and loaded.memory.tau_growth is None
+    tokens = _tokens(40)
+    torch.testing.assert_close(loaded(tokens)[0], old(tokens)[0], rtol=0, atol=0)

@@ -58,12 +58,15 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # Between the two: 1024 chunks (128K tokens, 16 training windows), a quarter of the long
     # memory's read in training.
     "horizon_memory_128k": ("horizon", {"memory_capacity": 1024}),
-    # The default without the memory's read added again before the final norm (LateRead), the
-    # default until 4 December 2026 (RESULTS.md 1.3d): the read reaches the logits only through every block.
+    # The default without the memory's read added again before the final norm (LateRead): the read
+    # reaches the logits only through every block (RESULTS.md 1.3d).
     "horizon_no_late_read": ("horizon", {"memory_late_read": False}),
-    # The read's tau grown with the log of the entries a token sees (count_tau), so a memory asked far
-    # larger than in training stays sharp: a candidate for one model that reads a book and finds a fact.
-    "horizon_tau_growth": ("horizon", {"memory_tau_growth": True}),
+    # The default with a fixed tau instead of one grown with the log of the entries a token sees
+    # (count_tau): the default from 4 December 2026 until the grown tau won (RESULTS.md 1.3e).
+    "horizon_no_tau_growth": ("horizon", {"memory_tau_growth": False}),
+    # The induction memory as it first became the default (f25841f): neither the late read nor the
+    # grown tau (its protocol entry was measured as the default then).
+    "horizon_plain_induction": ("horizon", {"memory_late_read": False, "memory_tau_growth": False}),
     # A peer, not an ablation: flash-linear-attention's GLA (horizonlm.peers.gla, extra [peers], a
     # GPU), state carried across windows as HorizonLM's.
     "gla": ("gla", {}),
@@ -372,10 +375,12 @@ def _run_task(cfg: QualityConfig, name: str, lr: float, final: bool,
     seconds_at = {r["step"]: r["time"] for r in run["log"]}  # training seconds when each step ended
     device = resolve_device(cfg.device)
     checkpoints = Path(cfg.runs) / entry_name(name, cfg.seed) / "checkpoints"
+    memory = getattr(load_checkpoint(checkpoints).model, "memory", None)
     return {"lr": lr, "parameters": summary["parameters"], "tokens_seen": summary["tokens_seen"],
             # what the name meant when this ran (a default can change between calls of one file)
             "model_overrides": run["train_config"]["model_overrides"],
             "model_config": checkpoint_info(checkpoints)[1]["config"],
+            "memory_read": memory.read_scalars() if memory is not None else None,  # the trained tau growth a, s_0
             "train_seconds": summary["train_seconds"], "train_loss": summary["train_loss"], "steps": summary["step"],
             "first_step_seconds_incl_warmup": run["log"][0]["time"] if run["log"] else None,
             "loss_curve": [[r["time"], r["loss"]] for r in run["log"]],

@@ -98,6 +98,13 @@ class RetrievalMemory(nn.Module):
         self.span_filter = (nn.Parameter(torch.randn(d_model, key_span) / key_span ** 0.5)
                             if key_span > 1 else None)  # (D, n)
 
+    def read_scalars(self) -> dict[str, float | None]:
+        """The read's learned scalars as numbers (tau, s_0, a), for results files: what a trained
+        checkpoint's read does with a large memory depends on them."""
+        return {"tau": self.tau,
+                "null_score": None if self.null_score is None else self.null_score.item(),
+                "tau_growth": None if self.tau_growth is None else self.tau_growth.item()}
+
     @property
     def entries_per_chunk(self) -> int:
         """Entries a completed chunk leaves in the memory: C when every token writes, else 1."""

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from horizonlm.devices import autocast_dtype
-from horizonlm.ops.topk_read import QUERY_TILE, topk_read, topk_visible_dense, visible_counts, visible_mask
+from horizonlm.ops.topk_read import QUERY_TILE, live_visible_counts, topk_read, topk_visible_dense, visible_mask
 
 __all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 
@@ -50,11 +50,11 @@ def count_tau(tau: float, growth: Tensor | None, counts: Tensor | None) -> float
 
     Among more entries the best near-matches of a query come closer to an exact match, so a fixed
     tau blurs a read more the more it may see; growing tau with log n keeps it as sharp (the
-    argument of Scalable-Softmax, Nakanishi 2025, made here for a top-K read). counts: (L,).
-    Returns tau or (L, 1), to scale (..., L, K) scores."""
+    argument of Scalable-Softmax, Nakanishi 2025, made here for a top-K read). counts: (L,) or
+    (B, L). Returns tau or counts' shape with a trailing 1, to scale (..., L, K) scores."""
     if growth is None:
         return tau
-    return (tau * (1 + growth * torch.log(counts.clamp(min=1).to(growth.dtype)))).unsqueeze(-1)  # (L, 1)
+    return (tau * (1 + growth * torch.log(counts.clamp(min=1).to(growth.dtype)))).unsqueeze(-1)  # (L, 1) or (B, L, 1)
 
 
 def read_weights(top_scores: Tensor, tau: float | Tensor, null_score: Tensor | None = None) -> Tensor:
@@ -95,7 +95,9 @@ def memory_read(
 
     queries: (B, L, Dk), keys: (B, M, Dk), values: (B, M, Dv), entry_ids: (M,),
     completed_before: (L,), null_score: (1,) or None. A token with no visible entry reads zeros.
-    ``tau_growth`` (1,) grows tau with the entries each token sees (:func:`count_tau`).
+    ``tau_growth`` (1,) grows tau with the entries each token sees (:func:`count_tau`); entries
+    whose key and value are zero (what ``reset_streams`` leaves of a stream restarted cold) are
+    not counted, so such a stream reads as a fresh one does.
     ``reference`` selects with the dense score matrix instead of ``ops.topk_read`` (the check of
     the fast selection). Under autocast the fast selection of a long call scores in autocast's
     dtype (the keys cast once per call): in bfloat16 the H200 kernel takes a third of its float32 time
@@ -109,14 +111,17 @@ def memory_read(
     k = min(top_k, n_entries)
     selection_keys = None if reference else _selection_keys(keys, length)  # (B, M, Dk) or None
     batch_index = torch.arange(batch, device=queries.device).view(batch, 1, 1)  # (B, 1, 1)
-    counts = None if tau_growth is None else visible_counts(entry_ids, completed_before, capacity)  # (L,)
-    taus = count_tau(tau, tau_growth, counts)  # tau or (L, 1)
+    counts = None  # the live entries each token sees: an entry a cold restart zeroed adds nothing to n_t
+    if tau_growth is not None:
+        live = keys.detach().ne(0).any(-1) | values.detach().ne(0).any(-1)  # (B, M)
+        counts = live_visible_counts(entry_ids, completed_before, capacity, live)  # (B, L)
+    taus = count_tau(tau, tau_growth, counts)  # tau or (B, L, 1)
     reads = []
     for start in range(0, length, block):
         q = queries[:, start : start + block]  # (B, Lb, Dk)
         top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k,
                                              reference, selection_keys)  # (B, Lb, K) twice
-        tau_block = taus if tau_growth is None else taus[start : start + block]  # number or (Lb, 1)
+        tau_block = taus if tau_growth is None else taus[:, start : start + block]  # number or (B, Lb, 1)
         weights = read_weights(top_scores, tau_block, null_score)  # (B, Lb, K)
         picked = values[batch_index, top_index]  # (B, Lb, K, Dv)
         reads.append(torch.einsum("blk,blkd->bld", weights, picked))  # (B, Lb, Dv)

@@ -57,7 +57,8 @@ def memory_read_ref(
 ) -> Tensor:
     """Brute force: for every token, score every visible entry, sort, softmax over the best K
     (and, with ``null_score``, a null entry of value zero and score ``null_score``); with
-    ``tau_growth`` a, the token's tau is ``tau (1 + a log n)``, n its visible entries."""
+    ``tau_growth`` a, the token's tau is ``tau (1 + a log n)``, n its visible entries that are
+    not all zero (key and value)."""
     batch, length, _ = queries.shape
     out = queries.new_zeros(batch, length, values.shape[-1])  # (B, L, Dv)
     for b in range(batch):
@@ -69,7 +70,9 @@ def memory_read_ref(
                 continue
             scores = torch.stack([queries[b, t] @ keys[b, m] for m in visible])  # (V,)
             order = torch.argsort(scores, descending=True, stable=True)[:top_k]  # (K,)
-            tau_t = tau if tau_growth is None else tau * (1 + tau_growth * math.log(len(visible)))
+            # an entry a cold restart zeroed (key and value) is not counted
+            live = sum(bool(keys[b, m].ne(0).any() or values[b, m].ne(0).any()) for m in visible)
+            tau_t = tau if tau_growth is None else tau * (1 + tau_growth * math.log(max(live, 1)))
             logits = tau_t * scores[order]  # (K,)
             if null_score is not None:
                 logits = torch.cat([logits, (tau_t * null_score).reshape(1).to(logits.dtype)])  # (K+1,)

@@ -66,6 +66,16 @@ def visible_counts(entry_ids: Tensor, completed_before: Tensor, capacity: int) -
     return torch.searchsorted(ids, seen) - torch.searchsorted(ids, seen - capacity)  # (L,)
 
 
+def live_visible_counts(entry_ids: Tensor, completed_before: Tensor, capacity: int, live: Tensor) -> Tensor:
+    """(B, L) int64: how many live entries (``live`` (B, M); a stream restarted cold keeps its old
+    entries, zeroed, until they leave the window) each token of each stream sees: the count of
+    :func:`visible_counts` over the live entries, by prefix sums over the visible range."""
+    ids = entry_ids.contiguous()  # (M,)
+    seen = completed_before.to(ids.dtype)  # (L,)
+    prefix = torch.nn.functional.pad(live.long().cumsum(-1), (1, 0))  # (B, M + 1)
+    return prefix[:, torch.searchsorted(ids, seen)] - prefix[:, torch.searchsorted(ids, seen - capacity)]  # (B, L)
+
+
 def visible_range(entry_ids: Tensor, completed_before: Tensor, capacity: int, block: int) -> tuple[Tensor, Tensor]:
     """For each block of ``block`` queries, the entries any of them may see: ``[lo, hi)``, each
     (ceil(L / block),) int64. A binary search per block, on the device, so nothing waits on it."""

@@ -29,8 +29,9 @@ def topk_newest_first(scores: Tensor, k: int, positions: Tensor | None = None) -
     newest = tied.topk(k, dim=-1).indices  # (..., k): columns of the tied entries, newest first
     place = torch.arange(k, device=scores.device)  # (k,)
     from_tied = (place >= above) & torch.isfinite(kth)  # (..., k)
-    columns = newest.gather(-1, (place - above).clamp(min=0))  # (..., k)
-    return torch.where(from_tied, kth, top), torch.where(from_tied, columns, index)  # (..., k) twice
+    columns = torch.where(from_tied, newest.gather(-1, (place - above).clamp(min=0)), index)  # (..., k)
+    # gathered at the chosen columns (not the k-th score repeated), so a gradient reaches the entries chosen
+    return scores.gather(-1, columns), columns  # (..., k) twice
 
 
 def exact_topk(queries: Tensor, keys: Tensor, k: int, key_block: int = 1 << 20) -> tuple[Tensor, Tensor]:
