@@ -363,6 +363,8 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
     keys = [p.key for p in asked]
     swap_keys = [rng.randint(10000, 99999) for _ in asked]
     replies, hits, weights, without_read, swapped, t0 = [], [], [], [], [], time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for first in range(0, len(asked), cfg.batch):
         group = asked[first : first + cfg.batch]
         try:
@@ -387,6 +389,8 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
     cell = {"length": length, "depth": depth, "status": "ok", "trials": cfg.trials, "accuracy": correct / cfg.trials,
             "digit_accuracy": digits / (5 * cfg.trials), "seconds_per_trial": seconds / cfg.trials,
             "examples": [[key, reply] for key, reply in zip(keys, replies)]}
+    if device.type == "cuda":  # what asking at this length holds on the device (issue 25: a 10M prompt's memory)
+        cell["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if hits:
         cell["memory_hit_by_digit"] = torch.cat(hits).float().mean(0).tolist()  # 5 rates, the first digit first
     if weights:  # the read's mean weight on the fact's own entry, per digit (0 where not held)

@@ -54,6 +54,11 @@ class MemoryState:
     tail: Tensor | None = None
     """``memory_key_span`` n > 1: the memory's last n-1 normed inputs, which the next call's
     keys and queries see (zeros at the stream start); None otherwise. (B, n-1, D)"""
+    live_from: Tensor | None = None
+    """Per stream, the first chunk id whose entries are its own: a stream restarted cold
+    (:meth:`HorizonState.reset_streams`) keeps its old entries, zeroed, until they leave the
+    window, and they do not count among the entries it sees (the read's grown tau); None: every
+    entry is. (B,) int64"""
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,8 @@ class HorizonState:
         sup = None if self.supervisor is None else replace(self.supervisor, s=fn(self.supervisor.s))
         mem = self.memory
         if isinstance(mem, MemoryState):
-            mem = replace(mem, keys=fn(mem.keys), values=fn(mem.values), chunk_ids=fn(mem.chunk_ids))
+            mem = replace(mem, keys=fn(mem.keys), values=fn(mem.values), chunk_ids=fn(mem.chunk_ids),
+                          live_from=None if mem.live_from is None else fn(mem.live_from))
         if mem is not None:
             mem = replace(mem, last_key=None if mem.last_key is None else fn(mem.last_key),
                           tail=None if mem.tail is None else fn(mem.tail))
@@ -112,18 +118,29 @@ class HorizonState:
     def reset_streams(self, fresh: Tensor) -> HorizonState:
         """The state with the streams where ``fresh`` (B,) is true zeroed, as at a stream's start:
         SSM states, convolution buffers, supervisor state, the memory's carried key and tail, and
-        its entries (zero values add nothing to a read; zero keys score 0, below the null entry).
-        The chunk clock is shared by the batch and keeps running."""
+        its entries (zero values add nothing to a read; zero keys score 0, below the null entry),
+        which no longer count as entries it sees (``live_from`` moves past them). The chunk clock
+        is shared by the batch and keeps running."""
         if isinstance(self.memory, StoreMemoryState):
             raise ValueError("a state whose memory lives in a store holds one stream; start a new state instead")
         keep = (~fresh).to(torch.float32)  # (B,)
 
         def zero(t: Tensor) -> Tensor:
-            if t.dtype == torch.int64:  # chunk ids: shared by the batch
+            if t.dtype == torch.int64:  # chunk ids: shared by the batch; live_from is set below
                 return t
             return t * keep.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))  # (B, ...)
 
-        return self.map_tensors(zero)
+        state = self.map_tensors(zero)
+        mem = state.memory
+        if mem is None:
+            return state
+        ids = mem.chunk_ids
+        # past every entry held, an unfinished chunk's included (exact where a reset falls on a chunk
+        # boundary, as in training; after a reset inside a chunk, that chunk's new entries are not counted either)
+        newest = ids[-1] + 1 if ids.numel() else ids.new_zeros(())  # ()
+        old = ids.new_zeros(fresh.shape[0]) if mem.live_from is None else mem.live_from  # (B,)
+        live_from = torch.where(fresh.to(ids.device), newest, old)  # (B,)
+        return replace(state, memory=replace(mem, live_from=live_from))
 
     def expand(self, batch_size: int) -> HorizonState:
         """A batch-1 state repeated ``batch_size`` times (many continuations of one context)."""
@@ -140,7 +157,8 @@ class HorizonState:
         mem = None if self.memory is None else replace(self.memory, keys=rep(self.memory.keys),
                                                         values=rep(self.memory.values),
                                                         last_key=rep(self.memory.last_key),
-                                                        tail=rep(self.memory.tail))
+                                                        tail=rep(self.memory.tail),
+                                                        live_from=rep(self.memory.live_from))
         return replace(self, blocks=blocks, supervisor=sup, memory=mem, batch_size=batch_size)
 
     def to(self, device: torch.device | str) -> HorizonState:

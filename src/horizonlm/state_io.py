@@ -46,6 +46,8 @@ def state_to_tensors(state: HorizonState | KVState | GLAState, prefix: str = "st
             tensors[f"{prefix}memory.last_key"] = state.memory.last_key.contiguous()
         if state.memory.tail is not None:
             tensors[f"{prefix}memory.tail"] = state.memory.tail.contiguous()
+        if state.memory.live_from is not None:
+            tensors[f"{prefix}memory.live_from"] = state.memory.live_from.contiguous()
     header = {"kind": "horizon", "pos": state.pos, "batch_size": state.batch_size, "layers": len(state.blocks),
               "supervisor": state.supervisor is not None, "memory": isinstance(state.memory, MemoryState)}
     return tensors, header
@@ -69,7 +71,8 @@ def state_from_tensors(tensors: dict[str, Tensor], header: dict[str, Any], prefi
         sup = SupervisorState(s=tensors[f"{prefix}supervisor.s"], pos=pos) if header["supervisor"] else None
         mem = (MemoryState(keys=tensors[f"{prefix}memory.keys"], values=tensors[f"{prefix}memory.values"],
                            chunk_ids=tensors[f"{prefix}memory.chunk_ids"], pos=pos,
-                           last_key=tensors.get(f"{prefix}memory.last_key"), tail=tensors.get(f"{prefix}memory.tail"))
+                           last_key=tensors.get(f"{prefix}memory.last_key"), tail=tensors.get(f"{prefix}memory.tail"),
+                           live_from=tensors.get(f"{prefix}memory.live_from"))
                if header["memory"] else None)
     except KeyError as err:
         raise HorizonError(f"saved model state is incomplete: missing {err}") from err

@@ -15,7 +15,7 @@ from horizonlm.checkpoint import load_checkpoint, save_checkpoint
 from horizonlm.memory.store import StoreConfig
 from horizonlm.ops.memory_read import memory_read
 from horizonlm.ops.reference import memory_read_ref
-from horizonlm.ops.topk_read import live_visible_counts, visible_counts, visible_mask
+from horizonlm.ops.topk_read import visible_counts, visible_mask
 
 from ..conftest import make_horizon
 from ..test_streaming import assert_pieces_steps_and_decode_equal_one_call
@@ -29,34 +29,38 @@ def test_visible_counts_are_the_mask_summed() -> None:
     """Ascending ids with filler entries in front (the padded decode frame's -2^40), several windows."""
     ids = torch.tensor([-(2**40)] * 3 + [0, 0, 1, 1, 1, 3, 4, 4, 6])  # (M,)
     seen = torch.tensor([0, 1, 2, 4, 5, 7, 9])  # (L,)
-    live = torch.rand(2, ids.shape[0], generator=torch.Generator().manual_seed(3)) > 0.4  # (B, M)
+    live_from = torch.tensor([0, 1, 4, 9])  # (B,): streams restarted cold at chunks 1, 4 and after all
     for capacity in (1, 2, 3, 10):
         mask = visible_mask(ids, seen, capacity)  # (L, M)
         assert visible_counts(ids, seen, capacity).tolist() == mask.sum(-1).tolist()
-        want = (mask.unsqueeze(0) & live.unsqueeze(1)).sum(-1)  # (B, L)
-        assert live_visible_counts(ids, seen, capacity, live).tolist() == want.tolist()
+        own = ids.unsqueeze(0) >= live_from.unsqueeze(1)  # (B, M)
+        want = (mask.unsqueeze(0) & own.unsqueeze(1)).sum(-1)  # (B, L)
+        assert visible_counts(ids, seen, capacity, live_from).tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("reference_selection", [False, True])
 def test_read_equals_the_brute_force(reference_selection: bool) -> None:
     """Outputs and gradients (queries, keys, values, s_0 and a) against ops.reference, float64,
-    with entries evicted from the window, tokens that see none, and the first stream's oldest
-    entries zeroed as a cold restart leaves them (not counted in n_t)."""
+    with entries evicted from the window, tokens that see none, and the first stream restarted
+    cold at chunk 2 (its older entries zeroed, as ``reset_streams`` leaves them, and not counted
+    in n_t: ``live_from``)."""
     g = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(2, 11, 5, generator=g, dtype=torch.float64), dim=-1)  # (B, L, Dk)
     k = torch.nn.functional.normalize(torch.randn(2, 14, 5, generator=g, dtype=torch.float64), dim=-1)  # (B, M, Dk)
-    k[0, :5] = 0.0
+    k[0, :6] = 0.0
     v = torch.randn(2, 14, 3, generator=g, dtype=torch.float64)  # (B, M, Dv)
-    v[0, :5] = 0.0
+    v[0, :6] = 0.0
     ids = torch.arange(14) // 3  # (M,)
     seen = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 4, 5, 5])  # (L,)
+    live_from = torch.tensor([2, 0])  # (B,)
     null = torch.tensor([0.2], dtype=torch.float64)  # (1,)
     a = torch.tensor([0.4], dtype=torch.float64)  # (1,)
     inputs = [t.clone().requires_grad_() for t in (q, k, v, null, a)]
     got = memory_read(*inputs[:3], ids, seen, 3, 4, 5.0, block=4, null_score=inputs[3], reference=reference_selection,
-                      tau_growth=inputs[4])  # (B, L, Dv)
+                      tau_growth=inputs[4], live_from=live_from)  # (B, L, Dv)
     twins = [t.clone().requires_grad_() for t in (q, k, v, null, a)]
-    want = memory_read_ref(*twins[:3], ids, seen, 3, 4, 5.0, null_score=twins[3], tau_growth=twins[4])  # (B, L, Dv)
+    want = memory_read_ref(*twins[:3], ids, seen, 3, 4, 5.0, null_score=twins[3], tau_growth=twins[4],
+                           live_from=live_from)  # (B, L, Dv)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     weights = torch.randn(got.shape, generator=g, dtype=torch.float64)  # (B, L, Dv)
     (got * weights).sum().backward()

@@ -147,10 +147,12 @@ class RetrievalMemory(nn.Module):
         else:  # chunk mode, no chunk ends here (most decode steps): the memory is read as it is, not copied
             keys, values, ids = state.keys, state.values, state.chunk_ids
         read = memory_read(p.queries, keys, values, ids, p.layout.completed_before, self.capacity, self.top_k,
-                           self.tau, self.query_block, self.null_score, tau_growth=self.tau_growth)  # (B, L, Dv)
+                           self.tau, self.query_block, self.null_score, tau_growth=self.tau_growth,
+                           live_from=state.live_from)  # (B, L, Dv)
         keep = self._evicted(keys.shape[1], state.pos + h.shape[1])
         new_state = MemoryState(keys=keys[:, keep:].detach(), values=values[:, keep:].detach(),
-                                chunk_ids=ids[keep:], pos=state.pos + h.shape[1], **self._carried(p))
+                                chunk_ids=ids[keep:], pos=state.pos + h.shape[1], live_from=state.live_from,
+                                **self._carried(p))
         return self._inject(h, p.hn, read), new_state
 
     @staticmethod

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from horizonlm.devices import autocast_dtype
-from horizonlm.ops.topk_read import QUERY_TILE, live_visible_counts, topk_read, topk_visible_dense, visible_mask
+from horizonlm.ops.topk_read import QUERY_TILE, topk_read, topk_visible_dense, visible_counts, visible_mask
 
 __all__ = ["memory_read", "memory_topk_ids", "read_weights", "visible_mask"]
 
@@ -89,15 +89,16 @@ def memory_read(
     null_score: Tensor | None = None,
     reference: bool = False,
     tau_growth: Tensor | None = None,
+    live_from: Tensor | None = None,
 ) -> Tensor:
     """``r_t = sum_{j in topK} softmax(tau * q_t . k_j) v_j`` over the visible entries, with the
     null entry of :func:`read_weights` in the softmax when ``null_score`` is given.
 
     queries: (B, L, Dk), keys: (B, M, Dk), values: (B, M, Dv), entry_ids: (M,),
     completed_before: (L,), null_score: (1,) or None. A token with no visible entry reads zeros.
-    ``tau_growth`` (1,) grows tau with the entries each token sees (:func:`count_tau`); entries
-    whose key and value are zero (what ``reset_streams`` leaves of a stream restarted cold) are
-    not counted, so such a stream reads as a fresh one does.
+    ``tau_growth`` (1,) grows tau with the entries each token sees (:func:`count_tau`);
+    ``live_from`` (B,) (``MemoryState.live_from``) leaves out of that count the entries a stream
+    restarted cold still holds, zeroed, so it reads as a fresh stream does.
     ``reference`` selects with the dense score matrix instead of ``ops.topk_read`` (the check of
     the fast selection). Under autocast the fast selection of a long call scores in autocast's
     dtype (the keys cast once per call): in bfloat16 the H200 kernel takes a third of its float32 time
@@ -111,17 +112,14 @@ def memory_read(
     k = min(top_k, n_entries)
     selection_keys = None if reference else _selection_keys(keys, length)  # (B, M, Dk) or None
     batch_index = torch.arange(batch, device=queries.device).view(batch, 1, 1)  # (B, 1, 1)
-    counts = None  # the live entries each token sees: an entry a cold restart zeroed adds nothing to n_t
-    if tau_growth is not None:
-        live = keys.detach().ne(0).any(-1) | values.detach().ne(0).any(-1)  # (B, M)
-        counts = live_visible_counts(entry_ids, completed_before, capacity, live)  # (B, L)
-    taus = count_tau(tau, tau_growth, counts)  # tau or (B, L, 1)
+    counts = None if tau_growth is None else visible_counts(entry_ids, completed_before, capacity, live_from)
+    taus = count_tau(tau, tau_growth, counts)  # tau or (L, 1) or (B, L, 1)
     reads = []
     for start in range(0, length, block):
         q = queries[:, start : start + block]  # (B, Lb, Dk)
         top_scores, top_index = _top_visible(q, keys, entry_ids, completed_before[start : start + block], capacity, k,
                                              reference, selection_keys)  # (B, Lb, K) twice
-        tau_block = taus if tau_growth is None else taus[:, start : start + block]  # number or (B, Lb, 1)
+        tau_block = taus if tau_growth is None else taus[..., start : start + block, :]  # number, (Lb, 1) or (B, Lb, 1)
         weights = read_weights(top_scores, tau_block, null_score)  # (B, Lb, K)
         picked = values[batch_index, top_index]  # (B, Lb, K, Dv)
         reads.append(torch.einsum("blk,blkd->bld", weights, picked))  # (B, Lb, Dv)

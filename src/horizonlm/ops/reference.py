@@ -54,11 +54,12 @@ def memory_read_ref(
     tau: float,
     null_score: Tensor | None = None,
     tau_growth: Tensor | None = None,
+    live_from: Tensor | None = None,
 ) -> Tensor:
     """Brute force: for every token, score every visible entry, sort, softmax over the best K
     (and, with ``null_score``, a null entry of value zero and score ``null_score``); with
-    ``tau_growth`` a, the token's tau is ``tau (1 + a log n)``, n its visible entries that are
-    not all zero (key and value)."""
+    ``tau_growth`` a, the token's tau is ``tau (1 + a log n)``, n its visible entries (of chunks
+    from ``live_from[b]`` on, where given)."""
     batch, length, _ = queries.shape
     out = queries.new_zeros(batch, length, values.shape[-1])  # (B, L, Dv)
     for b in range(batch):
@@ -70,8 +71,8 @@ def memory_read_ref(
                 continue
             scores = torch.stack([queries[b, t] @ keys[b, m] for m in visible])  # (V,)
             order = torch.argsort(scores, descending=True, stable=True)[:top_k]  # (K,)
-            # an entry a cold restart zeroed (key and value) is not counted
-            live = sum(bool(keys[b, m].ne(0).any() or values[b, m].ne(0).any()) for m in visible)
+            # entries of chunks before live_from[b] (a stream restarted cold) are not counted
+            live = sum(live_from is None or int(entry_ids[m]) >= int(live_from[b]) for m in visible)
             tau_t = tau if tau_growth is None else tau * (1 + tau_growth * math.log(max(live, 1)))
             logits = tau_t * scores[order]  # (K,)
             if null_score is not None:

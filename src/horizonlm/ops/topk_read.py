@@ -58,22 +58,18 @@ def visible_mask(entry_ids: Tensor, completed_before: Tensor, capacity: int) -> 
     return (ids < seen) & (ids >= seen - capacity)  # (L, M)
 
 
-def visible_counts(entry_ids: Tensor, completed_before: Tensor, capacity: int) -> Tensor:
-    """(L,) int64: how many entries each token sees, ``visible_mask(...).sum(-1)`` by two binary
-    searches (entry ids ascend, as a memory holds them), without the (L, M) mask."""
+def visible_counts(entry_ids: Tensor, completed_before: Tensor, capacity: int,
+                   live_from: Tensor | None = None) -> Tensor:
+    """How many entries each token sees, ``visible_mask(...).sum(-1)`` by two binary searches
+    (entry ids ascend, as a memory holds them), without the (L, M) mask: (L,) int64. With
+    ``live_from`` (B,) (a stream restarted cold: its entries of chunks before it are not its own)
+    only entries of chunks ``>= live_from[b]`` count, per stream: (B, L)."""
     ids = entry_ids.contiguous()  # (M,)
     seen = completed_before.to(ids.dtype)  # (L,)
-    return torch.searchsorted(ids, seen) - torch.searchsorted(ids, seen - capacity)  # (L,)
-
-
-def live_visible_counts(entry_ids: Tensor, completed_before: Tensor, capacity: int, live: Tensor) -> Tensor:
-    """(B, L) int64: how many live entries (``live`` (B, M); a stream restarted cold keeps its old
-    entries, zeroed, until they leave the window) each token of each stream sees: the count of
-    :func:`visible_counts` over the live entries, by prefix sums over the visible range."""
-    ids = entry_ids.contiguous()  # (M,)
-    seen = completed_before.to(ids.dtype)  # (L,)
-    prefix = torch.nn.functional.pad(live.long().cumsum(-1), (1, 0))  # (B, M + 1)
-    return prefix[:, torch.searchsorted(ids, seen)] - prefix[:, torch.searchsorted(ids, seen - capacity)]  # (B, L)
+    first = seen - capacity  # (L,)
+    if live_from is not None:
+        first = torch.maximum(first, live_from.to(ids.dtype).unsqueeze(-1))  # (B, L)
+    return (torch.searchsorted(ids, seen) - torch.searchsorted(ids, first)).clamp(min=0)  # (L,) or (B, L)
 
 
 def visible_range(entry_ids: Tensor, completed_before: Tensor, capacity: int, block: int) -> tuple[Tensor, Tensor]:
