@@ -170,6 +170,10 @@ def test_a_protocol_fixes_its_settings_and_results_of_another_are_refused(tmp_pa
 
     cfg = QualityConfig(protocol="h200-8min", minutes=1.0)
     assert all(getattr(cfg, k) == v for k, v in PROTOCOLS["h200-8min"].items()) and cfg.minutes >= 8
+    prose = QualityConfig(protocol="h200-8min-prose")  # the recall mix's cost: the same but prose alone
+    assert prose.recall_every == 0 and cfg.recall_every > 0
+    assert {k: v for k, v in PROTOCOLS["h200-8min-prose"].items() if k != "recall_every"} == {
+        k: v for k, v in PROTOCOLS["h200-8min"].items() if k != "recall_every"}
     with pytest.raises(ValueError, match="protocol"):
         QualityConfig(protocol="h100-1min")
     with pytest.raises(ValueError, match="stage"):

@@ -83,6 +83,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
                       recall_same_window=0.5, ablation_lr_from_horizon=False),
 }
 """Named protocols: settings fixed in code, recorded in the results file by name and value."""
+# The same on prose alone (no recall episodes in the mix), in its own results file: what the recall
+# mix costs a model's language modelling (issue 23: within 0.02 bits/byte).
+PROTOCOLS["h200-8min-prose"] = {**PROTOCOLS["h200-8min"], "recall_every": 0}
 
 
 @dataclass
