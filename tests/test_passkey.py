@@ -153,6 +153,14 @@ def test_hits_record_whether_the_memory_read_the_facts_digits(keys: int) -> None
             tau, s0 = model.memory.tau, model.memory.null_score.item()
             exact = 1 / (1 + math.exp(tau * (s0 - 1)))
             assert hits.all() and torch.allclose(weights, torch.full_like(weights, exact), atol=1e-4), weights
+            # with a grown tau (a as if trained) the weight is the one the read used: tau_t = tau (1 + a log n_t),
+            # n_t the entries the digit's query saw (the chunks completed before it, 8 entries each)
+            with torch.no_grad():
+                model.memory.tau_growth.fill_(0.3)
+            _, _, grown = answer_with_hits(model, prompts, [p.key for p in asked], 512, torch.device("cpu"))
+            seen = torch.tensor([[(len(prompt) + i) // 8 * 8 for i in range(5)] for prompt in prompts])  # (3, 5)
+            tau_t = tau * (1 + 0.3 * torch.log(seen.double()))  # (3, 5)
+            torch.testing.assert_close(grown.double(), 1 / (1 + torch.exp(tau_t * (s0 - 1))), atol=1e-4, rtol=0)
         else:
             assert not hits[:, 0].any()
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from horizonlm.errors import HorizonError
-from horizonlm.ops.memory_read import memory_topk_ids, read_weights
+from horizonlm.ops.memory_read import count_tau, memory_topk_ids, read_weights
+from horizonlm.ops.topk_read import visible_counts
 from horizonlm.state import MemoryState
 
 
@@ -71,23 +72,30 @@ class MemoryProbe:
         keep = inside.unsqueeze(-1)  # (B, P, 1)
         if per_token:  # the one search gives both: each picked entry's position, and its chunk tag
             self.selected_pos = torch.where(keep, picked, self.selected_pos)  # (B, P, K)
-            weights = self._read_weights(module, p.queries, keys, local.clamp(0, length - 1), picked, first)  # (B, P, K)
+            weights = self._read_weights(module, p.queries, keys, local.clamp(0, length - 1), picked, first,
+                                         ids, p.layout.completed_before, state.live_from)  # (B, P, K)
             self.selected_weight = torch.where(keep, weights, self.selected_weight)  # (B, P, K)
             picked = torch.where(picked >= 0, ids[(picked - first).clamp(min=0)], -1)  # (B, P, K)
         self.selected = torch.where(keep, picked, self.selected)  # (B, P, K)
 
     @staticmethod
     def _read_weights(module: nn.Module, queries: Tensor, keys: Tensor, at: Tensor, picked: Tensor,
-                      first: int) -> Tensor:
+                      first: int, ids: Tensor, completed_before: Tensor, live_from: Tensor | None) -> Tensor:
         """The softmax weight the read gave each picked entry (:func:`read_weights`, the null entry
-        included), at the query positions ``at`` (B, P); ``picked`` holds stream positions (B, P, K),
-        -1 where fewer than K were visible, ``first`` the stream position of ``keys``' first row."""
+        included, at the tau the read used: grown with the entries seen where the memory grows it),
+        at the query positions ``at`` (B, P); ``picked`` holds stream positions (B, P, K), -1 where
+        fewer than K were visible, ``first`` the stream position of ``keys``' first row; ``ids``
+        (M,) the entries' chunk ids, ``completed_before`` (L,) the call's chunk clock."""
         q = queries.gather(1, at.unsqueeze(-1).expand(-1, -1, queries.shape[-1]))  # (B, P, Dk)
         rows = torch.arange(keys.shape[0], device=keys.device).view(-1, 1, 1)  # (B, 1, 1)
         k = keys[rows, (picked - first).clamp(min=0)]  # (B, P, K, Dk)
         scores = torch.einsum("bpd,bpkd->bpk", q.float(), k.float())  # (B, P, K)
         scores = scores.masked_fill(picked < 0, float("-inf"))  # (B, P, K)
-        return read_weights(scores, module.tau, module.null_score)  # (B, P, K)
+        counts = None
+        if module.tau_growth is not None:  # the entries each query saw, as memory_read counts them
+            counts = visible_counts(ids, completed_before[at], module.capacity, live_from)  # (B, P)
+        tau = count_tau(module.tau, None if counts is None else module.tau_growth.float(), counts)  # tau or (B, P, 1)
+        return read_weights(scores, tau, module.null_score)  # (B, P, K)
 
     def outcome(self, answer_pos: Tensor) -> dict[str, Tensor]:
         """Per query (B, P): ``applicable`` (the answer's chunk completed before the query, so the
