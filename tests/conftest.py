@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from horizonlm import HorizonConfig, HorizonLM, TransformerConfig, TransformerLM
+from horizonlm.checkpoint import load_checkpoint, save_checkpoint
 
 
 def tiny_config(**overrides) -> HorizonConfig:
@@ -32,6 +35,17 @@ def as_if_trained(model: HorizonLM) -> HorizonLM:
         if model.memory is not None and model.memory.tau_growth is not None:
             model.memory.tau_growth.fill_(0.3)
     return model
+
+
+def saved_before_the_field(model: HorizonLM, field: str, root) -> HorizonLM:
+    """``model`` saved as a checkpoint whose config lacks ``field`` (as one saved before the field
+    existed), then loaded back in float64."""
+    path = save_checkpoint(root, 1, model, {})
+    meta_path = next(p for p in path.glob("*.json") if field in p.read_text())
+    meta = json.loads(meta_path.read_text())
+    del meta["config"][field]
+    meta_path.write_text(json.dumps(meta))
+    return load_checkpoint(path).model.to(torch.float64)
 
 
 def make_transformer(dtype=torch.float64, seed: int = 0) -> TransformerLM:

@@ -5,16 +5,13 @@ existed loads without it."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from horizonlm import HorizonConfig
-from horizonlm.checkpoint import load_checkpoint, save_checkpoint
 from horizonlm.layers.memory import reads_dropped
 
-from ..conftest import make_horizon
+from ..conftest import make_horizon, saved_before_the_field
 from ..test_streaming import assert_pieces_steps_and_decode_equal_one_call
 
 
@@ -78,12 +75,7 @@ def test_a_model_saved_before_the_field_loads_as_it_was(tmp_path) -> None:
     """A checkpoint whose config has no ``memory_late_read`` (saved before it existed) had no late
     read: it loads as that model, weights and logits, instead of as today's default."""
     old = make_horizon(memory_late_read=False)
-    path = save_checkpoint(tmp_path / "old", 1, old, {})
-    meta_path = next(p for p in path.glob("*.json") if "memory_late_read" in p.read_text())
-    meta = json.loads(meta_path.read_text())
-    del meta["config"]["memory_late_read"]
-    meta_path.write_text(json.dumps(meta))
-    loaded = load_checkpoint(path).model.to(torch.float64)
+    loaded = saved_before_the_field(old, "memory_late_read", tmp_path / "old")
     assert loaded.config.memory_late_read is False and loaded.late_read is None
     tokens = _tokens(40)
     torch.testing.assert_close(loaded(tokens)[0], old(tokens)[0], rtol=0, atol=0)

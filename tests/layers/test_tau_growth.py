@@ -5,19 +5,16 @@ single steps, the graphed decoder and the store-backed memory equal one call."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from horizonlm import HorizonConfig
-from horizonlm.checkpoint import load_checkpoint, save_checkpoint
 from horizonlm.memory.store import StoreConfig
 from horizonlm.ops.memory_read import memory_read
 from horizonlm.ops.reference import memory_read_ref
 from horizonlm.ops.topk_read import visible_counts, visible_mask
 
-from ..conftest import make_horizon
+from ..conftest import make_horizon, saved_before_the_field
 from ..test_streaming import assert_pieces_steps_and_decode_equal_one_call
 
 
@@ -124,12 +121,7 @@ def test_a_model_saved_before_the_field_loads_as_it_was(tmp_path) -> None:
     """A checkpoint whose config has no ``memory_tau_growth`` (saved before it existed) had a fixed
     tau: it loads as that model, weights and logits, instead of as today's default."""
     old = make_horizon(memory_tau_growth=False)
-    path = save_checkpoint(tmp_path / "old", 1, old, {})
-    meta_path = next(p for p in path.glob("*.json") if "memory_tau_growth" in p.read_text())
-    meta = json.loads(meta_path.read_text())
-    del meta["config"]["memory_tau_growth"]
-    meta_path.write_text(json.dumps(meta))
-    loaded = load_checkpoint(path).model.to(torch.float64)
+    loaded = saved_before_the_field(old, "memory_tau_growth", tmp_path / "old")
     assert loaded.config.memory_tau_growth is False and loaded.memory.tau_growth is None
     tokens = _tokens(40)
     torch.testing.assert_close(loaded(tokens)[0], old(tokens)[0], rtol=0, atol=0)

@@ -25,7 +25,7 @@ import torch
 
 from horizonlm.bench.common import environment, save_figure
 from horizonlm.bench.quality_summary import format_quality_table, score_value, summarize_quality
-from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state, checkpoint_info, load_checkpoint
+from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state, load_checkpoint
 from horizonlm.config import HorizonConfig
 from horizonlm.data.stream import load_meta, open_split
 from horizonlm.devices import resolve_device
@@ -378,11 +378,12 @@ def _run_task(cfg: QualityConfig, name: str, lr: float, final: bool,
     seconds_at = {r["step"]: r["time"] for r in run["log"]}  # training seconds when each step ended
     device = resolve_device(cfg.device)
     checkpoints = Path(cfg.runs) / entry_name(name, cfg.seed) / "checkpoints"
-    memory = getattr(load_checkpoint(checkpoints).model, "memory", None)
+    trained = load_checkpoint(checkpoints)  # what the run left: its config and the read's learned scalars
+    memory = getattr(trained.model, "memory", None)
     return {"lr": lr, "parameters": summary["parameters"], "tokens_seen": summary["tokens_seen"],
             # what the name meant when this ran (a default can change between calls of one file)
             "model_overrides": run["train_config"]["model_overrides"],
-            "model_config": checkpoint_info(checkpoints)[1]["config"],
+            "model_config": trained.info["config"],
             "memory_read": memory.read_scalars() if memory is not None else None,  # the trained tau growth a, s_0
             "train_seconds": summary["train_seconds"], "train_loss": summary["train_loss"], "steps": summary["step"],
             "first_step_seconds_incl_warmup": run["log"][0]["time"] if run["log"] else None,

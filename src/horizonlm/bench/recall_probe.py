@@ -91,10 +91,9 @@ class MemoryProbe:
         k = keys[rows, (picked - first).clamp(min=0)]  # (B, P, K, Dk)
         scores = torch.einsum("bpd,bpkd->bpk", q.float(), k.float())  # (B, P, K)
         scores = scores.masked_fill(picked < 0, float("-inf"))  # (B, P, K)
-        counts = None
-        if module.tau_growth is not None:  # the entries each query saw, as memory_read counts them
-            counts = visible_counts(ids, completed_before[at], module.capacity, live_from)  # (B, P)
-        tau = count_tau(module.tau, None if counts is None else module.tau_growth.float(), counts)  # tau or (B, P, 1)
+        growth = module.tau_growth  # the entries each query saw, counted as memory_read counts them
+        counts = None if growth is None else visible_counts(ids, completed_before[at], module.capacity, live_from)
+        tau = count_tau(module.tau, None if growth is None else growth.float(), counts)  # tau or (B, P, 1)
         return read_weights(scores, tau, module.null_score)  # (B, P, K)
 
     def outcome(self, answer_pos: Tensor) -> dict[str, Tensor]:
