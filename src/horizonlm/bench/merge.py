@@ -3,9 +3,12 @@
 A device call holds a few minutes, so ``bench quality`` trains one model per call and
 ``horizon passkey`` asks one checkpoint per call; each call writes its own file. Their
 ``models`` entries (and a quality file's ``sweeps``) already carry what made them (environment,
-settings or config), so merging is a union by entry name: a name in two files, or files of two
-protocols, is refused rather than one measurement silently replacing another. The merged file
-names its inputs and keeps each one's top-level environment and config under ``merged_from``.
+settings or config), so merging is a union by entry name. Two calls started from the same
+results file both carry its entries: an entry found in several inputs is kept once when it is the
+same in each, and refused when it differs, as are files of two protocols, rather than one
+measurement silently replacing another. The merged file names its inputs and keeps each one's
+top-level environment and config under ``merged_from``; other top-level records (a quality file's
+``renamed_entries``) are kept when the inputs that have them agree.
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json, refuse_existing
 
 KINDS = ("quality", "passkey")
+PER_CALL = ("environment", "config", "data")
+"""Top-level records of one call, kept per input under ``merged_from``."""
+ENTRIES = ("models", "sweeps")
+"""Sections merged entry by entry."""
+DERIVED = {"summary", "protocol", "merged_from"}
+"""Top-level records checked or remade by the merge itself."""
 
 
 @dataclass
@@ -56,14 +65,18 @@ def merge_results(files: list[dict[str, Any]], names: list[str]) -> dict[str, An
     if files[0].get("protocol") is not None:
         merged["protocol"] = files[0]["protocol"]
     for name, results in zip(names, files):
-        for section in ("models", "sweeps"):
+        for section in ENTRIES:
             for entry, value in results.get(section, {}).items():
                 target = merged.setdefault(section, {})
-                if entry in target:
-                    raise HorizonError(f"{section} entry {entry!r} is in more than one input (again in {name})")
+                if entry in target and target[entry] != value:
+                    raise HorizonError(f"{section} entry {entry!r} differs between inputs (again in {name})")
                 target[entry] = value
-        merged["merged_from"].append({"file": name, **{k: results[k] for k in ("environment", "config", "data")
-                                                       if k in results}})
+        merged["merged_from"].append({"file": name, **{k: results[k] for k in PER_CALL if k in results}})
+        for key in sorted(set(results) - set(merged) - set(ENTRIES) - set(PER_CALL) - DERIVED):
+            records = [f[key] for f in files if key in f]
+            if any(r != records[0] for r in records):
+                raise HorizonError(f"the inputs' top-level {key!r} records differ: merge them by hand")
+            merged[key] = records[0]
     return merged
 
 
