@@ -9,6 +9,7 @@ import torch
 
 from horizonlm import HorizonConfig, HorizonLM
 from horizonlm.decode import GraphedDecoder
+from horizonlm.state_io import state_from_tensors, state_to_tensors
 
 from .conftest import make_horizon, make_transformer
 
@@ -194,8 +195,6 @@ def test_reset_streams_zeroes_only_the_chosen_streams() -> None:
     torch.testing.assert_close(got[1], cold[1], rtol=1e-3, atol=1e-3)
     assert (got[1] - kept[1]).abs().max().item() > 1e-3  # the check can fail: the past did matter
     assert reset.memory.live_from.tolist() == [0, 3]  # its own entries start at chunk 3 (the read's n_t)
-    from horizonlm.state_io import state_from_tensors, state_to_tensors
-
     with torch.no_grad():  # saved and loaded (a training checkpoint's streams), the restart is kept
         again, _ = model(tokens[:, 3 * chunk :], state_from_tensors(*state_to_tensors(reset)))
     torch.testing.assert_close(again, got, rtol=0, atol=0)

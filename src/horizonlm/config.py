@@ -130,7 +130,8 @@ class HorizonConfig(DictConfig):
     than in training otherwise blurs its read with near-matches. None (the default) means on
     wherever there is an induction memory. On one H200 under the protocol h200-8min it answered 8
     of 12 passkeys at 1M tokens (top 8) where the model without it answered 1, at equal quality on
-    prose, 1.5% slower a step (RESULTS.md 1.3e); ``horizon_no_tau_growth`` is the ablation."""
+    prose, with no measurable cost in a training step (RESULTS.md 1.3e, 3.1); ``horizon_no_tau_growth``
+    is the ablation."""
     memory_query_block: int = 1024
     """Queries searched at once; bounds the score matrix at B*block*M."""
     global_layer: int | None = None

@@ -72,11 +72,11 @@ def merge_results(files: list[dict[str, Any]], names: list[str]) -> dict[str, An
                     raise HorizonError(f"{section} entry {entry!r} differs between inputs (again in {name})")
                 target[entry] = value
         merged["merged_from"].append({"file": name, **{k: results[k] for k in PER_CALL if k in results}})
-        for key in sorted(set(results) - set(merged) - set(ENTRIES) - set(PER_CALL) - DERIVED):
-            records = [f[key] for f in files if key in f]
-            if any(r != records[0] for r in records):
-                raise HorizonError(f"the inputs' top-level {key!r} records differ: merge them by hand")
-            merged[key] = records[0]
+    for key in sorted({k for f in files for k in f} - set(ENTRIES) - set(PER_CALL) - DERIVED):
+        records = [f[key] for f in files if key in f]
+        if any(r != records[0] for r in records):
+            raise HorizonError(f"the inputs' top-level {key!r} records differ: merge them by hand")
+        merged[key] = records[0]
     return merged
 
 
