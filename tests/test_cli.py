@@ -154,6 +154,7 @@ NUMERIC_BAD = {
               "retrieval_every": ["-1"], "retrieval_rate": ["1.5"], "retrieval_weight": ["0"],
               "retrieval_same_window": ["-0.1"], "retrieval_keys": ["0", "9"], "reset_every": ["-1"],
               "stop_after": ["-1"], "lr": ["0", "nan"], "ssm_lr": ["-1"], "min_lr_ratio": ["2"], "warmup": ["-1"],
+              "kernel_warmup": ["-1"],
               "weight_decay": ["-1"], "beta2": ["1"], "grad_clip": ["-1"], "eval_every": ["-1"],
               "eval_tokens": ["-1"], "eval_window": ["0"], "save_every": ["-1"], "seed": ["-1"],
               "reset_stream_every": ["-1"], "memory_read_dropout": ["-0.1", "1.5"]},

@@ -369,6 +369,43 @@ def test_a_budget_of_training_time_alone_lets_validation_run(data_dir: Path, tmp
         (7, 640, True)]
 
 
+@pytest.mark.parametrize("model", ["horizon", "transformer"])
+def test_kernel_warmup_leaves_training_as_it_was(data_dir: Path, tmp_path: Path, model: str, monkeypatch) -> None:
+    """Warm-up passes (state carried between them, then gradients dropped, random streams forked)
+    change no loss, weight or optimizer moment of the run that follows; they ran, two losses with
+    gradients more than the run without them."""
+    real, calls = train_module.lm_loss, {"a": 0, "b": 0}
+
+    def counting(run):
+        def loss(logits, targets):
+            calls[run] += logits.requires_grad
+            return real(logits, targets)
+        return loss
+
+    monkeypatch.setattr(train_module, "lm_loss", counting("a"))
+    train(_cfg(data_dir, tmp_path / "a", model=model, memory_read_dropout=0.5))
+    monkeypatch.setattr(train_module, "lm_loss", counting("b"))
+    train(_cfg(data_dir, tmp_path / "b", model=model, memory_read_dropout=0.5, kernel_warmup=2))
+    assert calls["b"] == calls["a"] + 2
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    a = load_checkpoint(tmp_path / "a", with_train_state=True)
+    b = load_checkpoint(tmp_path / "b", with_train_state=True)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(b.model.state_dict()[k], v), k
+    for k, v in a.train_tensors.items():
+        assert torch.equal(b.train_tensors[k], v), k
+
+
+def test_kernel_warmup_is_outside_the_budget(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """The budget's wall clock starts after the warm-up: two passes of 9 s each on the fake clock,
+    and the minute still holds the 6 steps and two validations it holds without them
+    (test_the_budget_keeps_the_time_the_last_validation_took)."""
+    clock = _FakeClock(monkeypatch)
+    summary = train(_cfg(data_dir, tmp_path / "run", steps=100, max_minutes=1, eval_every=3, eval_tokens=128,
+                         save_every=100, kernel_warmup=2))
+    assert summary["step"] == 6 and clock.now == 2 * 9 + 56
+
+
 def test_the_best_validated_checkpoint_is_kept_beside_the_latest(data_dir: Path, tmp_path: Path, monkeypatch,
                                                                  capsys) -> None:
     """Issue 26 B4: checkpoints/best names the checkpoint of the best complete validation, its

@@ -56,7 +56,8 @@ from horizonlm.state_io import state_from_tensors, state_to_tensors
 
 DEFAULT_DATA = "runs/data/shakespeare"
 
-RESUMABLE = frozenset({"steps", "max_minutes", "budget_includes_validation", "stop_after", "eval_every", "eval_tokens",
+RESUMABLE = frozenset({"steps", "max_minutes", "budget_includes_validation", "kernel_warmup", "stop_after",
+                       "eval_every", "eval_tokens",
                        "eval_window", "save_every", "save_streams", "device", "compile", "progress", "resume",
                        "overwrite", "out", "data"})
 """Settings a resumed run may change: how long it goes on, how it is validated and saved, where
@@ -123,6 +124,12 @@ class TrainConfig(OptimizerSettings):
     """Whether ``max_minutes`` bounds validation too, so the run ends inside it. False: it bounds the
     training steps alone and every validation runs to its end, however long (comparisons at equal
     training time, as ``horizon bench quality`` makes)."""
+    kernel_warmup: int = 0
+    """Forward and backward passes on random tokens before the budget's clock starts (the state
+    carried from one to the next, then the gradients dropped; parameters, optimizer and random
+    streams untouched): kernels compile and autotune there, not inside ``max_minutes``. A GPU
+    library that autotunes on first call (flash-linear-attention's GLA: minutes on an H200) would
+    otherwise spend a short budget on it; HorizonLM's first step costs about 2 s. 0: none."""
     retrieval_every: int = 0
     """Mix in recall episodes (generated facts, :mod:`horizonlm.data.episodes`, never the passkey
     benchmark's sentences) of this many windows, every fact asked at the end of the last;
@@ -200,7 +207,7 @@ class TrainConfig(OptimizerSettings):
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("batch_size", "seq_len", "steps", "eval_window"):
             _check_range(name, getattr(self, name), low=1)
-        for name in ("warmup", "eval_every", "eval_tokens", "save_every", "stop_after", "retrieval_every",
+        for name in ("warmup", "kernel_warmup", "eval_every", "eval_tokens", "save_every", "stop_after", "retrieval_every",
                      "reset_every", "reset_stream_every", "seed", "max_minutes", "weight_decay", "grad_clip"):
             _check_range(name, getattr(self, name), low=0)
         for name in ("min_lr_ratio", "retrieval_rate", "retrieval_same_window", "memory_read_dropout"):
@@ -673,6 +680,7 @@ class _Trainer:
         end = min(cfg.steps, self.step + cfg.stop_after) if cfg.stop_after else cfg.steps
         summary: dict[str, Any] = {"start_step": self.step, "valid": []}
         self._announce_validation()
+        self._warm_up_kernels(cfg.kernel_warmup)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.bars and self.dd.main), unit="step",
                    dynamic_ncols=True)
         budget = _Budget(cfg.max_minutes, valid_tokens=self._valid_tokens(),
@@ -715,6 +723,25 @@ class _Trainer:
                         "checkpoint": str(self.ckpt_dir), "latest": str(self.ckpt_dir / f"step-{self.step:08d}"),
                         "best": self.best})
         return summary
+
+    def _warm_up_kernels(self, passes: int) -> None:
+        """``kernel_warmup``: ``passes`` forward and backward passes on random tokens of a step's
+        shape, the state carried between them as in training (a state given and none can be
+        different kernels), before the clock starts; then the gradients are dropped. The random
+        streams are forked, so training afterwards is the same as without."""
+        if not passes:
+            return
+        shape = (self.cfg.batch_size // self.dd.world, self.cfg.seq_len)
+        vocab = int(self.data.meta["vocab_size"])
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            state = None
+            for _ in range(passes):
+                x = torch.randint(0, vocab, shape, device=self.device)  # (B, L)
+                with self.autocast:
+                    logits, new_state = self.net(x, state)  # (B, L, V)
+                lm_loss(logits, x).backward()
+                state = new_state.detach() if self.carry_state else None
+        self.opt.zero_grad(set_to_none=True)
 
     def _rank0_says(self, decision: bool) -> bool:
         """Rank 0's ``decision``, on every rank: each rank's budget has its own clock, and only rank 0

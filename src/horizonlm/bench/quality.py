@@ -178,6 +178,10 @@ class QualityConfig:
     call); ``all``: both in this call."""
     seed: int = 0
     """Seed of the initialisation; an entry trained with seed s > 0 is named ``MODEL-seedS``."""
+    kernel_warmup: int = 2
+    """Untimed forward and backward passes before each run's clock starts (``TrainConfig.kernel_warmup``),
+    so no model's budget pays for compiling and autotuning its kernels (the GLA peer's take minutes
+    on a fresh machine; entries before 4 December 2026, session 19, paid their first step's 2-3 s)."""
 
     def __post_init__(self) -> None:
         if self.protocol:
@@ -194,6 +198,8 @@ class QualityConfig:
         if self.curve_points < 0 or self.curve_tokens < 1:
             raise ValueError(f"curve_points must be >= 0 and curve_tokens >= 1, got {self.curve_points}, "
                              f"{self.curve_tokens}")
+        if self.kernel_warmup < 0:
+            raise ValueError(f"kernel_warmup must be >= 0, got {self.kernel_warmup}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.score_memory_capacity < 0:
@@ -225,7 +231,7 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path,
                        batch_size=cfg.batch_size, seq_len=cfg.seq_len, steps=steps, max_minutes=minutes, lr=lr,
                        ssm_lr=min(lr, 1e-3), eval_every=0, eval_tokens=min(1_000_000, cfg.max_eval_tokens or 10**9),
                        eval_window=cfg.eval_window, save_every=0, save_streams=False, device=cfg.device,
-                       progress=False, seed=cfg.seed,
+                       progress=False, seed=cfg.seed, kernel_warmup=cfg.kernel_warmup,
                        budget_includes_validation=False,
                        reset_stream_every=cfg.reset_stream_every, memory_read_dropout=cfg.memory_read_dropout,
                        retrieval_every=cfg.recall_every,
