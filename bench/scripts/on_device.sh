@@ -11,6 +11,9 @@ set -u
 out=$1 commands=$2
 budget=${SECONDS_BUDGET:-560}
 export PYTHONPATH=src PYTHONUNBUFFERED=1 HORIZON_COMMIT=${HORIZON_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+# Compiled kernels and autotune results kept under runs/ (ignored, kept between the calls of one
+# warm machine): the GLA peer's fla kernels autotune for minutes on first use, once per machine.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/runs/cache/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/runs/cache/inductor}
 mkdir -p "$out/logs"
 marker=$(mktemp) && touch "$marker"  # results written after this are brought back
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/logs/gpu.txt" 2>&1
