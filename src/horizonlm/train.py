@@ -57,9 +57,8 @@ from horizonlm.state_io import state_from_tensors, state_to_tensors
 DEFAULT_DATA = "runs/data/shakespeare"
 
 RESUMABLE = frozenset({"steps", "max_minutes", "budget_includes_validation", "kernel_warmup", "stop_after",
-                       "eval_every", "eval_tokens",
-                       "eval_window", "save_every", "save_streams", "device", "compile", "progress", "resume",
-                       "overwrite", "out", "data"})
+                       "eval_every", "eval_tokens", "eval_window", "save_every", "save_streams", "device", "compile",
+                       "progress", "resume", "overwrite", "out", "data"})
 """Settings a resumed run may change: how long it goes on, how it is validated and saved, where
 it runs. Every other setting must equal the saved run's; the data is compared by content."""
 
@@ -207,8 +206,9 @@ class TrainConfig(OptimizerSettings):
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("batch_size", "seq_len", "steps", "eval_window"):
             _check_range(name, getattr(self, name), low=1)
-        for name in ("warmup", "kernel_warmup", "eval_every", "eval_tokens", "save_every", "stop_after", "retrieval_every",
-                     "reset_every", "reset_stream_every", "seed", "max_minutes", "weight_decay", "grad_clip"):
+        for name in ("warmup", "kernel_warmup", "eval_every", "eval_tokens", "save_every", "stop_after",
+                     "retrieval_every", "reset_every", "reset_stream_every", "seed", "max_minutes", "weight_decay",
+                     "grad_clip"):
             _check_range(name, getattr(self, name), low=0)
         for name in ("min_lr_ratio", "retrieval_rate", "retrieval_same_window", "memory_read_dropout"):
             _check_range(name, getattr(self, name), low=0, high=1)
