@@ -280,9 +280,10 @@ def _fill_steps(tcfg: TrainConfig) -> int:
 
 def _estimate_steps(tcfg: TrainConfig) -> int:
     """Time a few steps to size the cosine schedule to the budget (the timing run is discarded):
-    16 steps, or one fill of the memory and 4 more where that is longer (see :func:`_step_seconds`)."""
+    16 steps, or one fill of the memory and 4 more where that is longer (see :func:`_step_seconds`).
+    No warm-up passes: its first steps compile the kernels and are left out of the timing."""
     probe = TrainConfig(**{**asdict(tcfg), "out": tcfg.out + "-probe", "steps": max(16, _fill_steps(tcfg) + 4),
-                           "max_minutes": 0, "eval_tokens": 2, "save_every": 0})
+                           "max_minutes": 0, "eval_tokens": 2, "save_every": 0, "kernel_warmup": 0})
     train(probe)
     times = [r["time"] for r in map(json.loads, (Path(probe.out) / "log.jsonl").read_text().splitlines()) if "loss" in r]
     return max(10, int(tcfg.max_minutes * 60 / max(_step_seconds(times), 1e-6)))
