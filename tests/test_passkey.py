@@ -22,6 +22,7 @@ from horizonlm.passkey import (
     answer,
     answer_with_hits,
     build_prompt,
+    by_cue_overlap,
     causal_summary,
     digit_positions,
     digits_right,
@@ -185,6 +186,30 @@ def test_held_out_wording_states_each_key_once_in_a_held_out_phrasing(keys: int)
                    for q in HELD_OUT_QUESTIONS), question
         assert asked.text.count(str(asked.key).encode()) == 1
         assert len(digit_positions(asked.text, asked.key)) == 5
+
+
+def test_training_wording_asks_in_the_mix_phrasings_and_every_trial_records_its_own() -> None:
+    from horizonlm.data.episodes import TRAIN_CORES, TRAIN_QUESTIONS, cue_overlap
+
+    rng = random.Random(6)
+    for depth in (0, 50, 100):
+        asked = build_prompt(HAYSTACK, 2000, depth, 1, rng, wording="train")
+        core, question = asked.form.split(" |")
+        assert core in TRAIN_CORES and " " + question.lstrip() in TRAIN_QUESTIONS and b"pass key" not in asked.text
+        fact = next(s for s in re.split(r"(?<=[.!?]) (?=[A-Z0-9])", asked.text.decode()) if str(asked.key) in s)
+        assert asked.overlap == cue_overlap(" " + fact, asked.text[asked.question_at:].decode(), str(asked.key))
+    bench = build_prompt(HAYSTACK, 2000, 50, 1, rng)
+    assert (bench.form, bench.overlap) == ("benchmark", len(" The pass key is "))
+
+
+def test_accuracy_by_cue_overlap_groups_every_trial_that_ran() -> None:
+    cells = [{"status": "ok", "examples": [[11111, " 11111."], [22222, " 2"], [33333, " 33333."]],
+              "cue_overlap": [1, 2, 17]},
+             {"status": "OOM"},
+             {"status": "ok", "examples": [[44444, " 44444."]], "cue_overlap": [9]}]
+    assert by_cue_overlap(cells) == [{"overlap": "0-3", "trials": 2, "accuracy": 0.5},
+                                     {"overlap": "8-11", "trials": 1, "accuracy": 1.0},
+                                     {"overlap": "16+", "trials": 1, "accuracy": 1.0}]
 
 
 def test_causal_check_says_no_for_a_forced_reply() -> None:

@@ -5,8 +5,15 @@ ends with a question; the model decodes greedily and scores when its reply's fir
 exactly the key. With ``keys > 1``, several labelled keys are hidden and the question names one.
 Two wordings: ``benchmark`` ("The pass key is 48213. Remember it. 48213 is the pass key.",
 :mod:`horizonlm.data.needles`) and ``heldout`` (the held-out phrasings of
-:mod:`horizonlm.data.episodes`); the training mix states neither. Prompts are byte-level and fed
-in windows with the state carried, so a HorizonLM reads a million-token prompt at constant memory.
+:mod:`horizonlm.data.episodes`); the training mix states neither. A third, ``train``, asks in the
+phrasings the training mix states (new sentences, known phrasings): a diagnostic, never a claim.
+Prompts are byte-level and fed in windows with the state carried, so a HorizonLM reads a
+million-token prompt at constant memory.
+
+Every trial records its phrasing and its cue overlap (:func:`horizonlm.data.episodes.cue_overlap`:
+the bytes the question's end shares with the text before the value), and an entry tabulates
+accuracy by overlap (``by_cue_overlap``): an induction key of n bytes matches the fact exactly
+only from an overlap of n.
 
 The causal check (``causal_check``) asks each prompt twice more: with the memory's read removed
 (its gated add dropped at every token), and with the fact's entries (the digits' and those whose
@@ -33,11 +40,15 @@ from tqdm import tqdm
 from horizonlm.bench.common import parse_ints, save_figure
 from horizonlm.bench.recall_probe import MemoryProbe
 from horizonlm.checkpoint import run_folder
-from horizonlm.data.episodes import make_fact
+from horizonlm.data.episodes import cue_overlap, make_fact
 from horizonlm.data.needles import DOORS, needle, question
 from horizonlm.errors import HorizonError
 from horizonlm.layers.memory import reads_dropped
 from horizonlm.fileio import atomic_write_json, existing_file
+
+
+WORDINGS = ("benchmark", "heldout", "train")
+"""How a prompt states and asks its facts (see the module docstring)."""
 
 
 @dataclass
@@ -70,7 +81,8 @@ class PasskeyConfig:
     max_length: int = 0
     """Skip cells longer than this (0: none); reported as not run."""
     wording: str = "benchmark"
-    """``benchmark`` (the needle sentences) or ``heldout`` (phrasings the training mix never states)."""
+    """``benchmark`` (the needle sentences), ``heldout`` (phrasings the training mix never states)
+    or ``train`` (phrasings the training mix states, in new sentences: a diagnostic, not a claim)."""
     causal_check: bool = False
     """Ask every prompt again with the memory's read removed and with the fact's entries as
     another key's statement writes them (the induction memory; about four times the cost)."""
@@ -95,8 +107,8 @@ class PasskeyConfig:
         for name in ("trials", "window", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.wording not in ("benchmark", "heldout"):
-            raise ValueError(f"wording must be benchmark or heldout, got {self.wording!r}")
+        if self.wording not in WORDINGS:
+            raise ValueError(f"wording must be one of {', '.join(WORDINGS)}, got {self.wording!r}")
         for name in ("max_length", "seed", "read_topk", "memory_capacity"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -125,15 +137,24 @@ class Prompt:
     """The asked key."""
     question_at: int
     """Where the question starts (the prompt's last bytes)."""
+    form: str = "benchmark"
+    """The asked fact's phrasing: ``benchmark``, or its core and question phrasings."""
+    overlap: int = 0
+    """The asked fact's cue overlap (:func:`horizonlm.data.episodes.cue_overlap`)."""
 
 
-def _statements(keys: list[int], doors: list[str | None], wording: str, rng: random.Random) -> tuple[list[bytes], bytes]:
-    """The facts and the question asking the first key, in the benchmark's or a held-out wording."""
+def _statements(keys: list[int], doors: list[str | None], wording: str, rng: random.Random
+                ) -> tuple[list[bytes], bytes, str, int]:
+    """The facts, the question asking the first key, and that fact's phrasing and cue overlap,
+    in the benchmark's, the held-out or the training wording."""
     if wording == "benchmark":
-        return [needle(k, d).encode() for k, d in zip(keys, doors)], question(doors[0]).encode()
+        facts, asked = [needle(k, d) for k, d in zip(keys, doors)], question(doors[0])
+        return [f.encode() for f in facts], asked.encode(), "benchmark", cue_overlap(facts[0], asked, str(keys[0]))
     labels = [f"the {d} door" if d else f"the {rng.choice(DOORS)} door" for d in doors]
-    facts = [make_fact(rng, label, str(key), held_out=True) for label, key in zip(labels, keys)]
-    return [f.statement.encode() for f in facts], facts[0].question.encode()
+    facts = [make_fact(rng, label, str(key), held_out=wording == "heldout") for label, key in zip(labels, keys)]
+    first = facts[0]
+    return ([f.statement.encode() for f in facts], first.question.encode(), f"{first.core} |{first.asked}",
+            cue_overlap(first.statement, first.question, first.value))
 
 
 def build_prompt(haystack: bytes, length: int, depth: float, n_keys: int, rng: random.Random,
@@ -146,7 +167,7 @@ def build_prompt(haystack: bytes, length: int, depth: float, n_keys: int, rng: r
     doors = rng.sample(DOORS, n_keys) if n_keys > 1 else [None]
     keys = [rng.randint(10000, 99999) for _ in doors]
     asked = 0
-    needles, tail = _statements(keys, doors, wording, rng)
+    needles, tail, form, overlap = _statements(keys, doors, wording, rng)
     filler = length - sum(map(len, needles)) - len(tail)
     if filler < 0:
         raise HorizonError(f"length {length} is too short for {n_keys} key(s) and the question")
@@ -166,7 +187,7 @@ def build_prompt(haystack: bytes, length: int, depth: float, n_keys: int, rng: r
         prev = cuts[i]
     prompt = b"".join(parts) + body[prev:] + tail
     assert len(prompt) == length
-    return Prompt(prompt, keys[asked], length - len(tail))
+    return Prompt(prompt, keys[asked], length - len(tail), form, overlap)
 
 
 @torch.no_grad()
@@ -352,16 +373,32 @@ def run_passkey(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: t
             if on_cell is not None:
                 on_cell(entry)
     entry["complete"] = True
+    entry["by_cue_overlap"] = by_cue_overlap(cells)
     return entry
+
+
+OVERLAP_BINS = ((0, 3), (4, 7), (8, 11), (12, 15), (16, None))
+"""Cue overlaps tabulated together, in bytes (the default induction key spans 16)."""
+
+
+def by_cue_overlap(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials of every cell that ran, grouped by cue overlap: how many, and the share answered
+    exactly. An empty bin is left out."""
+    rows = []
+    for low, high in OVERLAP_BINS:
+        won = [score(reply, key) for c in cells if c["status"] == "ok"
+               for (key, reply), n in zip(c["examples"], c["cue_overlap"]) if n >= low and (high is None or n <= high)]
+        if won:
+            rows.append({"overlap": f"{low}-{high}" if high is not None else f"{low}+", "trials": len(won),
+                         "accuracy": sum(won) / len(won)})
+    return rows
 
 
 def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: torch.device, length: int,
               depth: int, bar: tqdm) -> dict[str, Any]:
     """``cfg.trials`` prompts of one length with the asked key at one depth, scored."""
-    rng = random.Random(f"{cfg.seed}-{length}-{depth}-{cfg.keys}-{cfg.wording}")
-    asked = [build_prompt(haystack, length, depth, cfg.keys, rng, cfg.wording) for _ in range(cfg.trials)]
+    asked, swap_keys = cell_prompts(haystack, cfg, length, depth)
     keys = [p.key for p in asked]
-    swap_keys = [rng.randint(10000, 99999) for _ in asked]
     replies, hits, weights, without_read, swapped, t0 = [], [], [], [], [], time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -388,7 +425,8 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
     bar.set_postfix(last=f"{length // 1024}K at {depth}%: {correct}/{cfg.trials}")
     cell = {"length": length, "depth": depth, "status": "ok", "trials": cfg.trials, "accuracy": correct / cfg.trials,
             "digit_accuracy": digits / (5 * cfg.trials), "seconds_per_trial": seconds / cfg.trials,
-            "examples": [[key, reply] for key, reply in zip(keys, replies)]}
+            "examples": [[key, reply] for key, reply in zip(keys, replies)],
+            "forms": [p.form for p in asked], "cue_overlap": [p.overlap for p in asked]}
     if device.type == "cuda":  # what asking at this length holds on the device (issue 25: a 10M prompt's memory)
         cell["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if hits:
@@ -401,6 +439,15 @@ def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: tor
     if cfg.causal_check:
         cell["causal_check"] = causal_summary(keys, replies, without_read, swap_keys, swapped)
     return cell
+
+
+def cell_prompts(haystack: bytes, cfg: PasskeyConfig, length: int, depth: int) -> tuple[list[Prompt], list[int]]:
+    """A cell's prompts and the keys the causal check swaps in, drawn from the cell's own seed:
+    the same settings and haystack give the same prompts in any run (and again from a results
+    file's ``config``)."""
+    rng = random.Random(f"{cfg.seed}-{length}-{depth}-{cfg.keys}-{cfg.wording}")
+    asked = [build_prompt(haystack, length, depth, cfg.keys, rng, cfg.wording) for _ in range(cfg.trials)]
+    return asked, [rng.randint(10000, 99999) for _ in asked]
 
 
 def fact_in_memory(prompt: Prompt, chunk_size: int, capacity: int) -> bool:
@@ -440,6 +487,9 @@ def format_table(name: str, entry: dict[str, Any]) -> str:
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [heads, *rows]]
     if any("*" in v for v in shown.values()):
         lines.append("* the fact lay outside the memory's window in some trials (raise --memory-capacity)")
+    if entry.get("by_cue_overlap"):
+        lines.append("by cue overlap (bytes the question's end shares with the fact's, before the value): " + ", ".join(
+            f"{row['overlap']}: {row['accuracy']:.0%} of {row['trials']}" for row in entry["by_cue_overlap"]))
     return "\n".join(lines)
 
 
@@ -458,8 +508,8 @@ def load_haystack(cfg: PasskeyConfig) -> bytes:
 
 def entry_name(label: str, keys: int, wording: str = "benchmark") -> str:
     """The name of a model's entry in the results file: its label, number of keys and wording."""
-    held_out = ", held-out wording" if wording == "heldout" else ""
-    return f"{label} ({keys} key{'s' if keys > 1 else ''}{held_out})"
+    wording_name = {"benchmark": "", "heldout": ", held-out wording", "train": ", training wording"}[wording]
+    return f"{label} ({keys} key{'s' if keys > 1 else ''}{wording_name})"
 
 
 def results_path(cfg: PasskeyConfig, checkpoint_folder: Path) -> Path:

@@ -12,6 +12,7 @@ from horizonlm.data.episodes import (
     KINDS,
     TRAIN_CORES,
     TRAIN_QUESTIONS,
+    cue_overlap,
     draw_episode,
     held_out_templates,
     longest_fact,
@@ -88,3 +89,24 @@ def test_episodes_fit_the_bound_and_are_reproducible() -> None:
             assert len({f.value for f in facts}) == n and len({f.label for f in facts}) == n
     one = draw_episode(random.Random(7), 3)
     assert one == draw_episode(random.Random(7), 3)
+
+
+def test_cue_overlap_counts_the_bytes_the_question_ends_with_before_the_value() -> None:
+    """Worked by hand: the question (with the space the answer starts with) ends in the 21 bytes
+    " The code of Anna is ", as the statement does before the value; "?" and ":" differ next."""
+    assert cue_overlap(" Note: The code of Anna is 48213. ", " What is the code of Anna? The code of Anna is",
+                       "48213") == len(" The code of Anna is ")
+    assert cue_overlap(" 48213 is the code of Anna. ", " Recall the code for Anna:", "48213") == 1  # the space alone
+    assert cue_overlap(" The pass key is 48213. Remember it. 48213 is the pass key. ", question(None),
+                       "48213") == len(" The pass key is ")  # the benchmark: the first statement counts
+    assert cue_overlap(needle(48213, "red"), question("red"), "48213") == len(" The pass key for the red door is ")
+
+
+def test_facts_record_the_phrasings_they_were_drawn_from() -> None:
+    rng = random.Random(5)
+    for held_out in (False, True):
+        facts, _ = draw_episode(rng, 3, held_out=held_out)
+        for fact in facts:
+            assert fact.core in (HELD_OUT_CORES if held_out else TRAIN_CORES)
+            assert fact.asked in (HELD_OUT_QUESTIONS if held_out else TRAIN_QUESTIONS)
+            assert fact.question == fact.asked.format(K=fact.kind, L=fact.label)

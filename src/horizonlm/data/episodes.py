@@ -126,6 +126,10 @@ class Fact:
     """The fact as it stands in the text, with a space before it and after it."""
     question: str
     """The end of a prompt that asks for it; the answer " {value}." follows."""
+    core: str = ""
+    """The core phrasing it was stated in (one of ``TRAIN_CORES`` or ``HELD_OUT_CORES``)."""
+    asked: str = ""
+    """The question phrasing it was asked in (one of ``TRAIN_QUESTIONS`` or ``HELD_OUT_QUESTIONS``)."""
 
 
 def value_text(rng: random.Random, value_kind: str) -> str:
@@ -148,7 +152,21 @@ def make_fact(rng: random.Random, label: str, value: str, held_out: bool = False
     statement = f" {opener}{body}{closer} "
     asked = rng.choice(HELD_OUT_QUESTIONS if held_out else TRAIN_QUESTIONS)
     question = asked.format(K=kind, L=label)
-    return Fact(label=label, kind=kind, value=value, statement=statement, question=question)
+    return Fact(label=label, kind=kind, value=value, statement=statement, question=question, core=core, asked=asked)
+
+
+def cue_overlap(statement: str, question: str, value: str) -> int:
+    """Bytes the answer's cue shares with the value's: the longest common suffix of the question
+    followed by the space the answer starts with, and the statement up to the value's first
+    character. An induction key over the last n bytes (the default memory's ``memory_key_span``)
+    finds the value by exact match only when this is at least n; below it the question's context
+    matches the fact's in fewer bytes, as it matches many other places in the text."""
+    cue = (question + " ").encode()
+    before = statement[: statement.index(value)].encode()
+    n = 0
+    while n < min(len(cue), len(before)) and cue[-1 - n] == before[-1 - n]:
+        n += 1
+    return n
 
 
 def draw_episode(rng: random.Random, n_facts: int, held_out: bool = False,
@@ -179,5 +197,5 @@ def longest_fact(n_facts: int) -> int:
     return n_facts * (fact + question + value + 2)
 
 
-__all__ = ["Fact", "draw_episode", "make_fact", "train_templates", "held_out_templates", "longest_fact",
+__all__ = ["Fact", "cue_overlap", "draw_episode", "make_fact", "train_templates", "held_out_templates", "longest_fact",
            "value_text", "KINDS", "LABELS", "TRAIN_CORES", "HELD_OUT_CORES", "TRAIN_QUESTIONS", "HELD_OUT_QUESTIONS"]

@@ -1,5 +1,6 @@
-"""The passkey sentences, shared by the benchmark (``horizon passkey``) and the training mix,
-so the model is trained and tested on the same wording."""
+"""The passkey benchmark's own sentences (``horizon passkey --wording benchmark``). The training
+mix never states them (:mod:`horizonlm.data.episodes` has no phrasing that says "pass key", and
+a test checks it); it takes only the door names from here."""
 
 from __future__ import annotations
 
