@@ -142,6 +142,11 @@ class TrainConfig(OptimizerSettings):
     earlier window). Writing the memory learns only from these: carried entries are detached."""
     retrieval_keys: int = 1
     """Facts per episode: 1 to this many, each with its own label, each asked once."""
+    retrieval_cloze: float = 0.0
+    """Share of asked facts whose question ends with the fact's own words before its value (a
+    cloze, :func:`horizonlm.data.episodes.cloze`): the induction memory's key can match only
+    such a cue (``horizon passkey`` records each trial's cue overlap); the rest are asked in a
+    drawn phrasing."""
     memory_read_dropout: float = 0.0
     """Share of streams whose memory read is left out for a whole training window (the memory
     still writes), drawn afresh each step: the model also learns to predict with nothing read,
@@ -210,7 +215,7 @@ class TrainConfig(OptimizerSettings):
                      "retrieval_every", "reset_every", "reset_stream_every", "seed", "max_minutes", "weight_decay",
                      "grad_clip"):
             _check_range(name, getattr(self, name), low=0)
-        for name in ("min_lr_ratio", "retrieval_rate", "retrieval_same_window", "memory_read_dropout"):
+        for name in ("min_lr_ratio", "retrieval_rate", "retrieval_same_window", "retrieval_cloze", "memory_read_dropout"):
             _check_range(name, getattr(self, name), low=0, high=1)
         for name in ("lr", "ssm_lr", "retrieval_weight"):
             if not getattr(self, name) > 0:
@@ -500,7 +505,8 @@ def _open_data(cfg: TrainConfig, dd: Distributed) -> _TrainData:
     if cfg.retrieval_every:
         require_byte_level(meta["tokenizer"], f"passkey episodes (retrieval_every) write bytes into {cfg.data}")
     mix = (RetrievalMix(cfg.retrieval_every, cfg.retrieval_rate, cfg.seed, cfg.retrieval_weight,
-                        cfg.retrieval_same_window, cfg.retrieval_keys) if cfg.retrieval_every else None)
+                        cfg.retrieval_same_window, cfg.retrieval_keys, cfg.retrieval_cloze)
+           if cfg.retrieval_every else None)
     local_batch = cfg.batch_size // dd.world
     batcher = LongStreamBatcher(train_tokens, cfg.batch_size, cfg.seq_len, first_stream=dd.rank * local_batch,
                                 local_batch=local_batch, retrieval=mix)

@@ -12,6 +12,7 @@ from horizonlm.data.episodes import (
     KINDS,
     TRAIN_CORES,
     TRAIN_QUESTIONS,
+    cloze,
     cue_overlap,
     draw_episode,
     held_out_templates,
@@ -110,3 +111,36 @@ def test_facts_record_the_phrasings_they_were_drawn_from() -> None:
             assert fact.core in (HELD_OUT_CORES if held_out else TRAIN_CORES)
             assert fact.asked in (HELD_OUT_QUESTIONS if held_out else TRAIN_QUESTIONS)
             assert fact.question == fact.asked.format(K=fact.kind, L=fact.label)
+
+
+def test_a_cloze_question_repeats_the_facts_words_before_its_value() -> None:
+    """The question ends with the fact's own words before the value, so the answer's cue repeats
+    the fact's in at least 16 bytes (or all of its words, when fewer); a fact whose value opens
+    it has nothing to restate and keeps its drawn question. Never a held-out or benchmark phrasing."""
+    rng = random.Random(7)
+    asked = kept = 0
+    held = [_pattern(q) for q in HELD_OUT_QUESTIONS] + [_pattern(c) for c in HELD_OUT_CORES]
+    for _ in range(2000):
+        fact = draw_episode(rng, 1)[0][0]
+        clozed = cloze(rng, fact)
+        if not fact.before_value:
+            assert clozed == fact
+            kept += 1
+            continue
+        asked += 1
+        assert clozed.question.endswith(fact.before_value[1:])
+        assert cue_overlap(fact.statement, clozed.question, fact.value) >= min(16, len(fact.before_value))
+        assert "pass key" not in clozed.question.lower()
+        assert not any(p.search(clozed.question) for p in held), clozed.question
+    assert asked > 1500 and kept > 100
+
+
+def test_the_bound_holds_cloze_questions() -> None:
+    rng = random.Random(8)
+    for _ in range(3000):
+        n = rng.randint(1, 4)
+        facts, _ = draw_episode(rng, n)
+        facts = [cloze(rng, f) for f in facts]
+        used = sum(len(f.statement) + len(f.question) + len(f" {f.value}.") for f in facts)
+        assert used <= longest_fact(n, cloze=True)
+    assert longest_fact(1, cloze=True) > longest_fact(1)

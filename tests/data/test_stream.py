@@ -95,6 +95,33 @@ def test_retrieval_episodes_in_the_question_window_ask_every_labelled_fact() -> 
     assert len(counts) > 1  # one to four facts
 
 
+def test_cloze_questions_change_the_questions_only() -> None:
+    """retrieval_cloze=1 (drawn from a seed of its own): the same facts stand at the same places
+    and are answered with the same values; only the questions differ, and most now repeat the
+    16 bytes before the value (:func:`horizonlm.data.episodes.cloze` is checked in test_episodes)."""
+    from horizonlm.data.stream import RetrievalMix
+
+    tokens = (np.arange(400_000) % 26 + 97).astype(np.uint8)
+    batchers = [LongStreamBatcher(tokens, 8, 2048, retrieval=RetrievalMix(every=2, rate=1.0, seed=5, answer_weight=7.0,
+                                                                           max_keys=2, cloze=share))
+                for share in (0.0, 1.0)]
+    (plain_first, _, _), (cloze_first, _, _) = (b.batch(0) for b in batchers)
+    assert torch.equal(plain_first, cloze_first)  # the facts' window, unchanged
+    (_, plain_y, plain_w), (_, cloze_y, cloze_w) = (b.batch(1) for b in batchers)
+    repeated, asked = [0, 0], 0
+    for b in range(8):
+        values = _answers(cloze_y[b], cloze_w[b], 7.0)
+        assert values == _answers(plain_y[b], plain_w[b], 7.0)
+        stated = bytes(plain_first[b].tolist())
+        for value in values:
+            before = stated[: stated.index(b" " + value) + 1]
+            for i, y in enumerate((plain_y, cloze_y)):
+                text = bytes(y[b].tolist())
+                repeated[i] += before[-16:] == text[: text.index(b" " + value + b".") + 1][-16:]
+            asked += 1
+    assert asked >= 8 and repeated[1] >= asked * 2 // 3 and repeated[0] <= asked // 3
+
+
 def test_retrieval_needs_room_in_the_window() -> None:
     from horizonlm.data.stream import RetrievalMix
 

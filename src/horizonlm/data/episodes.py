@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import itertools
 import random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 KINDS = ("code", "number", "password", "combination", "PIN", "access code", "secret number", "serial number",
          "reference", "locker number", "ticket number", "token")
@@ -93,6 +94,11 @@ HELD_OUT_QUESTIONS = (
     " Can you tell me what {L} uses as its {K}? It is",
 )
 
+# A cloze question ends with the fact's own words before its value, after one of these leads
+# ({L}: the label): the answer's cue then repeats the fact's (see cue_overlap).
+CLOZE_LEADS = ("", "Back to {L}. ", "Question: ", "Remind me: ", "Once more: ", "Recall it: ", "So, ",
+               "As noted before, ", "Earlier we said: ", "Complete this: ")
+
 
 def _labels() -> list[str]:
     return [pattern.format(c=c) for pattern, fillers in LABELS.values() for c in fillers]
@@ -130,6 +136,9 @@ class Fact:
     """The core phrasing it was stated in (one of ``TRAIN_CORES`` or ``HELD_OUT_CORES``)."""
     asked: str = ""
     """The question phrasing it was asked in (one of ``TRAIN_QUESTIONS`` or ``HELD_OUT_QUESTIONS``)."""
+    before_value: str = ""
+    """The fact's own words from its core's start to its value, as the core writes them (not
+    sentence-cased; empty when the value opens the fact)."""
 
 
 def value_text(rng: random.Random, value_kind: str) -> str:
@@ -146,13 +155,36 @@ def make_fact(rng: random.Random, label: str, value: str, held_out: bool = False
     """A fact about ``label`` in a phrasing drawn from the training set (or the held-out set)."""
     opener, core, closer = rng.choice(held_out_templates() if held_out else train_templates())
     kind = rng.choice(KINDS)
-    body = core.format(K=kind, L=label, V=value)
-    if opener == "" or opener.endswith((". ", ": ")):
-        body = _sentence_case(body)  # a sentence of its own
+    words = core.format(K=kind, L=label, V=value)
+    # a sentence of its own starts with a capital, unless it starts with the value ("ember" is asked as "ember")
+    own_sentence = opener == "" or opener.endswith((". ", ": "))
+    body = _sentence_case(words) if own_sentence and not words.startswith(value) else words
     statement = f" {opener}{body}{closer} "
     asked = rng.choice(HELD_OUT_QUESTIONS if held_out else TRAIN_QUESTIONS)
     question = asked.format(K=kind, L=label)
-    return Fact(label=label, kind=kind, value=value, statement=statement, question=question, core=core, asked=asked)
+    return Fact(label=label, kind=kind, value=value, statement=statement, question=question, core=core, asked=asked,
+                before_value=words[: value_at(words, value)].rstrip())
+
+
+def value_at(text: str, value: str) -> int:
+    """Where ``value`` first stands in ``text`` as a word of its own (the word value "ember" is
+    not the one inside "Remember")."""
+    found = re.search(rf"(?<![\w-]){re.escape(value)}(?![\w-])", text)
+    if found is None:
+        raise ValueError(f"{value!r} is not a word of {text!r}")
+    return found.start()
+
+
+def cloze(rng: random.Random, fact: Fact) -> Fact:
+    """``fact`` asked with a cloze question (a lead, then its own words before the value), or
+    as it is when its value opens it (nothing to restate)."""
+    if not fact.before_value:
+        return fact
+    lead = rng.choice(CLOZE_LEADS)
+    words = fact.before_value
+    if lead == "" or lead.endswith((". ", ": ")):
+        words = _sentence_case(words)
+    return replace(fact, question=f" {lead.format(L=fact.label)}{words}", asked=lead + "<cloze>")
 
 
 def cue_overlap(statement: str, question: str, value: str) -> int:
@@ -162,7 +194,7 @@ def cue_overlap(statement: str, question: str, value: str) -> int:
     finds the value by exact match only when this is at least n; below it the question's context
     matches the fact's in fewer bytes, as it matches many other places in the text."""
     cue = (question + " ").encode()
-    before = statement[: statement.index(value)].encode()
+    before = statement[: value_at(statement, value)].encode()
     n = 0
     while n < min(len(cue), len(before)) and cue[-1 - n] == before[-1 - n]:
         n += 1
@@ -185,17 +217,19 @@ def draw_episode(rng: random.Random, n_facts: int, held_out: bool = False,
     return [make_fact(rng, label, value, held_out) for label, value in zip(labels, values)], rng.randrange(n_facts)
 
 
-def longest_fact(n_facts: int) -> int:
+def longest_fact(n_facts: int, cloze: bool = False) -> int:
     """A bound on the bytes ``n_facts`` facts and a question with its answer for each take (for
-    window sizes)."""
+    window sizes); ``cloze``: some questions may be cloze questions."""
     label = max(map(len, _labels()))
     kind = max(map(len, KINDS))
     value = max(len("99999"), max(map(len, WORDS)), len("AB-999"))
     core = max(len(c) for c in TRAIN_CORES + HELD_OUT_CORES) + 2 * kind + label + value
     fact = max(map(len, OPENERS)) + core + max(map(len, CLOSERS)) + 2
     question = max(len(q) for q in TRAIN_QUESTIONS + HELD_OUT_QUESTIONS) + 2 * kind + 2 * label
+    if cloze:  # a lead naming the label, then at most the core's words before its value
+        question = max(question, max(map(len, CLOZE_LEADS)) + label + max(map(len, TRAIN_CORES)) + kind + label)
     return n_facts * (fact + question + value + 2)
 
 
-__all__ = ["Fact", "cue_overlap", "draw_episode", "make_fact", "train_templates", "held_out_templates", "longest_fact",
-           "value_text", "KINDS", "LABELS", "TRAIN_CORES", "HELD_OUT_CORES", "TRAIN_QUESTIONS", "HELD_OUT_QUESTIONS"]
+__all__ = ["Fact", "cloze", "cue_overlap", "draw_episode", "make_fact", "train_templates", "held_out_templates", "longest_fact",
+           "value_text", "KINDS", "LABELS", "TRAIN_CORES", "HELD_OUT_CORES", "TRAIN_QUESTIONS", "HELD_OUT_QUESTIONS", "CLOZE_LEADS"]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from horizonlm.data.episodes import draw_episode, longest_fact
+from horizonlm.data.episodes import cloze, draw_episode, longest_fact
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import sha256_file
 
@@ -80,10 +80,14 @@ class RetrievalMix:
     """Probability that the facts are stated in the question's window."""
     max_keys: int = 1
     """Facts per episode are drawn from 1..max_keys."""
+    cloze: float = 0.0
+    """Probability that a fact is asked with a cloze question (its own words before the value,
+    :func:`horizonlm.data.episodes.cloze`) instead of a drawn one; drawn from a seed of its own,
+    so the facts, their places and their order are those of the same mix without it."""
 
     def longest(self) -> int:
         """Bytes the facts and the question can take in one window."""
-        return longest_fact(self.max_keys)
+        return longest_fact(self.max_keys, cloze=self.cloze > 0)
 
     def apply(self, window: np.ndarray, stream: int, index: int) -> np.ndarray | None:
         """Edit ``window`` (L+1 tokens) in place; returns per-target loss weights (L,) or None."""
@@ -92,6 +96,9 @@ class RetrievalMix:
         if rng.random() >= self.rate:
             return None
         facts, _ = draw_episode(rng, rng.randint(1, self.max_keys))
+        if self.cloze:  # a stream of its own: the facts, their places and order stay as without it
+            asking = random.Random(f"{self.seed}-{stream}-{episode}-cloze")
+            facts = [cloze(asking, fact) if asking.random() < self.cloze else fact for fact in facts]
         same = self.every == 1 or rng.random() < self.same_window
         fact_step = self.every - 1 if same else rng.randrange(self.every - 1)
         asked = [facts[i] for i in rng.sample(range(len(facts)), len(facts))]  # every fact, in a random order
