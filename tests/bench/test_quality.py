@@ -168,8 +168,9 @@ def test_protocol_stages_sweep_then_main_without_retraining(tmp_path: Path, monk
 def test_a_protocol_fixes_its_settings_and_results_of_another_are_refused(tmp_path: Path) -> None:
     from horizonlm.bench.quality import PROTOCOLS
 
-    cfg = QualityConfig(protocol="h200-8min", minutes=1.0)
+    cfg = QualityConfig(protocol="h200-8min", minutes=1.0, recall_cloze=0.5)
     assert all(getattr(cfg, k) == v for k, v in PROTOCOLS["h200-8min"].items()) and cfg.minutes >= 8
+    assert cfg.recall_cloze == 0.0  # the mix is the protocol's, every question included
     prose = QualityConfig(protocol="h200-8min-prose")  # the recall mix's cost: the same but prose alone
     assert prose.recall_every == 0 and cfg.recall_every > 0
     assert {k: v for k, v in PROTOCOLS["h200-8min-prose"].items() if k != "recall_every"} == {

@@ -80,7 +80,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "h200-8min": dict(preset="base", minutes=8.0, sweep_minutes=1.5, lrs="0.0006,0.0012,0.0024", batch_size=16,
                       seq_len=8192, eval_window=8192, max_eval_tokens=0, reset_stream_every=64,
                       memory_read_dropout=0.1, recall_every=2, recall_rate=1.0, recall_keys=4, recall_weight=5.0,
-                      recall_same_window=0.5, ablation_lr_from_horizon=False),
+                      recall_same_window=0.5, recall_cloze=0.0, ablation_lr_from_horizon=False),
 }
 """Named protocols: settings fixed in code, recorded in the results file by name and value."""
 # The same on prose alone (no recall episodes in the mix), in its own results file: what the recall
@@ -133,6 +133,9 @@ class QualityConfig:
     """Loss weight of the answers' target bytes."""
     recall_same_window: float = 0.5
     """Share of episodes whose facts are in the question's window (the rest: an earlier window)."""
+    recall_cloze: float = 0.0
+    """Share of asked facts whose question ends with the fact's own words before its value
+    (``TrainConfig.retrieval_cloze``)."""
     eval_batch: int = 16
     """Streams scored per call (books, reset windows, cold starts; each stream exactly as alone)."""
     curve_points: int = 4
@@ -236,7 +239,8 @@ def _train(cfg: QualityConfig, name: str, lr: float, minutes: float, out: Path,
                        reset_stream_every=cfg.reset_stream_every, memory_read_dropout=cfg.memory_read_dropout,
                        retrieval_every=cfg.recall_every,
                        retrieval_rate=cfg.recall_rate, retrieval_keys=cfg.recall_keys,
-                       retrieval_weight=cfg.recall_weight, retrieval_same_window=cfg.recall_same_window)
+                       retrieval_weight=cfg.recall_weight, retrieval_same_window=cfg.recall_same_window,
+                       retrieval_cloze=cfg.recall_cloze)
     tcfg.steps = _estimate_steps(tcfg) if step_seconds is None else max(10, int(minutes * 60 / step_seconds))
     if curve and cfg.curve_points:
         tcfg.eval_every = max(1, tcfg.steps // cfg.curve_points)
