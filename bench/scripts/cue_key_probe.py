@@ -96,11 +96,11 @@ def main() -> None:
     if out.exists() and not args.overwrite:
         raise SystemExit(f"{out} exists; pass --overwrite to replace it")
     haystack = load_haystack(PasskeyConfig(source=args.source))
+    widths = [int(w) for w in args.widths.split(",")]
     rows = []
     for wording in ("benchmark", "heldout", "train"):
         for length in map(int, args.lengths.split(",")):
             rng = random.Random(f"probe-{wording}-{length}")
-            widths = [int(w) for w in args.widths.split(",")]
             ranks: dict[str, list[tuple[int, int]]] = {"ordered": []}
             for _ in range(args.trials):
                 prompt = build_prompt(haystack, length, rng.choice((0, 50, 100)), 1, rng, wording)
@@ -117,10 +117,11 @@ def main() -> None:
             for name, got in ranks.items():
                 row = {"wording": wording, "length": length, "key": name, "trials": len(got),
                        "first": sum(r == 0 for r, _ in got) / len(got), "top8": sum(r < 8 for r, _ in got) / len(got)}
-                row["top8_by_cue_overlap"] = {
-                    f"{lo}-{hi}" if hi is not None else f"{lo}+": [sum(r < 8 for r, n in got if lo <= n and (hi is None or n <= hi)),
-                                                                 sum(lo <= n and (hi is None or n <= hi) for _, n in got)]
-                    for lo, hi in OVERLAP_BINS}
+                row["top8_by_cue_overlap"] = {}  # bin: [in the top 8, trials]
+                for lo, hi in OVERLAP_BINS:
+                    inside = [r for r, n in got if lo <= n and (hi is None or n <= hi)]
+                    row["top8_by_cue_overlap"][f"{lo}-{hi}" if hi is not None else f"{lo}+"] = [
+                        sum(r < 8 for r in inside), len(inside)]
                 rows.append(row)
                 print(wording, length, name, f"first {row['first']:.0%}, top 8 {row['top8']:.0%}", flush=True)
     atomic_write_json(out, {"what": __doc__.split("\n\n")[0], "widths": args.widths, "span": SPAN,

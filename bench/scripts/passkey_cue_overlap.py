@@ -21,7 +21,7 @@ from horizonlm.fileio import atomic_write_json
 from horizonlm.passkey import OVERLAP_BINS, PasskeyConfig, by_cue_overlap, cell_prompts, load_haystack, score
 
 
-def entry_trials(entry: dict, source: str) -> tuple[list[dict], bytes | None]:
+def entry_trials(entry: dict, source: str) -> list[dict]:
     """The entry's cells with ``forms`` and ``cue_overlap`` filled in from its prompts drawn again."""
     known = {f.name for f in fields(PasskeyConfig)}
     cfg = PasskeyConfig(**{**{k: v for k, v in entry["config"].items() if k in known}, "source": source,

@@ -231,5 +231,6 @@ def longest_fact(n_facts: int, cloze: bool = False) -> int:
     return n_facts * (fact + question + value + 2)
 
 
-__all__ = ["Fact", "cloze", "cue_overlap", "draw_episode", "make_fact", "train_templates", "held_out_templates", "longest_fact",
-           "value_text", "KINDS", "LABELS", "TRAIN_CORES", "HELD_OUT_CORES", "TRAIN_QUESTIONS", "HELD_OUT_QUESTIONS", "CLOZE_LEADS"]
+__all__ = ["Fact", "cloze", "cue_overlap", "draw_episode", "make_fact", "train_templates", "held_out_templates",
+           "longest_fact", "value_at", "value_text", "KINDS", "LABELS", "TRAIN_CORES", "HELD_OUT_CORES",
+           "TRAIN_QUESTIONS", "HELD_OUT_QUESTIONS", "CLOZE_LEADS"]
