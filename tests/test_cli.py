@@ -152,7 +152,8 @@ def test_default_run_folder_follows_the_data() -> None:
 NUMERIC_BAD = {
     "train": {"batch_size": ["0"], "seq_len": ["0"], "steps": ["0"], "max_minutes": ["-1", "nan", "inf"],
               "retrieval_every": ["-1"], "retrieval_rate": ["1.5"], "retrieval_weight": ["0"],
-              "retrieval_same_window": ["-0.1"], "retrieval_keys": ["0", "9"], "reset_every": ["-1"],
+              "retrieval_same_window": ["-0.1"], "retrieval_cloze": ["-0.1", "1.5"], "retrieval_keys": ["0", "9"],
+              "reset_every": ["-1"],
               "stop_after": ["-1"], "lr": ["0", "nan"], "ssm_lr": ["-1"], "min_lr_ratio": ["2"], "warmup": ["-1"],
               "kernel_warmup": ["-1"],
               "weight_decay": ["-1"], "beta2": ["1"], "grad_clip": ["-1"], "eval_every": ["-1"],
