@@ -144,3 +144,15 @@ def test_the_bound_holds_cloze_questions() -> None:
         used = sum(len(f.statement) + len(f.question) + len(f" {f.value}.") for f in facts)
         assert used <= longest_fact(n, cloze=True)
     assert longest_fact(1, cloze=True) > longest_fact(1)
+
+
+def test_a_value_is_stated_as_it_is_asked() -> None:
+    """Every fact states its value exactly as the answer spells it, also a word value that opens
+    its sentence (it was capitalised once: stated "Ember", answered "ember")."""
+    rng = random.Random(9)
+    opening = 0
+    for _ in range(3000):
+        fact = draw_episode(rng, 1, value_kind="word")[0][0]
+        assert re.search(rf"(?<![\w-]){fact.value}(?![\w-])", fact.statement), fact.statement
+        opening += not fact.before_value
+    assert opening > 100
