@@ -24,12 +24,12 @@ import argparse
 import math
 import random
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-from horizonlm.fileio import atomic_write_json
-from horizonlm.passkey import OVERLAP_BINS, PasskeyConfig, build_prompt, digit_positions, load_haystack
+from horizonlm.fileio import atomic_write_json, refuse_existing
+from horizonlm.passkey import (OVERLAP_BINS, PasskeyConfig, build_prompt, digit_positions, load_haystack,
+                               overlap_bin)
 
 SPAN = 16
 """The ordered key's span (the default ``memory_key_span``)."""
@@ -92,11 +92,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"{out} exists; pass --overwrite to replace it")
+    out = refuse_existing(args.out, args.overwrite)
     haystack = load_haystack(PasskeyConfig(source=args.source))
     widths = [int(w) for w in args.widths.split(",")]
+    bins = [overlap_bin(low) for low, _ in OVERLAP_BINS]
     rows = []
     for wording in ("benchmark", "heldout", "train"):
         for length in map(int, args.lengths.split(",")):
@@ -117,11 +116,9 @@ def main() -> None:
             for name, got in ranks.items():
                 row = {"wording": wording, "length": length, "key": name, "trials": len(got),
                        "first": sum(r == 0 for r, _ in got) / len(got), "top8": sum(r < 8 for r, _ in got) / len(got)}
-                row["top8_by_cue_overlap"] = {}  # bin: [in the top 8, trials]
-                for lo, hi in OVERLAP_BINS:
-                    inside = [r for r, n in got if lo <= n and (hi is None or n <= hi)]
-                    row["top8_by_cue_overlap"][f"{lo}-{hi}" if hi is not None else f"{lo}+"] = [
-                        sum(r < 8 for r in inside), len(inside)]
+                row["top8_by_cue_overlap"] = {  # bin: [in the top 8, trials]
+                    name: [sum(r < 8 for r, n in got if overlap_bin(n) == name), sum(overlap_bin(n) == name for _, n in got)]
+                    for name in bins}
                 rows.append(row)
                 print(wording, length, name, f"first {row['first']:.0%}, top 8 {row['top8']:.0%}", flush=True)
     atomic_write_json(out, {"what": __doc__.split("\n\n")[0], "widths": args.widths, "span": SPAN,

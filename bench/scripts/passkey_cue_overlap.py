@@ -11,14 +11,21 @@ question's end shares with the text before the value; :func:`horizonlm.data.epis
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections import defaultdict
 from dataclasses import fields
 from pathlib import Path
 
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import atomic_write_json
+from horizonlm.fileio import atomic_write_json, refuse_existing
 from horizonlm.passkey import OVERLAP_BINS, PasskeyConfig, by_cue_overlap, cell_prompts, load_haystack, score
+
+
+@functools.cache
+def haystack_of(haystack: str, source: str) -> bytes:
+    """The haystack text, read once for every entry that names the same file or corpus."""
+    return load_haystack(PasskeyConfig(haystack=haystack, source=source))
 
 
 def entry_trials(entry: dict, source: str) -> list[dict]:
@@ -26,7 +33,7 @@ def entry_trials(entry: dict, source: str) -> list[dict]:
     known = {f.name for f in fields(PasskeyConfig)}
     cfg = PasskeyConfig(**{**{k: v for k, v in entry["config"].items() if k in known}, "source": source,
                            "progress": False})
-    haystack = load_haystack(cfg)
+    haystack = haystack_of(cfg.haystack, cfg.source)
     cells = []
     for cell in entry["cells"]:
         if cell["status"] != "ok":
@@ -59,9 +66,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"{out} exists; pass --overwrite to replace it")
+    out = refuse_existing(args.out, args.overwrite)
     entries, pooled = {}, defaultdict(list)
     for path in args.files:
         for name, entry in json.loads(Path(path).read_text())["models"].items():

@@ -28,6 +28,7 @@ import json
 import random
 import re
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -381,17 +382,24 @@ OVERLAP_BINS = ((0, 3), (4, 7), (8, 11), (12, 15), (16, None))
 """Cue overlaps tabulated together, in bytes (the default induction key spans 16)."""
 
 
+def overlap_bin(n: int) -> str:
+    """The name of the bin of ``OVERLAP_BINS`` a cue overlap of ``n`` bytes falls in ("8-11", "16+")."""
+    for low, high in OVERLAP_BINS:
+        if n >= low and (high is None or n <= high):
+            return f"{low}-{high}" if high is not None else f"{low}+"
+    raise ValueError(f"a cue overlap is a number of bytes, got {n}")
+
+
 def by_cue_overlap(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Trials of every cell that ran, grouped by cue overlap: how many, and the share answered
     exactly. An empty bin is left out."""
-    rows = []
-    for low, high in OVERLAP_BINS:
-        won = [score(reply, key) for c in cells if c["status"] == "ok"
-               for (key, reply), n in zip(c["examples"], c["cue_overlap"]) if n >= low and (high is None or n <= high)]
-        if won:
-            rows.append({"overlap": f"{low}-{high}" if high is not None else f"{low}+", "trials": len(won),
-                         "accuracy": sum(won) / len(won)})
-    return rows
+    won: dict[str, list[bool]] = defaultdict(list)
+    for c in cells:
+        if c["status"] == "ok":
+            for (key, reply), n in zip(c["examples"], c["cue_overlap"]):
+                won[overlap_bin(n)].append(score(reply, key))
+    return [{"overlap": name, "trials": len(won[name]), "accuracy": sum(won[name]) / len(won[name])}
+            for name in (overlap_bin(low) for low, _ in OVERLAP_BINS) if won.get(name)]
 
 
 def _run_cell(model: nn.Module, haystack: bytes, cfg: PasskeyConfig, device: torch.device, length: int,
