@@ -117,7 +117,8 @@ def main() -> None:
                 row = {"wording": wording, "length": length, "key": name, "trials": len(got),
                        "first": sum(r == 0 for r, _ in got) / len(got), "top8": sum(r < 8 for r, _ in got) / len(got)}
                 row["top8_by_cue_overlap"] = {  # bin: [in the top 8, trials]
-                    name: [sum(r < 8 for r, n in got if overlap_bin(n) == name), sum(overlap_bin(n) == name for _, n in got)]
+                    name: [sum(r < 8 for r, n in got if overlap_bin(n) == name),
+                           sum(overlap_bin(n) == name for _, n in got)]
                     for name in bins}
                 rows.append(row)
                 print(wording, length, name, f"first {row['first']:.0%}, top 8 {row['top8']:.0%}", flush=True)
