@@ -12,8 +12,17 @@ out=$1 commands=$2
 budget=${SECONDS_BUDGET:-560}
 export PYTHONPATH=src PYTHONUNBUFFERED=1 HORIZON_COMMIT=${HORIZON_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 # Compiled kernels and autotune results kept under runs/ (ignored, kept between the calls of one
-# warm machine): the GLA peer's fla kernels autotune for minutes on first use, once per machine.
+# warm machine): the GLA peer's fla kernels autotune about 800 configurations on first use (10
+# minutes were not enough in session 21). Triton writes each finished tuning to
+# TRITON_CACHE_DIR/<hash>/<kernel>.autotune.json (TRITON_CACHE_AUTOTUNING; fla asks for it too),
+# keyed by the Triton build, the kernel's source and its arguments' shapes and dtypes, not by the
+# machine. So those files come back in OUT/triton_autotune.tgz and, copied to .carry/, are
+# unpacked here on the next fresh machine: a kernel tuned once is only compiled after that.
+# TRITON_PRINT_AUTOTUNING logs each tuning's time.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/runs/cache/triton} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/runs/cache/inductor}
+export TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .carry/triton_autotune.tgz ] && tar -xzf .carry/triton_autotune.tgz -C "$TRITON_CACHE_DIR"
 mkdir -p "$out/logs"
 marker=$(mktemp) && touch "$marker"  # results written after this are brought back
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/logs/gpu.txt" 2>&1
@@ -37,5 +46,6 @@ for run in runs/*/*/log.jsonl; do  # the training logs of the runs made here
   [ -f "$run" ] && mkdir -p "$out/logs/$(dirname "$run")" && cp "$run" "$(dirname "$run")/config.json" "$out/logs/$(dirname "$run")/"
 done
 tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
+(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar -czf "$out/triton_autotune.tgz" -T -)
 find bench/results -type f -newer "$marker" -exec cp {} "$out/" \;
 ls -la "$out"

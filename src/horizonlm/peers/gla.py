@@ -254,14 +254,15 @@ class GLAPeerLM(nn.Module):
             raise ValueError(f"state must be a GLAState, got {type(state).__name__}")
         if state is not None and state.batch_size != batch:
             raise ValueError(f"state batch_size={state.batch_size} does not match tokens batch size {batch}")
-        fresh = [None] * self.config.n_layers
-        states = _LayerStates(fresh if state is None else [t.float() for t in state.layers])  # (B, H, Dv/H, Dk/H) each
+        # A stream's start passes zeros, not None: fla's kernels autotune per argument signature, and
+        # None would tune a second set of its three largest kernels for the first window alone.
+        state = self.init_state(batch, tokens.device) if state is None else state
+        states = _LayerStates([t.float() for t in state.layers])  # (B, H, Dv/H, Dk/H) each
         h = self.embed(tokens.long())  # (B, L, D)
         for block in self.blocks:
             h = block(h, states)  # (B, L, D)
         logits = self.head(self.final_norm(h))  # (B, L, V)
-        pos = length if state is None else state.pos + length
-        return logits, GLAState(layers=tuple(states.states), pos=pos, batch_size=batch)
+        return logits, GLAState(layers=tuple(states.states), pos=state.pos + length, batch_size=batch)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
