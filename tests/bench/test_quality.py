@@ -124,6 +124,37 @@ def test_cold_starts_average_position_over_starts() -> None:
     result = _score_cold_starts(Uniform(), tokens, 4, 50, "cpu", bins, batch=3)
     assert result["tokens"] == 200 and [b["from"] for b in result["by_position"]] == [1, 2, 10]
     assert all(abs(b["bits_per_byte"] - 8.0) < 1e-5 for b in result["by_position"])
+    assert np.allclose(result["by_start"], 8.0) and np.shape(result["by_start"]) == (4, 3)
+    assert all(b["stderr"] == pytest.approx(0.0, abs=1e-6) for b in result["by_position"])
+
+
+def test_cold_starts_record_each_start_for_pairing() -> None:
+    """by_start holds each start's mean loss in each bin (checked against the losses by hand), and
+    each bin's stderr is their standard error over the starts."""
+    import math
+
+    from horizonlm.bench.quality import _score_cold_starts
+
+    class Favourite(torch.nn.Module):
+        """Puts all its weight on byte 7: every byte costs log 256 bits but 7, which costs ~0."""
+
+        def forward(self, tokens, state=None):
+            logits = torch.zeros(*tokens.shape, 256)  # (B, L, V)
+            logits[..., 7] = 40.0
+            return logits, None
+
+    tokens = np.random.default_rng(0).integers(0, 16, 400).astype(np.uint8)
+    bins = np.array([1, 3, 11])
+    length, starts = 10, 3
+    result = _score_cold_starts(Favourite(), tokens, starts, length, "cpu", bins, batch=2)
+    want = []
+    for start in np.linspace(0, len(tokens) - length - 1, starts).astype(np.int64):
+        targets = tokens[start + 1 : start + length + 1]
+        bits = np.where(targets == 7, 0.0, 40.0 / math.log(2) + math.log2(1 + 255 * math.exp(-40.0)))  # (length,)
+        want.append([bits[:2].mean(), bits[2:].mean()])
+    assert np.allclose(result["by_start"], want, atol=1e-3)
+    spread = np.std(want, axis=0, ddof=1) / math.sqrt(starts)
+    assert [b["stderr"] for b in result["by_position"]] == pytest.approx(spread.tolist(), abs=1e-3)
 
 
 def test_protocol_stages_sweep_then_main_without_retraining(tmp_path: Path, monkeypatch) -> None:

@@ -41,3 +41,39 @@ def test_nothing_to_rank() -> None:
     summary = summarize_quality({"models": {"x": {"scores": {"wt_ppl": {"word_perplexity": 5.0}}}}})
     assert summary["main_score"] is None and summary["ranking"] == []
     assert "no *_test_carried" in format_quality_table(summary)
+
+
+def _cold(rows: list[list[float]]) -> dict:
+    bins = [{"from": 1, "to": 2}, {"from": 2, "to": 5}]
+    return {"by_position": bins, "by_start": rows}
+
+
+def test_cold_starts_are_paired_start_by_start() -> None:
+    """The difference of two models on the same starts, per bin, with the standard error of the
+    per-start differences: a shared hard start cancels."""
+    import numpy as np
+
+    from horizonlm.bench.quality_summary import paired_bins
+
+    a = [[5.0, 3.0], [9.0, 2.0], [4.0, 2.5]]
+    b = [[4.5, 3.1], [8.4, 2.0], [3.6, 2.4]]
+    got = paired_bins(_cold(a), _cold(b))
+    diffs = np.array(a) - np.array(b)  # (starts, bins)
+    assert [(r["from"], r["to"]) for r in got] == [(1, 2), (2, 5)]
+    assert [r["difference"] for r in got] == pytest.approx(diffs.mean(axis=0).tolist())
+    assert [r["stderr"] for r in got] == pytest.approx((diffs.std(axis=0, ddof=1) / np.sqrt(3)).tolist())
+    results = {"models": {"horizon": {"scores": {"novels_test_cold_starts": _cold(b)}},
+                          "horizon_chunk_memory": {"scores": {"novels_test_cold_starts": _cold(a)}},
+                          "transformer": {"scores": {"novels_test_cold_starts": {"by_position": []}}}}}
+    paired = summarize_quality(results)["cold_starts_paired"]
+    assert list(paired) == ["horizon_chunk_memory - horizon"]  # the transformer recorded no starts
+    assert paired["horizon_chunk_memory - horizon"] == got
+
+
+def test_paired_bins_refuse_scores_that_do_not_pair() -> None:
+    from horizonlm.bench.quality_summary import paired_bins
+
+    with pytest.raises(ValueError, match="same starts"):
+        paired_bins(_cold([[1.0, 1.0]]), _cold([[1.0, 1.0], [2.0, 2.0]]))
+    with pytest.raises(ValueError, match="by_start"):
+        paired_bins(_cold([[1.0, 1.0]]), {"by_position": _cold([])["by_position"]})

@@ -298,6 +298,12 @@ def _score_books(model, tokens: np.ndarray, documents: list, window: int, device
     """Each book as its own stream (with ``reset_every``, each stretch of that many bytes of it as
     its own stream), ``batch`` streams per call; totals and bits per byte by (absolute) position in
     the book."""
+    return _binned(_book_losses(model, tokens, documents, window, device, reset_every, batch), bins)
+
+
+def _book_losses(model, tokens: np.ndarray, documents: list, window: int, device, reset_every: int | None,
+                 batch: int) -> list[np.ndarray]:
+    """Each book's per-byte losses in nats (see :func:`_score_books`)."""
     pieces, owner = [], []  # the streams scored, and (book, offset) of each
     for book, (_, start, end) in enumerate(documents):
         step = reset_every or (end - start)
@@ -308,9 +314,19 @@ def _score_books(model, tokens: np.ndarray, documents: list, window: int, device
     per_book = [np.zeros(end - start - 1, dtype=np.float32) for _, start, end in documents]
     for (book, offset), nats in zip(owner, per_piece):
         per_book[book][offset : offset + len(nats)] = nats
+    return per_book
+
+
+def _bin_of(length: int, bins: np.ndarray) -> np.ndarray:
+    """The position bin of each of a book's first ``length`` predicted bytes (position 1 first)."""
+    return np.clip(np.searchsorted(bins, np.arange(1, length + 1), side="right") - 1, 0, len(bins) - 2)  # (length,)
+
+
+def _binned(per_book: list[np.ndarray], bins: np.ndarray) -> dict[str, Any]:
+    """Totals and bits per byte by position over the books' per-byte losses (nats)."""
     sums, counts = np.zeros(len(bins) - 1), np.zeros(len(bins) - 1)
     for per in per_book:
-        which = np.clip(np.searchsorted(bins, np.arange(1, len(per) + 1), side="right") - 1, 0, len(bins) - 2)
+        which = _bin_of(len(per), bins)  # (len,)
         np.add.at(sums, which, per)
         np.add.at(counts, which, 1)
     total, count = float(sum(p.sum(dtype=np.float64) for p in per_book)), sum(len(p) for p in per_book)
@@ -322,10 +338,23 @@ def _score_books(model, tokens: np.ndarray, documents: list, window: int, device
 def _score_cold_starts(model, tokens: np.ndarray, starts: int, length: int, device, bins: np.ndarray,
                        batch: int) -> dict[str, Any]:
     """Bits per byte by position after a cold start, over ``starts`` evenly spaced starts: each
-    start is scored as a book of ``length`` predicted bytes of its own."""
+    start is scored as a book of ``length`` predicted bytes of its own.
+
+    The starts are the same for every model scored on the same split, so two models can be
+    compared start by start (:func:`horizonlm.bench.quality_summary.paired_bins`): ``by_start``
+    holds each start's bits per byte in each bin, and each bin of ``by_position`` its standard
+    error over the starts (``stderr``; a few bytes a start in the first bins make those noisy)."""
     documents = [[None, int(start), int(start) + length + 1]
                  for start in np.linspace(0, len(tokens) - length - 1, starts).astype(np.int64)]
-    return {**_score_books(model, tokens, documents, length, device, None, bins, batch), "starts": starts}
+    per_start = _book_losses(model, tokens, documents, length, device, None, batch)
+    result = _binned(per_start, bins)
+    which = _bin_of(length, bins)  # (length,): every start has the same length
+    used = np.unique(which)  # the bins by_position reports, in order
+    by_start = np.stack([[per[which == b].mean() / math.log(2) for b in used] for per in per_start])  # (starts, bins)
+    spread = by_start.std(axis=0, ddof=1) / math.sqrt(len(per_start)) if len(per_start) > 1 else None  # (bins,)
+    for i, row in enumerate(result["by_position"]):
+        row["stderr"] = None if spread is None else float(spread[i])
+    return {**result, "starts": starts, "by_start": np.round(by_start, 4).tolist()}
 
 
 def evaluate_model(cfg: QualityConfig, checkpoint: Path, device: torch.device, reset_window: int) -> dict[str, Any]:
@@ -590,14 +619,17 @@ def plot_quality(results: dict[str, Any], path: Path) -> None:
                              color=color, label=f"{name} ({'carried' if style == '-' else 'reset'})")
         cold = next((v for k, v in entry["scores"].items() if k.endswith("_test_cold_starts")), {}).get("by_position", [])
         if cold:
-            axes[2].plot([(p["from"] + p["to"]) / 2 for p in cold], [p["bits_per_byte"] for p in cold], color=color,
-                         label=name)
+            mid, bits = [(p["from"] + p["to"]) / 2 for p in cold], [p["bits_per_byte"] for p in cold]
+            axes[2].plot(mid, bits, color=color, label=name)
+            if all(p.get("stderr") is not None for p in cold):  # +- one standard error over the starts
+                err = np.array([p["stderr"] for p in cold])  # (bins,)
+                axes[2].fill_between(mid, np.array(bits) - err, np.array(bits) + err, color=color, alpha=0.2, lw=0)
     axes[0].set(xlabel="seconds since training started", ylabel="bits per byte", title="loss against time")
     axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte",
                 title=f"{results.get('data', {}).get('corpus') or 'novels'} test by position (top clipped at 6)",
                 xscale="log", ylim=(None, 6))
     axes[2].set(xlabel="bytes after a cold start (empty state and memory)", ylabel="bits per byte",
-                title="test split, cold starts (mean over starts)", xscale="log", ylim=(None, 6))
+                title="test split, cold starts (mean over starts, band +-1 s.e.)", xscale="log", ylim=(None, 6))
     for ax in axes:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a panel no entry has data for stays without a legend

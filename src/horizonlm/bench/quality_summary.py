@@ -4,7 +4,8 @@ max, spread), and the ranking on the main score with whether each gap exceeds th
 An entry ``MODEL-seedS`` is a second run of ``MODEL`` with another seed (``bench quality --seed``).
 A gap between two models counts as a ranking only where it is larger than the spread of either
 model's seeds; with one seed there is no spread to compare against, and the table says so rather
-than calling a gap real.
+than calling a gap real. Cold starts recorded start by start are paired with the default's
+(``cold_starts_paired``): the first bytes after a start are too few to compare two means apart.
 """
 
 from __future__ import annotations
@@ -52,7 +53,41 @@ def summarize_quality(results: dict[str, Any]) -> dict[str, Any]:
             row["beyond_seed_spread"] = (None if a["runs"] < 2 or b["runs"] < 2
                                          else row["gap_to_next"] > max(a["spread"], b["spread"]))
         ranking.append(row)
-    return {"main_score": main, "models": models, "ranking": ranking}
+    return {"main_score": main, "models": models, "ranking": ranking,
+            "cold_starts_paired": _paired_cold_starts(results.get("models", {}))}
+
+
+def paired_bins(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per position bin of two cold-start scores of the same starts (``by_start``, see
+    ``bench.quality._score_cold_starts``): the mean over starts of a's bits per byte minus b's and
+    its standard error. What a start's own text costs both models cancels, so a gap of a few
+    hundredths in the first bins can be told from noise, which two unpaired means cannot."""
+    rows_a, rows_b = a.get("by_start"), b.get("by_start")
+    bins = [(p["from"], p["to"]) for p in a.get("by_position", [])]
+    if rows_a is None or rows_b is None:
+        raise ValueError("paired_bins needs cold-start scores with by_start (recorded from session 21 on)")
+    if bins != [(p["from"], p["to"]) for p in b.get("by_position", [])] or len(rows_a) != len(rows_b):
+        raise ValueError("paired_bins needs the same starts and bins in both scores")
+    n = len(rows_a)
+    out = []
+    for i, (low, high) in enumerate(bins):
+        diffs = [ra[i] - rb[i] for ra, rb in zip(rows_a, rows_b)]
+        stderr = statistics.stdev(diffs) / n ** 0.5 if n > 1 else None
+        out.append({"from": low, "to": high, "difference": statistics.fmean(diffs), "stderr": stderr})
+    return out
+
+
+def _paired_cold_starts(entries: dict[str, Any], reference: str = "horizon") -> dict[str, Any]:
+    """Every entry's cold-start curve paired with the reference model's (:func:`paired_bins`),
+    where both recorded their starts."""
+    cold = {name: next((v for k, v in e.get("scores", {}).items() if k.endswith("_test_cold_starts")), None)
+            for name, e in entries.items()}
+    base = cold.get(reference)
+    if not base or "by_start" not in base:
+        return {}
+    return {f"{name} - {reference}": paired_bins(score, base) for name, score in cold.items()
+            if name != reference and score and "by_start" in score
+            and len(score["by_start"]) == len(base["by_start"])}
 
 
 def _main_score(models: dict[str, Any]) -> str | None:
