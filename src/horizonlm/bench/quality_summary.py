@@ -65,7 +65,7 @@ def paired_bins(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     rows_a, rows_b = a.get("by_start"), b.get("by_start")
     bins = [(p["from"], p["to"]) for p in a.get("by_position", [])]
     if rows_a is None or rows_b is None:
-        raise ValueError("paired_bins needs cold-start scores with by_start (recorded from session 21 on)")
+        raise ValueError("paired_bins needs cold-start scores with by_start (results files older than 4a2573e lack it)")
     if bins != [(p["from"], p["to"]) for p in b.get("by_position", [])] or len(rows_a) != len(rows_b):
         raise ValueError("paired_bins needs the same starts and bins in both scores")
     n = len(rows_a)
