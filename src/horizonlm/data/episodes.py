@@ -121,6 +121,11 @@ def _sentence_case(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _opens_sentence(prefix: str) -> bool:
+    """Whether text after ``prefix`` (an opener or a cloze lead) begins a sentence of its own."""
+    return prefix == "" or prefix.endswith((". ", ": "))
+
+
 @dataclass(frozen=True)
 class Fact:
     """One labelled value, stated and asked."""
@@ -157,8 +162,7 @@ def make_fact(rng: random.Random, label: str, value: str, held_out: bool = False
     kind = rng.choice(KINDS)
     words = core.format(K=kind, L=label, V=value)
     # a sentence of its own starts with a capital, unless it starts with the value ("ember" is asked as "ember")
-    own_sentence = opener == "" or opener.endswith((". ", ": "))
-    body = _sentence_case(words) if own_sentence and not words.startswith(value) else words
+    body = _sentence_case(words) if _opens_sentence(opener) and not words.startswith(value) else words
     statement = f" {opener}{body}{closer} "
     asked = rng.choice(HELD_OUT_QUESTIONS if held_out else TRAIN_QUESTIONS)
     question = asked.format(K=kind, L=label)
@@ -182,7 +186,7 @@ def cloze(rng: random.Random, fact: Fact) -> Fact:
         return fact
     lead = rng.choice(CLOZE_LEADS)
     words = fact.before_value
-    if lead == "" or lead.endswith((". ", ": ")):
+    if _opens_sentence(lead):
         words = _sentence_case(words)
     return replace(fact, question=f" {lead.format(L=fact.label)}{words}", asked=lead + "<cloze>")
 
