@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from horizonlm import HorizonConfig, HorizonLM, TransformerConfig, TransformerLM
+from horizonlm.config import HORIZON_PRESETS, TRANSFORMER_MLP_HIDDEN
 
 from .conftest import make_horizon, make_transformer
 
@@ -98,6 +99,18 @@ def test_gated_presets_keep_their_parameters() -> None:
         transformer = TransformerLM(TransformerConfig.preset("base")).num_parameters()
     assert abs(gated - ungated) / gated < 1e-3
     assert transformer >= gated
+
+
+@pytest.mark.parametrize("preset", sorted(HORIZON_PRESETS))
+def test_the_transformer_has_at_least_horizonlms_parameters(preset: str) -> None:
+    """Equal-compute comparisons give the baseline no fewer parameters than the default model."""
+    with torch.device("meta"):
+        horizon = HorizonLM(HorizonConfig.preset(preset)).num_parameters()
+        transformer = TransformerLM(TransformerConfig.preset(preset)).num_parameters()
+        narrower = TransformerLM(TransformerConfig.preset(preset, mlp_hidden=TRANSFORMER_MLP_HIDDEN[preset] - 16))
+    assert transformer >= horizon
+    if preset != "base":  # the narrowest multiple of 16 that reaches HorizonLM
+        assert narrower.num_parameters() < horizon
 
 
 def test_config_of_the_earlier_block_is_refused_by_name() -> None:

@@ -291,13 +291,20 @@ class TransformerConfig(DictConfig):
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
-        """The baseline of a HorizonLM preset: same width, depth and vocabulary, and the MLP width
-        the preset had before the gated SSM sublayer took 2D^2 of its weights per block, so the
-        transformer never has fewer parameters than HorizonLM (base: 113.5M against 102.7M)."""
-        horizon = HorizonConfig.preset(name)
-        base = cls.matching(horizon)
-        wide = {"mlp_hidden": horizon.mlp_hidden + (2 * horizon.d_model) // 3}
-        return cls(**{**base.to_dict(), **wide, **overrides})
+        """The baseline of a HorizonLM preset: same width, depth and vocabulary, and the MLP of
+        :data:`TRANSFORMER_MLP_HIDDEN`, so it never has fewer parameters than HorizonLM."""
+        if name not in HORIZON_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(HORIZON_PRESETS)}, got {name!r}")
+        base = cls.matching(HorizonConfig.preset(name))
+        return cls(**{**base.to_dict(), "mlp_hidden": TRANSFORMER_MLP_HIDDEN[name], **overrides})
 
 
-__all__ = ["HorizonConfig", "TransformerConfig", "HORIZON_PRESETS", "SSM_KINDS", "SSM_GATES", "MEMORY_KINDS"]
+TRANSFORMER_MLP_HIDDEN = {"tiny": 96, "cpu": 512, "small": 848, "base": 2048}
+"""GLU MLP width of the transformer per preset, so that it has at least the default HorizonLM's
+parameters (tested at every preset). Base keeps the width HorizonLM's MLP had before the gated SSM
+sublayer took 2D^2 of its weights per block (113.5M against 103.8M); the smaller presets are the
+narrowest multiple of 16 that reaches HorizonLM (until 5 December 2026 they had that pre-gate
+width too, which left them 14-17% short: 28.8K, 673K and 3.28M against 34.7K, 807K and 3.68M)."""
+
+
+__all__ = ["HorizonConfig", "TransformerConfig", "TRANSFORMER_MLP_HIDDEN", "HORIZON_PRESETS", "SSM_KINDS", "SSM_GATES", "MEMORY_KINDS"]

@@ -7,6 +7,7 @@ there, and the last one everywhere without CUDA."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,28 @@ def test_harness_carries_the_state_as_the_config_says() -> None:
     assert carries_state(Peer(True)) and not carries_state(Peer(False))
 
 
+@pytest.mark.parametrize("preset", sorted(HORIZON_PRESETS))
+def test_the_peer_preset_has_at_least_horizonlms_parameters(preset: str) -> None:
+    """Counted without fla (the count is checked against the built model below, where fla is)."""
+    from horizonlm.model import HorizonLM
+
+    with torch.device("meta"):
+        horizon = HorizonLM(HorizonConfig.preset(preset)).num_parameters()
+    peer = GLAPeerConfig.preset(preset)
+    assert horizon <= peer.num_parameters() <= 1.06 * horizon
+    assert replace(peer, mlp_hidden=peer.mlp_hidden - 16).num_parameters() < horizon  # the narrowest that reaches it
+
+
+def test_parameter_count_by_hand() -> None:
+    """The tiny peer's count written out: embedding 256 x 32, final norm 32; per block two norms
+    (64), q and k (2 x 32 x 16), v and the output gate (2 x 32 x 32), the forget gate
+    (32 x 16 + 16 x 16 + 16), the output (32 x 32), the head norm (32), the MLP (3 x 32 x 96)."""
+    block = 64 + 1024 + 2048 + (512 + 256 + 16) + 1024 + 32 + 9216
+    assert GLAPeerConfig.preset("tiny").num_parameters() == 256 * 32 + 32 + 2 * block
+    untied = GLAPeerConfig.preset("tiny", tie_embeddings=False)
+    assert untied.num_parameters() == 2 * 256 * 32 + 32 + 2 * block
+
+
 # With fla installed (no GPU needed: nothing below runs a forward pass).
 
 
@@ -171,9 +194,7 @@ def test_the_peer_has_at_least_horizonlms_parameters(preset: str) -> None:
     with torch.device("meta"):
         peer = GLAPeerLM(GLAPeerConfig.preset(preset))
         horizon = HorizonLM(HorizonConfig.preset(preset))
-    assert peer.num_parameters() >= horizon.num_parameters()
-    if preset == "base":
-        assert peer.num_parameters() <= 1.05 * horizon.num_parameters()
+    assert peer.num_parameters() == GLAPeerConfig.preset(preset).num_parameters() >= horizon.num_parameters()
     assert carries_state(peer) and peer.head.weight is peer.embed.weight
 
 

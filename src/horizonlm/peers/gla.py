@@ -38,9 +38,11 @@ from horizonlm.errors import HorizonError
 from horizonlm.layers.mlp import GLUMLP
 from horizonlm.model import check_tokens, init_weights
 
-GLA_MLP_HIDDEN = {"tiny": 80, "cpu": 464, "small": 784, "base": 1760}
-"""GLU MLP width per preset: the narrowest multiple of 16 that gives the peer at least HorizonLM's
-parameters at that preset (base: 103.16M against 102.61M)."""
+GLA_MLP_HIDDEN = {"tiny": 96, "cpu": 496, "small": 832, "base": 1792}
+"""GLU MLP width per preset: the narrowest multiple of 16 that gives the peer at least the default
+HorizonLM's parameters at that preset (base: 104.34M against 103.80M; tested at every preset
+through :meth:`GLAPeerConfig.num_parameters`). Until 5 December 2026 the widths were sized against
+the chunk-memory default of then (base 1,760: 103.16M, 0.6% short of today's default)."""
 
 CHANNELS_PER_HEAD = 256
 """Model width per GLA head in the presets: at widths that are multiples of 256, keys 128 and
@@ -120,6 +122,17 @@ class GLAPeerConfig(DictConfig):
     def value_dim(self) -> int:
         """Values and output gates over all heads."""
         return round(self.d_model * self.expand_v)
+
+    def num_parameters(self) -> int:
+        """Parameters of :class:`GLAPeerLM` with this shape, counted without fla (which builds
+        the layer): per block two RMSNorms (2D), fla's GLA layer (q, k: D x K; v, output gate:
+        D x V; forget gate D x r + r x K + K; output V x D; a per-head norm of V/H) and the GLU MLP
+        (3 D M); the embedding (tied head unless ``tie_embeddings`` is off) and the final norm."""
+        d, k, v, r = self.d_model, self.key_dim, self.value_dim, self.gate_low_rank_dim
+        gla = 2 * d * k + 2 * d * v + d * r + r * k + k + v * d + v // self.n_heads
+        block = 2 * d + gla + 3 * d * self.mlp_hidden
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return embeddings + self.n_layers * block + d
 
     @classmethod
     def matching(cls, horizon: HorizonConfig) -> GLAPeerConfig:
