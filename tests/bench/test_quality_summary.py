@@ -37,6 +37,18 @@ def test_seeds_are_grouped_and_gaps_judged_against_their_spread() -> None:
     assert "| gla | 1 | 1.900 | - | - | - |" in table
 
 
+def test_baselines_with_fewer_parameters_than_the_default_are_named() -> None:
+    entries = {"horizon": 100, "horizon-seed1": 100, "horizon_no_memory": 90, "transformer": 110, "gla": 99,
+               "gla-seed1": 101, "peer_unrecorded": None}
+    results = {"models": {name: {**_entry(1.6), **({"parameters": n} if n else {})} for name, n in entries.items()}}
+    summary = summarize_quality(results)
+    assert summary["models"]["gla"]["parameters"] == [99, 101]
+    assert summary["fewer_parameters_than_default"] == ["gla"]  # its 101 run would pass, its 99 run does not
+    assert "not an equal comparison: gla" in format_quality_table(summary)
+    del results["models"]["horizon"], results["models"]["horizon-seed1"]
+    assert summarize_quality(results)["fewer_parameters_than_default"] == []  # no default to compare with
+
+
 def test_nothing_to_rank() -> None:
     summary = summarize_quality({"models": {"x": {"scores": {"wt_ppl": {"word_perplexity": 5.0}}}}})
     assert summary["main_score"] is None and summary["ranking"] == []

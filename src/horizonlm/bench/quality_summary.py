@@ -6,6 +6,8 @@ A gap between two models counts as a ranking only where it is larger than the sp
 model's seeds; with one seed there is no spread to compare against, and the table says so rather
 than calling a gap real. Cold starts recorded start by start are paired with the default's
 (``cold_starts_paired``): the first bytes after a start are too few to compare two means apart.
+A baseline or peer with fewer parameters than the default is named (``fewer_parameters_than_default``):
+comparisons give every other model at least ours (the ablations, ``horizon_*``, lose parts by design).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def summarize_quality(results: dict[str, Any]) -> dict[str, Any]:
                 scores[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
                                "spread": max(values) - min(values), "runs": len(values)}
         models[model] = {"seeds": sorted(e.get("seed", 0) for e in entries),
-                         "steps": [e.get("steps") for e in entries], "scores": scores}
+                         "steps": [e.get("steps") for e in entries], "scores": scores,
+                         "parameters": sorted({e["parameters"] for e in entries if e.get("parameters")})}
     main = _main_score(models)
     ranked = sorted((m for m in models if main in models[m]["scores"]), key=lambda m: models[m]["scores"][main]["mean"])
     ranking = []
@@ -54,7 +57,18 @@ def summarize_quality(results: dict[str, Any]) -> dict[str, Any]:
                                          else row["gap_to_next"] > max(a["spread"], b["spread"]))
         ranking.append(row)
     return {"main_score": main, "models": models, "ranking": ranking,
+            "fewer_parameters_than_default": _fewer_parameters(models),
             "cold_starts_paired": _paired_cold_starts(results.get("models", {}))}
+
+
+def _fewer_parameters(models: dict[str, Any], reference: str = "horizon") -> list[str]:
+    """Models other than the reference and its ablations (``horizon_*``) with fewer parameters
+    than the reference in any of their runs, where both recorded them."""
+    ours = models.get(reference, {}).get("parameters")
+    if not ours:
+        return []
+    return sorted(name for name, model in models.items() if not name.startswith(reference)
+                  and model["parameters"] and min(model["parameters"]) < min(ours))
 
 
 def paired_bins(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,4 +130,7 @@ def format_quality_table(summary: dict[str, Any]) -> str:
             if "gap_to_next" in row else "-"
         spread = f"{score['spread']:.3f}" if score["runs"] > 1 else "-"
         lines.append(f"| {row['model']} | {len(model['seeds'])} | {score['mean']:.3f} | {spread} | {gap} | {beyond} |")
+    if summary.get("fewer_parameters_than_default"):
+        lines.append("\nFewer parameters than the default, so not an equal comparison: "
+                     + ", ".join(summary["fewer_parameters_than_default"]))
     return "\n".join(lines)
