@@ -293,9 +293,7 @@ class TransformerConfig(DictConfig):
     def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
         """The baseline of a HorizonLM preset: same width, depth and vocabulary, and the MLP of
         :data:`TRANSFORMER_MLP_HIDDEN`, so it never has fewer parameters than HorizonLM."""
-        if name not in HORIZON_PRESETS:
-            raise ValueError(f"preset must be one of {sorted(HORIZON_PRESETS)}, got {name!r}")
-        base = cls.matching(HorizonConfig.preset(name))
+        base = cls.matching(HorizonConfig.preset(name))  # refuses a name that is not a preset
         return cls(**{**base.to_dict(), "mlp_hidden": TRANSFORMER_MLP_HIDDEN[name], **overrides})
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from horizonlm.config import HORIZON_PRESETS, DictConfig, HorizonConfig, require_field
+from horizonlm.config import DictConfig, HorizonConfig, require_field
 from horizonlm.errors import HorizonError
 from horizonlm.layers.mlp import GLUMLP
 from horizonlm.model import check_tokens, init_weights
@@ -146,9 +146,7 @@ class GLAPeerConfig(DictConfig):
     def preset(cls, name: str, **overrides: Any) -> GLAPeerConfig:
         """The peer of a HorizonLM preset: same width, depth and vocabulary, and the MLP of
         :data:`GLA_MLP_HIDDEN`, so it never has fewer parameters than HorizonLM."""
-        if name not in HORIZON_PRESETS:
-            raise ValueError(f"preset must be one of {sorted(HORIZON_PRESETS)}, got {name!r}")
-        base = cls.matching(HorizonConfig.preset(name))
+        base = cls.matching(HorizonConfig.preset(name))  # refuses a name that is not a preset
         return cls(**{**base.to_dict(), "mlp_hidden": GLA_MLP_HIDDEN[name], **overrides})
 
 
