@@ -44,6 +44,9 @@ from horizonlm.fileio import atomic_write_json, refuse_existing
 LENGTHS = (8, 12, 16, 24, 32, 48, 64)
 """Context lengths tried, in bytes (the default induction key spans 16)."""
 
+POSITION_BINS = (0, 8192, 65536, 524288, 1 << 40)
+"""Byte positions in a book where the cache's gain is also reported: later bytes have more past."""
+
 COUNT_BUCKETS = 5
 """A context seen 1, 2-3, 4-7, 8-15 or 16+ times: its own mixture weight."""
 
@@ -158,6 +161,7 @@ def fit_lambda(loss: np.ndarray, p_cache: np.ndarray) -> float:
 
 
 def bits(nats: float, count: int) -> float:
+    """A sum of losses in nats over ``count`` bytes, as bits per byte."""
     return nats / count / math.log(2)
 
 
@@ -166,6 +170,18 @@ def bucket(f: dict[str, np.ndarray]) -> np.ndarray:
     length = np.searchsorted(LENGTHS, f["k"])  # (N-1,)
     count = np.minimum(np.log2(np.maximum(f["total"], 1)).astype(np.int64), COUNT_BUCKETS - 1)  # (N-1,)
     return np.where(f["k"] > 0, (length * COUNT_BUCKETS + count) * 2 + f["near"], -1)
+
+
+def by_position(before: list[np.ndarray], after: list[np.ndarray]) -> list[dict]:
+    """Mean loss removed (bits/byte) in each of POSITION_BINS, over the books' bytes there."""
+    rows = []
+    for lo, hi in zip(POSITION_BINS[:-1], POSITION_BINS[1:]):
+        cut = [(b[lo:hi].astype(np.float64), a[lo:hi]) for b, a in zip(before, after)]
+        count = sum(len(b) for b, _ in cut)
+        if count:
+            rows.append({"from": lo, "to": min(hi, max(len(b) for b in before)), "bytes": count,
+                         "gain": bits(sum(float((b - a).sum()) for b, a in cut), count)})
+    return rows
 
 
 def analyse(feats: list[dict[str, np.ndarray]], losses: dict[str, list[np.ndarray]] | None = None) -> dict:
@@ -198,7 +214,7 @@ def analyse(feats: list[dict[str, np.ndarray]], losses: dict[str, list[np.ndarra
     buckets = [bucket(f) for f in feats]
     for mode in losses:
         whole = bits(sum(float(l.sum()) for l in losses[mode]), total)
-        mixed, weights = 0.0, []
+        mixed, weights, mixed_loss = 0.0, [], []
         for held in range(len(feats)):  # each book's weights fitted on the others
             lam = np.zeros(len(feats[held]["k"]))  # (N-1,)
             fitted = {}
@@ -211,14 +227,49 @@ def analyse(feats: list[dict[str, np.ndarray]], losses: dict[str, list[np.ndarra
                 lam[buckets[held] == b] = fitted[int(b)]
             weights.append(fitted)
             p = np.exp(-losses[mode][held].astype(np.float64))  # (N-1,)
-            mixed += float(-np.log((1 - lam) * p + lam * p_cache[held] + 1e-300).sum())
+            mixed_loss.append(-np.log((1 - lam) * p + lam * p_cache[held] + 1e-300))  # (N-1,)
+            mixed += float(mixed_loss[-1].sum())
         switched = sum(float(np.minimum(l, np.where(pc > 0, -np.log(np.maximum(pc, 1e-300)), np.inf)).sum())
                        for l, pc in zip(losses[mode], p_cache))
         result[mode] = {"bits_per_byte": whole,
                         "cache_mixture_gain": whole - bits(mixed, total),
                         "oracle_switch_gain": whole - bits(switched, total),
-                        "mean_weight_on_cache": float(np.mean([v for w in weights for v in w.values()] or [0.0]))}
+                        "mean_weight_on_cache": float(np.mean([v for w in weights for v in w.values()] or [0.0])),
+                        "cache_mixture_gain_by_position": by_position(losses[mode], mixed_loss)}
     return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """One panel a reset window: what carrying the state earns, and what the far cache adds on top
+    of the carried model, against how far back the cache may look."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    windows = list(result["windows"])
+    fig, axes = plt.subplots(1, len(windows), figsize=(5.5 * len(windows), 4), squeeze=False)
+    for ax, w in zip(axes[0], windows):
+        for i, (ckpt, by_reach) in enumerate(result["windows"][w]["checkpoints"].items()):
+            reaches = list(by_reach)
+            xs = range(len(reaches))
+            color = f"C{i}"
+            ax.plot(xs, [by_reach[r]["carried"]["cache_mixture_gain"] for r in reaches], "o-", color=color,
+                    label=f"{Path(ckpt).name}: cache on top of carried")
+            ax.axhline(by_reach[reaches[0]]["carried_minus_reset"]["all"], color=color, ls="--",
+                       label=f"{Path(ckpt).name}: carried minus reset")
+            ax.set_xticks(list(xs), [r if r == "book" else f"{int(r) // 1024}K" for r in reaches])
+        ax.set_title(f"reset every {w} bytes")
+        ax.set_xlabel("how far back the cache looks (bytes)")
+        ax.set_ylabel("bits/byte")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("novels test: a far n-gram cache mixed into CPU checkpoints", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -228,7 +279,7 @@ def main() -> None:
     parser.add_argument("--eval-window", type=int, default=1024, help="bytes fed to a checkpoint a call")
     parser.add_argument("--windows", default="1024,8192",
                         help="reset windows: the cache statistics and the checkpoints' reset scores for each")
-    parser.add_argument("--reaches", default="4096,8192,65536,524288,book",
+    parser.add_argument("--reaches", default="4096,16384,65536,524288,book",
                         help="how far back the cache may look, in bytes ('book': anywhere before the window)")
     parser.add_argument("--cache", default="runs/headroom", help="folder for the checkpoints' per-byte losses")
     parser.add_argument("--threads", type=int, default=2)
@@ -236,6 +287,7 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     refuse_existing(args.out, args.overwrite)
+    refuse_existing(str(Path(args.out).with_suffix(".png")), args.overwrite)
     torch.set_num_threads(args.threads)
     test = np.asarray(open_split(args.data, "test"))
     documents = load_meta(args.data)["documents"]["test"]
@@ -271,6 +323,7 @@ def main() -> None:
         f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
         if v not in (False, None, []) and k != "overwrite")
     atomic_write_json(args.out, result)
+    plot(result, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":
