@@ -456,6 +456,12 @@ def cmd_bench_ssm(args: argparse.Namespace) -> int:
     return _run_bench(args, SSMBenchConfig, run_ssm_bench, png=False)
 
 
+def cmd_bench_headroom(args: argparse.Namespace) -> int:
+    from horizonlm.bench.headroom import HeadroomConfig, run_headroom
+
+    return _run_bench(args, HeadroomConfig, run_headroom, png=True)
+
+
 def cmd_bench_merge(args: argparse.Namespace) -> int:
     from horizonlm.bench.merge import MergeConfig, run_merge
 
@@ -472,6 +478,7 @@ def _config_command(sub, name: str, help_text: str, cls: type, func) -> argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from horizonlm.bench.headroom import HeadroomConfig
     from horizonlm.bench.memory import MemoryBenchConfig
     from horizonlm.bench.merge import MergeConfig
     from horizonlm.bench.quality import QualityConfig
@@ -515,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                     RecallConfig, cmd_bench_recall)
     _config_command(bench, "ssm", "the SSM sublayer alone: fast scans against float64 references, timings",
                     SSMBenchConfig, cmd_bench_ssm)
+    _config_command(bench, "headroom", "what a book's far past offers as exact n-gram counts, and how much of it "
+                    "checkpoints take (no training)", HeadroomConfig, cmd_bench_headroom)
     _config_command(bench, "merge", "one results file from those of several calls (quality or passkey)",
                     MergeConfig, cmd_bench_merge)
     return parser
