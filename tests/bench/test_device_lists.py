@@ -37,6 +37,7 @@ def test_every_line_of_a_device_list_parses_into_valid_settings(path: Path) -> N
 
 def _settings_class(args) -> type:
     """The config dataclass a command builds from its flags (``_run_bench`` and the ``cmd_*``)."""
+    from horizonlm.bench.headroom import HeadroomConfig
     from horizonlm.bench.memory import MemoryBenchConfig
     from horizonlm.bench.merge import MergeConfig
     from horizonlm.bench.quality import QualityConfig
@@ -48,6 +49,6 @@ def _settings_class(args) -> type:
     from horizonlm.train import TrainConfig
 
     bench = {"speed": SpeedConfig, "memory": MemoryBenchConfig, "quality": QualityConfig, "recall": RecallConfig,
-             "ssm": SSMBenchConfig, "merge": MergeConfig}
+             "ssm": SSMBenchConfig, "merge": MergeConfig, "headroom": HeadroomConfig}
     other = {"train": TrainConfig, "passkey": PasskeyConfig, "eval": EvalConfig}
     return bench[args.bench] if args.command == "bench" else other[args.command]
