@@ -35,10 +35,10 @@ import numpy as np
 from horizonlm.bench.common import environment
 from horizonlm.bench.quality import _book_losses
 from horizonlm.checkpoint import checkpoint_info, load_checkpoint
+from horizonlm.data.stream import load_meta, open_split
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json, refuse_existing
-from horizonlm.data.stream import load_meta, open_split
 
 LENGTHS = (8, 12, 16, 24, 32, 48, 64)
 """Context lengths tried, in bytes (the default induction key spans 16)."""
@@ -185,10 +185,11 @@ def far_cache_reference(x: np.ndarray, j: int, window: int, reach: int | None) -
     for k in LENGTHS:
         if j < k:
             continue
-        hits = [q for q in range(k, j) if np.array_equal(x[q - k : q], x[j - k : j])]
-        far = [q for q in hits if lo <= q < start]
-        if far:
-            found = (k, len(far), sum(int(x[q] == x[j]) for q in far), hits[-1] - k >= start)
+        grams = np.lib.stride_tricks.sliding_window_view(x[:j], k)  # (j - k + 1, k): row q - k is x[q-k:q]
+        hits = np.flatnonzero((grams[:-1] == x[j - k : j]).all(axis=1)) + k  # (H,): every earlier q
+        far = hits[(hits >= lo) & (hits < start)]  # (F,)
+        if len(far):
+            found = (k, len(far), int((x[far] == x[j]).sum()), bool(hits[-1] - k >= start))
     return found
 
 
