@@ -278,12 +278,15 @@ def analyse(feats: list[dict[str, np.ndarray]], losses: dict[str, list[np.ndarra
     if losses is None:
         return result
     gain = [r.astype(np.float64) - c for r, c in zip(losses["reset"], losses["carried"])]  # per book (N-1,)
-    whole_gain = max(1e-12, sum(float(g.sum()) for g in gain))
+    whole_gain = sum(float(g.sum()) for g in gain)
+
+    def share(part: float) -> float | None:  # of what carrying earns, where it earns anything
+        return part / whole_gain if whole_gain > 0 else None
+
     result["carried_minus_reset"] = {
-        "all": bits(sum(float(g.sum()) for g in gain), total),
-        "share_from_bytes_with_far_context": sum(float(g[h].sum()) for g, h in zip(gain, has)) / whole_gain,
-        "share_from_far_contexts_of_16_or_more": sum(float(g[f["k"] >= 16].sum()) for g, f in zip(gain, feats))
-        / whole_gain}
+        "all": bits(whole_gain, total),
+        "share_from_bytes_with_far_context": share(sum(float(g[h].sum()) for g, h in zip(gain, has))),
+        "share_from_far_contexts_of_16_or_more": share(sum(float(g[f["k"] >= 16].sum()) for g, f in zip(gain, feats)))}
     for mode in ("carried", "reset"):
         whole = bits(sum(float(l.sum()) for l in losses[mode]), total)
         mixed, weights = mix_held_out(feats, losses[mode])
