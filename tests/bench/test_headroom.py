@@ -66,6 +66,9 @@ def test_the_cache_pays_where_a_book_repeats_itself_and_nowhere_else() -> None:
     # knowing nothing, the mixture gains nearly all 8 bits on the repeated share of the bytes
     assert result["carried"]["cache_mixture_gain"] > 0.9 * 8 * share
     assert result["carried_minus_reset"]["all"] == 0.0
+    parts = {row["context_length"]: row["carried_cache_gain_part"] for row in result["by_context_length"]}
+    assert sum(parts.values()) == pytest.approx(result["carried"]["cache_mixture_gain"])
+    assert parts[64] > 0.9 * result["carried"]["cache_mixture_gain"]  # the copy's bytes past its 64th
     noise = [_text(30 + seed, 6000, 256) for seed in range(3)]  # no 8 bytes repeat in random bytes
     result = analyse([far_cache(b, [(1024, None)])[(1024, None)] for b in noise],
                      {mode: [np.full(len(b) - 1, math.log(256), np.float32) for b in noise] for mode in ("carried", "reset")})

@@ -290,6 +290,9 @@ def analyse(feats: list[dict[str, np.ndarray]], losses: dict[str, list[np.ndarra
     for mode in ("carried", "reset"):
         whole = bits(sum(float(l.sum()) for l in losses[mode]), total)
         mixed, weights = mix_held_out(feats, losses[mode])
+        for k, row in zip(LENGTHS, rows):  # each context length's part of the whole gain (bits over all bytes)
+            row[f"{mode}_cache_gain_part"] = bits(sum(float((l[f["k"] == k] - m[f["k"] == k]).sum())
+                                                      for l, m, f in zip(losses[mode], mixed, feats)), total)
         switched = sum(float(np.minimum(l, np.where(pc > 0, -np.log(np.maximum(pc, 1e-300)), np.inf)).sum())
                        for l, pc in zip(losses[mode], p_cache))
         result[mode] = {"bits_per_byte": whole,
