@@ -38,7 +38,7 @@ from horizonlm.checkpoint import checkpoint_info, load_checkpoint
 from horizonlm.data.stream import load_meta, open_split
 from horizonlm.devices import resolve_device
 from horizonlm.errors import HorizonError
-from horizonlm.fileio import atomic_write_json, refuse_existing
+from horizonlm.fileio import atomic_write, atomic_write_json, refuse_existing
 
 LENGTHS = (8, 12, 16, 24, 32, 48, 64)
 """Context lengths tried, in bytes (the default induction key spans 16)."""
@@ -318,10 +318,11 @@ def book_losses(cfg: HeadroomConfig, checkpoint: str, books: list[list], reset: 
     model = load_checkpoint(checkpoint).model.to(device)
     losses = _book_losses(model, open_split(cfg.data, "test"), books, cfg.eval_window, device, reset, cfg.batch)
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(file.stem + ".tmp.npz")
-        np.savez(tmp, **{f"book{b}": arr for b, arr in enumerate(losses)})
-        tmp.replace(file)
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **{f"book{b}": arr for b, arr in enumerate(losses)})
+
+        atomic_write(file, write)
     return losses
 
 
