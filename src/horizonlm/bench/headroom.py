@@ -236,22 +236,32 @@ def by_position(before: list[np.ndarray], after: list[np.ndarray]) -> list[dict[
     return rows
 
 
-def mix_held_out(feats: list[dict[str, np.ndarray]], losses: list[np.ndarray]) -> tuple[list[np.ndarray], list[dict]]:
+def by_bucket(buckets: np.ndarray, *arrays: np.ndarray) -> dict[int, tuple[np.ndarray, ...]]:
+    """One book's bytes grouped by mixture bucket (those without a far context left out), each
+    group in the book's order: bucket -> the arrays' values there."""
+    order = np.argsort(buckets, kind="stable")  # (N-1,)
+    keys, starts = np.unique(buckets[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    return {int(b): tuple(a[order[lo:hi]] for a in arrays) for b, lo, hi in zip(keys, starts, ends) if b >= 0}
+
+
+def mix_held_out(losses: list[np.ndarray], p_cache: list[np.ndarray], buckets: list[np.ndarray]
+                 ) -> tuple[list[np.ndarray], list[dict]]:
     """Each book's per-byte loss (nats) with the cache mixed in at weights fitted on the other books,
     and those weights by bucket."""
-    p_cache = [f["same"] / np.maximum(f["total"], 1) for f in feats]  # per book (N-1,)
-    buckets = [bucket(f) for f in feats]  # per book (N-1,)
+    groups = [by_bucket(b, l, p) for b, l, p in zip(buckets, losses, p_cache)]  # per book
     mixed, weights = [], []
-    for held in range(len(feats)):
-        others = [i for i in range(len(feats)) if i != held]
-        lam = np.zeros(len(losses[held]))  # (N-1,)
+    for held in range(len(losses)):
+        others = [groups[i] for i in range(len(losses)) if i != held]
+        table = np.zeros(len(LENGTHS) * COUNT_BUCKETS * 2 + 1)  # (buckets + 1,): the last for "none"
         fitted = {}
-        for b in np.unique(buckets[held][buckets[held] >= 0]):
-            loss_b = np.concatenate([losses[i][buckets[i] == b] for i in others])  # (M,)
+        for b in groups[held]:
+            parts = [g[b] for g in others if b in g]
+            loss_b = np.concatenate([part[0] for part in parts]) if parts else np.zeros(0)  # (M,)
             if len(loss_b) >= MIN_FIT:
-                fitted[int(b)] = fit_weight(loss_b, np.concatenate([p_cache[i][buckets[i] == b] for i in others]))
-                lam[buckets[held] == b] = fitted[int(b)]
+                fitted[b] = table[b] = fit_weight(loss_b, np.concatenate([part[1] for part in parts]))
         weights.append(fitted)
+        lam = table[buckets[held]]  # (N-1,): bucket -1 reads the last entry, 0
         p = np.exp(-losses[held].astype(np.float64))  # (N-1,)
         mixed.append(-np.log((1 - lam) * p + lam * p_cache[held] + 1e-300))  # (N-1,)
     return mixed, weights
@@ -287,9 +297,10 @@ def analyse(feats: list[dict[str, np.ndarray]], losses: dict[str, list[np.ndarra
         "all": bits(whole_gain, total),
         "share_from_bytes_with_far_context": share(sum(float(g[h].sum()) for g, h in zip(gain, has))),
         "share_from_far_contexts_of_16_or_more": share(sum(float(g[f["k"] >= 16].sum()) for g, f in zip(gain, feats)))}
+    buckets = [bucket(f) for f in feats]  # per book (N-1,)
     for mode in ("carried", "reset"):
         whole = bits(sum(float(l.sum()) for l in losses[mode]), total)
-        mixed, weights = mix_held_out(feats, losses[mode])
+        mixed, weights = mix_held_out(losses[mode], p_cache, buckets)
         for k, row in zip(LENGTHS, rows):  # each context length's part of the whole gain (bits over all bytes)
             row[f"{mode}_cache_gain_part"] = bits(sum(float((l[f["k"] == k] - m[f["k"] == k]).sum())
                                                       for l, m, f in zip(losses[mode], mixed, feats)), total)
@@ -355,12 +366,15 @@ def run_headroom(cfg: HeadroomConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "lengths": list(LENGTHS),
                               "books": [b[0] for b in books], "bytes": sum(len(t) - 1 for t in texts),
                               "reference_check": check, "windows": {}}
+    carried: dict[str, list[np.ndarray]] = {}
     for w in windows:
         used = [r for r in reaches if r is None or r > w]
         entry: dict[str, Any] = {"cache_alone": {str(r or "book"): analyse([f[(w, r)] for f in feats]) for r in used},
                                  "checkpoints": {}}
         for ckpt in cfg.checkpoint_list():
-            losses = {"carried": book_losses(cfg, ckpt, books, None), "reset": book_losses(cfg, ckpt, books, w)}
+            if ckpt not in carried:  # the same for every window: scored once
+                carried[ckpt] = book_losses(cfg, ckpt, books, None)
+            losses = {"carried": carried[ckpt], "reset": book_losses(cfg, ckpt, books, w)}
             entry["checkpoints"][ckpt] = {str(r or "book"): analyse([f[(w, r)] for f in feats], losses) for r in used}
         result["windows"][str(w)] = entry
     atomic_write_json(out, result)
