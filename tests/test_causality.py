@@ -45,6 +45,7 @@ MODELS = {
     "horizon_ssm_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_conv=False),
     "horizon_selective": lambda: make_horizon(ssm_kind="selective"),
     "horizon_ungated": lambda: make_horizon(ssm_gate="none"),
+    "horizon_count_cache": lambda: make_horizon(count_lengths=(1, 2), count_capacity=16),
     "horizon_conv_only": lambda: make_horizon(use_supervisor=False, use_memory=False, use_ssm=False),
     "transformer": lambda: make_transformer(),
 }

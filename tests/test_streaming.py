@@ -109,6 +109,18 @@ def test_memory_splits_and_steps_equal_one_call(seed: int, kind: str, span: int,
             torch.testing.assert_close(state.memory.tail, full_state.memory.tail, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity", [10, 1 << 21])
+def test_count_cache_splits_steps_and_decode_equal_one_call(capacity: int) -> None:
+    """Four tokens make contexts recur, so the cache's counts shape most logits; blocks of 10
+    positions make it evict entries while the stream runs."""
+    model = make_horizon(dtype=torch.float32, count_lengths=(1, 2, 4), count_capacity=capacity)
+    tokens = torch.randint(0, 4, (2, 100), generator=torch.Generator().manual_seed(5))
+    full = assert_pieces_steps_and_decode_equal_one_call(model, tokens)
+    plain = make_horizon(dtype=torch.float32)
+    with torch.no_grad():
+        assert (full - torch.log_softmax(plain(tokens)[0], -1)).abs().max() > 1e-2  # the counts took part
+
+
 def test_induction_memory_keys_on_the_token_stream_alone() -> None:
     """The induction memory reads before block 0 and the supervisor: its entries are the same
     whatever the blocks and the supervisor hold (here their weights redrawn); the chunk memory's,

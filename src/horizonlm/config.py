@@ -134,6 +134,14 @@ class HorizonConfig(DictConfig):
     is the ablation."""
     memory_query_block: int = 1024
     """Queries searched at once; bounds the score matrix at B*block*M."""
+    count_lengths: tuple[int, ...] = ()
+    """Context lengths of the count cache, ascending (empty: none, the default). With it, the output
+    is the model's distribution mixed with what followed the longest of these contexts earlier in
+    the stream, counted exactly (:class:`horizonlm.layers.count_cache.CountCache`, ops/count_cache.py)."""
+    count_capacity: int = 1 << 21
+    """Stream positions per block of the count cache: a token counts the contexts of its own block
+    and the previous one (so 1x to 2x this far back), which bounds the state at two blocks'
+    entries per length (16 bytes each). The weights do not depend on it."""
     global_layer: int | None = None
     """Blocks before the supervisor (and the ``chunk`` memory); None means the middle (n_layers // 2)."""
     use_ssm: bool = True
@@ -155,11 +163,20 @@ class HorizonConfig(DictConfig):
         for name in (
             "vocab_size", "d_model", "n_layers", "mlp_hidden", "ssm_state", "ssm_head_dim", "ssm_chunk",
             "conv_kernel", "conv_levels", "chunk_size", "supervisor_dim", "memory_dim",
-            "memory_topk", "memory_capacity", "memory_query_block", "memory_key_span",
+            "memory_topk", "memory_capacity", "memory_query_block", "memory_key_span", "count_capacity",
         ):
             value = getattr(self, name)
             require_field(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      "must be a positive integer", value)
+        if isinstance(self.count_lengths, list):  # from a JSON checkpoint or a YAML override
+            self.count_lengths = tuple(self.count_lengths)
+        require_field(isinstance(self.count_lengths, tuple)
+                      and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 64 for n in self.count_lengths)
+                      and list(self.count_lengths) == sorted(set(self.count_lengths)), "count_lengths",
+                      "must be ascending distinct integers in [1, 64]", self.count_lengths)
+        require_field(not self.count_lengths or self.vocab_size <= 1 << 20, "vocab_size",
+                      "must be at most 2**20 with a count cache (its hashed keys share int64 with the token)",
+                      self.vocab_size)
         require_field(self.ssm_kind in SSM_KINDS, "ssm_kind", f"must be one of {SSM_KINDS}", self.ssm_kind)
         require_field(self.ssm_gate in SSM_GATES, "ssm_gate", f"must be one of {SSM_GATES}", self.ssm_gate)
         require_field(self.memory_kind in MEMORY_KINDS, "memory_kind", f"must be one of {MEMORY_KINDS}",
@@ -212,6 +229,10 @@ class HorizonConfig(DictConfig):
     def global_at(self) -> int:
         """Index of the block before which the supervisor and memory run."""
         return self.n_layers // 2 if self.global_layer is None else self.global_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        """As stored in JSON, so that a saved config reads back equal (the lengths as a list)."""
+        return {**super().to_dict(), "count_lengths": list(self.count_lengths)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HorizonConfig:

@@ -210,7 +210,8 @@ class GraphedDecoder:
         self.state = state.clone()
         self.use_graphs = model.embed.weight.is_cuda
         self.token_writes = model.memory is not None and model.memory.kind == "induction"
-        self.replays = not isinstance(state.memory, StoreMemoryState)
+        # a store grows in place; the count cache's state grows and moves with every token
+        self.replays = not isinstance(state.memory, StoreMemoryState) and state.counts is None
         self.bf16 = self.use_graphs if bf16 is None else bf16
         self.runner = bf16_linears(model) if self.bf16 else model  # what each step calls
         self.replay: Callable[[], Tensor] | None = None

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from horizonlm.config import HorizonConfig
+from horizonlm.layers.count_cache import CountCache
 from horizonlm.layers.memory import LateRead, RetrievalMemory
 from horizonlm.layers.mlp import GLUMLP
 from horizonlm.layers.multires_conv import MultiResConv
@@ -97,6 +98,8 @@ class HorizonLM(nn.Module):
         self.late_read = LateRead(config.d_model, config.norm_eps) if config.has_late_read else None
         self.final_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.count_cache = (CountCache(config.d_model, config.vocab_size, config.count_lengths, config.count_capacity)
+                            if config.count_lengths else None)
         init_weights(self, config.init_std)
         if self.late_read is not None:
             nn.init.zeros_(self.late_read.out.weight)  # W_o' = 0: the model starts as without it
@@ -125,6 +128,7 @@ class HorizonLM(nn.Module):
             supervisor=None if self.supervisor is None else self.supervisor.init_state(batch_size, device),
             memory=memory,
             batch_size=batch_size,
+            counts=None if self.count_cache is None else self.count_cache.init_state(batch_size, device),
         )
 
     def _check_state(self, state: HorizonState, batch_size: int) -> None:
@@ -136,6 +140,8 @@ class HorizonLM(nn.Module):
             raise ValueError(f"state has {len(state.blocks)} blocks, model has n_layers={len(self.blocks)}")
         if (state.supervisor is None) != (self.supervisor is None) or (state.memory is None) != (self.memory is None):
             raise ValueError("state was made by a model with other use_supervisor/use_memory settings")
+        if (state.counts is None) != (self.count_cache is None):
+            raise ValueError("state was made by a model with another count_lengths setting")
 
     def forward(self, tokens: Tensor, state: HorizonState | None = None) -> tuple[Tensor, HorizonState]:
         check_tokens(tokens, self.config.vocab_size)
@@ -165,9 +171,13 @@ class HorizonLM(nn.Module):
                 block_states.append(block_state)
         if self.late_read is not None:
             h = self.late_read(h, added)  # (B, L, D)
-        logits = self.head(self.final_norm(h))  # (B, L, V)
+        hidden = self.final_norm(h)  # (B, L, D)
+        logits = self.head(hidden)  # (B, L, V)
+        counts = None
+        if self.count_cache is not None:  # log-probabilities of the mix with the stream's counts
+            logits, counts = self.count_cache(logits, hidden, tokens, state.counts)  # (B, L, V)
         new_state = HorizonState(pos=state.pos + length, blocks=tuple(block_states), supervisor=sup_state,
-                                 memory=mem_state, batch_size=batch)
+                                 memory=mem_state, batch_size=batch, counts=counts)
         return logits, new_state
 
     def num_parameters(self) -> int:

@@ -83,6 +83,37 @@ class StoreMemoryState:
 
 
 @dataclass(frozen=True)
+class CountCacheState:
+    """The count cache (:mod:`horizonlm.ops.count_cache`): the (context, next token) pairs of the
+    current block of the stream and of the block before, counted."""
+
+    items: Tensor
+    """The current block's pairs as ``key * V + next``, ascending; rows end in PAD. (B, U) int64"""
+    counts: Tensor
+    """How often each pair occurred (0 for PAD). (B, U) int64"""
+    prev_items: Tensor
+    """The previous block's pairs. (B, U') int64"""
+    prev_counts: Tensor
+    """The previous block's counts. (B, U') int64"""
+    tail: Tensor
+    """The last max(count_lengths) tokens, -1 before the stream start. (B, n) int64"""
+    pos: int
+    """Tokens of the stream seen so far."""
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> CountCacheState:
+        return replace(self, items=fn(self.items), counts=fn(self.counts), prev_items=fn(self.prev_items),
+                       prev_counts=fn(self.prev_counts), tail=fn(self.tail))
+
+    def forget(self, fresh: Tensor) -> CountCacheState:
+        """The streams where ``fresh`` (B,) is true with no pairs and no tail, as at a stream start."""
+        gone = fresh.to(self.items.device).view(-1, 1)  # (B, 1)
+        pad = torch.iinfo(torch.int64).max
+        return replace(self, items=torch.where(gone, pad, self.items), counts=torch.where(gone, 0, self.counts),
+                       prev_items=torch.where(gone, pad, self.prev_items),
+                       prev_counts=torch.where(gone, 0, self.prev_counts), tail=torch.where(gone, -1, self.tail))
+
+
+@dataclass(frozen=True)
 class HorizonState:
     """Everything HorizonLM carries from one call to the next."""
 
@@ -96,6 +127,8 @@ class HorizonState:
     """None when the memory is switched off."""
     batch_size: int
     """B: streams carried side by side."""
+    counts: CountCacheState | None = None
+    """None without the count cache (``count_lengths`` empty)."""
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> HorizonState:
         """The same state with ``fn`` applied to each of its tensors (a memory store, which is
@@ -109,7 +142,8 @@ class HorizonState:
         if mem is not None:
             mem = replace(mem, last_key=None if mem.last_key is None else fn(mem.last_key),
                           tail=None if mem.tail is None else fn(mem.tail))
-        return replace(self, blocks=blocks, supervisor=sup, memory=mem)
+        counts = None if self.counts is None else self.counts.map_tensors(fn)
+        return replace(self, blocks=blocks, supervisor=sup, memory=mem, counts=counts)
 
     def detach(self) -> HorizonState:
         """Cut the autograd graph (truncated backprop through time between windows)."""
@@ -119,8 +153,9 @@ class HorizonState:
         """The state with the streams where ``fresh`` (B,) is true zeroed, as at a stream's start:
         SSM states, convolution buffers, supervisor state, the memory's carried key and tail, and
         its entries (zero values add nothing to a read; zero keys score 0, below the null entry),
-        which no longer count as entries it sees (``live_from`` moves past them). The chunk clock
-        is shared by the batch and keeps running."""
+        which no longer count as entries it sees (``live_from`` moves past them), and its count
+        cache's pairs and tail. The chunk clock is shared by the
+        batch and keeps running."""
         if isinstance(self.memory, StoreMemoryState):
             raise ValueError("a state whose memory lives in a store holds one stream; start a new state instead")
         keep = (~fresh).to(torch.float32)  # (B,)
@@ -131,6 +166,8 @@ class HorizonState:
             return t * keep.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))  # (B, ...)
 
         state = self.map_tensors(zero)
+        if state.counts is not None:
+            state = replace(state, counts=state.counts.forget(fresh))
         mem = state.memory
         if mem is None:
             return state
@@ -159,7 +196,8 @@ class HorizonState:
                                                         last_key=rep(self.memory.last_key),
                                                         tail=rep(self.memory.tail),
                                                         live_from=rep(self.memory.live_from))
-        return replace(self, blocks=blocks, supervisor=sup, memory=mem, batch_size=batch_size)
+        counts = None if self.counts is None else self.counts.map_tensors(rep)
+        return replace(self, blocks=blocks, supervisor=sup, memory=mem, batch_size=batch_size, counts=counts)
 
     def to(self, device: torch.device | str) -> HorizonState:
         return self.map_tensors(lambda t: t.to(device))

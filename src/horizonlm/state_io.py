@@ -13,11 +13,15 @@ from horizonlm.errors import HorizonError
 from horizonlm.peers.gla import GLAState
 from horizonlm.state import (
     BlockState,
+    CountCacheState,
     HorizonState,
     KVState,
     MemoryState,
     SupervisorState,
 )
+
+
+COUNT_TENSORS = ("items", "counts", "prev_items", "prev_counts", "tail")
 
 
 def state_to_tensors(state: HorizonState | KVState | GLAState, prefix: str = "state."
@@ -48,8 +52,12 @@ def state_to_tensors(state: HorizonState | KVState | GLAState, prefix: str = "st
             tensors[f"{prefix}memory.tail"] = state.memory.tail.contiguous()
         if state.memory.live_from is not None:
             tensors[f"{prefix}memory.live_from"] = state.memory.live_from.contiguous()
+    if state.counts is not None:
+        for name in COUNT_TENSORS:
+            tensors[f"{prefix}counts.{name}"] = getattr(state.counts, name).contiguous()
     header = {"kind": "horizon", "pos": state.pos, "batch_size": state.batch_size, "layers": len(state.blocks),
-              "supervisor": state.supervisor is not None, "memory": isinstance(state.memory, MemoryState)}
+              "supervisor": state.supervisor is not None, "memory": isinstance(state.memory, MemoryState),
+              "counts": state.counts is not None}
     return tensors, header
 
 
@@ -74,6 +82,8 @@ def state_from_tensors(tensors: dict[str, Tensor], header: dict[str, Any], prefi
                            last_key=tensors.get(f"{prefix}memory.last_key"), tail=tensors.get(f"{prefix}memory.tail"),
                            live_from=tensors.get(f"{prefix}memory.live_from"))
                if header["memory"] else None)
+        counts = (CountCacheState(**{name: tensors[f"{prefix}counts.{name}"] for name in COUNT_TENSORS}, pos=pos)
+                  if header.get("counts") else None)  # states saved before the count cache have none
     except KeyError as err:
         raise HorizonError(f"saved model state is incomplete: missing {err}") from err
-    return HorizonState(pos=pos, blocks=tuple(blocks), supervisor=sup, memory=mem, batch_size=batch)
+    return HorizonState(pos=pos, blocks=tuple(blocks), supervisor=sup, memory=mem, batch_size=batch, counts=counts)

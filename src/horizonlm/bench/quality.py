@@ -67,6 +67,10 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # The induction memory as it first became the default (f25841f): neither the late read nor the
     # grown tau (its protocol entry was measured as the default then).
     "horizon_plain_induction": ("horizon", {"memory_late_read": False, "memory_tau_growth": False}),
+    # The default with the count cache: its output mixed with exact counts of what followed the
+    # longest of these contexts earlier in the stream (ops/count_cache.py), the lengths the
+    # headroom bench measured (RESULTS.md 1.2d); blocks of 2M positions.
+    "horizon_count_cache": ("horizon", {"count_lengths": (8, 12, 16, 24, 32, 48, 64)}),
     # A peer, not an ablation: flash-linear-attention's GLA (horizonlm.peers.gla, extra [peers], a
     # GPU), state carried across windows as HorizonLM's.
     "gla": ("gla", {}),

@@ -1,0 +1,298 @@
+"""The count cache: exact counts of what followed each earlier occurrence of a token's context.
+
+For stream position t and context length n (one of ``lengths``), over the earlier positions
+p < t whose last n tokens equal t's (``x[p-n+1..p] == x[t-n+1..t]``), the cache counts which token
+came next: ``c_n(t, v) = #{p : x[p+1] = v}``, ``T_n(t) = sum_v c_n(t, v)``. It reports the longest
+length with ``T_n(t) > 0`` (the ``chosen`` one, -1 if none) and that length's counts: an exact
+n-gram "cache" over the whole visible stream (Kuhn & De Mori 1990; the longest-match back-off of
+PPM, Cleary & Witten 1984), which the model mixes into its next-token distribution
+(:class:`horizonlm.layers.count_cache.CountCache`).
+
+Visibility follows the stream in blocks of ``capacity`` positions: the entry of p counts for t
+when ``(p + 1) // capacity >= t // capacity - 1``, i.e. the token that completed it (p + 1) lies
+in t's block or the one before. The rule depends on p and t alone, so any split of the stream
+into calls gives the same counts, and the state is two tables: the current block's and the
+previous block's.
+
+A table holds each distinct ``(context, next token)`` pair once, as the sorted int64 item
+``key * V + next`` with its count, so a context's counts are one contiguous run found by two
+binary searches, at most V items long. ``key`` hashes the context (two polynomial hashes modulo
+primes, about 62 - log2(V) bits: a false match between two contexts of a 5M-token stream has
+odds about 1e-3 at V=256). Rows of a batch hold different numbers of pairs: shorter rows end in
+:data:`PAD` items with count 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["PAD", "CountLookup", "CountTables", "block_segments", "context_keys", "count_cache_call", "count_lookup",
+           "count_reference", "empty_tables", "merge_counts"]
+
+HASH_M1 = 2147483647
+"""The first hash's modulus (2**31 - 1, prime): h1 * P1 stays below 2**62."""
+HASH_P1 = 1000003
+HASH_P2 = 9973
+
+
+def _prime_below(n: int) -> int:
+    """The largest prime below n (trial division; n is at most 2**31)."""
+    for m in range(n - 1, 1, -1):
+        if all(m % d for d in range(2, int(m ** 0.5) + 1)):
+            return m
+    raise ValueError(f"no prime below {n}")
+
+
+def second_modulus(vocab: int) -> int:
+    """The second hash's modulus: ``key * V + V`` must stay below 2**63, and ``key < 2**31 * m2``."""
+    return _prime_below(2 ** (31 - max(vocab - 1, 1).bit_length()))
+
+
+class CountLookup(NamedTuple):
+    """What a call learns from the cache, per position of the call."""
+
+    counts: Tensor
+    """c_n(t, v) of the chosen length (zeros where none). (B, L, V) int32"""
+    totals: Tensor
+    """T_n(t) of every length. (B, L, n_lengths) int64"""
+    chosen: Tensor
+    """Index into ``lengths`` of the longest length with T_n(t) > 0, -1 if none. (B, L) int64"""
+
+
+def context_keys(ext: Tensor, lengths: tuple[int, ...], vocab: int) -> Tensor:
+    """The hashed context ending at each position of ``ext`` (B, S) for every length: -1 where the
+    context reaches before ``ext``'s start or holds a -1 (before the stream start). (B, S, n)"""
+    m2 = second_modulus(vocab)
+    batch, size = ext.shape
+    keys = ext.new_full((batch, size, len(lengths)), -1)  # (B, S, n)
+    h1 = ext.new_zeros(batch, size)  # (B, S)
+    h2 = ext.new_zeros(batch, size)  # (B, S)
+    valid = torch.ones_like(ext, dtype=torch.bool)  # (B, S)
+    for back in range(max(lengths)):
+        tok = torch.full_like(ext, -1)  # (B, S): the token `back` places before each position
+        tok[:, back:] = ext[:, : size - back]
+        valid = valid & (tok >= 0)
+        h1 = (h1 * HASH_P1 + tok + 2) % HASH_M1  # (B, S)
+        h2 = (h2 * HASH_P2 + tok + 2) % m2  # (B, S)
+        if back + 1 in lengths:
+            i = lengths.index(back + 1)
+            keys[:, :, i] = torch.where(valid, h1 * m2 + h2, -1)
+    return keys
+
+
+PAD = torch.iinfo(torch.int64).max
+"""The item that fills a table's row past its pairs (sorts last, count 0)."""
+
+
+class CountTables(NamedTuple):
+    """The pairs of the current block and of the one before it, per stream."""
+
+    items: Tensor
+    """The current block's ``key * V + next``, ascending, PAD-filled. (B, U) int64"""
+    counts: Tensor
+    """How often each item occurred (0 for PAD). (B, U) int64"""
+    prev_items: Tensor
+    """The previous block's items. (B, U') int64"""
+    prev_counts: Tensor
+    """The previous block's counts. (B, U') int64"""
+
+
+def empty_tables(batch: int, device: torch.device | str | None = None) -> CountTables:
+    empty = torch.empty(batch, 0, dtype=torch.int64, device=device)  # (B, 0)
+    return CountTables(empty, empty.clone(), empty.clone(), empty.clone())
+
+
+def merge_counts(items: Tensor, counts: Tensor, new: Tensor, new_counts: Tensor) -> tuple[Tensor, Tensor]:
+    """The table ``items``/``counts`` (B, N) with the items ``new`` (B, m) added (PAD: none), in
+    O(N + m log m): each old item moves up by the new ones below it, each new one by the old ones
+    at or below it; equal items then become one with their counts summed. Returns (B, U) twice."""
+    new_sorted, order = new.sort(dim=1)  # (B, m)
+    new_counts = new_counts.gather(1, order)  # (B, m)
+    batch, n_old = items.shape
+    m = new.shape[1]
+    ins = torch.searchsorted(items, new_sorted, right=True)  # (B, m): old items at or below each new one
+    below = torch.zeros(batch, n_old + 1, dtype=torch.int64, device=new.device).scatter_add_(
+        1, ins, torch.ones_like(ins)).cumsum(dim=1)[:, :n_old]  # (B, N): new items below each old one
+    merged = items.new_empty(batch, n_old + m)  # (B, N + m)
+    merged_counts = counts.new_empty(batch, n_old + m)  # (B, N + m)
+    at_old = torch.arange(n_old, device=new.device) + below  # (B, N)
+    at_new = ins + torch.arange(m, device=new.device)  # (B, m)
+    merged.scatter_(1, at_old, items).scatter_(1, at_new, new_sorted)
+    merged_counts.scatter_(1, at_old, counts).scatter_(1, at_new, new_counts)
+    real = merged != PAD  # (B, N + m)
+    first = real.clone()  # (B, N + m)
+    first[:, 1:] &= merged[:, 1:] != merged[:, :-1]
+    group = first.cumsum(dim=1) - 1  # (B, N + m): each item's place in the result
+    size = int(first.sum(dim=1).max()) if merged.numel() else 0
+    slot = torch.where(real, group, size)  # (B, N + m): PAD items go to a column that is dropped
+    out = torch.full((batch, size + 1), PAD, dtype=torch.int64, device=new.device)  # (B, U + 1)
+    out.scatter_(1, torch.where(first, slot, size), merged)
+    out_counts = torch.zeros(batch, size + 1, dtype=torch.int64, device=new.device)  # (B, U + 1)
+    out_counts.scatter_add_(1, slot, merged_counts)
+    return out[:, :size].contiguous(), out_counts[:, :size].contiguous()
+
+
+def _runs(items: Tensor, counts: Tensor, keys: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each key's items lie in a table, [lo, hi), and their total count. keys (B, L, n) ->
+    (B, L, n) three times."""
+    batch = keys.shape[0]
+    prefix = torch.cat([counts.new_zeros(batch, 1), counts.cumsum(dim=1)], dim=1)  # (B, U + 1)
+    lo = torch.searchsorted(items, (keys * vocab).reshape(batch, -1))  # (B, L * n)
+    hi = torch.searchsorted(items, (keys * vocab + vocab).reshape(batch, -1))  # (B, L * n)
+    total = prefix.gather(1, hi) - prefix.gather(1, lo)  # (B, L * n)
+    return lo.view(keys.shape), hi.view(keys.shape), total.view(keys.shape)
+
+
+def _add_run_counts(out: Tensor, items: Tensor, counts: Tensor, lo: Tensor, hi: Tensor, key: Tensor, vocab: int) -> None:
+    """Add to ``out`` (B, L, V) the counts by next token of the runs [lo, hi) (B, L) of ``key`` (B, L)."""
+    batch, length = key.shape
+    width = int((hi - lo).max()) if key.numel() else 0
+    if width == 0:
+        return
+    at = lo.unsqueeze(-1) + torch.arange(width, device=key.device)  # (B, L, R)
+    inside = at < hi.unsqueeze(-1)  # (B, L, R)
+    at = at.clamp(max=items.shape[1] - 1).view(batch, -1)  # (B, L * R)
+    nxt = torch.where(inside, items.gather(1, at).view(batch, length, width) - (key * vocab).unsqueeze(-1), 0)  # (B, L, R)
+    out.scatter_add_(2, nxt, torch.where(inside, counts.gather(1, at).view(batch, length, width), 0).to(out.dtype))
+
+
+def _earlier_same_key(keys: Tensor) -> Tensor:
+    """For each position k of a call's keys (B, S), how many earlier positions k' < k hold the same key. (B, S)"""
+    batch, size = keys.shape
+    ks, order = keys.sort(dim=1, stable=True)  # (B, S): ties keep stream order
+    idx = torch.arange(size, device=keys.device).expand(batch, size)  # (B, S)
+    start = torch.ones_like(ks, dtype=torch.bool)  # (B, S)
+    start[:, 1:] = ks[:, 1:] != ks[:, :-1]
+    first = torch.where(start, idx, 0).cummax(dim=1).values  # (B, S): where each one's group begins
+    return torch.empty_like(idx).scatter_(1, order, idx - first)  # (B, S)
+
+
+def _add_earlier_counts(out: Tensor, keys: Tensor, nxt: Tensor, want: Tensor, vocab: int) -> None:
+    """Add to ``out`` (B, S-1, V), for each query k = 1..S-1 of a call's keys (B, S) where ``want``
+    (B, S-1), how often each token followed its key at the earlier positions k' < k (entries are
+    k' = 0..S-2, followed by ``nxt``).
+
+    The call's entries become a small table of distinct items with, per item, its positions in
+    order (``rank * S + k'`` sorted): a query's items are one run of at most V, and an item's
+    earlier positions are one binary search."""
+    batch, size = keys.shape
+    entries = torch.where(keys[:, :-1] >= 0, keys[:, :-1] * vocab + nxt[:, :-1], PAD)  # (B, S-1)
+    items, order = entries.sort(dim=1, stable=True)  # (B, S-1): equal items keep stream order
+    first = torch.ones_like(items, dtype=torch.bool)  # (B, S-1)
+    first[:, 1:] = items[:, 1:] != items[:, :-1]
+    rank = first.cumsum(dim=1) - 1  # (B, S-1): which distinct item
+    by_rank = rank * size + order  # (B, S-1): ascending
+    width = int(first.sum(dim=1).max())
+    distinct = torch.full((batch, width + 1), PAD, dtype=torch.int64, device=keys.device)  # (B, W + 1)
+    distinct.scatter_(1, torch.where(first, rank, width), items)
+    distinct = distinct[:, :width].contiguous()  # (B, W)
+    query = keys[:, 1:]  # (B, L) with L = S-1
+    lo = torch.searchsorted(distinct, (query * vocab).contiguous())  # (B, L)
+    hi = torch.searchsorted(distinct, (query * vocab + vocab).contiguous())  # (B, L)
+    run = int((hi - lo).max()) if query.numel() else 0
+    if run == 0:
+        return
+    u = lo.unsqueeze(-1) + torch.arange(run, device=keys.device)  # (B, L, R)
+    inside = (u < hi.unsqueeze(-1)) & (want & (query >= 0)).unsqueeze(-1)  # (B, L, R)
+    u = u.clamp(max=width - 1)  # (B, L, R)
+    k = torch.arange(1, size, device=keys.device).view(1, -1, 1)  # (1, L, 1): the query's own position
+    before = torch.searchsorted(by_rank, (u * size + k).reshape(batch, -1)).view(u.shape)  # (B, L, R)
+    starts = torch.searchsorted(by_rank, (u * size).reshape(batch, -1)).view(u.shape)  # (B, L, R)
+    token = distinct.gather(1, u.view(batch, -1)).view(u.shape) - (query * vocab).unsqueeze(-1)  # (B, L, R)
+    out.scatter_add_(2, torch.where(inside, token, 0), torch.where(inside, before - starts, 0).to(out.dtype))
+
+
+def count_lookup(tables: CountTables, tail: Tensor, tokens: Tensor, lengths: tuple[int, ...], vocab: int
+                 ) -> tuple[CountLookup, Tensor]:
+    """The cache's counts for one call that does not cross a block boundary.
+
+    tables: the pairs visible before the call. tail (B, max(lengths)): the tokens before the call
+    (-1 before the stream start). tokens (B, L). Returns the lookup and the call's L new items per
+    length (B, L * n), PAD where a context reached before the stream start: the context ending at
+    the token before the call, then at each of the call's tokens but the last (whose next token is
+    not known yet)."""
+    batch, length = tokens.shape
+    n_len, span = len(lengths), tail.shape[1]
+    ext = torch.cat([tail, tokens], dim=1)  # (B, span + L)
+    keys = context_keys(ext, lengths, vocab)[:, span - 1:]  # (B, L + 1, n): index k = context ending at call position k - 1
+    nxt = torch.cat([tokens, tokens.new_zeros(batch, 1)], dim=1)  # (B, L + 1): what followed (the last: not yet known)
+    query = keys[:, 1:]  # (B, L, n)
+    runs = [_runs(items, counts, query, vocab) for items, counts in
+            ((tables.items, tables.counts), (tables.prev_items, tables.prev_counts))]  # (B, L, n) x3 per table
+    totals = runs[0][2] + runs[1][2]  # (B, L, n)
+    for i in range(n_len):
+        totals[:, :, i] += _earlier_same_key(keys[:, :, i])[:, 1:]  # (B, L)
+    totals = torch.where(query >= 0, totals, 0)  # (B, L, n)
+    hit = totals > 0  # (B, L, n)
+    chosen = torch.where(hit.any(-1), n_len - 1 - hit.flip(-1).int().argmax(-1), -1)  # (B, L)
+    pick = chosen.clamp(min=0).unsqueeze(-1)  # (B, L, 1)
+    key = query.gather(2, pick).squeeze(-1)  # (B, L)
+    # where no length occurred, the first length's total is 0: its runs are empty and add nothing
+    counts = torch.zeros(batch, length, vocab, dtype=torch.int32, device=tokens.device)  # (B, L, V)
+    for (items, table_counts), (lo, hi, _) in zip(((tables.items, tables.counts),
+                                                   (tables.prev_items, tables.prev_counts)), runs):
+        _add_run_counts(counts, items, table_counts, lo.gather(2, pick).squeeze(-1), hi.gather(2, pick).squeeze(-1),
+                        key, vocab)
+    for i in range(n_len):
+        if bool((chosen == i).any()):
+            _add_earlier_counts(counts, keys[:, :, i], nxt, chosen == i, vocab)
+    entry_keys = keys[:, :-1]  # (B, L, n)
+    new = torch.where(entry_keys >= 0, entry_keys * vocab + tokens.unsqueeze(-1), PAD).reshape(batch, -1)  # (B, L * n)
+    return CountLookup(counts=counts, totals=totals, chosen=chosen), new
+
+
+def block_segments(pos: int, length: int, capacity: int) -> list[tuple[int, int]]:
+    """The call's [start, end) pieces, relative to the call, split where a block of ``capacity``
+    stream positions begins."""
+    cuts = [0]
+    first = (pos // capacity + 1) * capacity - pos
+    cuts.extend(range(first, length, capacity))
+    cuts.append(length)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def count_cache_call(tables: CountTables, tail: Tensor, pos: int, tokens: Tensor, lengths: tuple[int, ...],
+                     vocab: int, capacity: int) -> tuple[CountLookup, CountTables, Tensor]:
+    """One call of the cache from its state: the lookup for every token of ``tokens`` (B, L), and
+    the tables and last max(lengths) tokens (B, span) after them. ``pos``: the stream position of
+    the call's first token. Where a block begins, the current table becomes the previous one and
+    the previous one is dropped."""
+    looks = []
+    for start, end in block_segments(pos, tokens.shape[1], capacity):
+        if (pos + start) % capacity == 0 and pos + start > 0:
+            tables = CountTables(*empty_tables(tokens.shape[0], tokens.device)[:2], tables.items, tables.counts)
+        look, new = count_lookup(tables, tail, tokens[:, start:end], lengths, vocab)
+        items, counts = merge_counts(tables.items, tables.counts, new, (new != PAD).long())  # (B, U) twice
+        tables = tables._replace(items=items, counts=counts)
+        tail = torch.cat([tail, tokens[:, start:end]], dim=1)[:, -tail.shape[1]:]  # (B, span)
+        looks.append(look)
+    lookup = CountLookup(*(torch.cat(parts, dim=1) for parts in zip(*looks)))
+    return lookup, tables, tail
+
+
+def count_reference(stream: list[int], lengths: tuple[int, ...], vocab: int, capacity: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The definition, by direct comparison of token lists (no hashing): counts (T, V), totals
+    (T, n) and chosen (T,) for every position of one stream. Quadratic; for tests."""
+    size = len(stream)
+    counts = torch.zeros(size, vocab, dtype=torch.int64)  # (T, V)
+    totals = torch.zeros(size, len(lengths), dtype=torch.int64)  # (T, n)
+    chosen = torch.full((size,), -1, dtype=torch.int64)  # (T,)
+    for t in range(size):
+        per_length = []
+        for i, n in enumerate(lengths):
+            seen = torch.zeros(vocab, dtype=torch.int64)  # (V,)
+            if t >= n - 1:
+                for p in range(n - 1, t):
+                    if (p + 1) // capacity >= t // capacity - 1 and stream[p - n + 1:p + 1] == stream[t - n + 1:t + 1]:
+                        seen[stream[p + 1]] += 1
+            per_length.append(seen)
+            totals[t, i] = seen.sum()
+            if totals[t, i] > 0:
+                chosen[t] = i
+        if chosen[t] >= 0:
+            counts[t] = per_length[int(chosen[t])]
+    return counts, totals, chosen
