@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from horizonlm.ops.count_cache import PAD, CountTables
+
 
 @dataclass(frozen=True)
 class BlockState:
@@ -87,30 +89,22 @@ class CountCacheState:
     """The count cache (:mod:`horizonlm.ops.count_cache`): the (context, next token) pairs of the
     current block of the stream and of the block before, counted."""
 
-    items: Tensor
-    """The current block's pairs as ``key * V + next``, ascending; rows end in PAD. (B, U) int64"""
-    counts: Tensor
-    """How often each pair occurred (0 for PAD). (B, U) int64"""
-    prev_items: Tensor
-    """The previous block's pairs. (B, U') int64"""
-    prev_counts: Tensor
-    """The previous block's counts. (B, U') int64"""
+    tables: CountTables
+    """The counted pairs, each table (B, U) int64 per field."""
     tail: Tensor
     """The last max(count_lengths) tokens, -1 before the stream start. (B, n) int64"""
     pos: int
     """Tokens of the stream seen so far."""
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> CountCacheState:
-        return replace(self, items=fn(self.items), counts=fn(self.counts), prev_items=fn(self.prev_items),
-                       prev_counts=fn(self.prev_counts), tail=fn(self.tail))
+        return replace(self, tables=CountTables(*(fn(t) for t in self.tables)), tail=fn(self.tail))
 
     def forget(self, fresh: Tensor) -> CountCacheState:
         """The streams where ``fresh`` (B,) is true with no pairs and no tail, as at a stream start."""
-        gone = fresh.to(self.items.device).view(-1, 1)  # (B, 1)
-        pad = torch.iinfo(torch.int64).max
-        return replace(self, items=torch.where(gone, pad, self.items), counts=torch.where(gone, 0, self.counts),
-                       prev_items=torch.where(gone, pad, self.prev_items),
-                       prev_counts=torch.where(gone, 0, self.prev_counts), tail=torch.where(gone, -1, self.tail))
+        gone = fresh.to(self.tail.device).view(-1, 1)  # (B, 1)
+        emptied = {name: torch.where(gone, PAD if name.endswith("items") else 0, t)
+                   for name, t in self.tables._asdict().items()}  # (B, U) each
+        return replace(self, tables=CountTables(**emptied), tail=torch.where(gone, -1, self.tail))
 
 
 @dataclass(frozen=True)

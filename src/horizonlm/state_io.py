@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from horizonlm.errors import HorizonError
+from horizonlm.ops.count_cache import CountTables
 from horizonlm.peers.gla import GLAState
 from horizonlm.state import (
     BlockState,
@@ -19,9 +20,6 @@ from horizonlm.state import (
     MemoryState,
     SupervisorState,
 )
-
-
-COUNT_TENSORS = ("items", "counts", "prev_items", "prev_counts", "tail")
 
 
 def state_to_tensors(state: HorizonState | KVState | GLAState, prefix: str = "state."
@@ -53,8 +51,9 @@ def state_to_tensors(state: HorizonState | KVState | GLAState, prefix: str = "st
         if state.memory.live_from is not None:
             tensors[f"{prefix}memory.live_from"] = state.memory.live_from.contiguous()
     if state.counts is not None:
-        for name in COUNT_TENSORS:
-            tensors[f"{prefix}counts.{name}"] = getattr(state.counts, name).contiguous()
+        for name, t in state.counts.tables._asdict().items():
+            tensors[f"{prefix}counts.{name}"] = t.contiguous()
+        tensors[f"{prefix}counts.tail"] = state.counts.tail.contiguous()
     header = {"kind": "horizon", "pos": state.pos, "batch_size": state.batch_size, "layers": len(state.blocks),
               "supervisor": state.supervisor is not None, "memory": isinstance(state.memory, MemoryState),
               "counts": state.counts is not None}
@@ -82,7 +81,8 @@ def state_from_tensors(tensors: dict[str, Tensor], header: dict[str, Any], prefi
                            last_key=tensors.get(f"{prefix}memory.last_key"), tail=tensors.get(f"{prefix}memory.tail"),
                            live_from=tensors.get(f"{prefix}memory.live_from"))
                if header["memory"] else None)
-        counts = (CountCacheState(**{name: tensors[f"{prefix}counts.{name}"] for name in COUNT_TENSORS}, pos=pos)
+        counts = (CountCacheState(CountTables(*(tensors[f"{prefix}counts.{name}"] for name in CountTables._fields)),
+                                  tail=tensors[f"{prefix}counts.tail"], pos=pos)
                   if header.get("counts") else None)  # states saved before the count cache have none
     except KeyError as err:
         raise HorizonError(f"saved model state is incomplete: missing {err}") from err

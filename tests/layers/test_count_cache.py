@@ -94,8 +94,8 @@ def test_saved_state_continues_and_a_reset_stream_forgets() -> None:
     torch.testing.assert_close(got[0], cont[0], rtol=0, atol=0)
     _, after_reset = model(tokens[:, 24:], reset)
     for name in ("items", "counts"):  # the restarted stream counts only its new tokens
-        got_row, cold_row = getattr(after_reset.counts, name)[1], getattr(cold, name)[1]
-        assert torch.equal(got_row[after_reset.counts.items[1] != PAD], cold_row[cold.items[1] != PAD])
+        got_row, cold_row = getattr(after_reset.counts.tables, name)[1], getattr(cold.tables, name)[1]
+        assert torch.equal(got_row[after_reset.counts.tables.items[1] != PAD], cold_row[cold.tables.items[1] != PAD])
     assert (got[1] - full[1, 24:]).abs().max() > 1e-3
 
 

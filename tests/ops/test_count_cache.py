@@ -7,6 +7,7 @@ import torch
 
 from horizonlm.ops.count_cache import (
     PAD,
+    RECENT,
     block_segments,
     context_keys,
     count_cache_call,
@@ -19,30 +20,33 @@ from horizonlm.ops.count_cache import (
 LENGTHS = (1, 2, 4)
 
 
-def _run(tokens: torch.Tensor, sizes: list[int], lengths: tuple[int, ...], vocab: int, capacity: int):
+def _run(tokens: torch.Tensor, sizes: list[int], lengths: tuple[int, ...], vocab: int, capacity: int,
+         recent: int = RECENT):
     tables = empty_tables(tokens.shape[0])
     tail = torch.full((tokens.shape[0], max(lengths)), -1, dtype=torch.int64)  # (B, span)
     looks, pos = [], 0
     for size in sizes:
-        look, tables, tail = count_cache_call(tables, tail, pos, tokens[:, pos:pos + size], lengths, vocab, capacity)
+        look, tables, tail = count_cache_call(tables, tail, pos, tokens[:, pos:pos + size], lengths, vocab, capacity,
+                                              recent)
         looks.append(look)
         pos += size
     return [torch.cat(parts, dim=1) for parts in zip(*looks)], tables
 
 
-@pytest.mark.parametrize("capacity", [3, 7, 1000])
+@pytest.mark.parametrize(("capacity", "recent"), [(3, RECENT), (7, RECENT), (1000, RECENT), (7, 4), (1000, 4)])
 @pytest.mark.parametrize("seed", range(4))
-def test_counts_equal_the_definition_for_any_split(seed: int, capacity: int) -> None:
+def test_counts_equal_the_definition_for_any_split(seed: int, capacity: int, recent: int) -> None:
     """Three tokens make every context recur: counts, totals and the chosen length equal a direct
     search over the token lists at every position, for one call and for random pieces, with blocks
-    of 3 and 7 positions evicting entries and without eviction."""
+    of 3 and 7 positions evicting entries and without eviction, the small table merged into the
+    large one after every few pairs (4) or never."""
     g = torch.Generator().manual_seed(seed)
     vocab, size = 3, 70
     tokens = torch.randint(0, vocab, (2, size), generator=g)  # (B, T)
     cuts = sorted(set(torch.randint(1, size, (6,), generator=g).tolist()))
     pieces = [b - a for a, b in zip([0] + cuts, cuts + [size])]
     for sizes in ([size], pieces, [1] * size):
-        (counts, totals, chosen), _ = _run(tokens, sizes, LENGTHS, vocab, capacity)
+        (counts, totals, chosen), _ = _run(tokens, sizes, LENGTHS, vocab, capacity, recent)
         for b in range(2):
             want_counts, want_totals, want_chosen = count_reference(tokens[b].tolist(), LENGTHS, vocab, capacity)
             assert torch.equal(totals[b], want_totals)
@@ -55,8 +59,10 @@ def test_the_state_holds_two_blocks_of_distinct_pairs() -> None:
     """Blocks of 10 positions, contexts of 1 and 3 tokens: after 100 tokens the tables hold
     exactly the distinct pairs completed in positions 80-89 and 90-99, counted."""
     tokens = torch.randint(0, 3, (1, 100), generator=torch.Generator().manual_seed(1))  # (1, T)
-    _, tables = _run(tokens, [9] * 11 + [1], (1, 3), 3, capacity=10)
-    for items, counts, first in ((tables.prev_items, tables.prev_counts, 80), (tables.items, tables.counts, 90)):
+    _, tables = _run(tokens, [9] * 11 + [1], (1, 3), 3, capacity=10, recent=4)
+    assert tables.items.shape[1] and tables.recent_items.shape[1]  # both parts of the current block in use
+    current = merge_counts(tables.items, tables.counts, tables.recent_items, tables.recent_counts)
+    for (items, counts), first in (((tables.prev_items, tables.prev_counts), 80), (current, 90)):
         assert torch.equal(items, items.sort(dim=1).values) and (items != PAD).all()
         assert int(counts.sum()) == 2 * 10  # one pair per length for each completing token
         assert items.unique().numel() == items.shape[1]  # each pair once

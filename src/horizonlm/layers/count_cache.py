@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from horizonlm.ops.count_cache import CountLookup, CountTables, count_cache_call, empty_tables
+from horizonlm.ops.count_cache import CountLookup, count_cache_call, empty_tables
 from horizonlm.state import CountCacheState
 
 
@@ -34,7 +34,7 @@ class CountCache(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | None = None) -> CountCacheState:
         tail = torch.full((batch_size, max(self.lengths)), -1, dtype=torch.int64, device=device)  # (B, n)
-        return CountCacheState(*empty_tables(batch_size, device), tail=tail, pos=0)
+        return CountCacheState(empty_tables(batch_size, device), tail=tail, pos=0)
 
     def features(self, look: CountLookup) -> Tensor:
         """f_t: which length was chosen, how much of each was seen, how peaked the chosen counts are. (B, L, F)"""
@@ -61,8 +61,7 @@ class CountCache(nn.Module):
         """logits (B, L, V) and the final normed hidden state (B, L, D) of the tokens (B, L)."""
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
-        tables = CountTables(state.items, state.counts, state.prev_items, state.prev_counts)
-        look, tables, tail = count_cache_call(tables, state.tail, state.pos, tokens.long(), self.lengths, self.vocab,
+        look, tables, tail = count_cache_call(state.tables, state.tail, state.pos, tokens.long(), self.lengths, self.vocab,
                                               self.capacity)
-        new_state = CountCacheState(*tables, tail=tail, pos=state.pos + tokens.shape[1])
+        new_state = CountCacheState(tables, tail=tail, pos=state.pos + tokens.shape[1])
         return self.mix(logits, hidden, look), new_state

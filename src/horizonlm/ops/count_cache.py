@@ -87,13 +87,26 @@ PAD = torch.iinfo(torch.int64).max
 """The item that fills a table's row past its pairs (sorts last, count 0)."""
 
 
+RECENT = 1 << 16
+"""Items the current block's small table may hold before it is merged into the large one (or an
+eighth of the large one's, if more): a call's pairs are merged into the small table, so a short
+call (a decoding step) costs little however long the stream, and the large table is rewritten
+only once in many calls."""
+
+
 class CountTables(NamedTuple):
-    """The pairs of the current block and of the one before it, per stream."""
+    """The pairs of the current block (a large and a small table) and of the one before, per stream.
+    Which of the current block's tables holds a pair depends on how the stream was split into
+    calls; the counts, their sum, do not."""
 
     items: Tensor
-    """The current block's ``key * V + next``, ascending, PAD-filled. (B, U) int64"""
+    """The current block's large table: ``key * V + next``, ascending, PAD-filled. (B, U) int64"""
     counts: Tensor
     """How often each item occurred (0 for PAD). (B, U) int64"""
+    recent_items: Tensor
+    """The current block's small table: the pairs of the latest calls. (B, U'') int64"""
+    recent_counts: Tensor
+    """Their counts. (B, U'') int64"""
     prev_items: Tensor
     """The previous block's items. (B, U') int64"""
     prev_counts: Tensor
@@ -102,7 +115,7 @@ class CountTables(NamedTuple):
 
 def empty_tables(batch: int, device: torch.device | str | None = None) -> CountTables:
     empty = torch.empty(batch, 0, dtype=torch.int64, device=device)  # (B, 0)
-    return CountTables(empty, empty.clone(), empty.clone(), empty.clone())
+    return CountTables(*(empty.clone() for _ in range(6)))
 
 
 def merge_counts(items: Tensor, counts: Tensor, new: Tensor, new_counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -220,9 +233,10 @@ def count_lookup(tables: CountTables, tail: Tensor, tokens: Tensor, lengths: tup
     keys = context_keys(ext, lengths, vocab)[:, span - 1:]  # (B, L + 1, n): index k = context ending at call position k - 1
     nxt = torch.cat([tokens, tokens.new_zeros(batch, 1)], dim=1)  # (B, L + 1): what followed (the last: not yet known)
     query = keys[:, 1:]  # (B, L, n)
-    runs = [_runs(items, counts, query, vocab) for items, counts in
-            ((tables.items, tables.counts), (tables.prev_items, tables.prev_counts))]  # (B, L, n) x3 per table
-    totals = runs[0][2] + runs[1][2]  # (B, L, n)
+    pairs = ((tables.items, tables.counts), (tables.recent_items, tables.recent_counts),
+             (tables.prev_items, tables.prev_counts))
+    runs = [_runs(items, counts, query, vocab) for items, counts in pairs]  # (B, L, n) x3 per table
+    totals = sum(run[2] for run in runs)  # (B, L, n)
     for i in range(n_len):
         totals[:, :, i] += _earlier_same_key(keys[:, :, i])[:, 1:]  # (B, L)
     totals = torch.where(query >= 0, totals, 0)  # (B, L, n)
@@ -232,8 +246,7 @@ def count_lookup(tables: CountTables, tail: Tensor, tokens: Tensor, lengths: tup
     key = query.gather(2, pick).squeeze(-1)  # (B, L)
     # where no length occurred, the first length's total is 0: its runs are empty and add nothing
     counts = torch.zeros(batch, length, vocab, dtype=torch.int32, device=tokens.device)  # (B, L, V)
-    for (items, table_counts), (lo, hi, _) in zip(((tables.items, tables.counts),
-                                                   (tables.prev_items, tables.prev_counts)), runs):
+    for (items, table_counts), (lo, hi, _) in zip(pairs, runs):
         _add_run_counts(counts, items, table_counts, lo.gather(2, pick).squeeze(-1), hi.gather(2, pick).squeeze(-1),
                         key, vocab)
     for i in range(n_len):
@@ -255,18 +268,23 @@ def block_segments(pos: int, length: int, capacity: int) -> list[tuple[int, int]
 
 
 def count_cache_call(tables: CountTables, tail: Tensor, pos: int, tokens: Tensor, lengths: tuple[int, ...],
-                     vocab: int, capacity: int) -> tuple[CountLookup, CountTables, Tensor]:
+                     vocab: int, capacity: int, recent: int = RECENT) -> tuple[CountLookup, CountTables, Tensor]:
     """One call of the cache from its state: the lookup for every token of ``tokens`` (B, L), and
     the tables and last max(lengths) tokens (B, span) after them. ``pos``: the stream position of
     the call's first token. Where a block begins, the current table becomes the previous one and
-    the previous one is dropped."""
+    the previous one is dropped. ``recent``: see :data:`RECENT`."""
     looks = []
     for start, end in block_segments(pos, tokens.shape[1], capacity):
-        if (pos + start) % capacity == 0 and pos + start > 0:
-            tables = CountTables(*empty_tables(tokens.shape[0], tokens.device)[:2], tables.items, tables.counts)
+        if (pos + start) % capacity == 0 and pos + start > 0:  # a block begins: the current one becomes the previous
+            items, counts = merge_counts(tables.items, tables.counts, tables.recent_items, tables.recent_counts)
+            tables = CountTables(*empty_tables(tokens.shape[0], tokens.device)[:4], items, counts)
         look, new = count_lookup(tables, tail, tokens[:, start:end], lengths, vocab)
-        items, counts = merge_counts(tables.items, tables.counts, new, (new != PAD).long())  # (B, U) twice
-        tables = tables._replace(items=items, counts=counts)
+        fresh, fresh_counts = merge_counts(tables.recent_items, tables.recent_counts, new, (new != PAD).long())
+        if fresh.shape[1] > max(recent, tables.items.shape[1] // 8):
+            items, counts = merge_counts(tables.items, tables.counts, fresh, fresh_counts)  # (B, U) twice
+            tables = tables._replace(items=items, counts=counts, recent_items=fresh[:, :0], recent_counts=fresh[:, :0])
+        else:
+            tables = tables._replace(recent_items=fresh, recent_counts=fresh_counts)
         tail = torch.cat([tail, tokens[:, start:end]], dim=1)[:, -tail.shape[1]:]  # (B, span)
         looks.append(look)
     lookup = CountLookup(*(torch.cat(parts, dim=1) for parts in zip(*looks)))
