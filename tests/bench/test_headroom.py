@@ -97,8 +97,10 @@ def _two_books(tmp_path: Path) -> Path:
 def test_bench_headroom_end_to_end(tmp_path: Path) -> None:
     data = _two_books(tmp_path)
     save_checkpoint(tmp_path / "ckpt", 1, make_horizon(), {})
+    save_checkpoint(tmp_path / "counts", 1, make_horizon(count_lengths=(2, 4)), {})
     out = tmp_path / "headroom.json"
-    args = ["bench", "headroom", "--data", str(data), "--checkpoints", str(tmp_path / "ckpt"), "--windows", "256",
+    args = ["bench", "headroom", "--data", str(data), "--checkpoints", f"{tmp_path / 'ckpt'},{tmp_path / 'counts'}",
+            "--windows", "256",
             "--reaches", "1024,book", "--eval-window", "128", "--max-bytes", "3000", "--check-positions", "20",
             "--loss-cache", str(tmp_path / "losses"), "--device", "cpu", "--out", str(out)]
     assert main(args) == 0
@@ -108,8 +110,13 @@ def test_bench_headroom_end_to_end(tmp_path: Path) -> None:
     entry = result["windows"]["256"]["checkpoints"][str(tmp_path / "ckpt")]
     assert set(entry) == {"1024", "book"}
     assert entry["book"]["carried"]["bits_per_byte"] > 0 and "cache_mixture_gain" in entry["book"]["reset"]
+    positions = result["windows"]["256"]["by_position"]
+    first, second = positions[str(tmp_path / "ckpt")], positions[str(tmp_path / "counts")]
+    assert set(first) == {"carried_over_reset"} and set(second) == {"carried_over_reset", "carried_over_first",
+                                                                      "reset_over_first"}
+    assert sum(row["bytes"] for row in second["carried_over_first"]) == 2 * 2999
     assert out.with_suffix(".png").is_file()
-    assert len(list((tmp_path / "losses").glob("*.npz"))) == 2  # carried and reset, kept for the next call
+    assert len(list((tmp_path / "losses").glob("*.npz"))) == 4  # carried and reset of each, kept for the next call
     before = out.read_text()
     assert main(args) == 2 and out.read_text() == before  # the file is there: refused without --overwrite
     assert main(args + ["--overwrite"]) == 0

@@ -236,6 +236,17 @@ def by_position(before: list[np.ndarray], after: list[np.ndarray]) -> list[dict[
     return rows
 
 
+def compare_by_position(losses: dict[str, list[np.ndarray]], first: dict[str, list[np.ndarray]] | None
+                        ) -> dict[str, list[dict[str, Any]]]:
+    """By position in the books: what carrying the state earns over resetting it, and what this
+    checkpoint gains over the first one listed in each mode (``gain`` > 0: this one is better)."""
+    out = {"carried_over_reset": by_position(losses["reset"], losses["carried"])}
+    if first is not None:
+        for mode in ("carried", "reset"):
+            out[f"{mode}_over_first"] = by_position(first[mode], losses[mode])
+    return out
+
+
 def by_bucket(buckets: np.ndarray, *arrays: np.ndarray) -> dict[int, tuple[np.ndarray, ...]]:
     """One book's bytes grouped by mixture bucket (those without a far context left out), each
     group in the book's order: bucket -> the arrays' values there."""
@@ -370,12 +381,15 @@ def run_headroom(cfg: HeadroomConfig) -> dict[str, Any]:
     for w in windows:
         used = [r for r in reaches if r is None or r > w]
         entry: dict[str, Any] = {"cache_alone": {str(r or "book"): analyse([f[(w, r)] for f in feats]) for r in used},
-                                 "checkpoints": {}}
+                                 "checkpoints": {}, "by_position": {}}
+        first: dict[str, list[np.ndarray]] | None = None
         for ckpt in cfg.checkpoint_list():
             if ckpt not in carried:  # the same for every window: scored once
                 carried[ckpt] = book_losses(cfg, ckpt, books, None)
             losses = {"carried": carried[ckpt], "reset": book_losses(cfg, ckpt, books, w)}
             entry["checkpoints"][ckpt] = {str(r or "book"): analyse([f[(w, r)] for f in feats], losses) for r in used}
+            entry["by_position"][ckpt] = compare_by_position(losses, first)
+            first = first or losses
         result["windows"][str(w)] = entry
     atomic_write_json(out, result)
     from horizonlm.bench.headroom_plot import plot_headroom
