@@ -38,12 +38,17 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-@pytest.mark.parametrize("model", ["horizon", "transformer"])
-def test_resume_matches_uninterrupted_run(data_dir: Path, tmp_path: Path, model: str) -> None:
-    straight = train(_cfg(data_dir, tmp_path / "a", model=model))
-    train(_cfg(data_dir, tmp_path / "b", model=model, stop_after=4))
+@pytest.mark.parametrize(("model", "overrides"), [("horizon", {}), ("transformer", {}),
+                                                  ("horizon", {"count_lengths": [2, 4]})])
+def test_resume_matches_uninterrupted_run(data_dir: Path, tmp_path: Path, model: str, overrides: dict) -> None:
+    """The count cache's streams (its tables) are saved with the checkpoint and carried on."""
+    straight = train(_cfg(data_dir, tmp_path / "a", model=model, model_overrides=overrides))
+    train(_cfg(data_dir, tmp_path / "b", model=model, model_overrides=overrides, stop_after=4))
+    if overrides:
+        saved = load_checkpoint(tmp_path / "b", with_train_state=True).train_tensors
+        assert saved["state0.counts.recent_items"].shape[1] > 0
     # A fresh process would see the same: nothing but the checkpoint carries over.
-    train(_cfg(data_dir, tmp_path / "b", model=model, resume=True))
+    train(_cfg(data_dir, tmp_path / "b", model=model, model_overrides=overrides, resume=True))
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert len(a) == len(b) == 8
     assert a[0] > a[-1]  # it learns
