@@ -147,9 +147,8 @@ class HorizonState:
         """The state with the streams where ``fresh`` (B,) is true zeroed, as at a stream's start:
         SSM states, convolution buffers, supervisor state, the memory's carried key and tail, and
         its entries (zero values add nothing to a read; zero keys score 0, below the null entry),
-        which no longer count as entries it sees (``live_from`` moves past them), and its count
-        cache's pairs and tail. The chunk clock is shared by the
-        batch and keeps running."""
+        which no longer count as entries it sees (``live_from`` moves past them), and the count
+        cache's pairs and tail. The chunk clock is shared by the batch and keeps running."""
         if isinstance(self.memory, StoreMemoryState):
             raise ValueError("a state whose memory lives in a store holds one stream; start a new state instead")
         keep = (~fresh).to(torch.float32)  # (B,)
