@@ -11,14 +11,13 @@ PPM, Cleary & Witten 1984), which the model mixes into its next-token distributi
 Visibility follows the stream in blocks of ``capacity`` positions: the entry of p counts for t
 when ``(p + 1) // capacity >= t // capacity - 1``, i.e. the token that completed it (p + 1) lies
 in t's block or the one before. The rule depends on p and t alone, so any split of the stream
-into calls gives the same counts, and the state is two tables: the current block's and the
-previous block's.
+into calls gives the same counts, and the state holds two blocks' pairs at most.
 
 A table holds each distinct ``(context, next token)`` pair once, as the sorted int64 item
 ``key * V + next`` with its count, so a context's counts are one contiguous run found by two
 binary searches, at most V items long. ``key`` hashes the context (two polynomial hashes modulo
-primes, about 62 - log2(V) bits: a false match between two contexts of a 5M-token stream has
-odds about 1e-3 at V=256). Rows of a batch hold different numbers of pairs: shorter rows end in
+primes, about 62 - log2(V) bits: at V=256, 2**54 keys, so the 35M contexts of a 5M-byte book at
+seven lengths would hold about 0.03 colliding pairs if the hash spreads them evenly). Rows of a batch hold different numbers of pairs: shorter rows end in
 :data:`PAD` items with count 0.
 """
 
@@ -35,7 +34,9 @@ __all__ = ["PAD", "CountLookup", "CountTables", "block_segments", "context_keys"
 HASH_M1 = 2147483647
 """The first hash's modulus (2**31 - 1, prime): h1 * P1 stays below 2**62."""
 HASH_P1 = 1000003
+"""The first hash's base."""
 HASH_P2 = 9973
+"""The second hash's base (its modulus depends on V: :func:`second_modulus`)."""
 
 
 def _prime_below(n: int) -> int:
