@@ -28,6 +28,12 @@ def _pair() -> tuple[HorizonLM, HorizonLM]:
     return with_cache, without
 
 
+def _lookup(model: HorizonLM, tokens: torch.Tensor) -> CountLookup:
+    tail = model.count_cache.init_state(tokens.shape[0]).tail  # (B, n)
+    look, *_ = count_cache_call(empty_tables(tokens.shape[0]), tail, 0, tokens, LENGTHS, 256, 16)
+    return look
+
+
 def test_where_nothing_was_seen_the_output_is_the_model_without_the_cache() -> None:
     with_cache, without = _pair()
     tokens = torch.randint(0, 4, (2, 50), generator=torch.Generator().manual_seed(0))  # (B, T)
@@ -43,13 +49,6 @@ def test_where_nothing_was_seen_the_output_is_the_model_without_the_cache() -> N
     assert state.counts.pos == 50 and state.counts.tail.tolist() == tokens[:, -3:].tolist()
 
 
-def _lookup(model: HorizonLM, tokens: torch.Tensor) -> CountLookup:
-    state = model.count_cache.init_state(tokens.shape[0])
-    tail = state.tail
-    look, *_ = count_cache_call(empty_tables(tokens.shape[0]), tail, 0, tokens, LENGTHS, 256, 16)
-    return look
-
-
 def test_an_open_gate_reads_the_counts() -> None:
     """lam -> 1: p_t(v) = c_t(v) / T_t, what followed the context before (here 'ab' -> c twice, d once)."""
     layer = CountCache(d_model=4, vocab=8, lengths=(2,), capacity=100).double()
@@ -62,6 +61,29 @@ def test_an_open_gate_reads_the_counts() -> None:
     probs = out[0, -1].exp()  # (V,)
     torch.testing.assert_close(probs[2], torch.tensor(2 / 3, dtype=torch.float64), atol=1e-12, rtol=0)
     torch.testing.assert_close(probs[3], torch.tensor(1 / 3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_the_mix_and_its_gradients_equal_the_formula_in_float64() -> None:
+    """log((1 - lam) softmax(z) + lam c/T) written out directly, values and gradients in z, h and the
+    gate, where some tokens have counts, some none, and some counts are zero for most tokens."""
+    torch.manual_seed(3)
+    layer = CountCache(d_model=6, vocab=5, lengths=(1, 2), capacity=100).double()
+    tokens = torch.tensor([[0, 1, 0, 1, 2, 0, 1, 3, 4, 0]])  # (1, T)
+    logits = torch.randn(1, 10, 5, dtype=torch.float64, requires_grad=True)  # (1, T, V)
+    hidden = torch.randn(1, 10, 6, dtype=torch.float64, requires_grad=True)  # (1, T, D)
+    out, _ = layer(logits, hidden, tokens)
+    look, *_ = count_cache_call(empty_tables(1), torch.full((1, 2), -1), 0, tokens, (1, 2), 5, 100)
+    lam = torch.sigmoid(layer.gate(torch.cat([hidden, layer.features(look).double()], -1)))  # (1, T, 1)
+    cache = look.counts.double() / look.counts.sum(-1, keepdim=True).clamp(min=1)  # (1, T, V)
+    mixed = torch.where((look.chosen >= 0).unsqueeze(-1), (1 - lam) * logits.softmax(-1) + lam * cache,
+                        logits.softmax(-1)).log()  # (1, T, V)
+    assert (look.chosen >= 0).sum() >= 5 and (look.chosen < 0).sum() >= 2
+    torch.testing.assert_close(out, mixed, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(1, 10, 5, dtype=torch.float64)  # (1, T, V)
+    got = torch.autograd.grad((out * weights).sum(), (logits, hidden, layer.gate.weight))
+    want = torch.autograd.grad((mixed * weights).sum(), (logits, hidden, layer.gate.weight))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
 def test_gradients_are_finite_and_reach_the_gate() -> None:
