@@ -46,6 +46,7 @@ from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json, refuse_existing
 from horizonlm.model import HorizonLM
+from horizonlm.ops.count_cache import check_count_cache_device
 from horizonlm.peers.gla import check_gla_kernel
 
 PEAK_BF16_FLOPS = 790e12
@@ -295,6 +296,7 @@ def run_checks(device: torch.device) -> dict[str, Any]:
     _, idx = exact_topk(queries, keys, 8, key_block=7000)
     _, idx_ref = exact_topk_ref(queries, keys, 8)
     out["exact_topk_matches_bruteforce"] = bool((idx.sort(-1).values == idx_ref.sort(-1).values).all())
+    out["count_cache_equals_cpu"] = check_count_cache_device(device)
     torch.manual_seed(0)
     model = HorizonLM(HorizonConfig.preset("small")).to(device)
     tokens = torch.randint(0, 256, (2, 3000), device=device)

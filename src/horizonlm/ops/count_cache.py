@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["PAD", "CountLookup", "CountTables", "block_segments", "context_keys", "count_cache_call", "count_lookup",
-           "count_reference", "empty_tables", "merge_counts"]
+           "count_reference", "check_count_cache_device", "empty_tables", "merge_counts"]
 
 HASH_M1 = 2147483647
 """The first hash's modulus (2**31 - 1, prime): h1 * P1 stays below 2**62."""
@@ -315,3 +315,25 @@ def count_reference(stream: list[int], lengths: tuple[int, ...], vocab: int, cap
         if chosen[t] >= 0:
             counts[t] = per_length[int(chosen[t])]
     return counts, totals, chosen
+
+
+def check_count_cache_device(device: torch.device | str) -> bool:
+    """The cache on ``device`` gives the CPU's counts, totals and chosen lengths exactly: a batch of
+    streams over 4 symbols (so contexts recur), fed in uneven pieces that cross two block ends and
+    merge the small table several times. The ops are plain torch (sort, searchsorted, scatter);
+    this checks them where they run in training."""
+    gen = torch.Generator().manual_seed(0)
+    lengths, vocab, capacity = (2, 3, 5, 8), 4, 3000
+    tokens = torch.randint(0, vocab, (3, 7000), generator=gen)  # (B, T)
+    results = []
+    for where in ("cpu", device):
+        tables = empty_tables(3, where)
+        tail = torch.full((3, max(lengths)), -1, dtype=torch.int64, device=where)  # (B, span)
+        pos, looks = 0, []
+        for size in (1, 999, 2500, 1, 3499):
+            look, tables, tail = count_cache_call(tables, tail, pos, tokens[:, pos:pos + size].to(where), lengths,
+                                                  vocab, capacity, recent=500)
+            looks.append(look)
+            pos += size
+        results.append([torch.cat(parts, dim=1).cpu() for parts in zip(*looks)])
+    return all(torch.equal(a, b) for a, b in zip(*results))
