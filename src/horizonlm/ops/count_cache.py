@@ -151,12 +151,23 @@ def merge_counts(items: Tensor, counts: Tensor, new: Tensor, new_counts: Tensor)
 
 def _runs(items: Tensor, counts: Tensor, keys: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
     """Where each key's items lie in a table, [lo, hi), and their total count. keys (B, L, n) ->
-    (B, L, n) three times."""
-    batch = keys.shape[0]
-    prefix = torch.cat([counts.new_zeros(batch, 1), counts.cumsum(dim=1)], dim=1)  # (B, U + 1)
+    (B, L, n) three times.
+
+    A run holds at most V items: few queries against a large table (decoding, a token a call) sum
+    their runs' counts directly; many (training) take differences of the table's prefix sums,
+    whose O(U) pass then costs less than the runs."""
+    batch, size = keys.shape[0], items.shape[1]
     lo = torch.searchsorted(items, (keys * vocab).reshape(batch, -1))  # (B, L * n)
     hi = torch.searchsorted(items, (keys * vocab + vocab).reshape(batch, -1))  # (B, L * n)
-    total = prefix.gather(1, hi) - prefix.gather(1, lo)  # (B, L * n)
+    if keys.numel() * vocab < items.numel():
+        width = int((hi - lo).max())
+        at = lo.unsqueeze(-1) + torch.arange(width, device=keys.device)  # (B, L * n, R)
+        inside = at < hi.unsqueeze(-1)  # (B, L * n, R)
+        run_counts = counts.gather(1, at.clamp(max=size - 1).view(batch, -1)).view(at.shape)  # (B, L * n, R)
+        total = torch.where(inside, run_counts, 0).sum(-1)  # (B, L * n)
+    else:
+        prefix = torch.cat([counts.new_zeros(batch, 1), counts.cumsum(dim=1)], dim=1)  # (B, U + 1)
+        total = prefix.gather(1, hi) - prefix.gather(1, lo)  # (B, L * n)
     return lo.view(keys.shape), hi.view(keys.shape), total.view(keys.shape)
 
 
