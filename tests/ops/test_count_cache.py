@@ -10,6 +10,7 @@ from horizonlm.ops.count_cache import (
     RECENT,
     block_segments,
     context_keys,
+    context_keys_reference,
     count_cache_call,
     count_reference,
     empty_tables,
@@ -110,3 +111,14 @@ def test_keys_fit_beside_a_large_vocabulary() -> None:
     keys = context_keys(ext, (1, 8), vocab)  # (1, S, 2)
     assert int(keys.max()) * vocab + vocab < 2 ** 63
     assert keys[0, 7:, 1].unique().numel() == 193  # no two random 8-token contexts collide
+
+
+@pytest.mark.parametrize("vocab", [2, 256, 1 << 20])
+def test_keys_equal_horners_rule(vocab: int) -> None:
+    """One reduction per length gives the hashes of the token-by-token loop, exactly, with and
+    without positions before the stream start, at the largest length and vocabulary allowed."""
+    gen = torch.Generator().manual_seed(vocab)
+    for lengths, before in (((1, 2, 3), 0), ((8, 12, 16, 24, 32, 48, 64), 5), ((1, 64), 70), ((3,), 300)):
+        ext = torch.randint(0, vocab, (3, 150), generator=gen)  # (B, S)
+        ext[:, :before] = -1
+        assert torch.equal(context_keys(ext, lengths, vocab), context_keys_reference(ext, lengths, vocab))

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["PAD", "CountLookup", "CountTables", "block_segments", "context_keys", "count_cache_call", "count_lookup",
+__all__ = ["PAD", "CountLookup", "CountTables", "block_segments", "context_keys", "context_keys_reference", "count_cache_call", "count_lookup",
            "count_reference", "check_count_cache_device", "empty_tables", "merge_counts"]
 
 HASH_M1 = 2147483647
@@ -68,7 +68,40 @@ class CountLookup(NamedTuple):
 
 def context_keys(ext: Tensor, lengths: tuple[int, ...], vocab: int) -> Tensor:
     """The hashed context ending at each position of ``ext`` (B, S) for every length: -1 where the
-    context reaches before ``ext``'s start or holds a -1 (before the stream start). (B, S, n)"""
+    context reaches before ``ext``'s start or holds a -1 (before the stream start). (B, S, n)
+
+    Each hash is ``sum_k (x_k + 2) P**k mod M`` over the context's tokens x_0..x_{n-1} in stream
+    order, the powers taken mod M first: a term is below (V + 2) * 2**31 and 64 of them (the
+    longest length allowed) below 2**57 at V = 2**20 (the largest vocabulary allowed), so the sums
+    are exact in int64, and one reduction per length replaces :func:`context_keys_reference`'s
+    loop over the positions back (some ten kernels each, on a GPU)."""
+    m2 = second_modulus(vocab)
+    batch, size = ext.shape
+    span = max(lengths)
+    padded = torch.cat([ext.new_full((batch, span - 1), -1), ext], dim=1)  # (B, span - 1 + S)
+    windows = padded.unfold(1, span, 1)  # (B, S, span): the span tokens up to each position, oldest first
+    reach = torch.arange(span, 0, -1, device=ext.device)  # (span,): how far back each window column lies
+    nearest_bad = torch.where(windows < 0, reach, span + 1).amin(-1)  # (B, S): the nearest -1 back
+    keys = []
+    for n in lengths:
+        tail = windows[:, :, span - n:] + 2  # (B, S, n)
+        h1 = (tail * _powers(HASH_P1, HASH_M1, n, ext.device)).sum(-1) % HASH_M1  # (B, S)
+        h2 = (tail * _powers(HASH_P2, m2, n, ext.device)).sum(-1) % m2  # (B, S)
+        keys.append(torch.where(nearest_bad > n, h1 * m2 + h2, -1))  # (B, S)
+    return torch.stack(keys, dim=-1)  # (B, S, n)
+
+
+def _powers(base: int, modulus: int, count: int, device: torch.device) -> Tensor:
+    """``base**k mod modulus`` for k = 0..count-1. (count,) int64"""
+    out, value = [], 1
+    for _ in range(count):
+        out.append(value)
+        value = value * base % modulus
+    return torch.tensor(out, dtype=torch.int64, device=device)  # (count,)
+
+
+def context_keys_reference(ext: Tensor, lengths: tuple[int, ...], vocab: int) -> Tensor:
+    """:func:`context_keys` by Horner's rule, a token back at a time. (B, S, n)"""
     m2 = second_modulus(vocab)
     batch, size = ext.shape
     keys = ext.new_full((batch, size, len(lengths)), -1)  # (B, S, n)
