@@ -231,35 +231,37 @@ def _earlier_same_key(keys: Tensor) -> Tensor:
     return torch.empty_like(idx).scatter_(1, order, idx - first)  # (B, S)
 
 
-def _add_earlier_counts(out: Tensor, keys: Tensor, nxt: Tensor, want: Tensor, vocab: int) -> None:
-    """Add to ``out`` (B, S-1, V), for each query k = 1..S-1 of a call's keys (B, S) where ``want``
-    (B, S-1), how often each token followed its key at the earlier positions k' < k (entries are
-    k' = 0..S-2, followed by ``nxt``).
+def _add_earlier_counts(out: Tensor, entries: Tensor, n_len: int, query: Tensor, vocab: int) -> None:
+    """Add to ``out`` (B, L, V), for each query j = 0..L-1 of a call (``query`` (B, L): a key, -1 for
+    none), how often each token followed that key at the call's positions k' <= j: ``entries``
+    (B, L * n) are the call's items, position-major (index ``k' * n + length``: every length's
+    context ending before call position k', followed by the token at k'; PAD for none).
 
-    The call's entries become a small table of distinct items with, per item, its positions in
-    order (``rank * S + k'`` sorted): a query's items are one run of at most V, and an item's
-    earlier positions are one binary search."""
-    batch, size = keys.shape
-    entries = torch.where(keys[:, :-1] >= 0, keys[:, :-1] * vocab + nxt[:, :-1], PAD)  # (B, S-1)
-    items, order = entries.sort(dim=1, stable=True)  # (B, S-1): equal items keep stream order
-    first = torch.ones_like(items, dtype=torch.bool)  # (B, S-1)
+    The entries of all lengths become one small table of distinct items with, per item, its
+    positions in order (``rank * (L + 1) + k'`` sorted): a query's items are one run of at most V,
+    and an item's earlier positions are one binary search. Keys of different lengths are told apart
+    by their hash, as different contexts of one length are, and as the tables do."""
+    batch, length = query.shape
+    size = length + 1
+    items, order = entries.sort(dim=1, stable=True)  # (B, L * n): equal items keep stream order
+    place = order // n_len  # (B, L * n): each sorted entry's position k'
+    first = torch.ones_like(items, dtype=torch.bool)  # (B, L * n)
     first[:, 1:] = items[:, 1:] != items[:, :-1]
-    rank = first.cumsum(dim=1) - 1  # (B, S-1): which distinct item
-    by_rank = rank * size + order  # (B, S-1): ascending
+    rank = first.cumsum(dim=1) - 1  # (B, L * n): which distinct item
+    by_rank = rank * size + place  # (B, L * n): ascending
     width = int(first.sum(dim=1).max())
-    distinct = torch.full((batch, width + 1), PAD, dtype=torch.int64, device=keys.device)  # (B, W + 1)
+    distinct = torch.full((batch, width + 1), PAD, dtype=torch.int64, device=entries.device)  # (B, W + 1)
     distinct.scatter_(1, torch.where(first, rank, width), items)
     distinct = distinct[:, :width].contiguous()  # (B, W)
-    query = keys[:, 1:]  # (B, L) with L = S-1
     lo = torch.searchsorted(distinct, (query * vocab).contiguous())  # (B, L)
     hi = torch.searchsorted(distinct, (query * vocab + vocab).contiguous())  # (B, L)
     run = int((hi - lo).max()) if query.numel() else 0
     if run == 0:
         return
-    u = lo.unsqueeze(-1) + torch.arange(run, device=keys.device)  # (B, L, R)
-    inside = (u < hi.unsqueeze(-1)) & (want & (query >= 0)).unsqueeze(-1)  # (B, L, R)
+    u = lo.unsqueeze(-1) + torch.arange(run, device=entries.device)  # (B, L, R)
+    inside = (u < hi.unsqueeze(-1)) & (query >= 0).unsqueeze(-1)  # (B, L, R)
     u = u.clamp(max=width - 1)  # (B, L, R)
-    k = torch.arange(1, size, device=keys.device).view(1, -1, 1)  # (1, L, 1): the query's own position
+    k = torch.arange(1, size, device=entries.device).view(1, -1, 1)  # (1, L, 1): entries before it lie at k' < j + 1
     before = torch.searchsorted(by_rank, (u * size + k).reshape(batch, -1)).view(u.shape)  # (B, L, R)
     starts = torch.searchsorted(by_rank, (u * size).reshape(batch, -1)).view(u.shape)  # (B, L, R)
     token = distinct.gather(1, u.view(batch, -1)).view(u.shape) - (query * vocab).unsqueeze(-1)  # (B, L, R)
@@ -279,14 +281,14 @@ def count_lookup(tables: CountTables, tail: Tensor, tokens: Tensor, lengths: tup
     n_len, span = len(lengths), tail.shape[1]
     ext = torch.cat([tail, tokens], dim=1)  # (B, span + L)
     keys = context_keys(ext, lengths, vocab)[:, span - 1:]  # (B, L + 1, n): index k = context ending at call position k - 1
-    nxt = torch.cat([tokens, tokens.new_zeros(batch, 1)], dim=1)  # (B, L + 1): what followed (the last: not yet known)
     query = keys[:, 1:]  # (B, L, n)
+    entry_keys = keys[:, :-1]  # (B, L, n): followed by the call's tokens
+    new = torch.where(entry_keys >= 0, entry_keys * vocab + tokens.unsqueeze(-1), PAD).reshape(batch, -1)  # (B, L * n)
     pairs = ((tables.items, tables.counts), (tables.recent_items, tables.recent_counts),
              (tables.prev_items, tables.prev_counts))
     runs = [_runs(items, counts, query, vocab) for items, counts in pairs]  # (B, L, n) x3 per table
     totals = sum(run[2] for run in runs)  # (B, L, n)
-    for i in range(n_len):
-        totals[:, :, i] += _earlier_same_key(keys[:, :, i])[:, 1:]  # (B, L)
+    totals += _earlier_same_key(keys.reshape(batch, -1)).view(keys.shape)[:, 1:]  # (B, L, n): every length at once
     totals = torch.where(query >= 0, totals, 0)  # (B, L, n)
     hit = totals > 0  # (B, L, n)
     chosen = torch.where(hit.any(-1), n_len - 1 - hit.flip(-1).int().argmax(-1), -1)  # (B, L)
@@ -297,11 +299,7 @@ def count_lookup(tables: CountTables, tail: Tensor, tokens: Tensor, lengths: tup
     for (items, table_counts), (lo, hi, _) in zip(pairs, runs):
         _add_run_counts(counts, items, table_counts, lo.gather(2, pick).squeeze(-1), hi.gather(2, pick).squeeze(-1),
                         key, vocab)
-    for i in range(n_len):
-        if bool((chosen == i).any()):
-            _add_earlier_counts(counts, keys[:, :, i], nxt, chosen == i, vocab)
-    entry_keys = keys[:, :-1]  # (B, L, n)
-    new = torch.where(entry_keys >= 0, entry_keys * vocab + tokens.unsqueeze(-1), PAD).reshape(batch, -1)  # (B, L * n)
+    _add_earlier_counts(counts, new, n_len, torch.where(chosen >= 0, key, -1), vocab)
     return CountLookup(counts=counts, totals=totals, chosen=chosen), new
 
 
