@@ -116,8 +116,9 @@ class SpeedConfig:
     """Also time training and prefill with every block torch.compile'd (rows labelled ``+compile``;
     HorizonLM and the transformer only)."""
     variants: str = ""
-    """HorizonLM variants also timed in training, eager, by their ``bench quality`` names (e.g.
-    ``horizon_no_memory,horizon_no_late_read``): issue 25's step with the memory against the step
+    """HorizonLM variants also timed in training (eager) and decoding (through the default's graphed
+    decoder, which steps eagerly what it cannot capture), by their ``bench quality`` names (e.g.
+    ``horizon_no_memory,horizon_count_cache``): issue 25's step with the memory against the step
     without it, and what a variant's step costs."""
 
     def __post_init__(self) -> None:
@@ -483,7 +484,7 @@ def _decode_times(kind: str, model: nn.Module, state, cfg: SpeedConfig, device: 
                   ) -> tuple[list[float], dict[str, Any]]:
     """Per-step seconds of one decode row and what describes how it ran."""
     token = torch.zeros(state.batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
-    if kind in ("horizon", "horizon+per_chunk"):
+    if kind in ("horizon", "horizon+per_chunk") or kind in cfg.variant_list:
         per_chunk = kind == "horizon+per_chunk"
         decoder = GraphedDecoder(model, state, **(PER_CHUNK_DECODER if per_chunk else {}))
         times = time_cuda(lambda: decoder.step(token), 0, cfg.decode_steps)
@@ -522,7 +523,7 @@ def bench_decode(kind: str, cfg: SpeedConfig, device: torch.device) -> list[dict
     a peer's say not run (no graphed decoder here: an eager one would not compare like for like)."""
     rows = []
     base_kind = kind.split("+")[0]
-    if base_kind not in ("horizon", "transformer"):
+    if base_kind not in ("horizon", "transformer") and kind not in cfg.variant_list:
         return [{"part": "decode", "model": kind, "context": context, "batch": batch, "status": "not run",
                  "reason": "no graphed decoder for this peer"}
                 for context in parse_ints(cfg.decode_contexts) for batch in parse_ints(cfg.decode_batches)]
@@ -686,7 +687,7 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
             kinds = list(models)
             if part in ("train", "prefill") and cfg.compile:
                 kinds += [f"{k}+compile" for k in models if k in ("horizon", "transformer")]
-            if part == "train":
+            if part in ("train", "decode"):
                 kinds += cfg.variant_list
             if part == "decode" and "horizon" in models:
                 kinds += ["horizon+per_chunk"]
