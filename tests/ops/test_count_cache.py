@@ -122,3 +122,13 @@ def test_keys_equal_horners_rule(vocab: int) -> None:
         ext = torch.randint(0, vocab, (3, 150), generator=gen)  # (B, S)
         ext[:, :before] = -1
         assert torch.equal(context_keys(ext, lengths, vocab), context_keys_reference(ext, lengths, vocab))
+
+
+def test_an_empty_call_changes_nothing() -> None:
+    tokens = torch.randint(0, 4, (2, 500), generator=torch.Generator().manual_seed(5))  # (B, T)
+    tables, tail = empty_tables(2), torch.full((2, 8), -1, dtype=torch.int64)  # (B, span)
+    _, tables, tail = count_cache_call(tables, tail, 0, tokens, (2, 8), 4, 1 << 21, recent=4)
+    assert tables.items.shape[1] > 0  # the large table holds pairs: a call of few queries reads it run by run
+    look, after, tail_after = count_cache_call(tables, tail, 500, tokens[:, :0], (2, 8), 4, 1 << 21, recent=4)
+    assert look.counts.shape == (2, 0, 4) and look.chosen.shape == (2, 0)
+    assert all(torch.equal(a, b) for a, b in zip(after, tables)) and torch.equal(tail_after, tail)

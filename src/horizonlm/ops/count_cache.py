@@ -29,8 +29,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["PAD", "CountLookup", "CountTables", "block_segments", "context_keys", "context_keys_reference", "count_cache_call", "count_lookup",
-           "count_reference", "check_count_cache_device", "empty_tables", "merge_counts"]
+__all__ = ["PAD", "CountLookup", "CountTables", "block_segments", "check_count_cache_device", "context_keys",
+           "context_keys_reference", "count_cache_call", "count_lookup", "count_reference", "empty_tables",
+           "merge_counts"]
 
 HASH_M1 = 2147483647
 """The first hash's modulus (2**31 - 1, prime): h1 * P1 stays below 2**62."""
@@ -82,11 +83,12 @@ def context_keys(ext: Tensor, lengths: tuple[int, ...], vocab: int) -> Tensor:
     windows = padded.unfold(1, span, 1)  # (B, S, span): the span tokens up to each position, oldest first
     reach = torch.arange(span, 0, -1, device=ext.device)  # (span,): how far back each window column lies
     nearest_bad = torch.where(windows < 0, reach, span + 1).amin(-1)  # (B, S): the nearest -1 back
+    p1, p2 = _powers(HASH_P1, HASH_M1, span, ext.device), _powers(HASH_P2, m2, span, ext.device)  # (span,) twice
     keys = []
     for n in lengths:
         tail = windows[:, :, span - n:] + 2  # (B, S, n)
-        h1 = (tail * _powers(HASH_P1, HASH_M1, n, ext.device)).sum(-1) % HASH_M1  # (B, S)
-        h2 = (tail * _powers(HASH_P2, m2, n, ext.device)).sum(-1) % m2  # (B, S)
+        h1 = (tail * p1[:n]).sum(-1) % HASH_M1  # (B, S)
+        h2 = (tail * p2[:n]).sum(-1) % m2  # (B, S)
         keys.append(torch.where(nearest_bad > n, h1 * m2 + h2, -1))  # (B, S)
     return torch.stack(keys, dim=-1)  # (B, S, n)
 
@@ -195,7 +197,7 @@ def _runs(items: Tensor, counts: Tensor, keys: Tensor, vocab: int) -> tuple[Tens
     batch, size = keys.shape[0], items.shape[1]
     lo = torch.searchsorted(items, (keys * vocab).reshape(batch, -1))  # (B, L * n)
     hi = torch.searchsorted(items, (keys * vocab + vocab).reshape(batch, -1))  # (B, L * n)
-    if keys.numel() * vocab < items.numel():
+    if 0 < keys.numel() * vocab < items.numel():
         width = int((hi - lo).max())
         at = lo.unsqueeze(-1) + torch.arange(width, device=keys.device)  # (B, L * n, R)
         inside = at < hi.unsqueeze(-1)  # (B, L * n, R)
