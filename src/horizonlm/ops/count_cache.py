@@ -209,12 +209,13 @@ def _runs(items: Tensor, counts: Tensor, keys: Tensor, vocab: int) -> tuple[Tens
     return lo.view(keys.shape), hi.view(keys.shape), total.view(keys.shape)
 
 
-def _add_run_counts(out: Tensor, items: Tensor, counts: Tensor, lo: Tensor, hi: Tensor, key: Tensor, vocab: int) -> None:
-    """Add to ``out`` (B, L, V) the counts by next token of the runs [lo, hi) (B, L) of ``key`` (B, L)."""
-    batch, length = key.shape
-    width = int((hi - lo).max()) if key.numel() else 0
+def _add_run_counts(out: Tensor, items: Tensor, counts: Tensor, lo: Tensor, hi: Tensor, key: Tensor, vocab: int,
+                    width: int) -> None:
+    """Add to ``out`` (B, L, V) the counts by next token of the runs [lo, hi) (B, L) of ``key`` (B, L);
+    ``width``: the longest run, which the caller reads for all tables at once (one host sync)."""
     if width == 0:
         return
+    batch, length = key.shape
     at = lo.unsqueeze(-1) + torch.arange(width, device=key.device)  # (B, L, R)
     inside = at < hi.unsqueeze(-1)  # (B, L, R)
     at = at.clamp(max=items.shape[1] - 1).view(batch, -1)  # (B, L * R)
@@ -233,37 +234,40 @@ def _earlier_same_key(keys: Tensor) -> Tensor:
     return torch.empty_like(idx).scatter_(1, order, idx - first)  # (B, S)
 
 
-def _add_earlier_counts(out: Tensor, entries: Tensor, n_len: int, query: Tensor, vocab: int) -> None:
-    """Add to ``out`` (B, L, V), for each query j = 0..L-1 of a call (``query`` (B, L): a key, -1 for
-    none), how often each token followed that key at the call's positions k' <= j: ``entries``
-    (B, L * n) are the call's items, position-major (index ``k' * n + length``: every length's
-    context ending before call position k', followed by the token at k'; PAD for none).
+def _call_table(entries: Tensor, n_len: int) -> tuple[Tensor, Tensor]:
+    """A call's own items ``entries`` (B, L * n), position-major (index ``k' * n + length``: every
+    length's context ending before call position k', followed by the token at k'; PAD for none), as
+    a table: its distinct items ascending, PAD-filled to L * n, and, sorted, ``rank * (L + 1) + k'``
+    for every entry (the positions of each distinct item, in order). (B, L * n) twice
 
-    The entries of all lengths become one small table of distinct items with, per item, its
-    positions in order (``rank * (L + 1) + k'`` sorted): a query's items are one run of at most V,
-    and an item's earlier positions are one binary search. Keys of different lengths are told apart
-    by their hash, as different contexts of one length are, and as the tables do."""
-    batch, length = query.shape
-    size = length + 1
+    Keys of different lengths are told apart by their hash, as different contexts of one length
+    are, and as the stored tables do."""
+    batch, size = entries.shape[0], entries.shape[1] // n_len + 1
     items, order = entries.sort(dim=1, stable=True)  # (B, L * n): equal items keep stream order
-    place = order // n_len  # (B, L * n): each sorted entry's position k'
     first = torch.ones_like(items, dtype=torch.bool)  # (B, L * n)
     first[:, 1:] = items[:, 1:] != items[:, :-1]
     rank = first.cumsum(dim=1) - 1  # (B, L * n): which distinct item
-    by_rank = rank * size + place  # (B, L * n): ascending
-    width = int(first.sum(dim=1).max())
-    distinct = torch.full((batch, width + 1), PAD, dtype=torch.int64, device=entries.device)  # (B, W + 1)
+    by_rank = rank * size + order // n_len  # (B, L * n): ascending
+    width = entries.shape[1]
+    distinct = torch.full((batch, width + 1), PAD, dtype=torch.int64, device=entries.device)  # (B, L * n + 1)
     distinct.scatter_(1, torch.where(first, rank, width), items)
-    distinct = distinct[:, :width].contiguous()  # (B, W)
-    lo = torch.searchsorted(distinct, (query * vocab).contiguous())  # (B, L)
-    hi = torch.searchsorted(distinct, (query * vocab + vocab).contiguous())  # (B, L)
-    run = int((hi - lo).max()) if query.numel() else 0
-    if run == 0:
+    return distinct[:, :width].contiguous(), by_rank
+
+
+def _add_earlier_counts(out: Tensor, distinct: Tensor, by_rank: Tensor, lo: Tensor, hi: Tensor, query: Tensor,
+                        vocab: int, width: int) -> None:
+    """Add to ``out`` (B, L, V), for each query j = 0..L-1 of a call (``query`` (B, L): a key, -1 for
+    none), how often each token followed that key at the call's positions k' <= j, from the call's
+    table (:func:`_call_table`): a query's items are its run [lo, hi) (B, L) of at most V distinct
+    items (``width``: the longest), and an item's earlier positions are one binary search."""
+    if width == 0:
         return
-    u = lo.unsqueeze(-1) + torch.arange(run, device=entries.device)  # (B, L, R)
+    batch, length = query.shape
+    size = length + 1
+    u = lo.unsqueeze(-1) + torch.arange(width, device=query.device)  # (B, L, R)
     inside = (u < hi.unsqueeze(-1)) & (query >= 0).unsqueeze(-1)  # (B, L, R)
-    u = u.clamp(max=width - 1)  # (B, L, R)
-    k = torch.arange(1, size, device=entries.device).view(1, -1, 1)  # (1, L, 1): entries before it lie at k' < j + 1
+    u = u.clamp(max=distinct.shape[1] - 1)  # (B, L, R)
+    k = torch.arange(1, size, device=query.device).view(1, -1, 1)  # (1, L, 1): entries before it lie at k' < j + 1
     before = torch.searchsorted(by_rank, (u * size + k).reshape(batch, -1)).view(u.shape)  # (B, L, R)
     starts = torch.searchsorted(by_rank, (u * size).reshape(batch, -1)).view(u.shape)  # (B, L, R)
     token = distinct.gather(1, u.view(batch, -1)).view(u.shape) - (query * vocab).unsqueeze(-1)  # (B, L, R)
@@ -297,11 +301,15 @@ def count_lookup(tables: CountTables, tail: Tensor, tokens: Tensor, lengths: tup
     pick = chosen.clamp(min=0).unsqueeze(-1)  # (B, L, 1)
     key = query.gather(2, pick).squeeze(-1)  # (B, L)
     # where no length occurred, the first length's total is 0: its runs are empty and add nothing
+    spans = [(lo.gather(2, pick).squeeze(-1), hi.gather(2, pick).squeeze(-1)) for lo, hi, _ in runs]  # (B, L) x2 a table
+    distinct, by_rank = _call_table(new, n_len)  # (B, L * n) twice
+    own = torch.where(chosen >= 0, key, -1)  # (B, L): the chosen key, or none
+    spans.append((torch.searchsorted(distinct, own * vocab), torch.searchsorted(distinct, own * vocab + vocab)))
+    widths = torch.stack([(hi - lo).amax() for lo, hi in spans]).tolist() if length else [0] * len(spans)
     counts = torch.zeros(batch, length, vocab, dtype=torch.int32, device=tokens.device)  # (B, L, V)
-    for (items, table_counts), (lo, hi, _) in zip(pairs, runs):
-        _add_run_counts(counts, items, table_counts, lo.gather(2, pick).squeeze(-1), hi.gather(2, pick).squeeze(-1),
-                        key, vocab)
-    _add_earlier_counts(counts, new, n_len, torch.where(chosen >= 0, key, -1), vocab)
+    for (items, table_counts), (lo, hi), width in zip(pairs, spans, widths):
+        _add_run_counts(counts, items, table_counts, lo, hi, key, vocab, width)
+    _add_earlier_counts(counts, distinct, by_rank, *spans[-1], own, vocab, widths[-1])
     return CountLookup(counts=counts, totals=totals, chosen=chosen), new
 
 
