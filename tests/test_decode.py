@@ -339,3 +339,24 @@ def test_transformer_decoder_refuses_a_full_cache() -> None:
         decoder.step(torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="full"):
         decoder.step(torch.zeros(1, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("graph_chunk_ends", [False, True])
+def test_decoder_with_the_count_cache_replays_and_mixes_every_step(graph_chunk_ends: bool) -> None:
+    """The count cache's tables change size every step, so they stay outside the replay: the
+    backbone replays as without the cache (chunk ends eager or replayed) and the cache mixes each
+    step's logits eagerly. Four symbols make contexts recur, so the counts shape the logits; the
+    logits and the whole state, the counts included, equal the model's step by step."""
+    model = make_horizon(count_lengths=(1, 2, 4), count_capacity=40, use_memory=False).eval()
+    chunk = model.config.chunk_size
+    tokens = torch.randint(0, 4, (2, 6 * chunk + 3), generator=torch.Generator().manual_seed(4))  # (B, T)
+    decoder, want_state, _ = _decode_alongside(model, tokens, 3, graph_chunk_ends=graph_chunk_ends)
+    assert decoder.captures == 1 and decoder.eager_steps == (0 if graph_chunk_ends else 6)
+    snap = decoder.snapshot()
+    _assert_same_state(snap, want_state)
+    for got_t, want_t in zip(snap.counts.tables, want_state.counts.tables, strict=True):
+        assert torch.equal(got_t, want_t)
+    assert torch.equal(snap.counts.tail, want_state.counts.tail) and snap.counts.pos == want_state.counts.pos
+    with torch.no_grad():
+        plain = torch.log_softmax(model.backbone(tokens, model.init_state(2))[0], -1)  # (B, T, V)
+        assert (model(tokens)[0] - plain).abs().max() > 1e-2  # the counts took part

@@ -27,6 +27,12 @@ until its chunk completes, so what a step reads is still constant inside a chunk
 a memory padded with one empty slot (tagged with the current chunk, so invisible) per step left
 in the chunk, and each step writes its entry into the next slot, at an index held on the device.
 
+The count cache (``count_lengths``) keeps tables that grow and change size with every token, so
+no graph holds them: the decoder replays the model's step without the cache
+(:meth:`horizonlm.model.HorizonLM.backbone`, its logits and final hidden state side by side) as it
+would without one, and the cache mixes each step's output eagerly, its state kept beside the
+replay's buffers.
+
 Transformer: its step writes into a :class:`horizonlm.baseline.StaticKVCache` at a position held
 on the device, so a single replay serves every step up to the cache's capacity.
 
@@ -207,11 +213,13 @@ class GraphedDecoder:
         if not isinstance(model, HorizonLM):
             raise ValueError("GraphedDecoder needs a HorizonLM (GraphedTransformerDecoder serves the baseline)")
         self.model = model
-        self.state = state.clone()
+        # the count cache's tables change size every step: they stay outside the replayed buffers,
+        # and the cache mixes each step's replayed logits eagerly (:meth:`_output`)
+        self.counts = state.counts
+        self.state = replace(state, counts=None).clone()
         self.use_graphs = model.embed.weight.is_cuda
         self.token_writes = model.memory is not None and model.memory.kind == "induction"
-        # a store grows in place; the count cache's state grows and moves with every token
-        self.replays = not isinstance(state.memory, StoreMemoryState) and state.counts is None
+        self.replays = not isinstance(state.memory, StoreMemoryState)  # a store grows in place
         self.bf16 = self.use_graphs if bf16 is None else bf16
         self.runner = bf16_linears(model) if self.bf16 else model  # what each step calls
         self.replay: Callable[[], Tensor] | None = None
@@ -231,10 +239,31 @@ class GraphedDecoder:
         self.fill_frame_entries = fill_frame_entries
         self.frame_filled = False  # the replay's memory was padded to full size at capture (_full_frame)
 
-    def _forward(self, tokens: Tensor, state: HorizonState):
+    def _autocast(self) -> torch.autocast:
         device_type = "cuda" if self.use_graphs else "cpu"
-        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            return self.runner(tokens, state)
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False)
+
+    def _forward(self, tokens: Tensor, state: HorizonState) -> tuple[Tensor, HorizonState]:
+        """The model's step without the count cache: its logits (B, L, V), with the final hidden
+        state beside them (B, L, V + D) when the cache will mix them, and its new state."""
+        with torch.no_grad(), self._autocast():
+            logits, hidden, new = self.runner.backbone(tokens, state)  # (B, L, V), (B, L, D)
+        if self.counts is None:
+            return logits, new
+        dtype = torch.promote_types(torch.promote_types(logits.dtype, hidden.dtype), torch.float32)
+        return torch.cat([logits.to(dtype), hidden.to(dtype)], dim=-1), new  # (B, L, V + D)
+
+    def _output(self, tokens: Tensor, out: Tensor, replayed: bool) -> Tensor:
+        """A step's next-token logits (B, V) from the backbone's ``out`` (B, V) or (B, V + D): a
+        replay's buffer is copied (the next replay overwrites it); with the count cache, its mix
+        (log-probabilities, as the model returns them), the cache's state moved on by the step."""
+        if self.counts is None:
+            return out.clone() if replayed else out
+        vocab = self.model.config.vocab_size
+        with torch.no_grad(), self._autocast():
+            mixed, self.counts = self.runner.count_cache(out[:, None, :vocab], out[:, None, vocab:], tokens,
+                                                         self.counts)  # (B, 1, V)
+        return mixed[:, -1]
 
     def _fills_frame(self, state: HorizonState) -> bool:
         """Whether a capture from ``state`` pads its memory to full size (:func:`_full_frame`)."""
@@ -402,14 +431,14 @@ class GraphedDecoder:
             self.shift += 1
             if self.filled is not None:
                 self.filled = self.captured_filled
-            return logits.clone()
+            return self._output(tokens, logits, replayed=True)
         if not self.replays or ends_chunk:
             logits, new = self._forward(tokens, self._real_state())  # (B, 1, V)
             self.eager_steps += 1
             if not self._rebase(new):  # the next chunk's state does not fit the replay: a new capture
                 self.state, self.replay, self.filled, self.slot, self.shift = new, None, None, None, 0
                 self.frame_filled = False
-            return logits[:, -1]
+            return self._output(tokens, logits[:, -1], replayed=False)
         if self.replay is None:
             self._capture()
         self.static_tokens.copy_(tokens)
@@ -417,11 +446,11 @@ class GraphedDecoder:
         self.state = _advance(self.state, 1)
         if self.filled is not None:
             self.filled += 1
-        return logits.clone()
+        return self._output(tokens, logits, replayed=True)
 
     def snapshot(self) -> HorizonState:
         """The current state as a fresh, independent HorizonState."""
-        return self._real_state().clone()
+        return replace(self._real_state(), counts=self.counts).clone()
 
 
 class GraphedTransformerDecoder:

@@ -4,6 +4,8 @@ middle one (DESIGN.md)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
@@ -145,10 +147,22 @@ class HorizonLM(nn.Module):
 
     def forward(self, tokens: Tensor, state: HorizonState | None = None) -> tuple[Tensor, HorizonState]:
         check_tokens(tokens, self.config.vocab_size)
-        batch, length = tokens.shape
+        batch = tokens.shape[0]
         if state is None:
             state = self.init_state(batch, tokens.device)
         self._check_state(state, batch)
+        logits, hidden, new_state = self.backbone(tokens, state)  # (B, L, V), (B, L, D)
+        if self.count_cache is not None:  # log-probabilities of the mix with the stream's counts
+            logits, counts = self.count_cache(logits, hidden, tokens, state.counts)  # (B, L, V)
+            new_state = replace(new_state, counts=counts)
+        return logits, new_state
+
+    def backbone(self, tokens: Tensor, state: HorizonState) -> tuple[Tensor, Tensor, HorizonState]:
+        """Everything but the count cache, on a checked state: the logits (B, L, V), the final normed
+        hidden state (B, L, D) the cache mixes from, and the new state with ``state``'s counts as
+        they were. The graphed decoder replays this part and runs the cache, whose tables change
+        size every step, eagerly."""
+        batch, length = tokens.shape
         h = self.embed(tokens.long())  # (B, L, D)
         sup_state, mem_state = state.supervisor, state.memory
         # The induction memory reads before block memory_layer (0: from the token stream alone);
@@ -173,12 +187,9 @@ class HorizonLM(nn.Module):
             h = self.late_read(h, added)  # (B, L, D)
         hidden = self.final_norm(h)  # (B, L, D)
         logits = self.head(hidden)  # (B, L, V)
-        counts = None
-        if self.count_cache is not None:  # log-probabilities of the mix with the stream's counts
-            logits, counts = self.count_cache(logits, hidden, tokens, state.counts)  # (B, L, V)
         new_state = HorizonState(pos=state.pos + length, blocks=tuple(block_states), supervisor=sup_state,
-                                 memory=mem_state, batch_size=batch, counts=counts)
-        return logits, new_state
+                                 memory=mem_state, batch_size=batch, counts=state.counts)
+        return logits, hidden, new_state
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

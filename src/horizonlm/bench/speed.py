@@ -116,8 +116,8 @@ class SpeedConfig:
     """Also time training and prefill with every block torch.compile'd (rows labelled ``+compile``;
     HorizonLM and the transformer only)."""
     variants: str = ""
-    """HorizonLM variants also timed in training (eager) and decoding (through the default's graphed
-    decoder, which steps eagerly what it cannot capture), by their ``bench quality`` names (e.g.
+    """HorizonLM variants also timed in training (eager) and decoding (through the graphed decoder;
+    a count cache runs eagerly after each replayed step), by their ``bench quality`` names (e.g.
     ``horizon_no_memory,horizon_count_cache``): issue 25's step with the memory against the step
     without it, and what a variant's step costs."""
 
