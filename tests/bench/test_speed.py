@@ -90,6 +90,7 @@ def test_decode_checks_run_on_cpu() -> None:
     device = torch.device("cpu")
     assert check_graphed_decode(device, preset="tiny", prefix=5, steps=20) < 1e-5
     assert check_graphed_decode(device, preset="tiny", prefix=5, steps=20, graph_chunk_ends=True) < 1e-5
+    assert check_graphed_decode(device, preset="tiny", prefix=5, steps=20, kind="horizon_count_cache", symbols=4) < 1e-5
     assert check_graphed_transformer_decode(device, preset="tiny", prefix=5, steps=20) < 1e-5
 
 

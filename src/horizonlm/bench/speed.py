@@ -311,6 +311,8 @@ def run_checks(device: torch.device) -> dict[str, Any]:
         out["bf16_autocast_vs_float32_logits_rel_err"] = ((low.float() - full).norm() / full.norm()).item()
     for name, check in (("graphed_decode_vs_eager", partial(check_graphed_decode, **PER_CHUNK_DECODER)),
                         ("graphed_decode_chunk_ends_vs_eager", check_graphed_decode),
+                        ("graphed_decode_count_cache_vs_eager",
+                         partial(check_graphed_decode, kind="horizon_count_cache", symbols=4)),
                         ("transformer_graphed_decode_vs_eager", check_graphed_transformer_decode)):
         try:
             out[f"{name}_max_rel_err"] = check(device)
@@ -346,18 +348,19 @@ def peer_checks(kind: str, device: torch.device) -> dict[str, Any]:
 
 
 def check_graphed_decode(device: torch.device, preset: str = "small", prefix: int = 100, steps: int = 300,
-                         **decoder_options: Any) -> float:
+                         kind: str = "horizon", symbols: int = 256, **decoder_options: Any) -> float:
     """Graphed HorizonLM steps (300 cross two chunk ends of the small preset) against eager
     steps, float32, no autocast: the worst relative error of the logits, over two runs: after
     ``prefix`` tokens (the memory filling: by default padded to full, one capture for every
     chunk; with :data:`PER_CHUNK_DECODER` a capture per chunk and eager chunk ends) and after
     ``prefix`` tokens more than the memory holds (full: one capture serves every chunk).
-    ``decoder_options`` go to :class:`GraphedDecoder`."""
-    torch.manual_seed(0)
-    model = HorizonLM(HorizonConfig.preset(preset)).to(device).eval()
+    ``kind``: the default or a variant of ``bench quality``; ``symbols``: the tokens drawn from the
+    first that many ids (few make contexts recur, for a count cache). ``decoder_options`` go to
+    :class:`GraphedDecoder`."""
+    model = _build(kind, preset, device).eval()
     config = model.config
     full = config.memory_capacity * config.chunk_size + prefix if config.use_memory else prefix
-    tokens = torch.randint(0, 256, (2, full + steps), device=device)  # (B, T)
+    tokens = torch.randint(0, symbols, (2, full + steps), device=device)  # (B, T)
     worst = 0.0
     with torch.no_grad():
         for start in (prefix, full):
