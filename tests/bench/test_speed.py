@@ -11,6 +11,7 @@ from horizonlm.bench.speed import (
     PEAK_BF16_FLOPS,
     SpeedConfig,
     _build,
+    _train_step,
     check_graphed_decode,
     check_graphed_transformer_decode,
     flop_counts,
@@ -110,6 +111,7 @@ def test_variants_are_horizon_variants_of_the_quality_bench() -> None:
 def test_speed_parts_are_checked() -> None:
     """A misspelt part is refused, not silently skipped on a GPU."""
     assert SpeedConfig(parts="checks,decode_profile").parts == "checks,decode_profile"
+    assert SpeedConfig(parts="train,train_profile", profile_data="runs/data/novels").parts == "train,train_profile"
     with pytest.raises(ValueError, match="parts"):
         SpeedConfig(parts="checks,decod")
 
@@ -121,3 +123,25 @@ def test_an_existing_results_file_is_refused_before_anything_runs(tmp_path, caps
     out.write_text('{"rows": []}')
     assert main(["bench", "speed", "--out", str(out), "--parts", "decode"]) == 2
     assert "--overwrite" in capsys.readouterr().err and out.read_text() == '{"rows": []}'
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_a_timed_training_step_learns_and_carries_the_state() -> None:
+    """The step the train rows and the train profile time: each call one optimizer step on its
+    batch, the state (here the count cache's too) carried from the call before."""
+    model = make_horizon(dtype=torch.float32, count_lengths=(2, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 4, (2, 33), generator=torch.Generator().manual_seed(0))  # (B, L + 1)
+    weight = model.head.weight.detach().clone()
+    positions = []
+    original = model.forward
+
+    def forward(x, state=None):
+        positions.append(0 if state is None else state.pos)
+        return original(x, state)
+
+    model.forward = forward
+    step = _train_step(model, opt, lambda: tokens)
+    for _ in range(3):
+        step()
+    assert positions == [0, 32, 64] and not torch.equal(model.head.weight, weight)

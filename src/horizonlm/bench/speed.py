@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from horizonlm.baseline import TransformerLM
 from horizonlm.bench.common import (
@@ -58,7 +58,8 @@ datasheet lists "BF16 Tensor Core 1,979 TFLOPS" with 2:4 sparsity, i.e. 989 TFLO
 (third-party spec tables, e.g. hmc-tech.com's H100 SXM page, give 989.43 dense)."""
 
 
-SPEED_PARTS = ("ceilings", "checks", "train", "prefill", "prefill_profile", "decode", "decode_profile", "memory")
+SPEED_PARTS = ("ceilings", "checks", "train", "prefill", "decode", "train_profile", "prefill_profile", "decode_profile",
+               "memory")
 """The parts of ``horizon bench speed``, in the order they run."""
 
 
@@ -75,7 +76,8 @@ class SpeedConfig:
     parts: str = "ceilings,checks,train,prefill,decode,memory"
     """Comma-separated parts to run (not among the defaults: ``decode_profile``, HorizonLM's decode
     step profiled, kernels and their time against the wall time; ``prefill_profile``, one prefill
-    window of HorizonLM after the memory has filled, its device time per module and per kernel)."""
+    window of HorizonLM after the memory has filled, its device time per module and per kernel;
+    ``train_profile``, one training step of HorizonLM and each variant, the same views)."""
     models: str = "horizon,transformer"
     """Models of the checks, train, prefill and decode parts: ``horizon``, ``transformer`` and the
     peer ``gla`` (flash-linear-attention's GLA, extra ``[peers]``: checks, train and prefill; its
@@ -115,6 +117,9 @@ class SpeedConfig:
     compile: bool = True
     """Also time training and prefill with every block torch.compile'd (rows labelled ``+compile``;
     HorizonLM and the transformer only)."""
+    profile_data: str = ""
+    """A prepared corpus (``horizon prepare``) whose train split feeds ``train_profile``'s steps, one
+    contiguous stream a row (what a count cache sees in training); empty: random bytes."""
     variants: str = ""
     """HorizonLM variants also timed in training (eager) and decoding (through the graphed decoder;
     a count cache runs eagerly after each replayed step), by their ``bench quality`` names (e.g.
@@ -392,6 +397,24 @@ def check_graphed_transformer_decode(device: torch.device, preset: str = "small"
     return worst
 
 
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Callable[[], Tensor]) -> Callable[[], None]:
+    """One bf16 training step a call on ``batch()`` (B, L + 1) tokens, the state carried from the
+    call before (for a model that carries one)."""
+    carried: dict[str, Any] = {"state": None}
+
+    def step() -> None:
+        tokens = batch()  # (B, L + 1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, new_state = model(tokens[:, :-1], carried["state"])  # (B, L, V)
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        carried["state"] = new_state.detach() if carries_state(model) else None
+
+    return step
+
+
 def bench_train(kind: str, cfg: SpeedConfig, device: torch.device,
                 peaks: dict[str, float | None] | None = None) -> list[dict[str, Any]]:
     """Training rows for ``kind`` (``horizon``, ``transformer`` or a peer, optionally ``+compile``)."""
@@ -405,18 +428,8 @@ def bench_train(kind: str, cfg: SpeedConfig, device: torch.device,
 
         def run() -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
-            tokens = torch.randint(0, 256, (batch, length + 1), device=device)
-            carried = {"state": None}
-
-            def step() -> None:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits, new_state = model(tokens[:, :-1], carried["state"])
-                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                carried["state"] = new_state.detach() if carries_state(model) else None
-
+            tokens = torch.randint(0, 256, (batch, length + 1), device=device)  # (B, L + 1)
+            step = _train_step(model, opt, lambda: tokens)
             times = time_cuda(step, cfg.warmup, cfg.repeat)
             t = median(times)
             tokens_per_s = batch * length / t
@@ -428,6 +441,50 @@ def bench_train(kind: str, cfg: SpeedConfig, device: torch.device,
         row = {"part": "train", "model": kind, "seq_len": length, "batch": batch, **_oom_guard(run)}
         print(json.dumps({k: v for k, v in row.items() if k != "all_seconds"}), flush=True)
         rows.append(row)
+    return rows
+
+
+def bench_train_profile(cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
+    """One training step of HorizonLM and of each of ``variants`` (eager, bf16, the first of
+    ``train_lengths``, ``tokens_per_step`` tokens, the state carried from three steps before): its
+    wall time, device ms per module kind (:func:`horizonlm.bench.prefill_profile.module_device_ms`:
+    the forward's modules by name, ``total`` the whole step with backward and optimizer) and the
+    kernels that take most: where a variant's extra step time goes. Tokens: ``profile_data``'s
+    train split, one stream a row, read on from step to step, or random bytes."""
+    from horizonlm.bench.prefill_profile import module_device_ms, top_kernels
+    from horizonlm.data.stream import open_split
+
+    length = parse_ints(cfg.train_lengths)[0]
+    batch = max(1, cfg.tokens_per_step // length)
+    split = open_split(cfg.profile_data, "train") if cfg.profile_data else None
+    rows = []
+    for kind in ["horizon", *cfg.variant_list]:
+        model = _build(kind, cfg.preset, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        read = {"at": 0}
+
+        def tokens() -> Tensor:
+            if split is None:
+                return torch.randint(0, 256, (batch, length + 1), device=device)  # (B, L + 1)
+            row = len(split) // batch  # each row a stream of its own part of the split
+            at = read["at"]
+            read["at"] += length
+            starts = [b * row + at for b in range(batch)]
+            chunk = [torch.from_numpy(split[s:s + length + 1].astype("int64")) for s in starts]
+            return torch.stack(chunk).to(device)  # (B, L + 1)
+
+        step = _train_step(model, opt, tokens)
+        for _ in range(3):
+            step()
+        times = time_cuda(step, 0, 3)
+        row = {"part": "train_profile", "model": kind, "seq_len": length, "batch": batch,
+               "tokens": cfg.profile_data or "random bytes", "step_ms": [1000 * t for t in times],
+               "modules_ms": module_device_ms(model, step, device), "kernels": top_kernels(step, device)}
+        print(json.dumps({k: row[k] for k in ("model", "step_ms", "modules_ms")}), flush=True)
+        rows.append(row)
+        del model, opt, step
+        gc.collect()
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -699,6 +756,9 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
             for kind in kinds:
                 results["rows"].extend(fn(kind))
                 save()
+    if "train_profile" in parts:
+        results["train_profile"] = bench_train_profile(cfg, device)
+        save()
     if "prefill_profile" in parts and "horizon" in models:
         results["prefill_profile"] = bench_prefill_profile(cfg, device)
         save()
