@@ -304,7 +304,7 @@ def count_lookup(tables: CountTables, tail: Tensor, tokens: Tensor, lengths: tup
     spans = [(lo.gather(2, pick).squeeze(-1), hi.gather(2, pick).squeeze(-1)) for lo, hi, _ in runs]  # (B, L) x2 a table
     distinct, by_rank = _call_table(new, n_len)  # (B, L * n) twice
     own = torch.where(chosen >= 0, key, -1)  # (B, L): the chosen key, or none
-    spans.append((torch.searchsorted(distinct, own * vocab), torch.searchsorted(distinct, own * vocab + vocab)))
+    spans.append((torch.searchsorted(distinct, own * vocab), torch.searchsorted(distinct, own * vocab + vocab)))  # (B, L) x2
     widths = torch.stack([(hi - lo).amax() for lo, hi in spans]).tolist() if length else [0] * len(spans)
     counts = torch.zeros(batch, length, vocab, dtype=torch.int32, device=tokens.device)  # (B, L, V)
     for (items, table_counts), (lo, hi), width in zip(pairs, spans, widths):
