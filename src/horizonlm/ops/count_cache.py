@@ -301,10 +301,11 @@ def count_lookup(tables: CountTables, tail: Tensor, tokens: Tensor, lengths: tup
     pick = chosen.clamp(min=0).unsqueeze(-1)  # (B, L, 1)
     key = query.gather(2, pick).squeeze(-1)  # (B, L)
     # where no length occurred, the first length's total is 0: its runs are empty and add nothing
-    spans = [(lo.gather(2, pick).squeeze(-1), hi.gather(2, pick).squeeze(-1)) for lo, hi, _ in runs]  # (B, L) x2 a table
+    spans = [(lo.gather(2, pick).squeeze(-1), hi.gather(2, pick).squeeze(-1)) for lo, hi, _ in runs]  # (B, L) x2 each
     distinct, by_rank = _call_table(new, n_len)  # (B, L * n) twice
     own = torch.where(chosen >= 0, key, -1)  # (B, L): the chosen key, or none
-    spans.append((torch.searchsorted(distinct, own * vocab), torch.searchsorted(distinct, own * vocab + vocab)))  # (B, L) x2
+    own_lo = torch.searchsorted(distinct, own * vocab)  # (B, L)
+    spans.append((own_lo, torch.searchsorted(distinct, own * vocab + vocab)))  # (B, L) x2
     widths = torch.stack([(hi - lo).amax() for lo, hi in spans]).tolist() if length else [0] * len(spans)
     counts = torch.zeros(batch, length, vocab, dtype=torch.int32, device=tokens.device)  # (B, L, V)
     for (items, table_counts), (lo, hi), width in zip(pairs, spans, widths):
