@@ -457,6 +457,7 @@ def bench_train_profile(cfg: SpeedConfig, device: torch.device) -> list[dict[str
     length = parse_ints(cfg.train_lengths)[0]
     batch = max(1, cfg.tokens_per_step // length)
     split = open_split(cfg.profile_data, "train") if cfg.profile_data else None
+    stride = 0 if split is None else len(split) // batch  # each row a stream of its own part of the split
     rows = []
     for kind in ["horizon", *cfg.variant_list]:
         model = _build(kind, cfg.preset, device)
@@ -466,10 +467,9 @@ def bench_train_profile(cfg: SpeedConfig, device: torch.device) -> list[dict[str
         def tokens() -> Tensor:
             if split is None:
                 return torch.randint(0, 256, (batch, length + 1), device=device)  # (B, L + 1)
-            row = len(split) // batch  # each row a stream of its own part of the split
             at = read["at"]
             read["at"] += length
-            starts = [b * row + at for b in range(batch)]
+            starts = [b * stride + at for b in range(batch)]
             chunk = [torch.from_numpy(split[s:s + length + 1].astype("int64")) for s in starts]
             return torch.stack(chunk).to(device)  # (B, L + 1)
 

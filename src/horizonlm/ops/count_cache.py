@@ -187,6 +187,13 @@ def merge_counts(items: Tensor, counts: Tensor, new: Tensor, new_counts: Tensor)
     return out[:, :size].contiguous(), out_counts[:, :size].contiguous()
 
 
+def _run_slots(lo: Tensor, hi: Tensor, width: int, size: int) -> tuple[Tensor, Tensor]:
+    """The table indices of runs [lo, hi) (B, Q), ``width`` a run (the longest), clamped into a
+    table of ``size`` items, and which of them lie inside their run. (B, Q, R) twice"""
+    at = lo.unsqueeze(-1) + torch.arange(width, device=lo.device)  # (B, Q, R)
+    return at.clamp(max=size - 1), at < hi.unsqueeze(-1)  # (B, Q, R) twice
+
+
 def _runs(items: Tensor, counts: Tensor, keys: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
     """Where each key's items lie in a table, [lo, hi), and their total count. keys (B, L, n) ->
     (B, L, n) three times.
@@ -198,10 +205,8 @@ def _runs(items: Tensor, counts: Tensor, keys: Tensor, vocab: int) -> tuple[Tens
     lo = torch.searchsorted(items, (keys * vocab).reshape(batch, -1))  # (B, L * n)
     hi = torch.searchsorted(items, (keys * vocab + vocab).reshape(batch, -1))  # (B, L * n)
     if 0 < keys.numel() * vocab < items.numel():
-        width = int((hi - lo).max())
-        at = lo.unsqueeze(-1) + torch.arange(width, device=keys.device)  # (B, L * n, R)
-        inside = at < hi.unsqueeze(-1)  # (B, L * n, R)
-        run_counts = counts.gather(1, at.clamp(max=size - 1).view(batch, -1)).view(at.shape)  # (B, L * n, R)
+        at, inside = _run_slots(lo, hi, int((hi - lo).max()), size)  # (B, L * n, R) twice
+        run_counts = counts.gather(1, at.view(batch, -1)).view(at.shape)  # (B, L * n, R)
         total = torch.where(inside, run_counts, 0).sum(-1)  # (B, L * n)
     else:
         prefix = torch.cat([counts.new_zeros(batch, 1), counts.cumsum(dim=1)], dim=1)  # (B, U + 1)
@@ -216,9 +221,8 @@ def _add_run_counts(out: Tensor, items: Tensor, counts: Tensor, lo: Tensor, hi: 
     if width == 0:
         return
     batch, length = key.shape
-    at = lo.unsqueeze(-1) + torch.arange(width, device=key.device)  # (B, L, R)
-    inside = at < hi.unsqueeze(-1)  # (B, L, R)
-    at = at.clamp(max=items.shape[1] - 1).view(batch, -1)  # (B, L * R)
+    at, inside = _run_slots(lo, hi, width, items.shape[1])  # (B, L, R) twice
+    at = at.view(batch, -1)  # (B, L * R)
     nxt = torch.where(inside, items.gather(1, at).view(batch, length, width) - (key * vocab).unsqueeze(-1), 0)  # (B, L, R)
     out.scatter_add_(2, nxt, torch.where(inside, counts.gather(1, at).view(batch, length, width), 0).to(out.dtype))
 
@@ -264,9 +268,8 @@ def _add_earlier_counts(out: Tensor, distinct: Tensor, by_rank: Tensor, lo: Tens
         return
     batch, length = query.shape
     size = length + 1
-    u = lo.unsqueeze(-1) + torch.arange(width, device=query.device)  # (B, L, R)
-    inside = (u < hi.unsqueeze(-1)) & (query >= 0).unsqueeze(-1)  # (B, L, R)
-    u = u.clamp(max=distinct.shape[1] - 1)  # (B, L, R)
+    u, inside = _run_slots(lo, hi, width, distinct.shape[1])  # (B, L, R) twice
+    inside &= (query >= 0).unsqueeze(-1)  # (B, L, R)
     k = torch.arange(1, size, device=query.device).view(1, -1, 1)  # (1, L, 1): entries before it lie at k' < j + 1
     before = torch.searchsorted(by_rank, (u * size + k).reshape(batch, -1)).view(u.shape)  # (B, L, R)
     starts = torch.searchsorted(by_rank, (u * size).reshape(batch, -1)).view(u.shape)  # (B, L, R)
