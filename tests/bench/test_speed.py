@@ -145,3 +145,14 @@ def test_a_timed_training_step_learns_and_carries_the_state() -> None:
     for _ in range(3):
         step()
     assert positions == [0, 32, 64] and not torch.equal(model.head.weight, weight)
+
+
+def test_a_missing_profile_corpus_is_refused_before_anything_runs(tmp_path, capsys) -> None:
+    """The profile's corpus is opened first: a wrong path stops the command at once, on any
+    machine, and leaves no results file."""
+    from horizonlm.cli import main
+
+    out = tmp_path / "speed.json"
+    code = main(["bench", "speed", "--out", str(out), "--parts", "train,train_profile",
+                 "--profile-data", str(tmp_path / "no_corpus")])
+    assert code == 2 and "no_corpus" in capsys.readouterr().err and not out.exists()

@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ from horizonlm.bench.common import (
 from horizonlm.bench.quality import ABLATIONS
 from horizonlm.checkpoint import MODEL_KINDS, build_model, carries_state
 from horizonlm.config import HorizonConfig, TransformerConfig
+from horizonlm.data.stream import open_split
 from horizonlm.decode import GraphedDecoder, GraphedTransformerDecoder
 from horizonlm.errors import HorizonError
 from horizonlm.fileio import atomic_write_json, refuse_existing
@@ -444,19 +446,17 @@ def bench_train(kind: str, cfg: SpeedConfig, device: torch.device,
     return rows
 
 
-def bench_train_profile(cfg: SpeedConfig, device: torch.device) -> list[dict[str, Any]]:
+def bench_train_profile(cfg: SpeedConfig, device: torch.device, split: np.ndarray | None) -> list[dict[str, Any]]:
     """One training step of HorizonLM and of each of ``variants`` (eager, bf16, the first of
     ``train_lengths``, ``tokens_per_step`` tokens, the state carried from three steps before): its
     wall time, device ms per module kind (:func:`horizonlm.bench.prefill_profile.module_device_ms`:
     the forward's modules by name, ``total`` the whole step with backward and optimizer) and the
-    kernels that take most: where a variant's extra step time goes. Tokens: ``profile_data``'s
-    train split, one stream a row, read on from step to step, or random bytes."""
+    kernels that take most: where a variant's extra step time goes. Tokens: ``split`` (the train
+    split of ``profile_data``), one stream a row, read on from step to step, or random bytes."""
     from horizonlm.bench.prefill_profile import module_device_ms, top_kernels
-    from horizonlm.data.stream import open_split
 
     length = parse_ints(cfg.train_lengths)[0]
     batch = max(1, cfg.tokens_per_step // length)
-    split = open_split(cfg.profile_data, "train") if cfg.profile_data else None
     stride = 0 if split is None else len(split) // batch  # each row a stream of its own part of the split
     rows = []
     for kind in ["horizon", *cfg.variant_list]:
@@ -708,11 +708,13 @@ def bench_memory_search(cfg: SpeedConfig, device: torch.device, bandwidth: float
 
 def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
     out = refuse_existing(cfg.out, cfg.overwrite)  # before anything runs: the file is written after the first part
+    parts = {p.strip() for p in cfg.parts.split(",")}
+    # a missing or broken corpus is refused here, not after the parts before the profile have run
+    profile_split = open_split(cfg.profile_data, "train") if "train_profile" in parts and cfg.profile_data else None
     if not torch.cuda.is_available():
         raise HorizonError("horizon bench speed needs a CUDA GPU (torch sees none here)")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
-    parts = {p.strip() for p in cfg.parts.split(",")}
     results: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "rows": []}
     models = cfg.model_list
     results["flops"] = flop_counts(cfg.preset, tuple(models))
@@ -757,7 +759,7 @@ def run_speed(cfg: SpeedConfig) -> dict[str, Any]:
                 results["rows"].extend(fn(kind))
                 save()
     if "train_profile" in parts:
-        results["train_profile"] = bench_train_profile(cfg, device)
+        results["train_profile"] = bench_train_profile(cfg, device, profile_split)
         save()
     if "prefill_profile" in parts and "horizon" in models:
         results["prefill_profile"] = bench_prefill_profile(cfg, device)
