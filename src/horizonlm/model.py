@@ -151,9 +151,11 @@ class HorizonLM(nn.Module):
         if state is None:
             state = self.init_state(batch, tokens.device)
         self._check_state(state, batch)
+        if self.count_cache is not None:  # the stream's counts, asked before the backbone (CountCache.lookup)
+            look, counts = self.count_cache.lookup(tokens, state.counts)
         logits, hidden, new_state = self.backbone(tokens, state)  # (B, L, V), (B, L, D)
         if self.count_cache is not None:  # log-probabilities of the mix with the stream's counts
-            logits, counts = self.count_cache(logits, hidden, tokens, state.counts)  # (B, L, V)
+            logits = self.count_cache.mix(logits, hidden, look)  # (B, L, V)
             new_state = replace(new_state, counts=counts)
         return logits, new_state
 

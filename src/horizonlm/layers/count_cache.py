@@ -56,12 +56,18 @@ class CountCache(nn.Module):
         mixed = torch.logaddexp(F.logsigmoid(-g) + model_lp, F.logsigmoid(g) + cache_lp)  # (B, L, V)
         return torch.where((look.chosen >= 0).unsqueeze(-1), mixed, model_lp)  # (B, L, V)
 
-    def forward(self, logits: Tensor, hidden: Tensor, tokens: Tensor, state: CountCacheState | None = None
-                ) -> tuple[Tensor, CountCacheState]:
-        """logits (B, L, V) and the final normed hidden state (B, L, D) of the tokens (B, L)."""
+    def lookup(self, tokens: Tensor, state: CountCacheState | None = None) -> tuple[CountLookup, CountCacheState]:
+        """The counts for every token of ``tokens`` (B, L) and the state after them. They depend on
+        the tokens alone, so the model asks before its backbone: the lookup's few host syncs then
+        wait on the lookup's own kernels, not on the whole forward pass queued before them."""
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
         look, tables, tail = count_cache_call(state.tables, state.tail, state.pos, tokens.long(), self.lengths, self.vocab,
                                               self.capacity)
-        new_state = CountCacheState(tables, tail=tail, pos=state.pos + tokens.shape[1])
+        return look, CountCacheState(tables, tail=tail, pos=state.pos + tokens.shape[1])
+
+    def forward(self, logits: Tensor, hidden: Tensor, tokens: Tensor, state: CountCacheState | None = None
+                ) -> tuple[Tensor, CountCacheState]:
+        """logits (B, L, V) and the final normed hidden state (B, L, D) of the tokens (B, L)."""
+        look, new_state = self.lookup(tokens, state)
         return self.mix(logits, hidden, look), new_state
