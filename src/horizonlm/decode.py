@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from horizonlm.baseline import TransformerLM
 from horizonlm.model import HorizonLM
+from horizonlm.ops.count_cache import CountLookup
 from horizonlm.state import HorizonState, KVState, MemoryState, StoreMemoryState
 
 M = TypeVar("M", bound=nn.Module)
@@ -214,8 +215,10 @@ class GraphedDecoder:
             raise ValueError("GraphedDecoder needs a HorizonLM (GraphedTransformerDecoder serves the baseline)")
         self.model = model
         # the count cache's tables change size every step: they stay outside the replayed buffers,
-        # and the cache mixes each step's replayed logits eagerly (:meth:`_output`)
-        self.counts = state.counts
+        # and the cache mixes each step's replayed logits eagerly (:meth:`_output`); they are kept
+        # on the host, where a token's lookup (a few hundred small operations) costs less than
+        # launching them one by one on a GPU (RESULTS.md 1.2f)
+        self.counts = None if state.counts is None else state.counts.map_tensors(lambda t: t.cpu())
         self.state = replace(state, counts=None).clone()
         self.use_graphs = model.embed.weight.is_cuda
         self.token_writes = model.memory is not None and model.memory.kind == "induction"
@@ -260,9 +263,10 @@ class GraphedDecoder:
         if self.counts is None:
             return out.clone() if replayed else out
         vocab = self.model.config.vocab_size
+        look, self.counts = self.runner.count_cache.lookup(tokens.cpu(), self.counts)  # on the host
+        look = CountLookup(*(t.to(out.device) for t in look))
         with torch.no_grad(), self._autocast():
-            mixed, self.counts = self.runner.count_cache(out[:, None, :vocab], out[:, None, vocab:], tokens,
-                                                         self.counts)  # (B, 1, V)
+            mixed = self.runner.count_cache.mix(out[:, None, :vocab], out[:, None, vocab:], look)  # (B, 1, V)
         return mixed[:, -1]
 
     def _fills_frame(self, state: HorizonState) -> bool:
@@ -450,7 +454,9 @@ class GraphedDecoder:
 
     def snapshot(self) -> HorizonState:
         """The current state as a fresh, independent HorizonState."""
-        return replace(self._real_state(), counts=self.counts).clone()
+        device = self.model.embed.weight.device
+        counts = None if self.counts is None else self.counts.map_tensors(lambda t: t.to(device))
+        return replace(self._real_state(), counts=counts).clone()
 
 
 class GraphedTransformerDecoder:
