@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from horizonlm.baseline import TransformerLM
+from horizonlm.decode_counts import HostCounts
 from horizonlm.model import HorizonLM
 from horizonlm.ops.count_cache import CountLookup
 from horizonlm.state import HorizonState, KVState, MemoryState, StoreMemoryState
@@ -215,10 +216,12 @@ class GraphedDecoder:
             raise ValueError("GraphedDecoder needs a HorizonLM (GraphedTransformerDecoder serves the baseline)")
         self.model = model
         # the count cache's tables change size every step: they stay outside the replayed buffers,
-        # and the cache mixes each step's replayed logits eagerly (:meth:`_output`); they are kept
-        # on the host, where a token's lookup (a few hundred small operations) costs less than
-        # launching them one by one on a GPU (RESULTS.md 1.2f)
-        self.counts = None if state.counts is None else state.counts.map_tensors(lambda t: t.cpu())
+        # on the host (:class:`HostCounts`: a token's lookup there is a few dictionary lookups, where
+        # the batched path launches a few hundred small operations), and the cache mixes each step's
+        # replayed logits eagerly (:meth:`_output`)
+        cache = model.count_cache
+        self.counts = (None if state.counts is None
+                       else HostCounts(state.counts, cache.lengths, cache.vocab, cache.capacity))
         self.state = replace(state, counts=None).clone()
         self.use_graphs = model.embed.weight.is_cuda
         self.token_writes = model.memory is not None and model.memory.kind == "induction"
@@ -263,8 +266,7 @@ class GraphedDecoder:
         if self.counts is None:
             return out.clone() if replayed else out
         vocab = self.model.config.vocab_size
-        look, self.counts = self.runner.count_cache.lookup(tokens.cpu(), self.counts)  # on the host
-        look = CountLookup(*(t.to(out.device) for t in look))
+        look = CountLookup(*(t.to(out.device) for t in self.counts.step(tokens.view(-1).tolist())))  # on the host
         with torch.no_grad(), self._autocast():
             mixed = self.runner.count_cache.mix(out[:, None, :vocab], out[:, None, vocab:], look)  # (B, 1, V)
         return mixed[:, -1]
@@ -454,8 +456,7 @@ class GraphedDecoder:
 
     def snapshot(self) -> HorizonState:
         """The current state as a fresh, independent HorizonState."""
-        device = self.model.embed.weight.device
-        counts = None if self.counts is None else self.counts.map_tensors(lambda t: t.to(device))
+        counts = None if self.counts is None else self.counts.state(self.model.embed.weight.device)
         return replace(self._real_state(), counts=counts).clone()
 
 
