@@ -266,7 +266,7 @@ class GraphedDecoder:
         if self.counts is None:
             return out.clone() if replayed else out
         vocab = self.model.config.vocab_size
-        look = CountLookup(*(t.to(out.device) for t in self.counts.step(tokens.view(-1).tolist())))  # on the host
+        look = CountLookup(*(t.to(out.device) for t in self.counts.step(tokens.reshape(-1).tolist())))  # on the host
         with torch.no_grad(), self._autocast():
             mixed = self.runner.count_cache.mix(out[:, None, :vocab], out[:, None, vocab:], look)  # (B, 1, V)
         return mixed[:, -1]

@@ -1,8 +1,8 @@
 """The count cache while decoding: each stream's pairs on the host, moved on a token at a time.
 
 A decoding step is a call of one token, where the batched path (:func:`horizonlm.ops.count_cache.count_cache_call`)
-still runs a few hundred small tensor operations: each launched on its own on a GPU (4-6 times the
-default's whole decode step on an H100) or dispatched on its own on a CPU. Here the tables the
+still runs a few hundred small tensor operations, each launched on its own on a GPU (a decode step
+with them took 4-6 times the default's on an H100, RESULTS.md 1.2f) or dispatched on its own on a CPU. Here the tables the
 decoder starts from stay as sorted arrays, searched as there (a context's pairs are one run of
 items ``key * V + next``), and the pairs of the tokens decoded since go into dictionaries; a step
 is a hash per context length and a few lookups. The counts are the batched path's, exactly
@@ -90,11 +90,11 @@ class HostCounts:
         self.lengths, self.vocab, self.capacity = tuple(lengths), vocab, capacity
         self.m2 = second_modulus(vocab)
         self.span = max(self.lengths)
-        tables = CountTables(*(t.detach().cpu().numpy() for t in state.tables))
-        self.current = [_Block(*_distinct(np.concatenate([tables.items[b], tables.recent_items[b]]),
-                                          np.concatenate([tables.counts[b], tables.recent_counts[b]])), vocab)
+        t = {name: table.detach().cpu().numpy() for name, table in state.tables._asdict().items()}  # (B, U) each
+        self.current = [_Block(*_distinct(np.concatenate([t["items"][b], t["recent_items"][b]]),
+                                          np.concatenate([t["counts"][b], t["recent_counts"][b]])), vocab)
                         for b in range(state.tail.shape[0])]
-        self.previous = [_Block(*_distinct(tables.prev_items[b], tables.prev_counts[b]), vocab)
+        self.previous = [_Block(*_distinct(t["prev_items"][b], t["prev_counts"][b]), vocab)
                          for b in range(state.tail.shape[0])]
         self.tails = [list(row) for row in state.tail.detach().cpu().tolist()]  # oldest first, -1 before the start
         self.pos = state.pos
