@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from horizonlm.bench.headroom import (HeadroomConfig, analyse, check_far_cache, far_cache, far_cache_reference,
-                                      fit_weight, kgram_hashes)
+from horizonlm.bench.headroom import (COUNT_BUCKETS, HeadroomConfig, analyse, bucket, check_far_cache, far_cache,
+                                      far_cache_reference, fit_weight, kgram_hashes)
 from horizonlm.checkpoint import save_checkpoint
 from horizonlm.cli import main
 from horizonlm.data.prepare import prepare
@@ -75,7 +75,22 @@ def test_the_cache_pays_where_a_book_repeats_itself_and_nowhere_else() -> None:
     assert result["far_context_share"] == 0.0 and abs(result["carried"]["cache_mixture_gain"]) < 1e-5
 
 
+@pytest.mark.parametrize("lengths", [(2, 3, 5), (1, 4, 6, 64)])
+def test_far_cache_with_other_lengths_matches_a_direct_search(lengths: tuple[int, ...]) -> None:
+    """Shorter contexts than the default's (the count cache's question: would they add?)."""
+    x = np.concatenate([_text(3, 700, 4), np.frombuffer(b"a rose is a rose. " * 12, np.uint8)])  # (N,)
+    assert check_far_cache(x, 64, None, positions=60, seed=4, lengths=lengths) == 0
+    got = far_cache(x, [(64, None)], lengths)[(64, None)]
+    assert set(np.unique(got["k"])) <= {0, *lengths} and (got["k"] == lengths[0]).any()
+    buckets = bucket(got, lengths)  # (N-1,)
+    assert buckets.max() < len(lengths) * COUNT_BUCKETS * 2
+
+
 def test_config_refuses_bad_settings() -> None:
+    with pytest.raises(ValueError, match="lengths"):
+        HeadroomConfig(lengths="8,4")
+    with pytest.raises(ValueError, match="lengths"):
+        HeadroomConfig(lengths="0,8")
     with pytest.raises(ValueError, match="windows"):
         HeadroomConfig(windows="1024,x")
     with pytest.raises(ValueError, match="reaches"):

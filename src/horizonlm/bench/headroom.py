@@ -5,7 +5,7 @@ Issue 23 asks that carrying the state through a book be worth 0.10 bits/byte ove
 every window. This bench measures what the far past offers in one plain, model-free form, the
 book's own n-gram statistics beyond the window:
 
-- For every predicted byte ``j`` of a test book and every context length ``k`` in ``LENGTHS``:
+- For every predicted byte ``j`` of a test book and every context length ``k`` (``--lengths``, :data:`LENGTHS` unless told):
   among the earlier positions ``q`` whose ``k`` bytes before them equal the ``k`` bytes before
   ``j``, that lie before ``j``'s window (a model restarted every ``window`` bytes cannot see them)
   and no more than ``reach`` bytes back, ``total`` counts them and ``same`` those followed by byte
@@ -85,6 +85,8 @@ class HeadroomConfig:
     """Positions where the counts are checked against the slow reference."""
     device: str = "auto"
     """``auto``, ``cpu`` or ``cuda``."""
+    lengths: str = ",".join(map(str, LENGTHS))
+    """Comma-separated context lengths in bytes, ascending: the cache takes the longest that occurred."""
 
     def __post_init__(self) -> None:
         for name in ("eval_window", "batch"):
@@ -96,6 +98,15 @@ class HeadroomConfig:
             raise ValueError(f"windows must be positive integers, got {self.windows!r}")
         if not self.reach_list() or any(r is not None and r < 1 for r in self.reach_list()):
             raise ValueError(f"reaches must be positive integers or 'book', got {self.reaches!r}")
+        lengths = self.length_list()
+        if not lengths or lengths[0] < 1 or list(lengths) != sorted(set(lengths)):
+            raise ValueError(f"lengths must be ascending distinct positive integers, got {self.lengths!r}")
+
+    def length_list(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in self.lengths.split(",") if v.strip())
+        except ValueError as err:
+            raise ValueError(f"lengths must be comma-separated integers, got {self.lengths!r}") from err
 
     def window_list(self) -> list[int]:
         try:
@@ -144,7 +155,8 @@ def _window_start(j: np.ndarray, window: int) -> np.ndarray:
     return (np.maximum(j - 1, 0) // window) * window
 
 
-def far_cache(x: np.ndarray, configs: list[tuple[int, int | None]]) -> dict[tuple, dict[str, np.ndarray]]:
+def far_cache(x: np.ndarray, configs: list[tuple[int, int | None]], lengths: tuple[int, ...] = LENGTHS
+              ) -> dict[tuple, dict[str, np.ndarray]]:
     """For each (window, reach) and every predicted byte 1..N-1: the longest context length with a
     far occurrence (``k``, 0 if none), its far occurrences (``total``), those followed by the byte
     (``same``), and whether that context also stands wholly inside the window (``near``)."""
@@ -154,7 +166,7 @@ def far_cache(x: np.ndarray, configs: list[tuple[int, int | None]]) -> dict[tupl
     j = np.arange(n)  # (N,): predicted positions (0 unused)
     out = {c: {"k": np.zeros(n, np.int64), "total": np.zeros(n, np.int64), "same": np.zeros(n, np.int64),
                "near": np.zeros(n, bool)} for c in configs}
-    for k in LENGTHS:
+    for k in lengths:
         valid = j >= k  # (N,)
         _, rank = np.unique(kgram_hashes(x, k)[:n], return_inverse=True)  # (N,): rank[q] names x[q-k:q]
         rank = rank.astype(np.int64)
@@ -177,12 +189,13 @@ def far_cache(x: np.ndarray, configs: list[tuple[int, int | None]]) -> dict[tupl
     return {c: {name: a[1:] for name, a in o.items()} for c, o in out.items()}
 
 
-def far_cache_reference(x: np.ndarray, j: int, window: int, reach: int | None) -> tuple[int, int, int, bool]:
+def far_cache_reference(x: np.ndarray, j: int, window: int, reach: int | None, lengths: tuple[int, ...] = LENGTHS
+                        ) -> tuple[int, int, int, bool]:
     """:func:`far_cache` at one predicted byte j by direct search: (k, total, same, near)."""
     start = ((j - 1) // window) * window
     lo = min(max(j - reach, 0) if reach else 0, start)
     found = (0, 0, 0, False)
-    for k in LENGTHS:
+    for k in lengths:
         if j < k:
             continue
         grams = np.lib.stride_tricks.sliding_window_view(x[:j], k)  # (j - k + 1, k): row q - k is x[q-k:q]
@@ -193,14 +206,15 @@ def far_cache_reference(x: np.ndarray, j: int, window: int, reach: int | None) -
     return found
 
 
-def check_far_cache(x: np.ndarray, window: int, reach: int | None, positions: int, seed: int = 0) -> int:
+def check_far_cache(x: np.ndarray, window: int, reach: int | None, positions: int, seed: int = 0,
+                    lengths: tuple[int, ...] = LENGTHS) -> int:
     """How many of ``positions`` random bytes :func:`far_cache` and its reference disagree on."""
-    got = far_cache(x, [(window, reach)])[(window, reach)]
+    got = far_cache(x, [(window, reach)], lengths)[(window, reach)]
     rng = np.random.default_rng(seed)
     bad = 0
     for j in rng.integers(1, len(x), positions):
         fast = (int(got["k"][j - 1]), int(got["total"][j - 1]), int(got["same"][j - 1]), bool(got["near"][j - 1]))
-        bad += fast != far_cache_reference(x, int(j), window, reach)
+        bad += fast != far_cache_reference(x, int(j), window, reach, lengths)
     return bad
 
 
@@ -217,9 +231,9 @@ def bits(nats: float, count: int) -> float:
     return nats / count / math.log(2)
 
 
-def bucket(f: dict[str, np.ndarray]) -> np.ndarray:
+def bucket(f: dict[str, np.ndarray], lengths: tuple[int, ...] = LENGTHS) -> np.ndarray:
     """Each byte's mixture bucket: context length, count, near; -1 without a far context. (N-1,)"""
-    length = np.searchsorted(LENGTHS, f["k"])  # (N-1,)
+    length = np.searchsorted(lengths, f["k"])  # (N-1,)
     count = np.minimum(np.log2(np.maximum(f["total"], 1)).astype(np.int64), COUNT_BUCKETS - 1)  # (N-1,)
     return np.where(f["k"] > 0, (length * COUNT_BUCKETS + count) * 2 + f["near"], -1)
 
@@ -256,15 +270,15 @@ def by_bucket(buckets: np.ndarray, *arrays: np.ndarray) -> dict[int, tuple[np.nd
     return {int(b): tuple(a[order[lo:hi]] for a in arrays) for b, lo, hi in zip(keys, starts, ends) if b >= 0}
 
 
-def mix_held_out(losses: list[np.ndarray], p_cache: list[np.ndarray], buckets: list[np.ndarray]
-                 ) -> tuple[list[np.ndarray], list[dict]]:
+def mix_held_out(losses: list[np.ndarray], p_cache: list[np.ndarray], buckets: list[np.ndarray],
+                 n_lengths: int = len(LENGTHS)) -> tuple[list[np.ndarray], list[dict]]:
     """Each book's per-byte loss (nats) with the cache mixed in at weights fitted on the other books,
     and those weights by bucket."""
     groups = [by_bucket(b, l, p) for b, l, p in zip(buckets, losses, p_cache)]  # per book
     mixed, weights = [], []
     for held in range(len(losses)):
         others = [groups[i] for i in range(len(losses)) if i != held]
-        table = np.zeros(len(LENGTHS) * COUNT_BUCKETS * 2 + 1)  # (buckets + 1,): the last for "none"
+        table = np.zeros(n_lengths * COUNT_BUCKETS * 2 + 1)  # (buckets + 1,): the last for "none"
         fitted = {}
         for b in groups[held]:
             parts = [g[b] for g in others if b in g]
@@ -278,14 +292,15 @@ def mix_held_out(losses: list[np.ndarray], p_cache: list[np.ndarray], buckets: l
     return mixed, weights
 
 
-def analyse(feats: list[dict[str, np.ndarray]], losses: dict[str, list[np.ndarray]] | None = None) -> dict[str, Any]:
+def analyse(feats: list[dict[str, np.ndarray]], losses: dict[str, list[np.ndarray]] | None = None,
+            lengths: tuple[int, ...] = LENGTHS) -> dict[str, Any]:
     """What the far cache covers; with losses (``carried`` and ``reset``, per book), where carried
     minus reset is earned and what the cache adds to each."""
     total = sum(len(f["k"]) for f in feats)
     has = [f["k"] > 0 for f in feats]  # per book (N-1,)
     p_cache = [f["same"] / np.maximum(f["total"], 1) for f in feats]  # per book (N-1,)
     rows = []
-    for k in LENGTHS:
+    for k in lengths:
         sel = [f["k"] == k for f in feats]
         count = int(sum(m.sum() for m in sel))
         row = {"context_length": k, "share_of_bytes": count / total,
@@ -308,11 +323,11 @@ def analyse(feats: list[dict[str, np.ndarray]], losses: dict[str, list[np.ndarra
         "all": bits(whole_gain, total),
         "share_from_bytes_with_far_context": share(sum(float(g[h].sum()) for g, h in zip(gain, has))),
         "share_from_far_contexts_of_16_or_more": share(sum(float(g[f["k"] >= 16].sum()) for g, f in zip(gain, feats)))}
-    buckets = [bucket(f) for f in feats]  # per book (N-1,)
+    buckets = [bucket(f, lengths) for f in feats]  # per book (N-1,)
     for mode in ("carried", "reset"):
         whole = bits(sum(float(l.sum()) for l in losses[mode]), total)
-        mixed, weights = mix_held_out(losses[mode], p_cache, buckets)
-        for k, row in zip(LENGTHS, rows):  # each context length's part of the whole gain (bits over all bytes)
+        mixed, weights = mix_held_out(losses[mode], p_cache, buckets, len(lengths))
+        for k, row in zip(lengths, rows):  # each context length's part of the whole gain (bits over all bytes)
             row[f"{mode}_cache_gain_part"] = bits(sum(float((l[f["k"] == k] - m[f["k"] == k]).sum())
                                                       for l, m, f in zip(losses[mode], mixed, feats)), total)
         switched = sum(float(np.minimum(l, np.where(pc > 0, -np.log(np.maximum(pc, 1e-300)), np.inf)).sum())
@@ -365,29 +380,31 @@ def run_headroom(cfg: HeadroomConfig) -> dict[str, Any]:
         raise HorizonError(f"{cfg.data}'s test split has {len(books)} book(s): the cache's weights are fitted "
                            "on the other books, so it needs at least two")
     texts = [np.asarray(test[start:end]) for _, start, end in books]
-    windows, reaches = cfg.window_list(), cfg.reach_list()
+    windows, reaches, lengths = cfg.window_list(), cfg.reach_list(), cfg.length_list()
     configs = [(w, r) for w in windows for r in reaches if r is None or r > w]
     longest = max(range(len(texts)), key=lambda i: len(texts[i]))
     sample = texts[longest][:30000]
     check = {"positions": cfg.check_positions, "bytes": len(sample),
-             "disagreed": check_far_cache(sample, windows[0], None, cfg.check_positions)}
+             "disagreed": check_far_cache(sample, windows[0], None, cfg.check_positions, lengths=lengths)}
     if check["disagreed"]:
         raise HorizonError(f"the far cache disagrees with its reference at {check['disagreed']} positions")
-    feats = [far_cache(t, configs) for t in texts]  # per book {config: features}
-    result: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "lengths": list(LENGTHS),
+    feats = [far_cache(t, configs, lengths) for t in texts]  # per book {config: features}
+    result: dict[str, Any] = {"environment": environment(), "config": asdict(cfg), "lengths": list(lengths),
                               "books": [b[0] for b in books], "bytes": sum(len(t) - 1 for t in texts),
                               "reference_check": check, "windows": {}}
     carried: dict[str, list[np.ndarray]] = {}
     for w in windows:
         used = [r for r in reaches if r is None or r > w]
-        entry: dict[str, Any] = {"cache_alone": {str(r or "book"): analyse([f[(w, r)] for f in feats]) for r in used},
+        entry: dict[str, Any] = {"cache_alone": {str(r or "book"): analyse([f[(w, r)] for f in feats], lengths=lengths)
+                                                 for r in used},
                                  "checkpoints": {}, "by_position": {}}
         first: dict[str, list[np.ndarray]] | None = None
         for ckpt in cfg.checkpoint_list():
             if ckpt not in carried:  # the same for every window: scored once
                 carried[ckpt] = book_losses(cfg, ckpt, books, None)
             losses = {"carried": carried[ckpt], "reset": book_losses(cfg, ckpt, books, w)}
-            entry["checkpoints"][ckpt] = {str(r or "book"): analyse([f[(w, r)] for f in feats], losses) for r in used}
+            entry["checkpoints"][ckpt] = {str(r or "book"): analyse([f[(w, r)] for f in feats], losses, lengths)
+                                          for r in used}
             entry["by_position"][ckpt] = compare_by_position(losses, first)
             first = first or losses
         result["windows"][str(w)] = entry
