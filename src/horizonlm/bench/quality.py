@@ -71,6 +71,9 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # longest of these contexts earlier in the stream (ops/count_cache.py), the lengths the
     # headroom bench measured (RESULTS.md 1.2d); blocks of 2M positions.
     "horizon_count_cache": ("horizon", {"count_lengths": (8, 12, 16, 24, 32, 48, 64)}),
+    # The same with contexts from 4 bytes: at CPU scale far contexts of 4-6 bytes offered 0.04 more
+    # (RESULTS.md 1.2g).
+    "horizon_count_cache_short": ("horizon", {"count_lengths": (4, 5, 6, 8, 12, 16, 24, 32, 48, 64)}),
     # A peer, not an ablation: flash-linear-attention's GLA (horizonlm.peers.gla, extra [peers], a
     # GPU), state carried across windows as HorizonLM's.
     "gla": ("gla", {}),
