@@ -30,8 +30,8 @@ in the chunk, and each step writes its entry into the next slot, at an index hel
 The count cache (``count_lengths``) keeps tables that grow and change size with every token, so
 no graph holds them: the decoder replays the model's step without the cache
 (:meth:`horizonlm.model.HorizonLM.backbone`, its logits and final hidden state side by side) as it
-would without one, and the cache mixes each step's output eagerly, its state kept beside the
-replay's buffers.
+would without one, and the cache mixes each step's output eagerly, its state kept on the host
+beside the replay's buffers (:class:`horizonlm.decode_counts.HostCounts`).
 
 Transformer: its step writes into a :class:`horizonlm.baseline.StaticKVCache` at a position held
 on the device, so a single replay serves every step up to the cache's capacity.

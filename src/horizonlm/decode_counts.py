@@ -15,23 +15,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from horizonlm.ops.count_cache import (HASH_M1, HASH_P1, HASH_P2, PAD, CountLookup, CountTables,
+from horizonlm.ops.count_cache import (HASH_M1, HASH_P1, HASH_P2, PAD, CountLookup, CountTables, merge_counts,
                                        second_modulus)
 from horizonlm.state import CountCacheState
 
 __all__ = ["HostCounts"]
 
 
-def _distinct(items: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Real items (PAD dropped) made ascending and distinct, equal ones' counts summed. (U,) twice"""
-    real = items != PAD
-    items, counts = items[real], counts[real]
-    order = np.argsort(items, kind="stable")
-    items, counts = items[order], counts[order]
-    if items.size == 0:
-        return items, counts
-    starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
-    return items[starts], np.add.reduceat(counts, starts)
+def _rows(items: torch.Tensor, counts: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row of a table (B, U) twice, ascending and PAD-filled, as its real items and counts. (U_b,) twice a row"""
+    real = (items != PAD).sum(dim=1).tolist()
+    return [(items[b, :n].numpy(), counts[b, :n].numpy()) for b, n in enumerate(real)]
 
 
 class _Block:
@@ -72,12 +66,14 @@ class _Block:
         for token, count in self.added.get(key, {}).items():
             out[token] += count
 
-    def table(self) -> tuple[np.ndarray, np.ndarray]:
-        """All its pairs as one sorted table. (U,) twice"""
+    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All its pairs as one sorted table (:func:`~horizonlm.ops.count_cache.merge_counts`). (U,) twice"""
         new = [(key * self.vocab + token, count) for key, nexts in self.added.items() for token, count in nexts.items()]
-        items = np.array([item for item, _ in new], dtype=np.int64)  # (m,)
-        counts = np.array([count for _, count in new], dtype=np.int64)  # (m,)
-        return _distinct(np.concatenate([self.items, items]), np.concatenate([self.counts, counts]))
+        items = torch.tensor([item for item, _ in new], dtype=torch.int64).view(1, -1)  # (1, m)
+        counts = torch.tensor([count for _, count in new], dtype=torch.int64).view(1, -1)  # (1, m)
+        merged, merged_counts = merge_counts(torch.from_numpy(self.items)[None], torch.from_numpy(self.counts)[None],
+                                             items, counts)  # (1, U) twice
+        return merged[0], merged_counts[0]
 
 
 class HostCounts:
@@ -90,12 +86,10 @@ class HostCounts:
         self.lengths, self.vocab, self.capacity = tuple(lengths), vocab, capacity
         self.m2 = second_modulus(vocab)
         self.span = max(self.lengths)
-        t = {name: table.detach().cpu().numpy() for name, table in state.tables._asdict().items()}  # (B, U) each
-        self.current = [_Block(*_distinct(np.concatenate([t["items"][b], t["recent_items"][b]]),
-                                          np.concatenate([t["counts"][b], t["recent_counts"][b]])), vocab)
-                        for b in range(state.tail.shape[0])]
-        self.previous = [_Block(*_distinct(t["prev_items"][b], t["prev_counts"][b]), vocab)
-                         for b in range(state.tail.shape[0])]
+        t = CountTables(*(table.detach().cpu() for table in state.tables))  # (B, U) each
+        current = merge_counts(t.items, t.counts, t.recent_items, t.recent_counts)  # (B, U) twice: the block's pairs
+        self.current = [_Block(items, counts, vocab) for items, counts in _rows(*current)]
+        self.previous = [_Block(items, counts, vocab) for items, counts in _rows(t.prev_items, t.prev_counts)]
         self.tails = [list(row) for row in state.tail.detach().cpu().tolist()]  # oldest first, -1 before the start
         self.pos = state.pos
         self.keys = [self._keys(tail) for tail in self.tails]  # each stream's contexts ending at its last token
@@ -151,12 +145,12 @@ class HostCounts:
 
         def stacked(blocks: list[_Block]) -> tuple[torch.Tensor, torch.Tensor]:
             tables = [block.table() for block in blocks]
-            width = max(items.size for items, _ in tables)
+            width = max(row_items.numel() for row_items, _ in tables)
             items = torch.full((len(blocks), width), PAD, dtype=torch.int64)  # (B, U)
             counts = torch.zeros(len(blocks), width, dtype=torch.int64)  # (B, U)
             for b, (row_items, row_counts) in enumerate(tables):
-                items[b, :row_items.size] = torch.from_numpy(row_items)
-                counts[b, :row_counts.size] = torch.from_numpy(row_counts)
+                items[b, :row_items.numel()] = row_items
+                counts[b, :row_counts.numel()] = row_counts
             return items.to(device), counts.to(device)
 
         items, counts = stacked(self.current)
