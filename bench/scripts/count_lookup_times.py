@@ -3,13 +3,13 @@ batched path (``count_cache_call`` with a call of one token) against the host st
 decoder uses (``decode_counts.HostCounts``), after 1K, 64K and 1M bytes of a prepared corpus's
 test split, one stream, one thread; with the host structure's set-up and hand-back times.
 
-    PYTHONPATH=src python bench/scripts/count_lookup_times.py runs/data/novels OUT.json
+    PYTHONPATH=src python bench/scripts/count_lookup_times.py runs/data/novels OUT.json [--overwrite]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +19,9 @@ import torch
 from horizonlm.bench.common import environment
 from horizonlm.bench.quality import ABLATIONS
 from horizonlm.config import HorizonConfig
+from horizonlm.data.stream import load_meta, open_split
 from horizonlm.decode_counts import HostCounts
+from horizonlm.fileio import atomic_write_json, refuse_existing
 from horizonlm.ops.count_cache import count_cache_call, empty_tables
 from horizonlm.state import CountCacheState
 
@@ -27,12 +29,17 @@ STEPS = 300
 CAPACITY = HorizonConfig.count_capacity  # the default's blocks
 
 
-def main(data: Path, out: Path) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", type=Path, help="a prepared corpus (horizon prepare)")
+    parser.add_argument("out")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+    out, data = refuse_existing(args.out, args.overwrite), args.data
     torch.set_num_threads(1)
     lengths = ABLATIONS["horizon_count_cache"][1]["count_lengths"]
-    meta = json.loads((data / "meta.json").read_text())
-    stream = np.memmap(data / "test.bin", dtype=meta["dtype"], mode="r")
-    vocab = int(meta["vocab_size"])
+    stream = open_split(data, "test")  # (T,)
+    vocab = int(load_meta(data)["vocab_size"])
     rows = []
     for context in (1024, 65536, 1 << 20):
         tokens = torch.from_numpy(np.array(stream[:context + STEPS], dtype=np.int64)).view(1, -1)  # (1, T)
@@ -60,10 +67,8 @@ def main(data: Path, out: Path) -> None:
         print(json.dumps(rows[-1]))
     result = {"environment": environment(), "data": str(data), "lengths": list(lengths), "capacity": CAPACITY,
               "steps": STEPS, "threads": 1, "rows": rows}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_json(out, result)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main()
