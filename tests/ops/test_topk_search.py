@@ -46,3 +46,17 @@ def test_tie_rule_needs_no_host_sync() -> None:
     assert top.tolist() == [[3.0, 3.0]] and sorted(index.tolist()[0]) == [2, 4]
     top, index = topk_newest_first(torch.tensor([[1.0, 3.0, 0.0, 2.0]]), 2)
     assert top.tolist() == [[3.0, 2.0]] and index.tolist() == [[1, 3]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scores_within_rounding_of_the_kth_tie_and_the_newest_wins(dtype: torch.dtype) -> None:
+    """A score one ulp above the newest equal one (as a matrix product of another shape can round
+    it) does not take the last place from it; a score clearly above (20 ulps) does."""
+    eps = torch.finfo(dtype).eps
+    for gap, want in ((eps, 2), (20 * eps, 0)):
+        scores = torch.tensor([[0.5 + gap, 0.25, 0.5, 0.125]], dtype=dtype)  # (1, 4): column 2 newer than 0
+        top, index = topk_newest_first(scores, 1)
+        assert index.item() == want and top.item() == scores[0, want].item()
+    scores = torch.tensor([[0.5 + eps, 0.9, 0.5, 0.5 - eps]], dtype=dtype)  # (1, 4): 0.9 above, three near ties
+    top, index = topk_newest_first(scores, 3)
+    assert index.tolist() == [[1, 3, 2]]

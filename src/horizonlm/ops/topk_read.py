@@ -20,9 +20,10 @@ torch merges. ``topk_visible_torch`` is the twin, a loop over entry blocks with 
 ``topk`` merge (as ``topk_search.exact_topk``), used on the CPU; ``topk_visible_dense`` scores
 every entry at once and is the obviously correct reference.
 
-All three rank exactly equal scores newest first (``topk_search.topk_newest_first``), as the
-model's read does: they choose the top K under the total order (score descending, then entry
-index descending). In the kernel a round takes the block's maximum of largest column among equal
+All three rank equal scores newest first (``topk_search.topk_newest_first``), as the model's
+read does: they choose the top K under the order (score descending, then entry index descending),
+torch counting scores within a few ulps of the K-th as equal to it (so that the last bits of a
+matrix product of another shape do not choose). In the kernel a round takes the block's maximum of largest column among equal
 maxima, and it replaces the kept entry of smallest (score, index) -- an empty slot (-inf) first --
 if it is greater in that order (never a -inf candidate); the split parts and the final cut to K
 are merged in torch by ``topk_newest_first`` with the entry indices as positions. So the kernel

@@ -7,28 +7,41 @@ import torch
 from torch import Tensor
 
 
-def topk_newest_first(scores: Tensor, k: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``scores.topk(k)`` along the last dim, except that equal scores at the k-th place rank
-    newest first (the larger ``positions``, by default the larger column index): which of several
-    exactly equal scores fills the last places is then a property of the entries, not of where
-    they sit in the matrix, so a stream read in one call and in pieces picks the same entries
-    (identical contexts make identical keys, so exact ties are common).
+NEAR_TIE_ULPS = 8
+"""Scores within this many units of roundoff (of float32, or of the scores' dtype if wider) times
+max(1, |k-th score|) of the k-th score count as tied with it."""
 
-    The entries scoring strictly above the k-th score are all chosen whatever the order; the
-    places left go to the newest of those scoring exactly the k-th score, found by a second
-    ``topk`` over their positions. No branch depends on the data and nothing waits on the device,
-    so a CUDA graph can capture it. Rows whose k-th score is -inf (fewer than k finite) keep
-    ``topk``'s choice. scores: (..., M), positions: (..., M) or None (distinct within a row).
-    Returns scores (..., k) descending and int64 column indices (..., k)."""
+
+def topk_newest_first(scores: Tensor, k: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``scores.topk(k)`` along the last dim, except that scores tied with the k-th rank newest
+    first (the larger ``positions``, by default the larger column index): which of several equal
+    scores fills the last places is then a property of the entries, not of where they sit in the
+    matrix, so a stream read in one call and in pieces picks the same entries (identical contexts
+    make identical keys, so ties are common).
+
+    Tied means within rounding (:data:`NEAR_TIE_ULPS`), not bit for bit: the same key's score can
+    differ in its last bits between calls of different lengths (a matrix product of 7 rows need
+    not round as one of 51 does; seen on an Intel CPU in float64, 1 ulp apart), and an exact rule
+    would then let that noise choose. The entries scoring above the k-th by more than that are all
+    chosen whatever the order; the places left go to the newest of those within it, found by a
+    second ``topk`` over their positions. No branch depends on the data and nothing waits on the
+    device, so a CUDA graph can capture it. Rows whose k-th score is -inf (fewer than k finite)
+    keep ``topk``'s choice. scores: (..., M), positions: (..., M) or None (distinct within a row,
+    >= 0). Returns scores (..., k), descending but for the order among ties, and int64 column
+    indices (..., k)."""
     top, index = scores.topk(k, dim=-1)  # (..., k)
     kth = top[..., -1:]  # (..., 1)
     if positions is None:
         positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)  # (..., M)
-    above = (top > kth).sum(-1, keepdim=True)  # (..., 1): places taken by strictly better scores
-    tied = torch.where(scores == kth, positions, positions.new_full((), -1))  # (..., M): positions of the ties
+    eps = torch.finfo(torch.promote_types(scores.dtype, torch.float32)).eps
+    finite = torch.isfinite(kth)  # (..., 1)
+    tol = NEAR_TIE_ULPS * eps * torch.where(finite, kth.abs(), 0).clamp(min=1)  # (..., 1)
+    above = (top > kth + tol).sum(-1, keepdim=True)  # (..., 1): places taken by clearly better scores
+    near = finite & ((scores - kth).abs() <= tol)  # (..., M)
+    tied = torch.where(near, positions, positions.new_full((), -1))  # (..., M): positions of the ties
     newest = tied.topk(k, dim=-1).indices  # (..., k): columns of the tied entries, newest first
     place = torch.arange(k, device=scores.device)  # (k,)
-    from_tied = (place >= above) & torch.isfinite(kth)  # (..., k)
+    from_tied = (place >= above) & finite  # (..., k)
     columns = torch.where(from_tied, newest.gather(-1, (place - above).clamp(min=0)), index)  # (..., k)
     # gathered at the chosen columns (not the k-th score repeated), so a gradient reaches the entries chosen
     return scores.gather(-1, columns), columns  # (..., k) twice
