@@ -25,6 +25,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": os.environ.get("HORIZON_COMMIT") or _git_commit(),
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),  # the caching allocator's settings, if any
     }
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)

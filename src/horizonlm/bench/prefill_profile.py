@@ -82,7 +82,8 @@ def module_device_ms(model: nn.Module, run: Any, device: torch.device) -> dict[s
 def top_kernels(run: Any, device: torch.device, top: int = TOP_KERNELS) -> dict[str, Any]:
     """Device time per kernel name over one call of ``run`` (``torch.profiler``), the ``top``
     largest, with their call counts, and the sum over every kernel (device events only: the
-    operators' own rows, which carry their kernels' device time again, are left out)."""
+    operators' own rows, which carry their kernels' device time again, are left out); and the
+    ``top`` CUDA runtime calls by the host's time in them (``runtime_host``)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize(device)
@@ -92,4 +93,11 @@ def top_kernels(run: Any, device: torch.device, top: int = TOP_KERNELS) -> dict[
         if ms > 0 and event.device_type != DeviceType.CPU:  # kernels only: an operator's row repeats its kernels
             rows.append({"name": event.key[:100], "calls": event.count, "device_ms": ms})
     rows.sort(key=lambda r: -r["device_ms"])
-    return {"kernels_device_ms": sum(r["device_ms"] for r in rows), "kernel_names": len(rows), "top": rows[:top]}
+    # The host's time inside CUDA runtime calls: where a step waits for the device (a synchronize,
+    # a copy back to the host) or for the allocator (cudaMalloc / cudaFree), which device times miss.
+    runtime = [{"name": event.key[:100], "calls": event.count, "host_ms": event.self_cpu_time_total / 1000}
+               for event in prof.key_averages()
+               if event.device_type == DeviceType.CPU and event.key.startswith("cuda")]
+    runtime.sort(key=lambda r: -r["host_ms"])
+    return {"kernels_device_ms": sum(r["device_ms"] for r in rows), "kernel_names": len(rows), "top": rows[:top],
+            "runtime_host": runtime[:top]}

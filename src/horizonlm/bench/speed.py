@@ -476,9 +476,15 @@ def bench_train_profile(cfg: SpeedConfig, device: torch.device, split: np.ndarra
         step = _train_step(model, opt, tokens)
         for _ in range(3):
             step()
+        before = torch.cuda.memory_stats(device)
         times = time_cuda(step, 0, 3)
+        after = torch.cuda.memory_stats(device)
+        # the caching allocator's trips to the driver in those 3 steps (each cudaFree synchronizes the device)
+        allocator = {key: after.get(key, 0) - before.get(key, 0)
+                     for key in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
         row = {"part": "train_profile", "model": kind, "seq_len": length, "batch": batch,
                "tokens": cfg.profile_data or "random bytes", "step_ms": [1000 * t for t in times],
+               "allocator_in_timed_steps": allocator,
                "modules_ms": module_device_ms(model, step, device), "kernels": top_kernels(step, device)}
         print(json.dumps({k: row[k] for k in ("model", "step_ms", "modules_ms")}), flush=True)
         rows.append(row)
