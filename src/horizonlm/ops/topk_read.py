@@ -23,15 +23,16 @@ every entry at once and is the obviously correct reference.
 All three rank equal scores newest first (``topk_search.topk_newest_first``), as the model's
 read does: they choose the top K under the order (score descending, then entry index descending),
 torch counting scores within a few ulps of the K-th as equal to it (so that the last bits of a
-matrix product of another shape do not choose). In the kernel a round takes the block's maximum of largest column among equal
-maxima, and it replaces the kept entry of smallest (score, index) -- an empty slot (-inf) first --
-if it is greater in that order (never a -inf candidate); the split parts and the final cut to K
-are merged in torch by ``topk_newest_first`` with the entry indices as positions. So the kernel
-in float32 agrees with the float32 torch paths id for id wherever tied scores are exactly equal
-in both (as identical keys' scores normally are; the interpreter test uses scores exact in
-float32, so that no summation order can split a tie); near-ties, scores within rounding of each
-other, can still be ordered differently, as before, since the kernel's products (tf32x3 on the
-GPU) do not round as torch's do. ``memory_read`` selects with :func:`topk_read` (the kernel on CUDA,
+matrix product of another shape do not choose). In the kernel a round takes the block's maximum
+of largest column among equal maxima, and it replaces the kept entry of smallest (score, index)
+-- an empty slot (-inf) first -- if it is greater in that order (never a -inf candidate); the
+split parts and the final cut to K are merged in torch by ``topk_newest_first`` with the entry
+indices as positions. So the kernel in float32 agrees with the float32 torch paths id for id
+wherever tied scores are exactly equal in both (as identical keys' scores normally are; the
+interpreter test uses scores exact in float32, so that no summation order can split a tie);
+near-ties, scores within rounding of each other, can still be ordered differently, since the
+kernel's products (tf32x3 on the GPU) do not round as torch's do and its exact order inside a
+part can drop a near-tied newer entry before the merge sees it. ``memory_read`` selects with :func:`topk_read` (the kernel on CUDA,
 checked on an H200 by ``horizon bench memory --read``).
 
 The selection is not differentiable; :func:`topk_read` chooses under ``no_grad`` and recomputes
