@@ -87,8 +87,9 @@ def top_kernels(run: Any, device: torch.device, top: int = TOP_KERNELS) -> dict[
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize(device)
+    averages = prof.key_averages()  # aggregated once: it walks every event of the trace
     rows = []
-    for event in prof.key_averages():
+    for event in averages:
         ms = getattr(event, "self_device_time_total", 0.0) / 1000
         if ms > 0 and event.device_type != DeviceType.CPU:  # kernels only: an operator's row repeats its kernels
             rows.append({"name": event.key[:100], "calls": event.count, "device_ms": ms})
@@ -96,7 +97,7 @@ def top_kernels(run: Any, device: torch.device, top: int = TOP_KERNELS) -> dict[
     # The host's time inside CUDA runtime calls: where a step waits for the device (a synchronize,
     # a copy back to the host) or for the allocator (cudaMalloc / cudaFree), which device times miss.
     runtime = [{"name": event.key[:100], "calls": event.count, "host_ms": event.self_cpu_time_total / 1000}
-               for event in prof.key_averages()
+               for event in averages
                if event.device_type == DeviceType.CPU and event.key.startswith("cuda")]
     runtime.sort(key=lambda r: -r["host_ms"])
     return {"kernels_device_ms": sum(r["device_ms"] for r in rows), "kernel_names": len(rows), "top": rows[:top],

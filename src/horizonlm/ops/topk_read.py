@@ -32,8 +32,8 @@ wherever tied scores are exactly equal in both (as identical keys' scores normal
 interpreter test uses scores exact in float32, so that no summation order can split a tie);
 near-ties, scores within rounding of each other, can still be ordered differently, since the
 kernel's products (tf32x3 on the GPU) do not round as torch's do and its exact order inside a
-part can drop a near-tied newer entry before the merge sees it. ``memory_read`` selects with :func:`topk_read` (the kernel on CUDA,
-checked on an H200 by ``horizon bench memory --read``).
+part can drop a near-tied newer entry before the merge sees it. ``memory_read`` selects with
+:func:`topk_read` (the kernel on CUDA, checked on an H200 by ``horizon bench memory --read``).
 
 The selection is not differentiable; :func:`topk_read` chooses under ``no_grad`` and recomputes
 the chosen scores ``q_t . k_idx`` in torch, so gradients reach the queries and the keys.
