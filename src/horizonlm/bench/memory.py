@@ -242,7 +242,7 @@ def _same_selection(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Ten
             "finite_slots": int(finite.sum())}
 
 
-def _read_path_check(dtype: torch.dtype, device: torch.device, batch: int = 2, length: int = 4096,
+def _read_path_check(dtype: torch.dtype, device: torch.device, batch: int = 2, length: int = 4096, seed: int = 7,
                      carried: int = 8192, chunk: int = 128, capacity: int = 64, k: int = 8,
                      dim: int = 128) -> dict[str, Any]:
     """The whole read as the base model runs it in training (one window of ``length`` tokens after
@@ -256,7 +256,7 @@ def _read_path_check(dtype: torch.dtype, device: torch.device, batch: int = 2, l
     from horizonlm.ops.chunks import chunk_layout
     from horizonlm.ops.memory_read import memory_read
 
-    g = torch.Generator(device=device).manual_seed(7)
+    g = torch.Generator(device=device).manual_seed(seed)
     layout = chunk_layout(carried, length, chunk, device)
     ids = torch.cat([torch.arange(carried, device=device) // chunk, layout.completed_before])  # (M,)
     q = F.normalize(torch.randn(batch, length, dim, generator=g, device=device), dim=-1).to(dtype)  # (B, L, Dk)
