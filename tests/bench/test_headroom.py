@@ -149,3 +149,12 @@ def test_bench_headroom_refuses_one_book_and_a_missing_checkpoint(tmp_path: Path
         run_headroom(HeadroomConfig(data=str(_two_books(tmp_path / "two")), out=str(tmp_path / "h.json"),
                                     checkpoints=str(tmp_path / "missing")))
     assert not (tmp_path / "h.json").exists()
+
+
+def test_plot_orders_reaches_by_distance_when_read_back_sorted_as_text() -> None:
+    """A results file read back from JSON can hold its reaches sorted as text ("16384" < "524288" <
+    "65536"): the figure's axis still runs nearest first, the whole book last."""
+    from horizonlm.bench.headroom_plot import _by_reach
+
+    assert _by_reach({"16384": 0, "524288": 0, "65536": 0, "book": 0}) == ["16384", "65536", "524288", "book"]
+    assert _by_reach({"book": 0, "4096": 0}) == ["4096", "book"]
