@@ -50,9 +50,10 @@ def test_tie_rule_needs_no_host_sync() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_scores_within_rounding_of_the_kth_tie_and_the_newest_wins(dtype: torch.dtype) -> None:
-    """A score one ulp above the newest equal one (as a matrix product of another shape can round
-    it) does not take the last place from it; a score clearly above (20 ulps) does."""
-    eps = torch.finfo(dtype).eps
+    """A score one float32 ulp above the newest equal one (as a matrix product of another shape can
+    round it) does not take the last place from it; a score clearly above (20 ulps) does. The ulps
+    are float32's in float64 too, so a float64 reference chooses as the float32 model does."""
+    eps = torch.finfo(torch.float32).eps
     for gap, want in ((eps, 2), (20 * eps, 0)):
         scores = torch.tensor([[0.5 + gap, 0.25, 0.5, 0.125]], dtype=dtype)  # (1, 4): column 2 newer than 0
         top, index = topk_newest_first(scores, 1)

@@ -8,8 +8,10 @@ from torch import Tensor
 
 
 NEAR_TIE_ULPS = 8
-"""Scores within this many units of roundoff (of float32, or of the scores' dtype if wider) times
-max(1, |k-th score|) of the k-th score count as tied with it."""
+"""Scores within this many units of float32 roundoff times max(1, |k-th score|) of the k-th score
+count as tied with it, whatever the scores' dtype: a float64 reference then makes the choices the
+float32 model makes (with float64's own roundoff it took the higher of two scores 1e-6 apart where
+float32 took the newer, and read another entry)."""
 
 
 def topk_newest_first(scores: Tensor, k: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -33,7 +35,7 @@ def topk_newest_first(scores: Tensor, k: int, positions: Tensor | None = None) -
     kth = top[..., -1:]  # (..., 1)
     if positions is None:
         positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)  # (..., M)
-    eps = torch.finfo(torch.promote_types(scores.dtype, torch.float32)).eps
+    eps = torch.finfo(torch.float32).eps
     finite = torch.isfinite(kth)  # (..., 1)
     tol = NEAR_TIE_ULPS * eps * torch.where(finite, kth.abs(), 0).clamp(min=1)  # (..., 1)
     above = (top > kth + tol).sum(-1, keepdim=True)  # (..., 1): places taken by clearly better scores
