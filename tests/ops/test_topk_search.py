@@ -61,13 +61,3 @@ def test_scores_within_rounding_of_the_kth_tie_and_the_newest_wins(dtype: torch.
     scores = torch.tensor([[0.5 + eps, 0.9, 0.5, 0.5 - eps]], dtype=dtype)  # (1, 4): 0.9 above, three near ties
     top, index = topk_newest_first(scores, 3)
     assert index.tolist() == [[1, 3, 2]]
-
-
-def test_float64_chooses_among_near_ties_as_float32_does() -> None:
-    """Two scores 4 float32 ulps apart, the lower one newer: float32 and float64 both take the newer
-    (a float64 reference with float64's own ulps took the higher, and its read differed from the
-    float32 model's)."""
-    gap = 4 * torch.finfo(torch.float32).eps
-    for dtype in (torch.float32, torch.float64):
-        scores = torch.tensor([[0.3 + gap, 0.1, 0.3, 0.2]], dtype=dtype)  # (1, 4): column 2 newer than 0
-        assert topk_newest_first(scores, 1)[1].item() == 2
