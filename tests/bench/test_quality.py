@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from horizonlm.bench.quality import ABLATIONS, STEP_MARGIN, QualityConfig, _fill_steps, _overrides, _step_seconds, run_quality
+from horizonlm.bench.quality import (ABLATIONS, STEP_MARGIN, QualityConfig, _fill_steps, _moving_mean, _overrides,
+                                     _step_seconds, plot_quality, run_quality)
 from horizonlm.checkpoint import load_checkpoint
 from horizonlm.cli import main
 from horizonlm.config import HorizonConfig
@@ -237,3 +238,20 @@ def test_a_timing_probe_covers_one_fill_of_the_memory() -> None:
     assert _fill_steps(cfg(reset=16, memory_capacity=4096)) == 16  # restarted cold before it fills
     assert _fill_steps(cfg(use_memory=False)) == 0
     assert _fill_steps(cfg(model="transformer")) == 0
+
+
+def test_moving_mean_matches_a_loop():
+    values = np.random.default_rng(0).normal(size=40)  # (40,)
+    expected = [values[i:i + 25].mean() for i in range(40 - 25 + 1)]
+    np.testing.assert_allclose(_moving_mean(values, 25), expected)
+    np.testing.assert_allclose(_moving_mean(values[:3], 25), [values[:3].mean()])  # a short run: one mean of all
+
+
+def test_plot_quality_draws_entries_without_a_validation_curve(tmp_path: Path):
+    """The protocol's main runs record one validation point: the plot draws their training loss instead,
+    for more models than one colour map of ten holds."""
+    entry = {"loss_curve": [[float(s), 3.0 - s / 100] for s in range(60)], "valid_curve": [[60.0, 1.5]],
+             "scores": {"novels_test_carried": {"by_position": [{"from": 1, "to": 2, "bits_per_byte": 8.0},
+                                                               {"from": 2, "to": 6, "bits_per_byte": 2.0}]}}}
+    plot_quality({"models": {f"model{i}": entry for i in range(12)}}, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 10_000

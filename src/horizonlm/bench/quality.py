@@ -602,44 +602,57 @@ def run_quality(cfg: QualityConfig) -> dict[str, Any]:
     return results
 
 
-def plot_quality(results: dict[str, Any], path: Path) -> None:
+def _moving_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each run of ``window`` values (the last ``len - window + 1``): a noisy loss made readable."""
+    window = max(1, min(window, len(values)))
+    return np.convolve(values, np.ones(window) / window, mode="valid")  # (n - window + 1,)
+
+
+def plot_quality(results: dict[str, Any], path: Path, top_bits: float = 3.0) -> None:
+    """Three panels: loss against time, the test split by position, cold starts; one legend for all.
+
+    Losses above ``top_bits`` are clipped in the first two panels: the first bytes of a book and the
+    first steps of training cost several bits, the differences between models a few hundredths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
-    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, 3, figsize=(20, 5))
+    colors = plt.get_cmap("tab20" if len(results["models"]) > 10 else "tab10").colors
     for i, (name, entry) in enumerate(results["models"].items()):
-        color = colors[i % len(colors)]  # one colour per model in both panels; carried solid, reset dotted
+        color = colors[i % len(colors)]  # one colour per model in every panel; carried solid, reset dotted
         valid = np.array(entry.get("valid_curve") or [])  # (n, 2): training seconds, valid bits/byte
         curve = np.array(entry["loss_curve"])  # (n, 2): training seconds, train nats
         if len(valid) > 1:
-            axes[0].plot(valid[:, 0], valid[:, 1], "o-", color=color, label=f"{name} (valid)")
-        elif len(curve):  # an entry from before the validation curve: its training loss, thin
-            axes[0].plot(curve[:, 0], curve[:, 1] / math.log(2), color=color, alpha=0.5, lw=0.8,
-                         label=f"{name} (train)")
+            axes[0].plot(valid[:, 0], valid[:, 1], "o-", color=color, label=name)
+        elif len(curve):  # no validation curve (the protocol's main runs): training loss, mean of 25 steps
+            seconds = curve[min(25, len(curve)) - 1:, 0]  # (n - w + 1,)
+            axes[0].plot(seconds, _moving_mean(curve[:, 1], 25) / math.log(2), color=color, lw=1.0, label=name)
         for suffix, style in (("_test_carried", "-"), ("_test_reset_each_window", ":")):
             pos = next((v for k, v in entry["scores"].items() if k.endswith(suffix)), {}).get("by_position", [])
             if pos:
                 axes[1].plot([(p["from"] + p["to"]) / 2 for p in pos], [p["bits_per_byte"] for p in pos], style,
-                             color=color, label=f"{name} ({'carried' if style == '-' else 'reset'})")
+                             color=color)
         cold = next((v for k, v in entry["scores"].items() if k.endswith("_test_cold_starts")), {}).get("by_position", [])
         if cold:
             mid, bits = [(p["from"] + p["to"]) / 2 for p in cold], [p["bits_per_byte"] for p in cold]
-            axes[2].plot(mid, bits, color=color, label=name)
+            axes[2].plot(mid, bits, color=color)
             if all(p.get("stderr") is not None for p in cold):  # +- one standard error over the starts
                 err = np.array([p["stderr"] for p in cold])  # (bins,)
                 axes[2].fill_between(mid, np.array(bits) - err, np.array(bits) + err, color=color, alpha=0.2, lw=0)
-    axes[0].set(xlabel="seconds since training started", ylabel="bits per byte", title="loss against time")
-    axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte",
-                title=f"{results.get('data', {}).get('corpus') or 'novels'} test by position (top clipped at 6)",
-                xscale="log", ylim=(None, 6))
+    axes[0].set(xlabel="seconds since training started", ylabel="bits per byte", ylim=(None, top_bits),
+                title=f"loss against time (valid where recorded, else train, mean of 25 steps; top clipped at {top_bits:g})")
+    axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte", xscale="log", ylim=(None, top_bits),
+                title=f"{results.get('data', {}).get('corpus') or 'novels'} test by position, carried solid, reset "
+                      f"dotted (top clipped at {top_bits:g})")
     axes[2].set(xlabel="bytes after a cold start (empty state and memory)", ylabel="bits per byte",
                 title="test split, cold starts (mean over starts, band +-1 s.e.)", xscale="log", ylim=(None, 6))
     for ax in axes:
         ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a panel no entry has data for stays without a legend
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.title.set_fontsize(9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # one legend for the three panels, beside them: colours name the models everywhere
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.86 if handles else 1, 1))
     save_figure(fig, path)
