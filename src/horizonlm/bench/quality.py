@@ -608,11 +608,12 @@ def _moving_mean(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")  # (n - window + 1,)
 
 
-def plot_quality(results: dict[str, Any], path: Path, top_bits: float = 3.0) -> None:
+def plot_quality(results: dict[str, Any], path: Path, top_bits: float = 3.0, mean_steps: int = 25) -> None:
     """Three panels: loss against time, the test split by position, cold starts; one legend for all.
 
     Losses above ``top_bits`` are clipped in the first two panels: the first bytes of a book and the
-    first steps of training cost several bits, the differences between models a few hundredths."""
+    first steps of training cost several bits, the differences between models a few hundredths. A
+    training loss is drawn as the mean of each ``mean_steps`` steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -626,9 +627,10 @@ def plot_quality(results: dict[str, Any], path: Path, top_bits: float = 3.0) -> 
         curve = np.array(entry["loss_curve"])  # (n, 2): training seconds, train nats
         if len(valid) > 1:
             axes[0].plot(valid[:, 0], valid[:, 1], "o-", color=color, label=name)
-        elif len(curve):  # no validation curve (the protocol's main runs): training loss, mean of 25 steps
-            seconds = curve[min(25, len(curve)) - 1:, 0]  # (n - w + 1,)
-            axes[0].plot(seconds, _moving_mean(curve[:, 1], 25) / math.log(2), color=color, lw=1.0, label=name)
+        elif len(curve):  # no validation curve (the protocol's main runs): training loss, a moving mean
+            seconds = curve[min(mean_steps, len(curve)) - 1:, 0]  # (n - w + 1,)
+            bits = _moving_mean(curve[:, 1], mean_steps) / math.log(2)  # (n - w + 1,)
+            axes[0].plot(seconds, bits, color=color, lw=1.0, label=name)
         for suffix, style in (("_test_carried", "-"), ("_test_reset_each_window", ":")):
             pos = next((v for k, v in entry["scores"].items() if k.endswith(suffix)), {}).get("by_position", [])
             if pos:
@@ -642,7 +644,8 @@ def plot_quality(results: dict[str, Any], path: Path, top_bits: float = 3.0) -> 
                 err = np.array([p["stderr"] for p in cold])  # (bins,)
                 axes[2].fill_between(mid, np.array(bits) - err, np.array(bits) + err, color=color, alpha=0.2, lw=0)
     axes[0].set(xlabel="seconds since training started", ylabel="bits per byte", ylim=(None, top_bits),
-                title=f"loss against time (valid where recorded, else train, mean of 25 steps; top clipped at {top_bits:g})")
+                title=f"loss against time (valid where recorded, else train, mean of {mean_steps} steps; "
+                      f"top clipped at {top_bits:g})")
     axes[1].set(xlabel="position in the book (bytes)", ylabel="bits per byte", xscale="log", ylim=(None, top_bits),
                 title=f"{results.get('data', {}).get('corpus') or 'novels'} test by position, carried solid, reset "
                       f"dotted (top clipped at {top_bits:g})")
