@@ -628,8 +628,8 @@ def plot_quality(results: dict[str, Any], path: Path, top_bits: float = 3.0, mea
         if len(valid) > 1:
             axes[0].plot(valid[:, 0], valid[:, 1], "o-", color=color, label=name)
         elif len(curve):  # no validation curve (the protocol's main runs): training loss, a moving mean
-            seconds = curve[min(mean_steps, len(curve)) - 1:, 0]  # (n - w + 1,)
             bits = _moving_mean(curve[:, 1], mean_steps) / math.log(2)  # (n - w + 1,)
+            seconds = curve[len(curve) - len(bits):, 0]  # (n - w + 1,): each mean drawn at its window's last step
             axes[0].plot(seconds, bits, color=color, lw=1.0, label=name)
         for suffix, style in (("_test_carried", "-"), ("_test_reset_each_window", ":")):
             pos = next((v for k, v in entry["scores"].items() if k.endswith(suffix)), {}).get("by_position", [])
